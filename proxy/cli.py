@@ -1,0 +1,116 @@
+"""Command line: `pdproxy serve`, `pdproxy sim`, `pdproxy demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+from proxy.config import ConfigError, ProxyConfig, load_config
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file; flags override its values")
+    parser.add_argument(
+        "--prefill", action="append", metavar="URL", help="prefiller base URL (repeatable)"
+    )
+    parser.add_argument(
+        "--decode", action="append", metavar="URL", help="decoder base URL (repeatable)"
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 9100)")
+    parser.add_argument("--connector", help="KV-transfer protocol: nixl (default)")
+    parser.add_argument("--prefill-policy", help="round_robin | least_loaded (default)")
+    parser.add_argument("--decode-policy", help="round_robin | least_loaded (default)")
+    parser.add_argument(
+        "--stats-interval", type=float, help="seconds between latency log blocks; 0 = off"
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    stats = {"interval": args.stats_interval} if args.stats_interval is not None else None
+    return load_config(
+        args.config,
+        prefill=args.prefill,
+        decode=args.decode,
+        host=args.host,
+        port=args.port,
+        connector=args.connector,
+        prefill_policy=args.prefill_policy,
+        decode_policy=args.decode_policy,
+        stats=stats,
+        log_level=args.log_level,
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def run_server(config: ProxyConfig) -> int:
+    import uvicorn
+
+    from proxy.app import build_app
+
+    app = build_app(config)
+    logging.getLogger("pdproxy").info(
+        "pdproxy %s on http://%s:%d  connector=%s  prefill=%s  decode=%s",
+        __version__,
+        config.host,
+        config.port,
+        config.connector,
+        ",".join(w.url for w in config.prefill),
+        ",".join(w.url for w in config.decode),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=30,
+        )
+    )
+    server.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pdproxy", description="OpenAI-compatible prefill/decode proxy for vLLM"
+    )
+    parser.add_argument("--version", action="version", version=f"pdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_args(commands.add_parser("serve", help="run the proxy in front of vLLM engines"))
+    sim = commands.add_parser("sim", help="run a simulated vLLM engine")
+    demo = commands.add_parser("demo", help="simulated prefiller + decoder + proxy, one command")
+    demo.add_argument("--port", type=int, default=9100, help="proxy port (default 9100)")
+
+    from proxy.sim import cli as sim_cli
+
+    sim_cli.add_arguments(sim)
+    args = parser.parse_args(argv)
+
+    if args.command == "sim":
+        return sim_cli.run(args)
+    if args.command == "demo":
+        from proxy.demo import run_demo
+
+        setup_logging("info")
+        return run_demo(args.port)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"pdproxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    return run_server(config)

@@ -1,0 +1,130 @@
+"""Typed proxy configuration, validated once at start-up.
+
+A YAML file gives the base; command-line flags override it. Unknown keys are rejected with a message
+that names them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PolicyName = Literal["round_robin", "least_loaded"]
+ConnectorName = Literal["nixl"]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says what to change."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkerConfig(_Model):
+    """One vLLM instance, addressed by its OpenAI server's base URL."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL such as http://127.0.0.1:8100")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"{value!r}: give the server's base URL without a path (no /v1)")
+        try:
+            parts.port  # noqa: B018 - raises on an invalid port
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        return value.rstrip("/")
+
+
+class TimeoutsConfig(_Model):
+    """Seconds. Each one ends the request with a 504 (or an SSE error event once streaming)."""
+
+    connect: float = Field(5.0, gt=0, description="TCP connect to an engine")
+    prefill: float = Field(600.0, gt=0, description="whole prefill leg")
+    decode_first_byte: float = Field(600.0, gt=0, description="decode leg until its first chunk")
+    decode_idle: float = Field(120.0, gt=0, description="longest gap between decode chunks")
+
+
+class StatsConfig(_Model):
+    interval: float = Field(5.0, ge=0, description="seconds between stats log blocks; 0 = off")
+    window: int = Field(10_000, ge=10, le=10_000_000, description="requests kept per statistic")
+
+
+class ProxyConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(9100, ge=0, le=65535)
+    connector: ConnectorName = "nixl"
+    prefill: tuple[WorkerConfig, ...] = ()
+    decode: tuple[WorkerConfig, ...] = ()
+    prefill_policy: PolicyName = "least_loaded"
+    decode_policy: PolicyName = "least_loaded"
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    engine_api_key: str | None = Field(None, description="sent to the engines as a Bearer token")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("prefill", "decode", mode="before")
+    @classmethod
+    def _urls_as_workers(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> ProxyConfig:
+        for role in ("prefill", "decode"):
+            workers: tuple[WorkerConfig, ...] = getattr(self, role)
+            if not workers:
+                raise ValueError(f"no {role} workers: give --{role} URL or a '{role}:' list")
+            urls = [w.url for w in workers]
+            dupes = sorted({u for u in urls if urls.count(u) > 1})
+            if dupes:
+                raise ValueError(f"{role} lists {', '.join(dupes)} more than once")
+        return self
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key {err['loc'][-1]!r}"
+        lines.append(f"  {where}: {message.removeprefix('Value error, ')}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ProxyConfig:
+    """Read the YAML file (if any), apply non-None overrides, and validate the result."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        data = loaded or {}
+    for key, value in overrides.items():
+        if value is None or value == [] or value == ():
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

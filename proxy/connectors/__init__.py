@@ -1,0 +1,51 @@
+"""KV-transfer protocols: how the prefill leg is asked for, and how its result reaches the decoder.
+
+One module per protocol. A connector executes a decision already made (which prefiller, which
+decoder); it never chooses workers. `make_connector` maps the config name to a class, once, at
+start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxy.config import ProxyConfig
+from proxy.engine import EngineClient
+from proxy.request import ClientRequest
+from proxy.workers import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What the prefill leg produced for the decode leg.
+
+    `kv_transfer_params` is None when the decoder will have to compute the prompt itself; then
+    `recompute_reason` says why, and the proxy counts and logs it.
+    """
+
+    kv_transfer_params: dict[str, Any] | None
+    recompute_reason: str | None = None
+    recompute_kind: str = "none"  # short metric label for the reason
+
+
+class Connector(Protocol):
+    name: str
+
+    async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
+        """Run the prefill leg on `prefiller` for a decode that will run on `decoder`."""
+        ...
+
+    def decode_body(self, request: ClientRequest, handoff: Handoff) -> bytes:
+        """The body to send to the decoder."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def make_connector(config: ProxyConfig, engine: EngineClient) -> Connector:
+    if config.connector == "nixl":
+        from proxy.connectors.nixl import NixlConnector
+
+        return NixlConnector(engine, config.timeouts.prefill)
+    raise ValueError(f"unknown connector {config.connector!r}")

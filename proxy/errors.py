@@ -1,0 +1,124 @@
+"""The proxy's error tree, rendered once as OpenAI-shaped JSON.
+
+Engine-side failures are translated into these at the engine boundary (`proxy.engine`); everything
+above it only raises and catches `ProxyError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ProxyError(Exception):
+    """A failure with the HTTP status and OpenAI error type the client should see."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code if self.code is not None else self.status,
+                }
+            }
+        )
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "not_found_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class NoWorkerAvailable(ProxyError):
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamError(ProxyError):
+    """An engine failed (5xx, broken connection, garbage): the client sees 502."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "timeout"
+
+
+class UpstreamRejected(ProxyError):
+    """An engine refused the request with a 4xx: the client gets that status and body."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, body: bytes, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self._body = body
+
+    def body(self) -> bytes:
+        return self._body
+
+
+def openai_error_body(status: int, raw: bytes) -> bytes:
+    """Return `raw` when it is already `{"error": {...}}`, else wrap what it says into that shape.
+
+    Older vLLM answers `{"object": "error", "message": ...}`; a proxy in front may answer
+    plain text.
+    """
+    try:
+        parsed: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        if isinstance(parsed.get("error"), dict):
+            return raw
+        if "message" in parsed:
+            return orjson.dumps(
+                {
+                    "error": {
+                        "message": str(parsed["message"]),
+                        "type": parsed.get("type") or "invalid_request_error",
+                        "param": parsed.get("param"),
+                        "code": parsed.get("code") or status,
+                    }
+                }
+            )
+    text = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
+    return orjson.dumps(
+        {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": status}}
+    )
+
+
+def error_message(body: bytes) -> str:
+    """The human message inside an OpenAI-shaped error body."""
+    try:
+        return str(orjson.loads(body)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")[:200]

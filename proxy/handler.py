@@ -1,0 +1,306 @@
+"""The request path for /v1/completions and /v1/chat/completions, as one ASGI endpoint.
+
+    read body -> parse -> choose prefiller and decoder (policies) -> prefill leg (connector)
+    -> decode leg (engine) -> relay -> record
+
+The client's response starts only once the decoder has sent its first bytes, so every failure
+before that is a proper HTTP error; after it, a failure ends the stream with an SSE error event.
+A watcher task listens for the client's disconnect and cancels the work, which closes the engine
+connections (vLLM aborts a request whose connection closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+from proxy.connectors import Connector
+from proxy.engine import EngineClient, IdleTimeout, engine_errors
+from proxy.errors import (
+    MethodNotAllowed,
+    NoWorkerAvailable,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamError,
+)
+from proxy.metrics import ProxyMetrics
+from proxy.policies import Policy, RequestInfo
+from proxy.relay import SSEScanner, sse_error_event
+from proxy.request import ClientRequest, check_request_id, parse_request
+from proxy.stats import LatencyStats, RequestTiming
+from proxy.workers import Worker, WorkerPool
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("pdproxy")
+
+JSON = b"application/json"
+SSE = b"text/event-stream"
+
+
+@dataclass
+class Router:
+    """Pairs each worker pool with its policy; the only place decisions meet worker state."""
+
+    prefill: WorkerPool
+    decode: WorkerPool
+    prefill_policy: Policy
+    decode_policy: Policy
+
+    def choose(self, info: RequestInfo) -> tuple[Worker, Worker]:
+        return self._pick(self.prefill, self.prefill_policy, info), self._pick(
+            self.decode, self.decode_policy, info
+        )
+
+    @staticmethod
+    def _pick(pool: WorkerPool, policy: Policy, info: RequestInfo) -> Worker:
+        index = policy.select(pool.workers, info)
+        if index is None:
+            raise NoWorkerAvailable(f"no {pool.role} worker is available")
+        return pool.workers[index]
+
+
+@dataclass
+class Services:
+    """What the request path needs; built by the app factory, one set per app."""
+
+    router: Router
+    connector: Connector
+    engine: EngineClient
+    metrics: ProxyMetrics
+    stats: LatencyStats
+    max_body_bytes: int
+    decode_first_byte_timeout: float
+    decode_idle_timeout: float
+
+
+class Responder:
+    """Sends the client's response; knows whether it has started."""
+
+    __slots__ = ("_send", "request_id", "started", "status")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send = send
+        self.request_id = request_id
+        self.started = False
+        self.status = 0
+
+    def _headers(self, content_type: bytes, length: int | None) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
+        if length is None:
+            headers.append((b"cache-control", b"no-cache"))
+        else:
+            headers.append((b"content-length", str(length).encode()))
+        return headers
+
+    async def whole(self, status: int, body: bytes, content_type: bytes = JSON) -> None:
+        self.started = True
+        self.status = status
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": self._headers(content_type, len(body)),
+            }
+        )
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def start_stream(self) -> None:
+        self.started = True
+        self.status = 200
+        await self._send(
+            {"type": "http.response.start", "status": 200, "headers": self._headers(SSE, None)}
+        )
+
+    async def chunk(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": data})
+
+    async def error(self, exc: ProxyError) -> None:
+        if self.started:
+            await self.end(sse_error_event(exc.body()))
+        else:
+            await self.whole(exc.status, exc.body())
+
+
+async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return bytes(value)
+    return None
+
+
+class CompletionEndpoint:
+    """ASGI app for one OpenAI generation path."""
+
+    def __init__(self, services: Services, path: str) -> None:
+        self.services = services
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timing = RequestTiming(start=perf_counter())
+        out = Responder(send, "")
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"{self.path} accepts POST only")
+            out.request_id = check_request_id(_header(scope, b"x-request-id"))
+            raw = await read_body(receive, scope, self.services.max_body_bytes)
+            request = parse_request(self.path, raw, out.request_id)
+        except ProxyError as exc:
+            await out.error(exc)
+            self._finish(out, timing)
+            return
+        except asyncio.CancelledError:
+            return  # the client left while sending its body
+        await self._run_watched(request, receive, out, timing)
+
+    async def _run_watched(
+        self, request: ClientRequest, receive: Receive, out: Responder, timing: RequestTiming
+    ) -> None:
+        phase = ["prefill"]
+        work = asyncio.create_task(self._serve(request, out, timing, phase))
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not work.done():
+                        self.services.metrics.disconnects.labels(phase[0]).inc()
+                        log.info("request %s: client left during %s", request.request_id, phase[0])
+                        work.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await work
+        except asyncio.CancelledError:
+            if not work.cancelled():
+                raise
+            out.status = 499  # nginx's "client closed request", for the metrics only
+        finally:
+            watcher.cancel()
+            self._finish(out, timing)
+
+    def _finish(self, out: Responder, timing: RequestTiming) -> None:
+        timing.end = perf_counter()
+        self.services.stats.record(timing)
+        self.services.metrics.requests.labels(self.path, str(out.status)).inc()
+
+    async def _serve(
+        self, request: ClientRequest, out: Responder, timing: RequestTiming, phase: list[str]
+    ) -> None:
+        svc = self.services
+        try:
+            prefiller, decoder = svc.router.choose(
+                RequestInfo(request.request_id, request.prompt_chars)
+            )
+            chars = request.prompt_chars
+            with svc.router.decode.track(decoder, chars):
+                with svc.router.prefill.track(prefiller, chars):
+                    timing.prefill_start = perf_counter()
+                    try:
+                        handoff = await svc.connector.prefill(request, prefiller, decoder)
+                    except UpstreamError as exc:
+                        self._failed(svc.router.prefill, prefiller, exc)
+                        raise
+                    timing.prefill_end = perf_counter()
+                if handoff.recompute_reason is not None:
+                    svc.metrics.recompute.labels(handoff.recompute_kind).inc()
+                    log.warning(
+                        "request %s: KV not handed over, decoder %s will recompute the prompt: %s",
+                        request.request_id,
+                        decoder.url,
+                        handoff.recompute_reason,
+                    )
+                phase[0] = "decode"
+                body = svc.connector.decode_body(request, handoff)
+                try:
+                    if request.stream:
+                        await self._stream(request, decoder, body, out, timing)
+                    else:
+                        raw = await svc.engine.call(
+                            decoder,
+                            request.path,
+                            body,
+                            request.request_id,
+                            svc.decode_first_byte_timeout,
+                            "decode",
+                        )
+                        timing.first_token = timing.last_token = perf_counter()
+                        await out.whole(200, raw)
+                except UpstreamError as exc:
+                    self._failed(svc.router.decode, decoder, exc)
+                    raise
+        except ProxyError as exc:
+            if exc.status >= 500:
+                log.warning("request %s failed: %s", request.request_id, exc.message)
+            await out.error(exc)
+
+    def _failed(self, pool: WorkerPool, worker: Worker, exc: ProxyError) -> None:
+        pool.record_failure(worker, exc.message)
+        self.services.metrics.upstream_failures.labels(pool.role, exc.type).inc()
+
+    async def _stream(
+        self,
+        request: ClientRequest,
+        decoder: Worker,
+        body: bytes,
+        out: Responder,
+        timing: RequestTiming,
+    ) -> None:
+        svc = self.services
+        stream, data = await svc.engine.open_stream(
+            decoder, request.path, body, request.request_id, svc.decode_first_byte_timeout
+        )
+        scanner = SSEScanner()
+        try:
+            await out.start_stream()
+            with engine_errors(decoder, "decode"):
+                async with IdleTimeout(svc.decode_idle_timeout) as idle:
+                    while data:
+                        events = scanner.feed(data, perf_counter())
+                        if events:
+                            await out.chunk(events)
+                        data = await stream.read()
+                        idle.touch()
+            timing.first_token = scanner.first_token
+            timing.last_token = scanner.last_token
+            timing.token_events = scanner.token_events
+            if not scanner.done:
+                raise UpstreamError(
+                    f"decode: decode worker {decoder.url} ended the stream without [DONE]"
+                )
+            await out.end()
+        finally:
+            timing.first_token = scanner.first_token
+            timing.last_token = scanner.last_token
+            timing.token_events = scanner.token_events
+            stream.close()

@@ -1,0 +1,100 @@
+"""Relaying an engine's server-sent events to the client as bytes.
+
+The relay forwards whole events exactly as the engine wrote them (never re-serialised) and notes
+only what TTFT, inter-token latency and usage accounting need. It holds back an incomplete event at
+the end of a read, so that an error event appended after a broken upstream is never glued onto half
+an event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]"
+
+
+def _has_token(event: dict[str, Any]) -> bool:
+    """True when a completion or chat chunk carries generated output (not just a role header)."""
+    for choice in event.get("choices") or ():
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            return True
+    return False
+
+
+def sse_error_event(body: bytes) -> bytes:
+    """An error event followed by the end marker, as vLLM ends a failed stream."""
+    return b"data: " + body + b"\n\n" + DONE + b"\n\n"
+
+
+class SSEScanner:
+    """Splits upstream bytes into complete events and watches them go by."""
+
+    __slots__ = (
+        "_tail",
+        "done",
+        "error",
+        "first_token",
+        "last_token",
+        "token_events",
+        "usage",
+    )
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.token_events = 0
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.done = False
+
+    def feed(self, data: bytes, now: float) -> bytes:
+        """Take bytes read from the engine; return the complete events among them to forward."""
+        buf = self._tail + data if self._tail else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._tail = buf
+            return b""
+        end += 2
+        self._tail = buf[end:]
+        out = buf[:end]
+        for event in out.split(b"\n\n"):
+            if event:
+                self._scan(event, now)
+        return out
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not yet terminated."""
+        return self._tail
+
+    def _scan(self, event: bytes, now: float) -> None:
+        if not event.startswith(b"data: {"):
+            if event.startswith(DONE):
+                self.done = True
+            return
+        if self.first_token is None or b'"usage":' in event or b'"error":' in event:
+            try:
+                parsed = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                return
+            if not isinstance(parsed, dict):
+                return
+            if isinstance(parsed.get("error"), dict):
+                self.error = parsed["error"]
+                return
+            if isinstance(parsed.get("usage"), dict):
+                self.usage = parsed["usage"]
+            if self.first_token is None:
+                if _has_token(parsed):
+                    self.first_token = self.last_token = now
+                    self.token_events = 1
+                return
+        if b'"choices":[]' not in event:
+            self.token_events += 1
+            self.last_token = now
