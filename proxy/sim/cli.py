@@ -1,0 +1,242 @@
+"""``pdproxy sim``: run one simulated vLLM instance until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+from proxy.sim.config import (
+    DEFAULT_KV_LEASE_SECONDS,
+    DEFAULT_MODEL,
+    DEFAULT_SIDE_CHANNEL_PORT,
+    SimConfig,
+    Timing,
+)
+from proxy.sim.faults import Faults
+from proxy.sim.server import start_sim
+
+_T = Timing()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's options to ``parser``."""
+    a = parser.add_argument
+    a(
+        "--role",
+        choices=("prefill", "decode", "both"),
+        default="both",
+        help="Label only: every instance serves both NIXL roles, like vLLM kv_both.",
+    )
+    a("--host", default="127.0.0.1", help="Listen address (default 127.0.0.1).")
+    a("--port", type=int, default=8000, help="HTTP port (0 picks a free one; default 8000).")
+    a("--model", default=DEFAULT_MODEL, help=f"Served model name (default {DEFAULT_MODEL}).")
+    a("--max-model-len", type=int, default=16384, help="Context length (default 16384).")
+    a("--max-num-seqs", type=int, default=256, help="Max running sequences (default 256).")
+    a(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="Prefill token budget per engine step (default 8192).",
+    )
+    a("--num-gpu-blocks", type=int, default=32768, help="KV blocks of 16 tokens (default 32768).")
+    a(
+        "--side-channel-host",
+        default="127.0.0.1",
+        help="Host returned as remote_host (VLLM_NIXL_SIDE_CHANNEL_HOST; default 127.0.0.1).",
+    )
+    a(
+        "--side-channel-port",
+        type=int,
+        default=DEFAULT_SIDE_CHANNEL_PORT,
+        help="KV side-channel port (VLLM_NIXL_SIDE_CHANNEL_PORT; default 5600, 0 = pick free).",
+    )
+    a(
+        "--kv-lease-seconds",
+        type=float,
+        default=DEFAULT_KV_LEASE_SECONDS,
+        help="How long a producer holds unread KV blocks (vLLM kv_connector_extra_config."
+        "kv_lease_duration, formerly VLLM_NIXL_ABORT_REQUEST_TIMEOUT; default 30).",
+    )
+    a(
+        "--kv-load-failure-policy",
+        choices=("recompute", "fail"),
+        default="recompute",
+        help="On a failed KV pull: recompute the prompt (default) or fail the request with 500 "
+        "(vLLM 0.32's kv_load_failure_policy defaults to fail).",
+    )
+    a(
+        "--kv-params-on-eos",
+        action="store_true",
+        help="Also hold KV and return kv_transfer_params when a producer request stops on EOS or "
+        "a stop token id, as vLLM 0.32 does (default: only on the length cap).",
+    )
+    a(
+        "--eos-probability",
+        type=float,
+        default=0.005,
+        help="Chance that a generated token is EOS (default 0.005).",
+    )
+    a("--engine-id", default=None, help="NIXL engine id (default: a random UUID).")
+    g = parser.add_argument_group("timing (Llama-3.1-8B bf16 on one H100)")
+    g.add_argument(
+        "--speed-factor",
+        type=float,
+        default=1.0,
+        help="Multiplies every delay; 0 = no delay at all (default 1).",
+    )
+    g.add_argument(
+        "--prefill-ms-per-token",
+        type=float,
+        default=_T.prefill_ms_per_token,
+        help=f"Prefill cost per prompt token (default {_T.prefill_ms_per_token}).",
+    )
+    g.add_argument(
+        "--prefill-overhead-ms",
+        type=float,
+        default=_T.prefill_overhead_ms,
+        help=f"Fixed cost of a step with prefill (default {_T.prefill_overhead_ms}).",
+    )
+    g.add_argument(
+        "--decode-base-ms",
+        type=float,
+        default=_T.decode_base_ms,
+        help=f"Fixed cost of an engine step (default {_T.decode_base_ms}).",
+    )
+    g.add_argument(
+        "--decode-ms-per-seq",
+        type=float,
+        default=_T.decode_ms_per_seq,
+        help=f"Step cost per decoding sequence (default {_T.decode_ms_per_seq}).",
+    )
+    g.add_argument(
+        "--xfer-overhead-ms",
+        type=float,
+        default=_T.xfer_overhead_ms,
+        help=f"Fixed cost of one KV pull (default {_T.xfer_overhead_ms}).",
+    )
+    g.add_argument(
+        "--xfer-ms-per-block",
+        type=float,
+        default=_T.xfer_ms_per_block,
+        help=f"Pull cost per 16-token block (default {_T.xfer_ms_per_block}).",
+    )
+    f = parser.add_argument_group("faults (same keys as POST /_sim/faults)")
+    f.add_argument(
+        "--fault-count",
+        type=int,
+        default=None,
+        help="Faults apply to this many generation requests (default: all).",
+    )
+    f.add_argument(
+        "--fault-status",
+        type=int,
+        default=None,
+        help="Answer generation requests with this HTTP status and an OpenAI error.",
+    )
+    f.add_argument(
+        "--fault-stall-seconds", type=float, default=0.0, help="Stall this long before answering."
+    )
+    f.add_argument(
+        "--fault-drop-after-chunks",
+        type=int,
+        default=None,
+        help="Drop the connection after this many stream chunks.",
+    )
+    f.add_argument(
+        "--fault-error-event-after-chunks",
+        type=int,
+        default=None,
+        help='Send a data: {"error": ...} event after this many chunks.',
+    )
+    f.add_argument("--fault-garbage-body", action="store_true", help="Send a non-JSON body.")
+    f.add_argument("--fault-truncate-body", action="store_true", help="Send half a body.")
+    f.add_argument("--fault-unhealthy", action="store_true", help="/health answers 503.")
+    f.add_argument(
+        "--fault-side-channel-error", action="store_true", help="Every side-channel read fails."
+    )
+    a("--log-level", default="INFO", help="Logging level (default INFO).")
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """Build a ``SimConfig`` from parsed options."""
+    timing = Timing(
+        prefill_ms_per_token=args.prefill_ms_per_token,
+        prefill_overhead_ms=args.prefill_overhead_ms,
+        decode_base_ms=args.decode_base_ms,
+        decode_ms_per_seq=args.decode_ms_per_seq,
+        xfer_overhead_ms=args.xfer_overhead_ms,
+        xfer_ms_per_block=args.xfer_ms_per_block,
+        speed_factor=args.speed_factor,
+    )
+    faults = Faults(
+        count=args.fault_count,
+        error_status=args.fault_status,
+        stall_seconds=args.fault_stall_seconds,
+        drop_after_chunks=args.fault_drop_after_chunks,
+        error_event_after_chunks=args.fault_error_event_after_chunks,
+        garbage_body=args.fault_garbage_body,
+        truncate_body=args.fault_truncate_body,
+        unhealthy=args.fault_unhealthy,
+        side_channel_error=args.fault_side_channel_error,
+    )
+    return SimConfig(
+        role=args.role,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_gpu_blocks=args.num_gpu_blocks,
+        side_channel_host=args.side_channel_host,
+        side_channel_port=args.side_channel_port,
+        kv_lease_seconds=args.kv_lease_seconds,
+        kv_load_failure_policy=args.kv_load_failure_policy,
+        kv_params_on_eos=args.kv_params_on_eos,
+        eos_probability=args.eos_probability,
+        engine_id=args.engine_id,
+        timing=timing,
+        faults=faults,
+    )
+
+
+async def _main(config: SimConfig) -> None:
+    server = await start_sim(config)
+    print(
+        f"pdsim {config.role} serving {config.model} on {server.url} "
+        f"(side channel {config.side_channel_host}:{server.side_channel_port}, "
+        f"engine {server.engine_id})",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await server.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit status."""
+    logging.basicConfig(
+        level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"pdsim: invalid options: {e}")
+        return 2
+    try:
+        asyncio.run(_main(config))
+    except OSError as e:
+        print(f"pdsim: cannot listen: {e}")
+        return 1
+    return 0

@@ -1,0 +1,266 @@
+"""The simulated engine core: a continuous-batching step loop over running sequences.
+
+Each step costs ``decode_base_ms + decode_ms_per_seq * batch`` plus, when the step carries
+prefill work, ``prefill_overhead_ms + prefill_ms_per_token * tokens`` (chunked under
+``max_num_batched_tokens``). With timing disabled there is no loop: a sequence generates all its
+tokens as soon as it is read, which keeps overhead benchmarks free of simulated delay.
+
+Invariants: a sequence is in exactly one of waiting, running or finished; its blocks are freed
+or put under lease exactly once, when it finishes or is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from proxy.sim.config import BLOCK_SIZE, SimConfig
+from proxy.sim.kvcache import BlockPool, block_contents, num_blocks_for
+from proxy.sim.metrics import Metrics
+from proxy.sim.model import Generation, SamplingSpec, Step
+from proxy.sim.tokenizer import SimTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Sequence:
+    """One request inside the engine; read its output with ``next_steps``."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        generation: Generation,
+        loaded_tokens: int,
+        produce_kv: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.gen = generation
+        self.loaded_tokens = loaded_tokens
+        self.prefill_left = max(1, len(prompt_ids) - loaded_tokens)
+        self.produce_kv = produce_kv
+        self.block_ids: list[int] = []
+        self.kv_transfer_params: dict[str, Any] | None = None
+        self.finished = False
+        self.aborted = False
+        self._buffer: list[Step] = []
+        self._ready = asyncio.Event()
+
+    @property
+    def started_decode(self) -> bool:
+        return bool(self.gen.token_ids)
+
+    def push(self, step: Step) -> None:
+        self._buffer.append(step)
+        self._ready.set()
+
+
+class Engine:
+    """Schedules sequences, owns the block pool, and keeps the engine-side metrics."""
+
+    def __init__(
+        self,
+        config: SimConfig,
+        tokenizer: SimTokenizer,
+        metrics: Metrics,
+        kv_params: Callable[[Sequence, int], dict[str, Any]],
+    ) -> None:
+        self._cfg = config
+        self._tok = tokenizer
+        self._metrics = metrics
+        self._kv_params = kv_params
+        loop = asyncio.get_running_loop()
+        self.pool = BlockPool(config.num_gpu_blocks, config.kv_lease_seconds, loop.time)
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._direct_running = 0
+        self.pulling = 0
+        self._wakeup = asyncio.Event()
+        self._timed = config.timing.enabled
+        self._loop_task = asyncio.create_task(self._step_loop()) if self._timed else None
+        self._reaper = asyncio.create_task(self._reap_loop())
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + self._direct_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self.pulling
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        spec: SamplingSpec,
+        loaded_tokens: int,
+        produce_kv: bool,
+    ) -> Sequence:
+        gen = Generation(self._tok, prompt_ids, spec, self._cfg.eos_probability)
+        seq = Sequence(request_id, prompt_ids, gen, loaded_tokens, produce_kv)
+        if self._timed:
+            self._waiting.append(seq)
+            self._wakeup.set()
+        else:
+            self._admit(seq)
+            self._direct_running += 1
+        return seq
+
+    async def next_steps(self, seq: Sequence) -> list[Step]:
+        """The steps produced since the last call (at least one); empty once finished."""
+        if not self._timed:
+            return self._run_direct(seq)
+        while not seq._buffer:
+            if seq.finished:
+                return []
+            await seq._ready.wait()
+            seq._ready.clear()
+        steps, seq._buffer = seq._buffer, []
+        return steps
+
+    def abort(self, seq: Sequence, count: bool = True) -> str | None:
+        """Abort an unfinished sequence, freeing its blocks; returns the phase it was in.
+
+        ``count`` false keeps it out of the abort metrics (a fault, not a client, ended it).
+        """
+        if seq.finished:
+            return None
+        phase = "decode" if seq.started_decode else "prefill"
+        seq.aborted = True
+        seq.finished = True
+        if self._timed:
+            if seq in self._running:
+                self._running.remove(seq)
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(seq)
+        else:
+            self._direct_running -= 1
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        if count:
+            self._metrics.aborted[phase] += 1
+        self._metrics.request_success["abort"] += 1
+        return phase
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, self._reaper) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.block_ids = self.pool.allocate(num_blocks_for(len(seq.prompt_ids)))
+
+    def _run_direct(self, seq: Sequence) -> list[Step]:
+        if seq.finished:
+            return []
+        self._count_prefill(seq)
+        steps = []
+        while not seq.gen.finished:
+            steps.append(self._generate(seq))
+        self._direct_running -= 1
+        return steps
+
+    def _count_prefill(self, seq: Sequence) -> None:
+        m = self._metrics
+        n = len(seq.prompt_ids)
+        loaded = min(seq.loaded_tokens, n - 1)
+        m.prompt_tokens += n
+        m.prompt_tokens_by_source["external_kv_transfer"] += loaded
+        m.prompt_tokens_by_source["local_compute"] += n - loaded
+
+    def _generate(self, seq: Sequence) -> Step:
+        step = seq.gen.step()
+        self._metrics.generation_tokens += 1
+        total = len(seq.prompt_ids) + len(seq.gen.token_ids)
+        if (total - 1) % BLOCK_SIZE == 0 and not step.finish_reason:
+            seq.block_ids.extend(self.pool.allocate(1))
+        if step.finish_reason is not None:
+            self._finish(seq, step)
+        return step
+
+    def _finish(self, seq: Sequence, step: Step) -> None:
+        seq.finished = True
+        self._metrics.request_success[step.finish_reason or "stop"] += 1
+        # vLLM's scheduler finishes EOS and stop-token ids as FINISHED_STOPPED (0.32 offers
+        # their KV too); stop strings are cut by the frontend, which aborts the request.
+        reason_ok = step.finish_reason == "length" or (
+            self._cfg.kv_params_on_eos
+            and step.finish_reason == "stop"
+            and not isinstance(step.stop_reason, str)
+        )
+        if seq.produce_kv and reason_ok and seq.block_ids:
+            # The last sampled token has no KV yet: only computed tokens are offered.
+            num_tokens = len(seq.prompt_ids) + len(seq.gen.token_ids) - 1
+            n_blocks = num_blocks_for(num_tokens)
+            keep, extra = seq.block_ids[:n_blocks], seq.block_ids[n_blocks:]
+            self.pool.free(extra)
+            contents = block_contents(seq.prompt_ids + seq.gen.token_ids, num_tokens)
+            self.pool.hold(seq.request_id, keep, contents)
+            seq.block_ids = keep
+            seq.kv_transfer_params = self._kv_params(seq, num_tokens)
+        else:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = []
+
+    async def _step_loop(self) -> None:
+        cfg = self._cfg
+        t = cfg.timing
+        scale = t.speed_factor / 1000.0
+        while True:
+            if not self._running and not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            budget = cfg.max_num_batched_tokens
+            chunks: dict[int, int] = {}
+            for seq in self._running:
+                if seq.prefill_left > 0 and budget > 0:
+                    chunks[id(seq)] = take = min(seq.prefill_left, budget)
+                    budget -= take
+            while self._waiting and len(self._running) < cfg.max_num_seqs and budget > 0:
+                seq = self._waiting.popleft()
+                self._admit(seq)
+                self._running.append(seq)
+                chunks[id(seq)] = take = min(seq.prefill_left, budget)
+                budget -= take
+            prefill_tokens = sum(chunks.values())
+            decoding = len(self._running) - len(chunks)
+            ms = t.decode_base_ms + t.decode_ms_per_seq * decoding
+            if prefill_tokens:
+                ms += t.prefill_overhead_ms + t.prefill_ms_per_token * prefill_tokens
+            await asyncio.sleep(ms * scale)
+            for seq in list(self._running):
+                if seq.finished:
+                    continue
+                chunk = chunks.get(id(seq))
+                if chunk is not None:
+                    seq.prefill_left -= chunk
+                    if seq.prefill_left > 0:
+                        continue
+                    self._count_prefill(seq)
+                elif seq.prefill_left > 0:
+                    continue  # admitted but got no budget this step
+                step = self._generate(seq)
+                seq.push(step)
+                if seq.finished:
+                    self._running.remove(seq)
+            # Let handlers run between steps even when the step costs nothing.
+            await asyncio.sleep(0)
+
+    async def _reap_loop(self) -> None:
+        interval = min(0.5, max(0.01, self._cfg.kv_lease_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            expired = self.pool.reap_expired()
+            if expired:
+                log.info("Released expired KV blocks of %d request(s)", expired)

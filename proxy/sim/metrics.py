@@ -1,0 +1,173 @@
+"""Prometheus metrics of one instance, rendered in the text format vLLM's server exposes.
+
+Names follow vLLM 0.32 (``vllm/v1/metrics/loggers.py`` and the NIXL connector's ``stats.py``);
+counters get the ``_total`` suffix as prometheus_client adds it. Sim-only metrics use ``pdsim:``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+# vLLM's NIXL transfer-time buckets (seconds).
+XFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+ABORT_PHASES = ("prefill", "decode")
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.buckets)
+
+    def observe(self, value: float) -> None:
+        i = bisect_left(self.buckets, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+
+@dataclass
+class Metrics:
+    """Counters of one instance; gauges are read from the engine when rendering."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tokens_by_source: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(PROMPT_SOURCES, 0)
+    )
+    request_success: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0)
+    )
+    xfer_time: Histogram = field(default_factory=lambda: Histogram(XFER_BUCKETS))
+    failed_transfers: int = 0
+    kv_expired_reqs: int = 0
+    recomputed_requests: int = 0
+    kv_pulled_requests: int = 0
+    aborted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ABORT_PHASES, 0))
+
+    def render(
+        self,
+        model: str,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        held_blocks: int,
+    ) -> str:
+        lbl = f'engine="0",model_name="{_escape(model)}"'
+        out: list[str] = []
+
+        def metric(name: str, kind: str, doc: str, samples: list[tuple[str, str, float]]) -> None:
+            out.append(f"# HELP {name} {doc}")
+            out.append(f"# TYPE {name} {kind}")
+            for suffix, extra, value in samples:
+                labels = lbl + ("," + extra if extra else "")
+                out.append(f"{name}{suffix}{{{labels}}} {_num(value)}")
+
+        metric(
+            "vllm:num_requests_running",
+            "gauge",
+            "Requests in execution batches.",
+            [("", "", running)],
+        )
+        metric(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Requests waiting to be processed.",
+            [("", "", waiting)],
+        )
+        metric(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [("", "", kv_usage)],
+        )
+        metric(
+            "vllm:prompt_tokens",
+            "counter",
+            "Prefill tokens processed.",
+            [("_total", "", self.prompt_tokens)],
+        )
+        metric(
+            "vllm:prompt_tokens_by_source",
+            "counter",
+            "Prompt tokens by source.",
+            [("_total", f'source="{s}"', v) for s, v in self.prompt_tokens_by_source.items()],
+        )
+        metric(
+            "vllm:generation_tokens",
+            "counter",
+            "Generation tokens processed.",
+            [("_total", "", self.generation_tokens)],
+        )
+        metric(
+            "vllm:request_success",
+            "counter",
+            "Successfully processed requests.",
+            [("_total", f'finished_reason="{r}"', v) for r, v in self.request_success.items()],
+        )
+        h = self.xfer_time
+        samples: list[tuple[str, str, float]] = []
+        cumulative = 0
+        for bound, n in zip(h.buckets, h.counts, strict=True):
+            cumulative += n
+            samples.append(("_bucket", f'le="{bound}"', cumulative))
+        samples += [
+            ("_bucket", 'le="+Inf"', h.count),
+            ("_count", "", h.count),
+            ("_sum", "", h.total),
+        ]
+        metric("vllm:nixl_xfer_time_seconds", "histogram", "NIXL KV transfer duration.", samples)
+        metric(
+            "vllm:nixl_num_failed_transfers",
+            "counter",
+            "Failed NIXL KV transfers.",
+            [("_total", "", self.failed_transfers)],
+        )
+        metric(
+            "vllm:nixl_num_kv_expired_reqs",
+            "counter",
+            "Requests whose held KV expired.",
+            [("_total", "", self.kv_expired_reqs)],
+        )
+        metric(
+            "pdsim:recomputed_requests",
+            "counter",
+            "Remote-prefill requests recomputed.",
+            [("_total", "", self.recomputed_requests)],
+        )
+        metric(
+            "pdsim:kv_pulled_requests",
+            "counter",
+            "Requests whose KV was pulled.",
+            [("_total", "", self.kv_pulled_requests)],
+        )
+        metric(
+            "pdsim:held_kv_blocks",
+            "gauge",
+            "Producer KV blocks held under lease.",
+            [("", "", held_blocks)],
+        )
+        metric(
+            "pdsim:aborted_requests",
+            "counter",
+            "Requests aborted by client disconnect.",
+            [("_total", f'phase="{p}"', v) for p, v in self.aborted.items()],
+        )
+        out.append("")
+        return "\n".join(out)
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,476 @@
+"""The simulated vLLM server: OpenAI-compatible HTTP on the main port, KV side channel on its own.
+
+``start_sim(config)`` builds and starts one instance in the running event loop and returns a
+``SimServer``; ``await server.close()`` stops it. Every instance serves both NIXL roles, like
+a vLLM ``kv_both`` engine: ``do_remote_decode`` makes it a producer, ``do_remote_prefill`` a
+consumer, whatever its ``role`` label says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.sim.config import SimConfig
+from proxy.sim.control import Record, Records, add_control_routes
+from proxy.sim.engine import Engine, Sequence
+from proxy.sim.faults import Faults, FaultState
+from proxy.sim.kvcache import num_blocks_for
+from proxy.sim.metrics import Metrics
+from proxy.sim.model import Step
+from proxy.sim.nixl import KvLoad, KvLoadFailed, NixlConsumer, producer_params
+from proxy.sim.protocol import DONE, ApiError, ChunkWriter, Kind, full_response, parse_generation
+from proxy.sim.sidechannel import side_channel_app
+from proxy.sim.tokenizer import SimTokenizer
+
+log = logging.getLogger(__name__)
+
+SIM_VERSION = "0.32.0+pdsim"
+_XRID = web.AppKey("xrid", str)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(err: ApiError) -> web.Response:
+    return web.Response(body=err.body(), status=err.status, content_type="application/json")
+
+
+class SimServer:
+    """One running instance; build it with ``start_sim``."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.engine_id = config.engine_id or str(uuid.uuid4())
+        self.tokenizer = SimTokenizer()
+        self.metrics = Metrics()
+        self.records = Records(config.max_records)
+        self.faults = FaultState(config.faults)
+        self.port = 0
+        self.side_channel_port = 0
+        self._runners: list[web.AppRunner] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._engine: Engine | None = None
+        self._consumer: NixlConsumer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None, "SimServer is not started"
+        return self._engine
+
+    def __repr__(self) -> str:
+        return (
+            f"SimServer(role={self.config.role}, url={self.url}, "
+            f"side_channel_port={self.side_channel_port}, engine_id={self.engine_id})"
+        )
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._engine = Engine(cfg, self.tokenizer, self.metrics, self._producer_params)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._consumer = NixlConsumer(
+            self._session, cfg.timing, self.metrics, cfg.kv_load_failure_policy == "fail"
+        )
+        side = side_channel_app(
+            self.engine_id, self._engine.pool, lambda: self.faults.current.side_channel_error
+        )
+        self.side_channel_port = await self._serve(side, cfg.side_channel_port)
+        self.port = await self._serve(self._build_app(), cfg.port)
+        log.info("%r started", self)
+
+    async def _serve(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, self.config.host, port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop serving and free everything; safe to call twice."""
+        runners, self._runners = self._runners, []
+        for runner in reversed(runners):
+            await runner.cleanup()
+        if self._engine is not None:
+            await self._engine.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- app -------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        r = app.router
+        r.add_post("/v1/completions", self._completions)
+        r.add_post("/v1/chat/completions", self._chat)
+        r.add_get("/v1/models", self._models)
+        r.add_post("/tokenize", self._tokenize)
+        r.add_post("/detokenize", self._detokenize)
+        r.add_get("/health", self._health)
+        r.add_get("/version", self._version)
+        r.add_get("/metrics", self._metrics)
+        add_control_routes(app, self.records, self.faults, self._info)
+        app.on_response_prepare.append(self._echo_request_id)
+        return app
+
+    @staticmethod
+    async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+        xrid = request.get("xrid") or request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        response.headers["X-Request-Id"] = xrid
+
+    def _info(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "role": self.config.role,
+            "model": self.config.model,
+            "engine_id": self.engine_id,
+            "port": self.port,
+            "side_channel_port": self.side_channel_port,
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+            "held_kv_blocks": engine.pool.held_blocks,
+            "used_kv_blocks": engine.pool.used_blocks,
+            "faults": self.faults.current.model_dump(),
+        }
+
+    def _producer_params(self, seq: Sequence, num_tokens: int) -> dict[str, Any]:
+        return producer_params(
+            engine_id=self.engine_id,
+            host=self.config.side_channel_host,
+            port=self.side_channel_port,
+            request_id=seq.request_id,
+            block_ids=seq.block_ids[: num_blocks_for(num_tokens)],
+            num_tokens=num_tokens,
+            single_step=len(seq.gen.token_ids) == 1,
+        )
+
+    # -- simple endpoints --------------------------------------------------------------------
+
+    async def _models(self, _: web.Request) -> web.Response:
+        card = {
+            "id": self.config.model,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": self.config.model,
+            "parent": None,
+            "max_model_len": self.config.max_model_len,
+            "permission": [],
+        }
+        return _json({"object": "list", "data": [card]})
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.Response(status=503 if self.faults.current.unhealthy else 200)
+
+    async def _version(self, _: web.Request) -> web.Response:
+        return _json({"version": SIM_VERSION})
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        engine = self.engine
+        self.metrics.kv_expired_reqs = engine.pool.expired_requests
+        text = self.metrics.render(
+            self.config.model,
+            engine.num_running,
+            engine.num_waiting,
+            engine.pool.usage,
+            engine.pool.held_blocks,
+        )
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def _read_json(self, request: web.Request, record: Record | None = None) -> Any:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            if record is not None:
+                record.body = raw.decode("utf-8", "replace")
+            raise ApiError(f"Invalid JSON body: {e}") from e
+        if record is not None:
+            record.body = body
+        if not isinstance(body, dict):
+            raise ApiError("The request body must be a JSON object.")
+        requested = body.get("model")
+        if requested is not None and requested != self.config.model:
+            raise ApiError(
+                f"The model `{requested}` does not exist.", 404, "NotFoundError", param="model"
+            )
+        return body
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read_json(request)
+            if "messages" in body:
+                text = self.tokenizer.apply_chat_template(
+                    body["messages"], bool(body.get("add_generation_prompt", True))
+                )
+                ids = self.tokenizer.encode(text)
+            elif isinstance(body.get("prompt"), str):
+                ids = self.tokenizer.encode(
+                    body["prompt"], bool(body.get("add_special_tokens", True))
+                )
+            else:
+                raise ApiError("Either prompt (a string) or messages is required.", param="prompt")
+        except (ApiError, ValueError, TypeError) as e:
+            return _error(e if isinstance(e, ApiError) else ApiError(str(e)))
+        out: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": self.config.max_model_len,
+            "tokens": ids,
+            "token_strs": self.tokenizer.token_strs(ids) if body.get("return_token_strs") else None,
+        }
+        return _json(out)
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read_json(request)
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and t >= 0 for t in tokens
+            ):
+                raise ApiError("tokens must be a list of non-negative integers.", param="tokens")
+        except ApiError as e:
+            return _error(e)
+        return _json({"prompt": self.tokenizer.decode(tokens)})
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        header_id = request.headers.get("X-Request-Id")
+        base_id = header_id or uuid.uuid4().hex
+        request["xrid"] = base_id
+        record = self.records.add(Record(request.path, header_id))
+        faults = self.faults.take()
+        try:
+            body = await self._read_json(request, record)
+            if faults is not None and faults.stall_seconds > 0:
+                await asyncio.sleep(faults.stall_seconds)
+            if faults is not None and faults.error_status is not None:
+                record.status, record.outcome = faults.error_status, "fault"
+                err_type = (
+                    "InternalServerError" if faults.error_status >= 500 else "BadRequestError"
+                )
+                return _error(ApiError(faults.error_message, faults.error_status, err_type))
+            req = parse_generation(
+                kind, body, self.config.model, self.config.max_model_len, self.tokenizer
+            )
+        except ApiError as e:
+            record.status, record.outcome = e.status, "rejected"
+            return _error(e)
+        except asyncio.CancelledError:
+            record.outcome = "aborted"
+            self.metrics.aborted["prefill"] += 1
+            raise
+        rid = f"chatcmpl-{base_id}" if kind == "chat" else f"cmpl-{base_id}"
+        engine_rid = f"{rid if kind == 'chat' else rid + '-0'}-{secrets.token_hex(4)}"
+        record.engine_request_id = engine_rid
+        kv = req.kv_params or {}
+
+        load = KvLoad("local")
+        if kv.get("do_remote_prefill"):
+            assert self._consumer is not None
+            self.engine.pulling += 1
+            try:
+                load = await self._consumer.load(kv, req.prompt_ids)
+            except KvLoadFailed as e:
+                record.status, record.outcome = 500, "failed"
+                record.kv, record.kv_failure = "failed", str(e)
+                self.metrics.request_success["error"] += 1
+                return _error(ApiError("Internal server error", 500, "InternalServerError"))
+            except asyncio.CancelledError:
+                record.outcome = "aborted"
+                self.metrics.aborted["prefill"] += 1
+                raise
+            finally:
+                self.engine.pulling -= 1
+            record.kv, record.kv_failure = load.source, load.failure
+
+        seq = self.engine.submit(
+            engine_rid,
+            req.prompt_ids,
+            req.spec,
+            load.loaded_tokens,
+            produce_kv=bool(kv.get("do_remote_decode")),
+        )
+        try:
+            if req.stream:
+                return await self._stream(request, req.kind, rid, seq, req.include_usage,
+                                          record, faults)  # fmt: skip
+            return await self._full(req.kind, rid, seq, record, faults, request)
+        finally:
+            if not seq.finished:
+                dropped = record.outcome == "dropped"
+                self.engine.abort(seq, count=not dropped)
+                if not dropped:
+                    record.outcome = "aborted"
+
+    async def _full(
+        self,
+        kind: Kind,
+        rid: str,
+        seq: Sequence,
+        record: Record,
+        faults: Faults | None,
+        request: web.Request,
+    ) -> web.StreamResponse:
+        parts: list[str] = []
+        final: Step | None = None
+        while final is None:
+            steps = await self.engine.next_steps(seq)
+            for step in steps:
+                parts.append(step.text)
+                if step.finish_reason is not None:
+                    final = step
+        body = full_response(
+            kind,
+            rid,
+            int(time.time()),
+            self.config.model,
+            "".join(parts),
+            final,
+            len(seq.prompt_ids),
+            len(seq.gen.token_ids),
+            seq.kv_transfer_params,
+        )
+        self._finish_record(record, final, seq)
+        if faults is not None and (faults.garbage_body or faults.truncate_body):
+            return await self._bad_body(request, body, faults, record)
+        return web.Response(body=body, content_type="application/json")
+
+    async def _bad_body(
+        self, request: web.Request, body: bytes, faults: Faults, record: Record
+    ) -> web.StreamResponse:
+        if faults.garbage_body:
+            return web.Response(
+                body=b'{"id": "garbage", <<< not json', content_type="application/json"
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        record.outcome = "dropped"
+        self._drop(request)
+        return resp
+
+    @staticmethod
+    def _drop(request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    def _finish_record(self, record: Record, final: Step, seq: Sequence) -> None:
+        record.status = 200
+        record.outcome = "completed"
+        record.finish_reason = final.finish_reason
+        record.kv_transfer_params_returned = seq.kv_transfer_params is not None
+
+    async def _stream(
+        self,
+        request: web.Request,
+        kind: Kind,
+        rid: str,
+        seq: Sequence,
+        include_usage: bool,
+        record: Record,
+        faults: Faults | None,
+    ) -> web.StreamResponse:
+        writer = ChunkWriter(kind, rid, int(time.time()), self.config.model)
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        record.status = 200
+        drop_after = faults.drop_after_chunks if faults else None
+        error_after = faults.error_event_after_chunks if faults else None
+        sent = 0
+
+        async def send(event: bytes) -> bool:
+            """Write one event; False when a fault ended the stream."""
+            nonlocal sent
+            if drop_after is not None and sent >= drop_after:
+                record.outcome = "dropped"
+                self._drop(request)
+                return False
+            if error_after is not None and sent >= error_after:
+                code = faults.error_status if faults and faults.error_status else 500
+                msg = faults.error_message if faults else "Injected fault"
+                await resp.write(ChunkWriter.error(msg, "InternalServerError", code) + DONE)
+                record.outcome = "dropped"
+                return False
+            await resp.write(event)
+            sent += 1
+            return True
+
+        if faults is not None and (faults.garbage_body or faults.truncate_body):
+            record.outcome = "dropped"
+            if faults.garbage_body:
+                await resp.write(b"data: {not json at all\n\n" + DONE)
+            else:
+                await resp.write(writer.delta("partial")[:25])
+                self._drop(request)
+            return resp
+        if kind == "chat" and not await send(writer.role()):
+            return resp
+        final: Step | None = None
+        while final is None:
+            steps = await self.engine.next_steps(seq)
+            for step in steps:
+                if step.finish_reason is not None:
+                    final = step
+                    event = writer.final(step)
+                elif step.text:
+                    event = writer.delta(step.text)
+                else:
+                    continue
+                if not await send(event):
+                    return resp
+        if include_usage and not await send(
+            writer.usage(len(seq.prompt_ids), len(seq.gen.token_ids))
+        ):
+            return resp
+        await resp.write(DONE)
+        self._finish_record(record, final, seq)
+        await resp.write_eof()
+        return resp
+
+
+async def start_sim(config: SimConfig | None = None) -> SimServer:
+    """Start one simulated vLLM instance in the running loop (``port=0`` picks a free port)."""
+    server = SimServer(config or SimConfig())
+    try:
+        await server.start()
+    except BaseException:
+        await server.close()
+        raise
+    return server
+
+
+async def serve_forever(server: SimServer, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then close."""
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await server.close()
