@@ -35,7 +35,7 @@ from proxy.sim.tokenizer import SimTokenizer
 log = logging.getLogger(__name__)
 
 SIM_VERSION = "0.32.0+pdsim"
-_XRID = web.AppKey("xrid", str)
+_XRID = web.RequestKey("xrid", str)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -132,7 +132,7 @@ class SimServer:
 
     @staticmethod
     async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-        xrid = request.get("xrid") or request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        xrid = request.get(_XRID) or request.headers.get("X-Request-Id") or uuid.uuid4().hex
         response.headers["X-Request-Id"] = xrid
 
     def _info(self) -> dict[str, Any]:
@@ -260,7 +260,7 @@ class SimServer:
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         header_id = request.headers.get("X-Request-Id")
         base_id = header_id or uuid.uuid4().hex
-        request["xrid"] = base_id
+        request[_XRID] = base_id
         record = self.records.add(Record(request.path, header_id))
         faults = self.faults.take()
         try:
