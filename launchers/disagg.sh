@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Start a disaggregated prefill/decode topology: N vLLM prefillers, M vLLM decoders and
+# pdproxy in front of them. One entry point for the NIXL and LMCache connectors, GPU or CPU.
+# Ctrl+C, SIGTERM or any exit stops everything this script started.
+set -euo pipefail
+
+LAUNCHER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$LAUNCHER_DIR")
+# shellcheck source=launchers/lib.sh
+source "$LAUNCHER_DIR/lib.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: launchers/disagg.sh --model PATH_OR_NAME [options] [-- extra vLLM engine args]
+
+Topology
+  --prefill N              prefill instances (default 1)
+  --decode M               decode instances (default 1)
+  --connector nixl|lmcache KV-transfer connector (default nixl)
+  --prefill-tp T           tensor-parallel size of each prefiller (default 1)
+  --decode-tp T            tensor-parallel size of each decoder (default 1)
+  --device cuda|cpu        cuda (default) or the vLLM CPU build (float32, eager, one core each)
+  --prefill-gpus LIST      GPU ids for prefillers, TP-sized slices in order (e.g. 0,1)
+  --decode-gpus LIST       GPU ids for decoders (default: the ids after the prefillers')
+  --cpus N                 cores to spread CPU instances over (default: nproc)
+  --cpu-kvcache-gib G      VLLM_CPU_KVCACHE_SPACE per CPU instance (default 1)
+
+Ports and addresses
+  --host ADDR              address every component listens on and advertises (default 127.0.0.1)
+  --proxy-port P           proxy port (default 9100)
+  --prefill-port P         first prefiller HTTP port, +i per instance (default 7100)
+  --decode-port P          first decoder HTTP port, +i per instance (default 7200)
+  --side-channel-port P    NIXL side channel: prefiller i P+10i, decoder j P+100+10j (default 5600)
+  --lmcache-init-port P    LMCache receiver init port of decoder rank 0 (default 7300)
+  --lmcache-alloc-port P   LMCache receiver alloc port of decoder rank 0 (default 7400)
+  --notify-port P          proxy's LMCache notification (ZMQ PULL) port (default 7500)
+  --ucx-tls LIST           export UCX_TLS to every engine (default: leave UCX to choose)
+
+Running
+  --python PATH            python with vLLM (default: $PDPROXY_VLLM_PYTHON or python3)
+  --proxy-cmd CMD          pdproxy command (default: pdproxy on PATH, else the repo .venv's)
+  --log-dir DIR            one log file per component (default ./logs/disagg)
+  --health-timeout S       seconds to wait for each engine's /health (default 600)
+  --no-proxy               start only the engines
+  --no-warmup              skip the warm-up request
+  --dry-run                print every command with its environment; start nothing
+  -h, --help               this help
+EOF
+}
+
+set_defaults() {
+  NUM_PREFILL=1 NUM_DECODE=1 CONNECTOR=nixl PREFILL_TP=1 DECODE_TP=1 DEVICE=cuda
+  PREFILL_GPUS="" DECODE_GPUS="" NUM_CPUS=$(nproc 2>/dev/null || echo 1) CPU_KVCACHE_GIB=1
+  HOST=127.0.0.1 PROXY_PORT=9100 PREFILL_PORT=7100 DECODE_PORT=7200 SIDE_CHANNEL_PORT=5600
+  LMCACHE_INIT_PORT=7300 LMCACHE_ALLOC_PORT=7400 NOTIFY_PORT=7500 UCX_TLS_VALUE=""
+  PYTHON=${PDPROXY_VLLM_PYTHON:-python3} MODEL="" LOG_DIR=logs/disagg HEALTH_TIMEOUT=600
+  PROXY_CMD_STR="" START_PROXY=1 WARMUP=1 DRY_RUN=0 STOP_GRACE=20 WARMUP_TIMEOUT=300
+  CONFIG_DIR=$REPO_DIR/configs EXTRA_ARGS=()
+}
+
+need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      --prefill) need_value "$@"; NUM_PREFILL=$2; shift ;;
+      --decode) need_value "$@"; NUM_DECODE=$2; shift ;;
+      --connector) need_value "$@"; CONNECTOR=$2; shift ;;
+      --prefill-tp) need_value "$@"; PREFILL_TP=$2; shift ;;
+      --decode-tp) need_value "$@"; DECODE_TP=$2; shift ;;
+      --device) need_value "$@"; DEVICE=$2; shift ;;
+      --prefill-gpus) need_value "$@"; PREFILL_GPUS=$2; shift ;;
+      --decode-gpus) need_value "$@"; DECODE_GPUS=$2; shift ;;
+      --cpus) need_value "$@"; NUM_CPUS=$2; shift ;;
+      --cpu-kvcache-gib) need_value "$@"; CPU_KVCACHE_GIB=$2; shift ;;
+      --host) need_value "$@"; HOST=$2; shift ;;
+      --proxy-port) need_value "$@"; PROXY_PORT=$2; shift ;;
+      --prefill-port) need_value "$@"; PREFILL_PORT=$2; shift ;;
+      --decode-port) need_value "$@"; DECODE_PORT=$2; shift ;;
+      --side-channel-port) need_value "$@"; SIDE_CHANNEL_PORT=$2; shift ;;
+      --lmcache-init-port) need_value "$@"; LMCACHE_INIT_PORT=$2; shift ;;
+      --lmcache-alloc-port) need_value "$@"; LMCACHE_ALLOC_PORT=$2; shift ;;
+      --notify-port) need_value "$@"; NOTIFY_PORT=$2; shift ;;
+      --ucx-tls) need_value "$@"; UCX_TLS_VALUE=$2; shift ;;
+      --model) need_value "$@"; MODEL=$2; shift ;;
+      --python) need_value "$@"; PYTHON=$2; shift ;;
+      --proxy-cmd) need_value "$@"; PROXY_CMD_STR=$2; shift ;;
+      --log-dir) need_value "$@"; LOG_DIR=$2; shift ;;
+      --health-timeout) need_value "$@"; HEALTH_TIMEOUT=$2; shift ;;
+      --no-proxy) START_PROXY=0 ;;
+      --no-warmup) WARMUP=0 ;;
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help) usage; exit 0 ;;
+      --) shift; EXTRA_ARGS=("$@"); break ;;
+      *) die "unknown option '$1' (engine args go after --; see --help)" ;;
+    esac
+    shift
+  done
+}
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+validate() {
+  [[ -n $MODEL ]] || die "--model is required"
+  [[ $CONNECTOR == nixl || $CONNECTOR == lmcache ]] || die "--connector must be nixl or lmcache, not '$CONNECTOR'"
+  [[ $DEVICE == cuda || $DEVICE == cpu ]] || die "--device must be cuda or cpu, not '$DEVICE'"
+  local name
+  for name in NUM_PREFILL NUM_DECODE PREFILL_TP DECODE_TP NUM_CPUS PROXY_PORT PREFILL_PORT \
+    DECODE_PORT SIDE_CHANNEL_PORT LMCACHE_INIT_PORT LMCACHE_ALLOC_PORT NOTIFY_PORT HEALTH_TIMEOUT; do
+    is_uint "${!name}" || die "$name must be a non-negative integer, not '${!name}'"
+  done
+  ((NUM_PREFILL >= 1 && NUM_DECODE >= 1)) || die "need at least one prefiller and one decoder"
+  ((PREFILL_TP >= 1 && DECODE_TP >= 1 && NUM_CPUS >= 1)) || die "TP sizes and --cpus must be >= 1"
+  ((NUM_PREFILL <= 10 && NUM_DECODE <= 10)) || die "at most 10 instances per role (side-channel port stride)"
+  validate_gpus prefill "$PREFILL_GPUS" $((NUM_PREFILL * PREFILL_TP))
+  validate_gpus decode "$DECODE_GPUS" $((NUM_DECODE * DECODE_TP))
+  if [[ $DEVICE == cpu && $CONNECTOR == lmcache ]]; then
+    log "warning: LMCache is a CUDA build; --device cpu with --connector lmcache will not start"
+  fi
+  if [[ $DEVICE == cpu ]]; then KV_BUFFER_DEVICE=cpu; else KV_BUFFER_DEVICE=cuda; fi
+  LOG_DIR=$(realpath -m "$LOG_DIR")
+  if [[ -n $PROXY_CMD_STR ]]; then
+    read -r -a PROXY_CMD <<<"$PROXY_CMD_STR"
+  elif command -v pdproxy >/dev/null 2>&1; then
+    PROXY_CMD=(pdproxy)
+  else
+    PROXY_CMD=("$REPO_DIR/.venv/bin/pdproxy")
+  fi
+}
+
+validate_gpus() {
+  local role=$1 list=$2 need=$3 ids=()
+  [[ -z $list ]] && return 0
+  [[ $DEVICE == cuda ]] || die "--$role-gpus needs --device cuda"
+  IFS=, read -r -a ids <<<"$list"
+  ((${#ids[@]} == need)) || die "--$role-gpus '$list' has ${#ids[@]} id(s); $need needed (instances x TP)"
+}
+
+# ---------------------------------------------------------------- plan, as a script
+
+# The whole plan as shell: files to write, then one line per component.
+print_plan() {
+  local role i
+  echo "# disagg plan: $NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), connector $CONNECTOR, device $DEVICE"
+  echo "mkdir -p $(quote_args "$LOG_DIR")"
+  if [[ $CONNECTOR == lmcache ]]; then
+    for role in prefill decode; do
+      for ((i = 0; i < $(role_count "$role"); i++)); do
+        echo "cat > $(quote_args "$(lmcache_yaml_path "$role" "$i")") <<'YAML'"
+        lmcache_yaml "$role" "$i"
+        echo "YAML"
+      done
+    done
+    print_component proxy
+  fi
+  for role in prefill decode; do
+    for ((i = 0; i < $(role_count "$role"); i++)); do print_component "$role" "$i"; done
+  done
+  if [[ $CONNECTOR == nixl ]]; then print_component proxy; fi
+}
+
+print_component() {
+  local name env_lines cmdline
+  if [[ $1 == proxy ]]; then
+    name=proxy env_lines="" cmdline=$(proxy_cmd)
+    ((START_PROXY)) || return 0
+  else
+    name="$1-$2" env_lines=$(instance_env "$1" "$2") cmdline=$(engine_cmd "$1" "$2")
+  fi
+  echo "# $name: log $LOG_DIR/$name.log"
+  local env_args=() line
+  while IFS= read -r line; do [[ -n $line ]] && env_args+=("$line"); done <<<"$env_lines"
+  echo "env ${env_args[*]:+$(quote_args "${env_args[@]}") }$cmdline"
+}
+
+# ---------------------------------------------------------------- run
+
+write_lmcache_configs() {
+  local role i
+  for role in prefill decode; do
+    for ((i = 0; i < $(role_count "$role"); i++)); do
+      lmcache_yaml "$role" "$i" >"$(lmcache_yaml_path "$role" "$i")"
+    done
+  done
+}
+
+start_proxy() {
+  ((START_PROXY)) || return 0
+  start_component proxy "" "$(proxy_cmd)"
+}
+
+start_engines() {
+  local role i
+  for role in prefill decode; do
+    for ((i = 0; i < $(role_count "$role"); i++)); do
+      start_component "$role-$i" "$(instance_env "$role" "$i")" "$(engine_cmd "$role" "$i")"
+    done
+  done
+}
+
+wait_engines() {
+  local role i
+  for role in prefill decode; do
+    for ((i = 0; i < $(role_count "$role"); i++)); do
+      wait_healthy "$role-$i" "$(engine_url "$role" "$i")/health" "$HEALTH_TIMEOUT"
+      check_alive
+    done
+  done
+}
+
+on_signal() {
+  log "caught $1"
+  trap - INT TERM
+  stop_all
+  exit $((128 + $2))
+}
+
+supervise() {
+  log "supervising ${#STARTED_PIDS[@]} component(s); pids in $LOG_DIR/pids"
+  while :; do
+    check_alive
+    sleep 1 &
+    wait $! || true
+  done
+}
+
+run() {
+  check_vllm
+  ((START_PROXY)) && check_proxy
+  check_ports_free
+  mkdir -p "$LOG_DIR"
+  : >"$LOG_DIR/pids"
+  trap stop_all EXIT
+  trap 'on_signal SIGINT 2' INT
+  trap 'on_signal SIGTERM 15' TERM
+  if [[ $CONNECTOR == lmcache ]]; then
+    write_lmcache_configs
+    start_proxy # binds the notification port before any prefiller can notify
+    ((START_PROXY)) && wait_listening proxy "$PROXY_PORT" 60
+  fi
+  start_engines
+  wait_engines
+  local model
+  model=$(served_model) || die "could not read the served model name from $(engine_url decode 0)/v1/models"
+  if [[ $CONNECTOR == nixl ]]; then
+    start_proxy
+    ((START_PROXY)) && wait_healthy proxy "http://$HOST:$PROXY_PORT/health" 60
+  fi
+  if ((START_PROXY && WARMUP)); then warm_up "$model"; fi
+  ((START_PROXY)) && print_usage_hints "$model"
+  supervise
+}
+
+main() {
+  set_defaults
+  parse_args "$@"
+  validate
+  if ((DRY_RUN)); then
+    print_plan
+    return 0
+  fi
+  run
+}
+
+main "$@"

@@ -1,0 +1,331 @@
+# shellcheck shell=bash
+# Functions for launchers/disagg.sh: build, start, watch and stop a disaggregated
+# prefill/decode topology of vLLM engines behind pdproxy. Sourced, not executed.
+
+# ---------------------------------------------------------------- messages
+
+log() { printf '[disagg] %s\n' "$*" >&2; }
+die() {
+  printf '[disagg] error: %s\n' "$*" >&2
+  exit 1
+}
+
+# Print the arguments as one shell command line that `bash` or shlex can read back.
+quote_args() {
+  local out=() arg
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      out+=("$arg")
+    else
+      out+=("'${arg//\'/\'\\\'\'}'")
+    fi
+  done
+  printf '%s\n' "${out[*]}"
+}
+
+# ---------------------------------------------------------------- topology
+
+role_count() { if [[ $1 == prefill ]]; then echo "$NUM_PREFILL"; else echo "$NUM_DECODE"; fi; }
+role_tp() { if [[ $1 == prefill ]]; then echo "$PREFILL_TP"; else echo "$DECODE_TP"; fi; }
+http_port() { if [[ $1 == prefill ]]; then echo $((PREFILL_PORT + $2)); else echo $((DECODE_PORT + $2)); fi; }
+engine_url() { echo "http://$HOST:$(http_port "$1" "$2")"; }
+
+# One NIXL side-channel listener per instance; a stride of 10 leaves room for DP ranks.
+side_channel_port() {
+  if [[ $1 == prefill ]]; then echo $((SIDE_CHANNEL_PORT + 10 * $2)); else echo $((SIDE_CHANNEL_PORT + 100 + 10 * $2)); fi
+}
+
+# LMCache receiver ports of decoder $1, one per TP rank, comma-separated.
+lmcache_ports() {
+  local base=$1 idx=$2 r ports=()
+  for ((r = 0; r < DECODE_TP; r++)); do ports+=($((base + idx * DECODE_TP + r))); done
+  local IFS=,
+  echo "${ports[*]}"
+}
+
+# Position of an instance among all instances, prefillers first.
+instance_slot() { if [[ $1 == prefill ]]; then echo "$2"; else echo $((NUM_PREFILL + $2)); fi; }
+
+# Device ids (GPUs) of instance $2 of role $1: its TP-sized slice of --prefill-gpus /
+# --decode-gpus, or of the sequence 0,1,2,... (prefillers first) when not given.
+instance_gpus() {
+  local role=$1 idx=$2 tp list ids=() i
+  tp=$(role_tp "$role")
+  if [[ $role == prefill ]]; then list=$PREFILL_GPUS; else list=$DECODE_GPUS; fi
+  if [[ -n $list ]]; then
+    IFS=, read -r -a ids <<<"$list"
+    ((${#ids[@]} >= (idx + 1) * tp)) || die "--$role-gpus '$list' has too few ids for $(role_count "$role") instance(s) of TP $tp"
+    ids=("${ids[@]:idx*tp:tp}")
+    local IFS=,
+    echo "${ids[*]}"
+    return
+  fi
+  local first=$((idx * tp))
+  [[ $role == decode ]] && first=$((NUM_PREFILL * PREFILL_TP + idx * tp))
+  for ((i = first; i < first + tp; i++)); do ids+=("$i"); done
+  local IFS=,
+  echo "${ids[*]}"
+}
+
+# CPU cores for instance $2 of role $1: one core per TP rank, ranks separated by '|'
+# (the syntax of VLLM_CPU_OMP_THREADS_BIND); wraps around when cores run out.
+instance_cores() {
+  local role=$1 idx=$2 tp slot first r ranks=()
+  tp=$(role_tp "$role")
+  if [[ $role == prefill ]]; then first=$((idx * tp)); else first=$((NUM_PREFILL * PREFILL_TP + idx * tp)); fi
+  for ((r = 0; r < tp; r++)); do ranks+=($(((first + r) % NUM_CPUS))); done
+  local IFS='|'
+  echo "${ranks[*]}"
+}
+
+# ---------------------------------------------------------------- per-instance config
+
+kv_transfer_config() {
+  local role=$1 idx=$2 kv_role
+  if [[ $role == prefill ]]; then kv_role=kv_producer; else kv_role=kv_consumer; fi
+  if [[ $CONNECTOR == nixl ]]; then
+    printf '{"kv_connector":"NixlConnector","kv_role":"%s","kv_buffer_device":"%s"}' \
+      "$kv_role" "$KV_BUFFER_DEVICE"
+    return
+  fi
+  local extra
+  if [[ $role == prefill ]]; then
+    extra=$(printf '"discard_partial_chunks":false,"lmcache_rpc_port":"producer%d"' $((idx + 1)))
+  else
+    extra=$(printf '"discard_partial_chunks":false,"lmcache_rpc_port":"consumer%d","skip_last_n_tokens":1' $((idx + 1)))
+  fi
+  printf '{"kv_connector":"LMCacheConnectorV1","kv_role":"%s","kv_connector_extra_config":{%s}}' \
+    "$kv_role" "$extra"
+}
+
+lmcache_yaml_path() { echo "$LOG_DIR/lmcache-$1-$2.yaml"; }
+
+# The instance's LMCache YAML: the commented template from configs/ with the keys that
+# differ per instance rewritten.
+lmcache_yaml() {
+  local role=$1 idx=$2 template
+  if [[ $role == prefill ]]; then template=$CONFIG_DIR/lmcache-prefiller.yaml; else template=$CONFIG_DIR/lmcache-decoder.yaml; fi
+  [[ -r $template ]] || die "LMCache template $template is missing"
+  sed -E \
+    -e "s|^pd_buffer_device:.*|pd_buffer_device: \"$KV_BUFFER_DEVICE\"|" \
+    -e "s|^pd_proxy_host:.*|pd_proxy_host: \"$HOST\"|" \
+    -e "s|^pd_proxy_port:.*|pd_proxy_port: $NOTIFY_PORT|" \
+    -e "s|^pd_peer_host:.*|pd_peer_host: \"$HOST\"|" \
+    -e "s|^pd_peer_init_port:.*|pd_peer_init_port: [$(lmcache_ports "$LMCACHE_INIT_PORT" "$idx")]|" \
+    -e "s|^pd_peer_alloc_port:.*|pd_peer_alloc_port: [$(lmcache_ports "$LMCACHE_ALLOC_PORT" "$idx")]|" \
+    "$template"
+}
+
+# KEY=VALUE lines of the environment the launcher sets for one engine instance.
+instance_env() {
+  local role=$1 idx=$2
+  echo "PYTHONHASHSEED=0"
+  if [[ $DEVICE == cuda ]]; then
+    echo "CUDA_VISIBLE_DEVICES=$(instance_gpus "$role" "$idx")"
+  else
+    echo "VLLM_CPU_OMP_THREADS_BIND=$(instance_cores "$role" "$idx")"
+    echo "VLLM_CPU_KVCACHE_SPACE=$CPU_KVCACHE_GIB"
+  fi
+  if [[ $CONNECTOR == nixl ]]; then
+    echo "VLLM_NIXL_SIDE_CHANNEL_HOST=$HOST"
+    echo "VLLM_NIXL_SIDE_CHANNEL_PORT=$(side_channel_port "$role" "$idx")"
+  else
+    echo "LMCACHE_CONFIG_FILE=$(lmcache_yaml_path "$role" "$idx")"
+  fi
+  if [[ -n $UCX_TLS_VALUE ]]; then echo "UCX_TLS=$UCX_TLS_VALUE"; fi
+}
+
+engine_cmd() {
+  local role=$1 idx=$2
+  local cmd=("$PYTHON" -m vllm.entrypoints.openai.api_server
+    --model "$MODEL" --host "$HOST" --port "$(http_port "$role" "$idx")"
+    --tensor-parallel-size "$(role_tp "$role")"
+    --kv-transfer-config "$(kv_transfer_config "$role" "$idx")")
+  if [[ $DEVICE == cpu ]]; then cmd+=(--dtype float32 --enforce-eager); fi
+  cmd+=("${EXTRA_ARGS[@]}")
+  quote_args "${cmd[@]}"
+}
+
+proxy_cmd() {
+  local cmd=("${PROXY_CMD[@]}" serve) i
+  for ((i = 0; i < NUM_PREFILL; i++)); do cmd+=(--prefill "$(engine_url prefill "$i")"); done
+  for ((i = 0; i < NUM_DECODE; i++)); do cmd+=(--decode "$(engine_url decode "$i")"); done
+  cmd+=(--host "$HOST" --port "$PROXY_PORT" --connector "$CONNECTOR")
+  quote_args "${cmd[@]}"
+}
+
+# Every TCP port the topology will listen on, one per line.
+all_ports() {
+  local role i
+  echo "$PROXY_PORT"
+  for role in prefill decode; do
+    for ((i = 0; i < $(role_count "$role"); i++)); do
+      http_port "$role" "$i"
+      if [[ $CONNECTOR == nixl ]]; then side_channel_port "$role" "$i"; fi
+      if [[ $CONNECTOR == lmcache && $role == decode ]]; then
+        lmcache_ports "$LMCACHE_INIT_PORT" "$i" | tr , '\n'
+        lmcache_ports "$LMCACHE_ALLOC_PORT" "$i" | tr , '\n'
+      fi
+    done
+  done
+  if [[ $CONNECTOR == lmcache ]]; then echo "$NOTIFY_PORT"; fi
+}
+
+# ---------------------------------------------------------------- processes
+
+STARTED_NAMES=()
+STARTED_PIDS=()
+
+# Start a command in its own session (PID == process group id) with extra
+# environment, logging stdout and stderr to $LOG_DIR/NAME.log.
+start_component() {
+  local name=$1 env_lines=$2 cmdline=$3 env_args=() line
+  while IFS= read -r line; do [[ -n $line ]] && env_args+=("$line"); done <<<"$env_lines"
+  local logfile="$LOG_DIR/$name.log"
+  log "starting $name (log: $logfile)"
+  # shellcheck disable=SC2086  # cmdline was built by quote_args; eval re-splits it
+  eval "setsid env $(quote_args "${env_args[@]}") $cmdline" >"$logfile" 2>&1 </dev/null &
+  STARTED_NAMES+=("$name")
+  STARTED_PIDS+=("$!")
+  printf '%s %s\n' "$name" "$!" >>"$LOG_DIR/pids"
+}
+
+pid_of() {
+  local i
+  for i in "${!STARTED_NAMES[@]}"; do
+    [[ ${STARTED_NAMES[i]} == "$1" ]] && echo "${STARTED_PIDS[i]}" && return
+  done
+}
+
+group_alive() { kill -0 -- "-$1" 2>/dev/null; }
+
+show_log_tail() {
+  local logfile="$LOG_DIR/$1.log"
+  printf '[disagg] ---- last 40 lines of %s ----\n' "$logfile" >&2
+  tail -n 40 "$logfile" >&2 || true
+  printf '[disagg] ----\n' >&2
+}
+
+# Stop every process group we started, newest first: TERM, then KILL after a grace period.
+stop_all() {
+  local i pid deadline
+  ((${#STARTED_PIDS[@]})) || return 0
+  log "stopping ${#STARTED_PIDS[@]} component(s)"
+  for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+    kill -TERM -- "-${STARTED_PIDS[i]}" 2>/dev/null || true
+  done
+  deadline=$((SECONDS + STOP_GRACE))
+  for pid in "${STARTED_PIDS[@]}"; do
+    while group_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+    if group_alive "$pid"; then
+      log "process group $pid did not stop in ${STOP_GRACE}s; killing it"
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+  STARTED_PIDS=()
+  STARTED_NAMES=()
+}
+
+# ---------------------------------------------------------------- checks
+
+port_in_use() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+check_ports_free() {
+  local port taken=()
+  while read -r port; do port_in_use "$port" && taken+=("$port"); done < <(all_ports)
+  ((${#taken[@]} == 0)) || die "port(s) already in use on $HOST: ${taken[*]} (stop what holds them or pick other base ports)"
+  local dup
+  dup=$(all_ports | sort | uniq -d | tr '\n' ' ')
+  [[ -z $dup ]] || die "port plan collides with itself: $dup(adjust the base ports)"
+}
+
+check_vllm() {
+  command -v "$PYTHON" >/dev/null 2>&1 || die "python '$PYTHON' not found (pass --python PATH to a python with vllm)"
+  "$PYTHON" -c 'import vllm' >/dev/null 2>&1 ||
+    die "vLLM is not importable with '$PYTHON' (pass --python PATH, or run .ci/setup-vllm.sh)"
+  if [[ $CONNECTOR == lmcache ]]; then
+    "$PYTHON" -c 'import lmcache' >/dev/null 2>&1 || die "LMCache is not importable with '$PYTHON'"
+  fi
+}
+
+check_proxy() {
+  command -v "${PROXY_CMD[0]}" >/dev/null 2>&1 || die "pdproxy command '${PROXY_CMD[0]}' not found (pass --proxy-cmd)"
+}
+
+# Wait until URL answers 200 while the process group of NAME lives; print progress.
+wait_healthy() {
+  local name=$1 url=$2 timeout=$3 pid start code
+  pid=$(pid_of "$name")
+  start=$SECONDS
+  while :; do
+    code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' "$url" 2>/dev/null) || code=000
+    [[ $code == 200 ]] && break
+    if ! kill -0 "$pid" 2>/dev/null; then
+      show_log_tail "$name"
+      die "$name exited during start-up (log: $LOG_DIR/$name.log)"
+    fi
+    if ((SECONDS - start >= timeout)); then
+      show_log_tail "$name"
+      die "$name not healthy at $url after ${timeout}s"
+    fi
+    if (((SECONDS - start) % 10 == 0)); then log "waiting for $name at $url ... $((SECONDS - start))s"; fi
+    sleep 1
+  done
+  log "$name is healthy after $((SECONDS - start))s"
+}
+
+# Wait until something accepts connections on PORT while NAME lives.
+wait_listening() {
+  local name=$1 port=$2 timeout=$3 start=$SECONDS
+  until port_in_use "$port"; do
+    check_alive
+    ((SECONDS - start < timeout)) || die "$name is not listening on $HOST:$port after ${timeout}s"
+    sleep 0.5
+  done
+}
+
+# Fail if any started component has exited.
+check_alive() {
+  local i
+  for i in "${!STARTED_PIDS[@]}"; do
+    if ! kill -0 "${STARTED_PIDS[i]}" 2>/dev/null; then
+      show_log_tail "${STARTED_NAMES[i]}"
+      die "${STARTED_NAMES[i]} exited (log: $LOG_DIR/${STARTED_NAMES[i]}.log)"
+    fi
+  done
+}
+
+served_model() {
+  curl -s -m 10 "$(engine_url decode 0)/v1/models" |
+    "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])'
+}
+
+warm_up() {
+  local model=$1 body code
+  body=$(printf '{"model":"%s","prompt":"Hello, warm-up","max_tokens":4,"temperature":0}' "$model")
+  log "warm-up request through the proxy"
+  code=$(curl -s -o "$LOG_DIR/warmup.json" -m "$WARMUP_TIMEOUT" -w '%{http_code}' \
+    -H 'Content-Type: application/json' -d "$body" "http://$HOST:$PROXY_PORT/v1/completions") || code=000
+  [[ $code == 200 ]] || {
+    cat "$LOG_DIR/warmup.json" >&2 2>/dev/null || true
+    die "warm-up request through the proxy failed (HTTP $code); see $LOG_DIR/proxy.log"
+  }
+}
+
+print_usage_hints() {
+  local model=$1 url="http://$HOST:$PROXY_PORT"
+  cat <<EOF
+[disagg] ready: proxy at $url ($NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), connector $CONNECTOR); logs in $LOG_DIR
+[disagg] try:
+  curl -s $url/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model":"$model","prompt":"San Francisco is a","max_tokens":32,"temperature":0}'
+  curl -s $url/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model":"$model","messages":[{"role":"user","content":"Hello!"}],"max_tokens":32}'
+[disagg] benchmark:
+  $PYTHON $LAUNCHER_DIR/bench_serve.py --backend vllm --base-url $url --model $model \\
+    --tokenizer $MODEL --dataset-name random --random-input-len 128 --random-output-len 32 \\
+    --num-prompts 20
+[disagg] Ctrl+C stops everything.
+EOF
+}

@@ -1,0 +1,274 @@
+"""launchers/disagg.sh --dry-run: the plan it prints is complete and correct (no engines)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "launchers" / "disagg.sh"
+PY = "/opt/vllm/bin/python"
+
+
+@dataclass
+class Command:
+    name: str
+    env: dict[str, str]
+    argv: list[str]
+
+    def flag(self, name: str) -> str:
+        return self.argv[self.argv.index(name) + 1]
+
+    def flags(self, name: str) -> list[str]:
+        return [self.argv[i + 1] for i, a in enumerate(self.argv) if a == name]
+
+    @property
+    def kv_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = json.loads(self.flag("--kv-transfer-config"))
+        return config
+
+
+@dataclass
+class Plan:
+    commands: dict[str, Command] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def engines(self, role: str) -> list[Command]:
+        return [c for n, c in self.commands.items() if n.startswith(f"{role}-")]
+
+
+def parse_plan(text: str) -> Plan:
+    plan = Plan()
+    lines = iter(text.splitlines())
+    name = ""
+    for line in lines:
+        if m := re.fullmatch(r"cat > (\S+) <<'YAML'", line):
+            body = []
+            for inner in lines:
+                if inner == "YAML":
+                    break
+                body.append(inner)
+            plan.files[m.group(1)] = "\n".join(body) + "\n"
+        elif m := re.fullmatch(r"# (\S+): log (\S+)", line):
+            name = m.group(1)
+        elif line.startswith("env "):
+            words = shlex.split(line)[1:]
+            env: dict[str, str] = {}
+            while re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+                key, _, value = words.pop(0).partition("=")
+                env[key] = value
+            plan.commands[name] = Command(name, env, words)
+            plan.order.append(name)
+    return plan
+
+
+def dry_run(*args: str, tmp_path: Path) -> Plan:
+    out = subprocess.run(
+        ["bash", str(LAUNCHER), "--dry-run", "--python", PY, "--log-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return parse_plan(out.stdout)
+
+
+def run_launcher(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(LAUNCHER), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_1p1d_nixl_cuda(tmp_path: Path) -> None:
+    plan = dry_run("--model", "org/model", "--proxy-cmd", "pdproxy", tmp_path=tmp_path)
+    assert plan.order == ["prefill-0", "decode-0", "proxy"]
+    prefill, decode = plan.commands["prefill-0"], plan.commands["decode-0"]
+    for cmd, port in ((prefill, "7100"), (decode, "7200")):
+        assert cmd.argv[:3] == [PY, "-m", "vllm.entrypoints.openai.api_server"]
+        assert cmd.flag("--model") == "org/model"
+        assert cmd.flag("--port") == port
+        assert cmd.flag("--host") == "127.0.0.1"
+        assert cmd.env["PYTHONHASHSEED"] == "0"
+        assert cmd.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
+        assert "--enforce-eager" not in cmd.argv
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in cmd.env
+    assert prefill.kv_config == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_producer",
+        "kv_buffer_device": "cuda",
+    }
+    assert decode.kv_config == dict(prefill.kv_config, kv_role="kv_consumer")
+    assert prefill.env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert decode.env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
+    assert decode.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5700"
+    proxy = plan.commands["proxy"]
+    assert proxy.argv[:2] == ["pdproxy", "serve"]
+    assert proxy.flags("--prefill") == ["http://127.0.0.1:7100"]
+    assert proxy.flags("--decode") == ["http://127.0.0.1:7200"]
+    assert proxy.flag("--port") == "9100"
+    assert proxy.flag("--connector") == "nixl"
+    assert not plan.files
+
+
+def test_2p2d_nixl_tp_and_gpus(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--prefill", "2", "--decode", "2", "--prefill-tp", "2",
+        "--decode-tp", "2", "--prefill-gpus", "4,5,6,7", "--decode-gpus", "0,1,2,3",
+        "--proxy-port", "9200", tmp_path=tmp_path,
+    )  # fmt: skip
+    prefills, decodes = plan.engines("prefill"), plan.engines("decode")
+    assert [c.flag("--port") for c in prefills] == ["7100", "7101"]
+    assert [c.flag("--port") for c in decodes] == ["7200", "7201"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in prefills] == ["4,5", "6,7"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in decodes] == ["0,1", "2,3"]
+    assert all(c.flag("--tensor-parallel-size") == "2" for c in prefills + decodes)
+    assert {c.kv_config["kv_role"] for c in prefills} == {"kv_producer"}
+    assert {c.kv_config["kv_role"] for c in decodes} == {"kv_consumer"}
+    side = [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in prefills + decodes]
+    assert len(set(side)) == 4
+    http = {c.flag("--port") for c in prefills + decodes}
+    assert not http & set(side)
+    proxy = plan.commands["proxy"]
+    assert proxy.flags("--prefill") == ["http://127.0.0.1:7100", "http://127.0.0.1:7101"]
+    assert proxy.flags("--decode") == ["http://127.0.0.1:7200", "http://127.0.0.1:7201"]
+    assert proxy.flag("--port") == "9200"
+
+
+def test_default_gpus_follow_prefillers(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", "--prefill", "2", "--decode", "2", tmp_path=tmp_path)
+    gpus = [c.env["CUDA_VISIBLE_DEVICES"] for c in plan.engines("prefill") + plan.engines("decode")]
+    assert gpus == ["0", "1", "2", "3"]
+
+
+def test_cpu_binds_each_instance_to_its_core(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "/models/tiny", "--device", "cpu", "--cpus", "2",
+        "--", "--served-model-name", "tiny", "--max-model-len", "1024", tmp_path=tmp_path,
+    )  # fmt: skip
+    prefill, decode = plan.commands["prefill-0"], plan.commands["decode-0"]
+    assert prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    for cmd in (prefill, decode):
+        assert "CUDA_VISIBLE_DEVICES" not in cmd.env
+        assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+        assert cmd.flag("--dtype") == "float32"
+        assert "--enforce-eager" in cmd.argv
+        assert cmd.kv_config["kv_buffer_device"] == "cpu"
+        assert cmd.argv[-4:] == ["--served-model-name", "tiny", "--max-model-len", "1024"]
+
+
+def test_1p1d_lmcache_starts_proxy_first(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", "--connector", "lmcache", tmp_path=tmp_path)
+    assert plan.order == ["proxy", "prefill-0", "decode-0"]
+    prefill, decode = plan.commands["prefill-0"], plan.commands["decode-0"]
+    assert prefill.kv_config == {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {
+            "discard_partial_chunks": False,
+            "lmcache_rpc_port": "producer1",
+        },
+    }
+    assert decode.kv_config == {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_consumer",
+        "kv_connector_extra_config": {
+            "discard_partial_chunks": False,
+            "lmcache_rpc_port": "consumer1",
+            "skip_last_n_tokens": 1,
+        },
+    }
+    for cmd in (prefill, decode):
+        assert cmd.env["PYTHONHASHSEED"] == "0"
+        assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in cmd.env
+        assert cmd.env["LMCACHE_CONFIG_FILE"] in plan.files
+    sender = yaml.safe_load(plan.files[prefill.env["LMCACHE_CONFIG_FILE"]])
+    receiver = yaml.safe_load(plan.files[decode.env["LMCACHE_CONFIG_FILE"]])
+    assert sender["enable_pd"] is True and receiver["enable_pd"] is True
+    assert sender["pd_role"] == "sender" and receiver["pd_role"] == "receiver"
+    assert sender["transfer_channel"] == receiver["transfer_channel"] == "nixl"
+    assert (sender["pd_proxy_host"], sender["pd_proxy_port"]) == ("127.0.0.1", 7500)
+    assert receiver["pd_peer_host"] == "127.0.0.1"
+    assert receiver["pd_peer_init_port"] == [7300]
+    assert receiver["pd_peer_alloc_port"] == [7400]
+    assert receiver["nixl_backends"] == ["UCX"]
+    assert sender["pd_buffer_device"] == receiver["pd_buffer_device"] == "cuda"
+    assert sender["save_unfull_chunk"] is True
+    assert plan.commands["proxy"].flag("--connector") == "lmcache"
+
+
+def test_2p2d_lmcache_unique_ports_and_rpc_names(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--connector", "lmcache", "--prefill", "2", "--decode", "2",
+        "--decode-tp", "2", tmp_path=tmp_path,
+    )  # fmt: skip
+    engines = plan.engines("prefill") + plan.engines("decode")
+    rpc = [c.kv_config["kv_connector_extra_config"]["lmcache_rpc_port"] for c in engines]
+    assert rpc == ["producer1", "producer2", "consumer1", "consumer2"]
+    files = [c.env["LMCACHE_CONFIG_FILE"] for c in engines]
+    assert len(set(files)) == 4
+    receivers = [yaml.safe_load(plan.files[c.env["LMCACHE_CONFIG_FILE"]]) for c in engines[2:]]
+    assert [r["pd_peer_init_port"] for r in receivers] == [[7300, 7301], [7302, 7303]]
+    assert [r["pd_peer_alloc_port"] for r in receivers] == [[7400, 7401], [7402, 7403]]
+    senders = [yaml.safe_load(plan.files[c.env["LMCACHE_CONFIG_FILE"]]) for c in engines[:2]]
+    assert {s["pd_proxy_port"] for s in senders} == {7500}
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in engines] == ["0", "1", "2,3", "4,5"]
+
+
+def test_templates_are_valid_yaml() -> None:
+    sender = yaml.safe_load((REPO / "configs" / "lmcache-prefiller.yaml").read_text())
+    receiver = yaml.safe_load((REPO / "configs" / "lmcache-decoder.yaml").read_text())
+    assert sender["pd_role"] == "sender" and receiver["pd_role"] == "receiver"
+    for key in ("pd_buffer_size", "pd_buffer_device"):
+        assert key in sender and key in receiver
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "m", "--connector", "mooncake"], "--connector must be nixl or lmcache"),
+        (["--model", "m", "--device", "tpu"], "--device must be cuda or cpu"),
+        (["--prefill", "1"], "--model is required"),
+        (["--model", "m", "--prefill", "x"], "NUM_PREFILL must be"),
+        (["--model", "m", "--prefill-gpus", "0,1"], "has 2 id(s); 1 needed"),
+        (["--model", "m", "--bogus"], "unknown option '--bogus'"),
+        (["--model"], "--model needs a value"),
+    ],
+)
+def test_bad_arguments_fail_clearly(args: list[str], message: str) -> None:
+    result = run_launcher("--dry-run", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_missing_vllm_fails_fast(tmp_path: Path) -> None:
+    result = run_launcher(
+        "--model", "m", "--python", "/bin/false", "--log-dir", str(tmp_path), "--no-proxy"
+    )
+    assert result.returncode != 0
+    assert "vLLM is not importable" in result.stderr
+
+
+def test_taken_port_fails_fast(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = run_launcher(
+            "--model", "m", "--python", "true", "--proxy-cmd", "true",
+            "--log-dir", str(tmp_path), "--proxy-port", str(port),
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"port(s) already in use on 127.0.0.1: {port}" in result.stderr
