@@ -59,7 +59,7 @@ class ProxyApp:
                 make_policy(config.prefill_policy),
                 make_policy(config.decode_policy),
             ),
-            connector=make_connector(config, self.engine),
+            connector=make_connector(config, self.engine, self.metrics.registry),
             engine=self.engine,
             metrics=self.metrics,
             stats=LatencyStats(config.stats.window, self.metrics.registry),
@@ -87,6 +87,7 @@ class ProxyApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await self.services.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
         reporter = None
         if self.config.stats.interval > 0:

@@ -21,7 +21,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 9100)")
-    parser.add_argument("--connector", help="KV-transfer protocol: nixl (default)")
+    parser.add_argument("--connector", help="KV-transfer protocol: nixl (default) | lmcache")
     parser.add_argument("--prefill-policy", help="round_robin | least_loaded (default)")
     parser.add_argument("--decode-policy", help="round_robin | least_loaded (default)")
     parser.add_argument(

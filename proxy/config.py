@@ -13,8 +13,10 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.lmcache_config import LMCacheConfig, LMCacheReceiverConfig, resolve_receivers
+
 PolicyName = Literal["round_robin", "least_loaded"]
-ConnectorName = Literal["nixl"]
+ConnectorName = Literal["nixl", "lmcache"]
 
 
 class ConfigError(ValueError):
@@ -29,6 +31,8 @@ class WorkerConfig(_Model):
     """One vLLM instance, addressed by its OpenAI server's base URL."""
 
     url: str
+    # connector lmcache: this decoder's LMCache receiver host and ports (see proxy.lmcache_config)
+    lmcache: LMCacheReceiverConfig | None = None
 
     @field_validator("url")
     @classmethod
@@ -72,6 +76,8 @@ class ProxyConfig(_Model):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     engine_api_key: str | None = Field(None, description="sent to the engines as a Bearer token")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # connector lmcache: the notification socket and its deadline (see proxy.lmcache_config)
+    lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
 
     @field_validator("prefill", "decode", mode="before")
     @classmethod
@@ -90,6 +96,15 @@ class ProxyConfig(_Model):
             dupes = sorted({u for u in urls if urls.count(u) > 1})
             if dupes:
                 raise ValueError(f"{role} lists {', '.join(dupes)} more than once")
+        return self
+
+    # --- connector lmcache ---
+    @model_validator(mode="after")
+    def _check_lmcache(self) -> ProxyConfig:
+        if any(w.lmcache is not None for w in self.prefill):
+            raise ValueError("'lmcache' ports belong to decode workers, not prefill workers")
+        if self.connector == "lmcache":
+            resolve_receivers([(w.url, w.lmcache) for w in self.decode])
         return self
 
 

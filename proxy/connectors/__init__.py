@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from proxy.config import ProxyConfig
 from proxy.engine import EngineClient
 from proxy.request import ClientRequest
@@ -32,6 +34,10 @@ class Handoff:
 class Connector(Protocol):
     name: str
 
+    async def start(self) -> None:
+        """Acquire what the connector listens on (sockets); called once in the app lifespan."""
+        ...
+
     async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
         """Run the prefill leg on `prefiller` for a decode that will run on `decoder`."""
         ...
@@ -43,9 +49,19 @@ class Connector(Protocol):
     async def close(self) -> None: ...
 
 
-def make_connector(config: ProxyConfig, engine: EngineClient) -> Connector:
+def make_connector(
+    config: ProxyConfig, engine: EngineClient, registry: CollectorRegistry | None = None
+) -> Connector:
     if config.connector == "nixl":
         from proxy.connectors.nixl import NixlConnector
 
         return NixlConnector(engine, config.timeouts.prefill)
+    if config.connector == "lmcache":
+        from proxy.connectors.lmcache import LMCacheConnector
+        from proxy.lmcache_config import resolve_receivers
+
+        receivers = resolve_receivers([(w.url, w.lmcache) for w in config.decode])
+        return LMCacheConnector(
+            engine, config.timeouts.prefill, config.lmcache, receivers, registry
+        )
     raise ValueError(f"unknown connector {config.connector!r}")

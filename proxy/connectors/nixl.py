@@ -79,6 +79,9 @@ class NixlConnector:
         self._engine = engine
         self._timeout = prefill_timeout
 
+    async def start(self) -> None:
+        return None
+
     async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
         raw = await self._engine.call(
             prefiller,
