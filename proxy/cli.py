@@ -80,7 +80,10 @@ def run_server(config: ProxyConfig) -> int:
             timeout_graceful_shutdown=30,
         )
     )
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down gracefully
+        return 130
     return 0
 
 

@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(vLLM 0.32's kv_load_failure_policy defaults to fail).",
     )
     a(
+        "--no-kv-transfer",
+        action="store_true",
+        help="Run like vLLM started without --kv-transfer-config: kv_transfer_params in a "
+        "request is ignored and every response carries kv_transfer_params=null.",
+    )
+    a(
         "--kv-params-on-eos",
         action="store_true",
         help="Also hold KV and return kv_transfer_params when a producer request stops on EOS or "
@@ -196,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_lease_seconds=args.kv_lease_seconds,
         kv_load_failure_policy=args.kv_load_failure_policy,
         kv_params_on_eos=args.kv_params_on_eos,
+        kv_transfer=not args.no_kv_transfer,
         eos_probability=args.eos_probability,
         engine_id=args.engine_id,
         timing=timing,

@@ -57,6 +57,7 @@ class SimConfig:
     kv_lease_seconds: float = DEFAULT_KV_LEASE_SECONDS
     kv_load_failure_policy: KvLoadFailurePolicy = "recompute"
     kv_params_on_eos: bool = False
+    kv_transfer: bool = True  # False: no KV connector, kv_transfer_params ignored
     eos_probability: float = 0.005
     engine_id: str | None = None
     max_records: int = 10000

@@ -286,7 +286,7 @@ class SimServer:
         rid = f"chatcmpl-{base_id}" if kind == "chat" else f"cmpl-{base_id}"
         engine_rid = f"{rid if kind == 'chat' else rid + '-0'}-{secrets.token_hex(4)}"
         record.engine_request_id = engine_rid
-        kv = req.kv_params or {}
+        kv = (req.kv_params or {}) if self.config.kv_transfer else {}
 
         load = KvLoad("local")
         if kv.get("do_remote_prefill"):

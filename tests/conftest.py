@@ -1,0 +1,222 @@
+"""Real servers on real sockets: simulated engines and proxies run as processes on 127.0.0.1.
+
+Each process is started in its own session and stopped by its PID (process group) at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+MODEL = "pdsim/llama-8b"
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def spawn(args: list[str], url: str, log: Path, health: str = "/health") -> Service:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    service = Service(url, proc, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args} exited {proc.returncode}:\n{service.log_text()}")
+        try:
+            if httpx.get(url + health, timeout=1).status_code < 500:
+                return service
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    service.stop()
+    raise RuntimeError(f"{args} did not come up:\n{service.log_text()}")
+
+
+class Metrics(dict[str, float]):
+    """Prometheus samples keyed as exposed (`name{labels}`); `get` also sums by name + labels."""
+
+    def total(self, name: str, **labels: str) -> float:
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        total = 0.0
+        for key, value in self.items():
+            base, _, rest = key.partition("{")
+            if base == name and all(w in rest for w in wanted):
+                total += value
+        return total
+
+
+def parse_metrics(text: str) -> Metrics:
+    values = Metrics()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@dataclass
+class Sim(Service):
+    side_channel_port: int = 0
+    baseline: Metrics = field(default_factory=Metrics)
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        resp = httpx.request(method, self.url + "/_sim/" + path, json=body, timeout=5)
+        resp.raise_for_status()
+        return resp.json() if resp.content else None
+
+    def records(self) -> list[dict[str, Any]]:
+        data = self.control("GET", "requests")
+        return list(data["requests"] if isinstance(data, dict) else data)
+
+    def generation_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["path"].startswith("/v1/")]
+
+    def faults(self, **faults: Any) -> None:
+        self.control("POST", "faults", faults)
+
+    def reset(self) -> None:
+        """Clear records and faults; counters are measured from here on (`metric`)."""
+        self.control("POST", "reset")
+        self.baseline = self.metrics()
+
+    def metrics(self) -> Metrics:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=5).text)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`, since the last reset."""
+        return self.metrics().total(name, **labels) - self.baseline.total(name, **labels)
+
+
+def start_sim(tmp: Path, name: str, *args: str) -> Sim:
+    port, side = free_port(), free_port()
+    cmd = ["sim", "--port", str(port), "--side-channel-port", str(side), "--model", MODEL, *args]
+    s = spawn(cmd, f"http://127.0.0.1:{port}", tmp / f"{name}.log")
+    return Sim(s.url, s.proc, s.log, side)
+
+
+@dataclass
+class Proxy(Service):
+    prefill: list[Sim] = field(default_factory=list)
+    decode: list[Sim] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url + "/stats", timeout=5).json()
+        return data
+
+    def metrics(self) -> Metrics:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=5).text)
+
+
+def start_proxy(
+    tmp: Path, prefill: list[Sim], decode: list[Sim], *args: str, name: str = "proxy"
+) -> Proxy:
+    port = free_port()
+    cmd = ["serve", "--port", str(port), "--stats-interval", "0", *args]
+    for sim in prefill:
+        cmd += ["--prefill", sim.url]
+    for sim in decode:
+        cmd += ["--decode", sim.url]
+    s = spawn(cmd, f"http://127.0.0.1:{port}", tmp / f"{name}-{port}.log", health="/metrics")
+    return Proxy(s.url, s.proc, s.log, prefill, decode)
+
+
+@contextmanager
+def running(service: Service) -> Iterator[Service]:
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def sims(logs: Path) -> Iterator[dict[str, Sim]]:
+    started: dict[str, Sim] = {}
+    try:
+        for name, role in (
+            ("p0", "prefill"),
+            ("p1", "prefill"),
+            ("d0", "decode"),
+            ("d1", "decode"),
+        ):
+            started[name] = start_sim(logs, name, "--role", role, "--speed-factor", "0.05")
+        yield started
+    finally:
+        for sim in started.values():
+            sim.stop()
+
+
+@pytest.fixture
+def clean_sims(sims: dict[str, Sim]) -> dict[str, Sim]:
+    for sim in sims.values():
+        sim.reset()
+    return sims
+
+
+@pytest.fixture(scope="session")
+def _proxy_1p1d(logs: Path, sims: dict[str, Sim]) -> Iterator[Proxy]:
+    proxy = start_proxy(logs, [sims["p0"]], [sims["d0"]], name="1p1d")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def proxy(_proxy_1p1d: Proxy, clean_sims: dict[str, Sim]) -> Proxy:
+    """A 1p1d proxy over freshly reset simulated engines."""
+    return _proxy_1p1d
+
+
+@pytest.fixture(scope="session")
+def _proxy_2p2d(logs: Path, sims: dict[str, Sim]) -> Iterator[Proxy]:
+    proxy = start_proxy(logs, [sims["p0"], sims["p1"]], [sims["d0"], sims["d1"]], name="2p2d")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def proxy_2p2d(_proxy_2p2d: Proxy, clean_sims: dict[str, Sim]) -> Proxy:
+    return _proxy_2p2d

@@ -1,0 +1,58 @@
+"""`pdproxy demo` as a user runs it: an SDK client streams a chat completion through it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from tests.conftest import free_port, parse_metrics
+
+
+def test_demo_streams_chat_and_decoder_pulled(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(log.read_text())
+        printed = log.read_text()
+        assert "curl -sN" in printed and "from openai import OpenAI" in printed
+        sdk = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        stream = sdk.chat.completions.create(
+            model="pdsim/llama-8b",
+            messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=16,
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text
+        decode_url = httpx.get(base + "/stats").json()["workers"]["decode"][0]["url"]
+        metrics = parse_metrics(httpx.get(decode_url + "/metrics").text)
+        assert metrics.total("vllm:nixl_xfer_time_seconds_count") == 1
+        assert metrics.total("pdsim:recomputed_requests_total") == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=20)
+    # the demo stopped the engines it started
+    assert "Traceback" not in log.read_text()
