@@ -183,8 +183,10 @@ start_component() {
   while IFS= read -r line; do [[ -n $line ]] && env_args+=("$line"); done <<<"$env_lines"
   local logfile="$LOG_DIR/$name.log"
   log "starting $name (log: $logfile)"
-  # shellcheck disable=SC2086  # cmdline was built by quote_args; eval re-splits it
-  eval "setsid env $(quote_args "${env_args[@]}") $cmdline" >"$logfile" 2>&1 </dev/null &
+  # The background subshell execs setsid, which (not being a group leader) execs the
+  # command in a new session: $! is then the component's PID and its process group id.
+  # cmdline was built by quote_args; eval re-splits it.
+  eval "exec setsid env $(quote_args "${env_args[@]}") $cmdline" >"$logfile" 2>&1 </dev/null &
   STARTED_NAMES+=("$name")
   STARTED_PIDS+=("$!")
   printf '%s %s\n' "$name" "$!" >>"$LOG_DIR/pids"

@@ -1,0 +1,104 @@
+"""Fixtures for end-to-end tests against real vLLM (CPU build) started by launchers/disagg.sh.
+
+Skipped unless PDPROXY_VLLM_PYTHON names a python that can import vllm (.ci/setup-vllm.sh
+makes one). The 1P1D topology is started once per session: engines take about a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if str(Path(__file__).parent) not in sys.path:  # pytest runs in importlib mode
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from vllm_helpers import DECODE_PORT, PREFILL_PORT, PROXY_PORT, SIDE_CHANNEL_PORT, Topology
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "launchers" / "disagg.sh"
+START_TIMEOUT_S = 600
+
+
+def _vllm_python() -> str:
+    python = os.environ.get("PDPROXY_VLLM_PYTHON", "")
+    if not python:
+        pytest.skip("real vLLM tests need PDPROXY_VLLM_PYTHON (see .ci/setup-vllm.sh)")
+    if not Path(python).exists():
+        pytest.skip(f"PDPROXY_VLLM_PYTHON={python} does not exist")
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"PDPROXY_VLLM_PYTHON={python} cannot import vllm")
+    return python
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    return _vllm_python()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(vllm_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Llama (fixed seed) with a BPE tokenizer trained on the fly."""
+    out = tmp_path_factory.mktemp("model")
+    subprocess.run(
+        [vllm_python, str(Path(__file__).with_name("make_model.py")), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    return out
+
+
+def _wait_ready(topo: Topology) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        text = topo.output.read_text(errors="replace")
+        if "[disagg] supervising" in text:
+            return
+        if topo.proc.poll() is not None:
+            raise RuntimeError(f"launcher exited {topo.proc.returncode}:\n{text[-6000:]}")
+        time.sleep(1)
+    raise RuntimeError(f"topology not ready in {START_TIMEOUT_S}s:\n{text[-6000:]}")
+
+
+def _pdproxy_cmd() -> str:
+    beside = Path(sys.executable).with_name("pdproxy")
+    return str(beside) if beside.exists() else "pdproxy"
+
+
+@pytest.fixture(scope="session")
+def topology(
+    vllm_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Topology]:
+    log_dir = tmp_path_factory.mktemp("disagg-logs")
+    output = log_dir / "launcher.out"
+    args = [
+        "bash", str(LAUNCHER), "--device", "cpu", "--connector", "nixl",
+        "--model", str(tiny_model), "--python", vllm_python, "--proxy-cmd", _pdproxy_cmd(),
+        "--log-dir", str(log_dir), "--proxy-port", str(PROXY_PORT),
+        "--prefill-port", str(PREFILL_PORT), "--decode-port", str(DECODE_PORT),
+        "--side-channel-port", str(SIDE_CHANNEL_PORT),
+        "--", "--served-model-name", Topology.model, "--max-model-len", "1024",
+    ]  # fmt: skip
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+    topo = Topology(proc, log_dir, output, tiny_model, vllm_python)
+    try:
+        _wait_ready(topo)
+        yield topo
+    finally:
+        topo.stop()
+        topo.kill_leftovers()
