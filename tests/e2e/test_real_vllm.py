@@ -221,6 +221,7 @@ def run_bench(topo: Topology, base_url: str, out: Path, num_prompts: int) -> Bod
         "--tokenizer", str(topo.model_dir), "--dataset-name", "random",
         "--random-input-len", "64", "--random-output-len", "16", "--ignore-eos",
         "--num-prompts", str(num_prompts), "--max-concurrency", "4", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
     ]  # fmt: skip
     result = subprocess.run(
@@ -244,6 +245,13 @@ def test_vllm_bench_serve(topology: Topology, tmp_path: Path) -> None:
     assert data["mean_ttft_ms"] > 0
     after = wait_counter(topology.decode, XFER, before + num_prompts)
     assert after == before + num_prompts
+    # The same load on the decoder alone (it prefills locally), for the record.
+    alone = run_bench(topology, topology.decode, tmp_path / "decoder.json", num_prompts)
+    assert alone["completed"] == num_prompts
+    keys = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_e2el_ms", "median_e2el_ms")
+    summary = {"proxy_1p1d": {k: data.get(k) for k in keys}}
+    summary["decoder_alone"] = {k: alone.get(k) for k in keys}
+    (topology.log_dir / "bench-summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def test_sigterm_stops_everything(topology: Topology) -> None:
