@@ -19,7 +19,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from proxy import __version__
-from proxy.config import ProxyConfig
+from proxy.admission import Admission
+from proxy.auth import Authenticator, load_keys
+from proxy.config import ConfigError, ProxyConfig
 from proxy.connectors import make_connector
 from proxy.engine import EngineClient
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, UpstreamError
@@ -31,8 +33,6 @@ from proxy.stats import LatencyStats
 from proxy.workers import Health, Worker, WorkerPool
 
 log = logging.getLogger("pdproxy")
-
-HEALTH_TIMEOUT = 2.0
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -49,9 +49,19 @@ class ProxyApp:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
-        prefill = WorkerPool.from_urls("prefill", [w.url for w in config.prefill])
-        decode = WorkerPool.from_urls("decode", [w.url for w in config.decode])
+        breaker = (config.health.failure_threshold, config.health.cooldown)
+        prefill = WorkerPool.from_urls("prefill", [w.url for w in config.prefill], *breaker)
+        decode = WorkerPool.from_urls("decode", [w.url for w in config.decode], *breaker)
         self.metrics = ProxyMetrics((prefill, decode))
+        auth = config.auth
+        try:
+            authenticator = Authenticator(
+                load_keys(auth.api_keys_env, auth.api_keys_file),
+                load_keys(auth.admin_keys_env, auth.admin_keys_file),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"auth: {exc}") from None
+        admission = config.admission
         self.services = Services(
             router=Router(
                 prefill,
@@ -63,6 +73,11 @@ class ProxyApp:
             engine=self.engine,
             metrics=self.metrics,
             stats=LatencyStats(config.stats.window, self.metrics.registry),
+            admission=Admission(
+                admission.max_concurrent, admission.max_queue, admission.queue_timeout
+            ),
+            auth=authenticator,
+            failover=config.failover,
             max_body_bytes=config.max_body_bytes,
             decode_first_byte_timeout=config.timeouts.decode_first_byte,
             decode_idle_timeout=config.timeouts.decode_idle,
@@ -72,6 +87,7 @@ class ProxyApp:
             COMPLETIONS: CompletionEndpoint(self.services, COMPLETIONS),
         }
         self.api = self._build_api()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def pools(self) -> tuple[WorkerPool, WorkerPool]:
@@ -85,18 +101,32 @@ class ProxyApp:
                 return
         await self.api(scope, receive, send)
 
+    def begin_drain(self) -> None:
+        """Stop taking requests; in-flight ones get `drain_timeout` seconds to finish, then
+        end with an error event. Safe to call from a signal handler."""
+        if self.services.draining or self._loop is None:
+            return
+        self.services.draining = True
+        log.info("draining: in-flight requests have %gs to finish", self.config.drain_timeout)
+        self._loop.call_soon_threadsafe(
+            self._loop.call_later, self.config.drain_timeout, self.services.end_inflight
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.services.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
-        reporter = None
+        self._loop = asyncio.get_running_loop()
+        tasks = []
         if self.config.stats.interval > 0:
-            reporter = asyncio.create_task(self._report_stats(self.config.stats.interval))
+            tasks.append(asyncio.create_task(self._report_stats(self.config.stats.interval)))
+        if self.config.health.interval > 0:
+            tasks.append(asyncio.create_task(self._check_health(self.config.health.interval)))
         try:
             yield
         finally:
-            if reporter is not None:
-                reporter.cancel()
+            for task in tasks:
+                task.cancel()
             await self.services.connector.close()
             await self.engine.close()
 
@@ -109,20 +139,27 @@ class ProxyApp:
                 logged = stats.recorded
                 log.info("%s", stats.report())
 
+    async def _check_health(self, interval: float) -> None:
+        while True:
+            await self.check_workers()
+            await asyncio.sleep(interval)
+
     async def check_workers(self) -> None:
         """Probe every worker's /health now and note the result on the worker."""
+        timeout = self.config.health.timeout
 
-        async def probe(worker: Worker) -> None:
+        async def probe(pool: WorkerPool, worker: Worker) -> None:
+            was = worker.health
             try:
-                status, _ = await self.engine.get(worker, "/health", HEALTH_TIMEOUT)
+                status, _ = await self.engine.get(worker, "/health", timeout)
             except ProxyError as exc:
-                worker.health, worker.last_error = Health.UNHEALTHY, exc.message
-                return
-            worker.health = Health.HEALTHY if status == 200 else Health.UNHEALTHY
-            if status != 200:
-                worker.last_error = f"/health answered {status}"
+                pool.record_check(worker, False, exc.message)
+            else:
+                pool.record_check(worker, status == 200, f"/health answered {status}")
+            if worker.health is not was and was is not Health.UNKNOWN:
+                log.warning("%s worker %s is now %s", pool.role, worker.url, worker.health.value)
 
-        await asyncio.gather(*(probe(w) for pool in self.pools for w in pool.workers))
+        await asyncio.gather(*(probe(pool, w) for pool in self.pools for w in pool.workers))
 
     def _build_api(self) -> FastAPI:
         api = FastAPI(
@@ -141,6 +178,10 @@ class ProxyApp:
                 return _error(NotFound("no such path; see /v1/models, /v1/completions, ..."))
             return _error(ProxyError(str(exc.detail)))
 
+        @api.exception_handler(ProxyError)
+        async def proxy_error(_: Request, exc: ProxyError) -> Response:
+            return _error(exc)
+
         @api.exception_handler(RequestValidationError)
         async def validation_error(_: Request, exc: RequestValidationError) -> Response:
             return _error(ProxyError(str(exc)))
@@ -152,15 +193,19 @@ class ProxyApp:
             ok = all(
                 any(w.health is Health.HEALTHY for w in pool.workers) for pool in (prefill, decode)
             )
+            status = "ok" if ok else "unavailable"
+            if self.services.draining:
+                ok, status = False, "draining"
             body = {
-                "status": "ok" if ok else "unavailable",
+                "status": status,
                 "prefill": [w.describe() for w in prefill.workers],
                 "decode": [w.describe() for w in decode.workers],
             }
             return _json(body, 200 if ok else 503)
 
         @api.get("/v1/models")
-        async def models() -> Response:
+        async def models(request: Request) -> Response:
+            self.services.auth.check_api(request.scope["headers"])
             return await self._models()
 
         @api.get("/metrics")
@@ -168,7 +213,8 @@ class ProxyApp:
             return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
         @api.get("/stats")
-        async def stats() -> Response:
+        async def stats(request: Request) -> Response:
+            self.services.auth.check_admin(request.scope["headers"])
             summaries = self.services.stats.summaries()
             prefill, decode = self.pools
             return _json(
@@ -182,6 +228,12 @@ class ProxyApp:
                         "decode": [w.describe() for w in decode.workers],
                     },
                     "connector": self.services.connector.name,
+                    "admission": {
+                        "active": self.services.admission.active,
+                        "queued": self.services.admission.queued,
+                        "rejected": self.services.admission.rejected,
+                    },
+                    "draining": self.services.draining,
                     "policies": {
                         "prefill": self.services.router.prefill_policy.name,
                         "decode": self.services.router.decode_policy.name,
@@ -195,7 +247,7 @@ class ProxyApp:
         """The union of the decoders' models (the ones that serve the answer)."""
         _, decode = self.pools
         results = await asyncio.gather(
-            *(self.engine.get(w, "/v1/models", HEALTH_TIMEOUT) for w in decode.workers),
+            *(self.engine.get(w, "/v1/models", self.config.health.timeout) for w in decode.workers),
             return_exceptions=True,
         )
         seen: dict[str, Any] = {}

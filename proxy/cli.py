@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
 from collections.abc import Sequence
 
 from proxy import __version__
@@ -55,9 +56,24 @@ def setup_logging(level: str) -> None:
 def run_server(config: ProxyConfig) -> int:
     import uvicorn
 
-    from proxy.app import build_app
+    from proxy.app import ProxyApp, build_app
 
-    app = build_app(config)
+    class Server(uvicorn.Server):
+        """uvicorn, plus: on SIGTERM/SIGINT the app drains before uvicorn stops."""
+
+        def __init__(self, uv_config: uvicorn.Config, proxy: ProxyApp) -> None:
+            super().__init__(uv_config)
+            self.proxy = proxy
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            self.proxy.begin_drain()
+            super().handle_exit(sig, frame)
+
+    try:
+        app = build_app(config)
+    except ConfigError as exc:
+        print(f"pdproxy: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("pdproxy").info(
         "pdproxy %s on http://%s:%d  connector=%s  prefill=%s  decode=%s",
         __version__,
@@ -67,7 +83,7 @@ def run_server(config: ProxyConfig) -> int:
         ",".join(w.url for w in config.prefill),
         ",".join(w.url for w in config.decode),
     )
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             app,
             host=config.host,
@@ -77,8 +93,10 @@ def run_server(config: ProxyConfig) -> int:
             lifespan="on",
             access_log=False,
             log_level=config.log_level,
-            timeout_graceful_shutdown=30,
-        )
+            # in-flight requests get drain_timeout, then end with an error event (ProxyApp)
+            timeout_graceful_shutdown=int(config.drain_timeout) + 5,
+        ),
+        app,
     )
     try:
         server.run()

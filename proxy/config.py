@@ -58,6 +58,36 @@ class TimeoutsConfig(_Model):
     decode_idle: float = Field(120.0, gt=0, description="longest gap between decode chunks")
 
 
+class HealthConfig(_Model):
+    interval: float = Field(5.0, ge=0, description="seconds between active /health checks; 0 = off")
+    timeout: float = Field(2.0, gt=0, description="seconds one /health check may take")
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
+    cooldown: float = Field(10.0, gt=0, description="seconds an open breaker waits before a trial")
+
+
+class FailoverConfig(_Model):
+    prefill_retries: int = Field(2, ge=0, description="other prefillers tried after a failure")
+    decode_retries: int = Field(1, ge=0, description="other decoders tried before the first byte")
+    fallback_local_prefill: bool = Field(
+        True, description="no prefiller available: let the decoder compute the prompt itself"
+    )
+
+
+class AdmissionConfig(_Model):
+    max_concurrent: int = Field(0, ge=0, description="requests in flight at once; 0 = unlimited")
+    max_queue: int = Field(1024, ge=0, description="requests waiting for a slot; beyond: 429")
+    queue_timeout: float = Field(30.0, gt=0, description="longest wait for a slot; then 429")
+
+
+class AuthConfig(_Model):
+    """Where keys come from: an environment variable (comma-separated) or a file (one per line)."""
+
+    api_keys_env: str | None = None
+    api_keys_file: str | None = None
+    admin_keys_env: str | None = None
+    admin_keys_file: str | None = None
+
+
 class StatsConfig(_Model):
     interval: float = Field(5.0, ge=0, description="seconds between stats log blocks; 0 = off")
     window: int = Field(10_000, ge=10, le=10_000_000, description="requests kept per statistic")
@@ -73,6 +103,11 @@ class ProxyConfig(_Model):
     decode_policy: PolicyName = "least_loaded"
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    drain_timeout: float = Field(30.0, ge=0, description="SIGTERM: seconds in-flight may finish")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     engine_api_key: str | None = Field(None, description="sent to the engines as a Bearer token")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

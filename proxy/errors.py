@@ -55,6 +55,20 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+
+
+class TooManyRequests(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NoWorkerAvailable(ProxyError):
     status = 503
     type = "service_unavailable"

@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-from proxy.connectors import Connector
+from proxy.admission import Admission
+from proxy.auth import Authenticator
+from proxy.config import FailoverConfig
+from proxy.connectors import Connector, Handoff
 from proxy.engine import EngineClient, IdleTimeout, engine_errors
 from proxy.errors import (
     MethodNotAllowed,
     NoWorkerAvailable,
     PayloadTooLarge,
     ProxyError,
+    TooManyRequests,
     UpstreamError,
+    UpstreamTimeout,
 )
 from proxy.metrics import ProxyMetrics
 from proxy.policies import Policy, RequestInfo
@@ -54,17 +59,20 @@ class Router:
     prefill_policy: Policy
     decode_policy: Policy
 
-    def choose(self, info: RequestInfo) -> tuple[Worker, Worker]:
-        return self._pick(self.prefill, self.prefill_policy, info), self._pick(
-            self.decode, self.decode_policy, info
-        )
+    def pick_prefill(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
+        return self._pick(self.prefill, self.prefill_policy, info, exclude)
+
+    def pick_decode(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
+        return self._pick(self.decode, self.decode_policy, info, exclude)
 
     @staticmethod
-    def _pick(pool: WorkerPool, policy: Policy, info: RequestInfo) -> Worker:
-        index = policy.select(pool.workers, info)
-        if index is None:
-            raise NoWorkerAvailable(f"no {pool.role} worker is available")
-        return pool.workers[index]
+    def _pick(
+        pool: WorkerPool, policy: Policy, info: RequestInfo, exclude: Sequence[Worker]
+    ) -> Worker | None:
+        pool.refresh()
+        workers = [w for w in pool.workers if w not in exclude] if exclude else pool.workers
+        index = policy.select(workers, info)
+        return None if index is None else workers[index]
 
 
 @dataclass
@@ -76,9 +84,21 @@ class Services:
     engine: EngineClient
     metrics: ProxyMetrics
     stats: LatencyStats
+    admission: Admission
+    auth: Authenticator
+    failover: FailoverConfig
     max_body_bytes: int
     decode_first_byte_timeout: float
     decode_idle_timeout: float
+    draining: bool = False
+    drain_expired: bool = False
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def end_inflight(self) -> None:
+        """The drain deadline passed: end every request still in flight (with an error)."""
+        self.drain_expired = True
+        for task in list(self.inflight):
+            task.cancel()
 
 
 class Responder:
@@ -128,8 +148,15 @@ class Responder:
     async def error(self, exc: ProxyError) -> None:
         if self.started:
             await self.end(sse_error_event(exc.body()))
-        else:
-            await self.whole(exc.status, exc.body())
+            return
+        body = exc.body()
+        self.started = True
+        self.status = exc.status
+        headers = self._headers(JSON, len(body))
+        if isinstance(exc, TooManyRequests):
+            headers.append((b"retry-after", str(exc.retry_after).encode()))
+        await self._send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
 
 
 async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
@@ -171,6 +198,9 @@ class CompletionEndpoint:
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{self.path} accepts POST only")
+            self.services.auth.check_api(scope["headers"])
+            if self.services.draining:
+                raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
             out.request_id = check_request_id(_header(scope, b"x-request-id"))
             raw = await read_body(receive, scope, self.services.max_body_bytes)
             request = parse_request(self.path, raw, out.request_id)
@@ -187,6 +217,8 @@ class CompletionEndpoint:
     ) -> None:
         phase = ["prefill"]
         work = asyncio.create_task(self._serve(request, out, timing, phase))
+        self.services.inflight.add(work)
+        work.add_done_callback(self.services.inflight.discard)
 
         async def watch() -> None:
             while True:
@@ -204,7 +236,10 @@ class CompletionEndpoint:
         except asyncio.CancelledError:
             if not work.cancelled():
                 raise
-            out.status = 499  # nginx's "client closed request", for the metrics only
+            if self.services.drain_expired:
+                await out.error(UpstreamError("the proxy shut down before the answer was complete"))
+            else:
+                out.status = 499  # nginx's "client closed request", for the metrics only
         finally:
             watcher.cancel()
             self._finish(out, timing)
@@ -217,55 +252,138 @@ class CompletionEndpoint:
     async def _serve(
         self, request: ClientRequest, out: Responder, timing: RequestTiming, phase: list[str]
     ) -> None:
-        svc = self.services
         try:
-            prefiller, decoder = svc.router.choose(
-                RequestInfo(request.request_id, request.prompt_chars)
-            )
-            chars = request.prompt_chars
-            with svc.router.decode.track(decoder, chars):
-                with svc.router.prefill.track(prefiller, chars):
-                    timing.prefill_start = perf_counter()
-                    try:
-                        handoff = await svc.connector.prefill(request, prefiller, decoder)
-                    except UpstreamError as exc:
-                        self._failed(svc.router.prefill, prefiller, exc)
-                        raise
-                    timing.prefill_end = perf_counter()
-                if handoff.recompute_reason is not None:
-                    svc.metrics.recompute.labels(handoff.recompute_kind).inc()
-                    log.warning(
-                        "request %s: KV not handed over, decoder %s will recompute the prompt: %s",
-                        request.request_id,
-                        decoder.url,
-                        handoff.recompute_reason,
-                    )
-                phase[0] = "decode"
-                body = svc.connector.decode_body(request, handoff)
-                try:
-                    if request.stream:
-                        await self._stream(request, decoder, body, out, timing)
-                    else:
-                        raw = await svc.engine.call(
-                            decoder,
-                            request.path,
-                            body,
-                            request.request_id,
-                            svc.decode_first_byte_timeout,
-                            "decode",
-                        )
-                        timing.first_token = timing.last_token = perf_counter()
-                        await out.whole(200, raw)
-                except UpstreamError as exc:
-                    self._failed(svc.router.decode, decoder, exc)
-                    raise
+            async with self.services.admission.slot():
+                await self._proxy(request, out, timing, phase)
         except ProxyError as exc:
             if exc.status >= 500:
                 log.warning("request %s failed: %s", request.request_id, exc.message)
             await out.error(exc)
 
+    async def _proxy(
+        self, request: ClientRequest, out: Responder, timing: RequestTiming, phase: list[str]
+    ) -> None:
+        """Prefill (with failover), then decode (retried on another decoder before any byte
+        reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
+        svc = self.services
+        info = RequestInfo(request.request_id, request.prompt_chars)
+        decoder = svc.router.pick_decode(info)
+        if decoder is None:
+            raise NoWorkerAvailable("no decode worker is available")
+        tried: list[Worker] = []
+        handoff: Handoff | None = None
+        body = b""
+        while True:
+            with svc.router.decode.track(decoder, request.prompt_chars):
+                if handoff is None:
+                    handoff = await self._prefill(request, decoder, info, timing)
+                    body = svc.connector.decode_body(request, handoff)
+                    phase[0] = "decode"
+                try:
+                    await self._decode(request, decoder, body, out, timing)
+                except (UpstreamError, UpstreamTimeout) as exc:
+                    self._failed(svc.router.decode, decoder, exc)
+                    if out.started or len(tried) >= svc.failover.decode_retries:
+                        raise
+                    last = exc
+                else:
+                    svc.router.decode.record_success(decoder)
+                    return
+            tried.append(decoder)
+            replacement = svc.router.pick_decode(info, exclude=tried)
+            if replacement is None:
+                raise last
+            svc.metrics.retries.labels("decode").inc()
+            log.warning(
+                "request %s: decode on %s failed (%s); retrying on %s",
+                request.request_id,
+                decoder.url,
+                last.message,
+                replacement.url,
+            )
+            decoder = replacement
+
+    async def _prefill(
+        self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
+    ) -> Handoff:
+        """The prefill leg on the chosen prefiller, then on others if it fails; with none left,
+        a decoder-local prefill when allowed (counted as a fallback)."""
+        svc = self.services
+        pool = svc.router.prefill
+        tried: list[Worker] = []
+        last: ProxyError | None = None
+        timing.prefill_start = perf_counter()
+        for attempt in range(svc.failover.prefill_retries + 1):
+            prefiller = svc.router.pick_prefill(info, exclude=tried)
+            if prefiller is None:
+                break
+            if attempt:
+                svc.metrics.retries.labels("prefill").inc()
+                log.warning(
+                    "request %s: retrying prefill on %s after: %s",
+                    request.request_id,
+                    prefiller.url,
+                    last.message if last else "",
+                )
+            with pool.track(prefiller, request.prompt_chars):
+                try:
+                    handoff = await svc.connector.prefill(request, prefiller, decoder)
+                except (UpstreamError, UpstreamTimeout) as exc:
+                    self._failed(pool, prefiller, exc)
+                    tried.append(prefiller)
+                    last = exc
+                    continue
+            pool.record_success(prefiller)
+            timing.prefill_end = perf_counter()
+            if handoff.recompute_reason is not None:
+                svc.metrics.recompute.labels(handoff.recompute_kind).inc()
+                log.warning(
+                    "request %s: KV not handed over, decoder %s will recompute the prompt: %s",
+                    request.request_id,
+                    decoder.url,
+                    handoff.recompute_reason,
+                )
+            return handoff
+        if not svc.failover.fallback_local_prefill:
+            raise last or NoWorkerAvailable("no prefill worker is available")
+        reason = "prefill_failed" if last else "no_prefiller"
+        why = last.message if last else "no prefill worker is available"
+        svc.metrics.fallbacks.labels(reason).inc()
+        log.warning(
+            "request %s: falling back to prefill on decoder %s: %s",
+            request.request_id,
+            decoder.url,
+            why,
+        )
+        timing.prefill_start = None
+        return Handoff(None, why, reason)
+
+    async def _decode(
+        self,
+        request: ClientRequest,
+        decoder: Worker,
+        body: bytes,
+        out: Responder,
+        timing: RequestTiming,
+    ) -> None:
+        svc = self.services
+        if request.stream:
+            await self._stream(request, decoder, body, out, timing)
+            return
+        raw = await svc.engine.call(
+            decoder,
+            request.path,
+            body,
+            request.request_id,
+            svc.decode_first_byte_timeout,
+            "decode",
+        )
+        timing.first_token = timing.last_token = perf_counter()
+        await out.whole(200, raw)
+
     def _failed(self, pool: WorkerPool, worker: Worker, exc: ProxyError) -> None:
         pool.record_failure(worker, exc.message)
+        log.info("%s worker %s failed: %s", pool.role, worker.url, exc.message)
         self.services.metrics.upstream_failures.labels(pool.role, exc.type).inc()
 
     async def _stream(

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.workers import Health, WorkerPool
+from proxy.workers import Breaker, Health, WorkerPool
 
 
 class _WorkerCollector(Collector):
@@ -24,12 +24,27 @@ class _WorkerCollector(Collector):
         healthy = GaugeMetricFamily(
             "pdproxy_worker_healthy", "1 if the last check passed", labels=["role", "url"]
         )
+        available = GaugeMetricFamily(
+            "pdproxy_worker_available",
+            "1 if the worker gets traffic (health check and circuit breaker allow it)",
+            labels=["role", "url"],
+        )
+        breaker_open = GaugeMetricFamily(
+            "pdproxy_worker_breaker_open",
+            "1 if the circuit breaker is open",
+            labels=["role", "url"],
+        )
         for pool in self._pools:
             for w in pool.workers:
-                inflight.add_metric([w.role, w.url], w.inflight)
-                healthy.add_metric([w.role, w.url], 1.0 if w.health is Health.HEALTHY else 0.0)
+                labels = [w.role, w.url]
+                inflight.add_metric(labels, w.inflight)
+                healthy.add_metric(labels, 1.0 if w.health is Health.HEALTHY else 0.0)
+                available.add_metric(labels, 1.0 if w.available else 0.0)
+                breaker_open.add_metric(labels, 1.0 if w.breaker is Breaker.OPEN else 0.0)
         yield inflight
         yield healthy
+        yield available
+        yield breaker_open
 
 
 class ProxyMetrics:
@@ -57,6 +72,23 @@ class ProxyMetrics:
             "pdproxy_upstream_failures",
             "failed engine calls by role and error type",
             ["role", "type"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "pdproxy_retries",
+            "legs sent again to another worker after a failure, by role",
+            ["role"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "pdproxy_prefill_fallbacks",
+            "requests whose prompt the decoder computed because no prefiller could",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "pdproxy_admission_rejected",
+            "requests refused with 429 because the proxy was at its limit",
             registry=self.registry,
         )
         self.registry.register(_WorkerCollector(pools))

@@ -1,7 +1,12 @@
-"""Workers (engine instances) and their live load, as the proxy sees it.
+"""Workers (engine instances) and their live state, as the proxy sees it.
 
-The pool owns the counters; policies only read them. Every increment has its decrement in a
-`finally` (see `WorkerPool.track`), so counters return to zero on every path.
+The pool owns the counters and the health state; policies only read them. Every increment has its
+decrement in a `finally` (see `WorkerPool.track`), so counters return to zero on every path.
+
+A worker is *available* when its last active health check did not fail and its circuit breaker
+lets traffic through. The breaker opens after `failure_threshold` consecutive failed requests,
+stays open for `cooldown` seconds, then lets one trial request through (half-open): success closes
+it, failure opens it again.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from time import monotonic
 from typing import Literal, Protocol
 
 Role = Literal["prefill", "decode"]
@@ -19,6 +25,12 @@ class Health(StrEnum):
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+
+
+class Breaker(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
 
 class WorkerState(Protocol):
@@ -44,22 +56,33 @@ class Worker:
     inflight: int = 0
     inflight_chars: int = 0
     health: Health = Health.UNKNOWN
+    breaker: Breaker = Breaker.CLOSED
+    consecutive_failures: int = 0
+    opened_at: float = 0.0
+    trial_in_flight: bool = False
     last_error: str | None = None
     requests_total: int = 0
     failures_total: int = 0
 
     @property
     def available(self) -> bool:
-        return self.health is not Health.UNHEALTHY
+        if self.health is Health.UNHEALTHY:
+            return False
+        if self.breaker is Breaker.CLOSED:
+            return True
+        return self.breaker is Breaker.HALF_OPEN and not self.trial_in_flight
 
     def describe(self) -> dict[str, object]:
         return {
             "url": self.url,
             "health": self.health.value,
+            "breaker": self.breaker.value,
+            "available": self.available,
             "inflight": self.inflight,
             "inflight_chars": self.inflight_chars,
             "requests_total": self.requests_total,
             "failures_total": self.failures_total,
+            "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
         }
 
@@ -68,10 +91,23 @@ class Worker:
 class WorkerPool:
     role: Role
     workers: Sequence[Worker] = field(default_factory=tuple)
+    failure_threshold: int = 3
+    cooldown: float = 10.0
 
     @classmethod
-    def from_urls(cls, role: Role, urls: Sequence[str]) -> WorkerPool:
-        return cls(role, tuple(Worker(role, i, url) for i, url in enumerate(urls)))
+    def from_urls(
+        cls, role: Role, urls: Sequence[str], failure_threshold: int = 3, cooldown: float = 10.0
+    ) -> WorkerPool:
+        workers = tuple(Worker(role, i, url) for i, url in enumerate(urls))
+        return cls(role, workers, failure_threshold, cooldown)
+
+    def refresh(self, now: float | None = None) -> None:
+        """Move open breakers whose cool-down has passed to half-open."""
+        now = monotonic() if now is None else now
+        for w in self.workers:
+            if w.breaker is Breaker.OPEN and now - w.opened_at >= self.cooldown:
+                w.breaker = Breaker.HALF_OPEN
+                w.trial_in_flight = False
 
     @contextmanager
     def track(self, worker: Worker, chars: int) -> Iterator[Worker]:
@@ -79,16 +115,39 @@ class WorkerPool:
         worker.inflight += 1
         worker.inflight_chars += chars
         worker.requests_total += 1
+        trial = worker.breaker is Breaker.HALF_OPEN
+        if trial:
+            worker.trial_in_flight = True
         try:
             yield worker
         finally:
             worker.inflight -= 1
             worker.inflight_chars -= chars
+            if trial:
+                worker.trial_in_flight = False
 
-    def record_failure(self, worker: Worker, reason: str) -> None:
+    def record_success(self, worker: Worker) -> None:
+        worker.consecutive_failures = 0
+        worker.breaker = Breaker.CLOSED
+
+    def record_failure(self, worker: Worker, reason: str, now: float | None = None) -> None:
+        """A request to `worker` failed through the worker's fault (not a client 4xx)."""
         worker.failures_total += 1
+        worker.consecutive_failures += 1
         worker.last_error = reason
+        if (
+            worker.breaker is Breaker.HALF_OPEN
+            or worker.consecutive_failures >= self.failure_threshold
+        ):
+            worker.breaker = Breaker.OPEN
+            worker.opened_at = monotonic() if now is None else now
+
+    def record_check(self, worker: Worker, healthy: bool, reason: str | None = None) -> None:
+        """The result of an active health check."""
+        worker.health = Health.HEALTHY if healthy else Health.UNHEALTHY
+        if not healthy:
+            worker.last_error = reason
 
     def __repr__(self) -> str:
-        loads = ", ".join(f"{w.url}:{w.inflight}" for w in self.workers)
+        loads = ", ".join(f"{w.url}:{w.inflight}:{w.breaker.value}" for w in self.workers)
         return f"<WorkerPool {self.role} [{loads}]>"

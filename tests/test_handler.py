@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +152,27 @@ def test_upstream_4xx_passes_through(proxy: Proxy) -> None:
     assert resp.status_code == 422 and resp.json()["error"]["message"] == "bad sampling"
 
 
+@pytest.fixture(scope="module")
+def strict_proxy(logs: Path, sims: dict[str, Sim]) -> Iterator[Proxy]:
+    """1p1d with failover off: every engine failure reaches the client as an error."""
+    config = logs / "strict.yaml"
+    config.write_text(
+        "failover: {prefill_retries: 0, decode_retries: 0, fallback_local_prefill: false}\n"
+        "timeouts: {prefill: 0.5, decode_first_byte: 0.5, decode_idle: 0.5}\n"
+        "health: {interval: 0}\n"
+    )
+    with running(
+        start_proxy(logs, [sims["p0"]], [sims["d0"]], "--config", str(config), name="strict")
+    ) as proxy:
+        yield proxy  # type: ignore[misc]
+
+
 @pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_upstream_5xx_is_502(proxy: Proxy, role: str) -> None:
-    sim = proxy.prefill[0] if role == "prefill" else proxy.decode[0]
+def test_upstream_5xx_is_502(strict_proxy: Proxy, clean_sims: dict[str, Sim], role: str) -> None:
+    sim = clean_sims["p0"] if role == "prefill" else clean_sims["d0"]
     sim.faults(error_status=500, error_message="engine exploded", count=1)
     resp = httpx.post(
-        proxy.url + "/v1/completions",
+        strict_proxy.url + "/v1/completions",
         json={"model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True},
     )
     assert resp.status_code == 502
@@ -165,43 +181,41 @@ def test_upstream_5xx_is_502(proxy: Proxy, role: str) -> None:
     assert "engine exploded" in message and role in message and sim.url in message
 
 
-def test_garbage_prefill_body_is_502(proxy: Proxy) -> None:
-    proxy.prefill[0].faults(garbage_body=True, count=1)
+def test_garbage_prefill_body_is_502(strict_proxy: Proxy, clean_sims: dict[str, Sim]) -> None:
+    clean_sims["p0"].faults(garbage_body=True, count=1)
     resp = httpx.post(
-        proxy.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
+        strict_proxy.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
     )
     assert resp.status_code == 502 and "not JSON" in resp.json()["error"]["message"]
 
 
-def test_dead_worker_is_502_and_proxy_keeps_serving(logs: Path, sims: dict[str, Sim]) -> None:
+def test_dead_worker_is_502_then_503_once_known(logs: Path, sims: dict[str, Sim]) -> None:
     dead = Sim(f"http://127.0.0.1:{free_port()}", sims["d0"].proc, sims["d0"].log)
-    with running(start_proxy(logs, [sims["p0"]], [dead], name="dead")) as proxy:
-        resp = httpx.post(
-            proxy.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
-        )
-        assert resp.status_code == 502
+    config = logs / "no-active-checks.yaml"
+    config.write_text("health: {interval: 0}\n")
+    proxy = start_proxy(logs, [sims["p0"]], [dead], "--config", str(config), name="dead")
+    with running(proxy):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        resp = httpx.post(proxy.url + "/v1/completions", json=body)
+        assert resp.status_code == 502  # nobody knew it was dead: the connect error is the news
         assert "cannot connect to decode worker" in resp.json()["error"]["message"]
-        assert httpx.get(proxy.url + "/health").status_code == 503
+        assert httpx.get(proxy.url + "/health").status_code == 503  # probes, and now knows
+        resp = httpx.post(proxy.url + "/v1/completions", json=body)
+        assert resp.status_code == 503
+        assert resp.json()["error"]["message"] == "no decode worker is available"
 
 
-def test_timeouts_are_504(logs: Path, clean_sims: dict[str, Sim]) -> None:
+def test_timeouts_are_504(strict_proxy: Proxy, clean_sims: dict[str, Sim]) -> None:
     p0, d0 = clean_sims["p0"], clean_sims["d0"]
-    config = logs / "short-timeouts.yaml"
-    config.write_text("timeouts: {prefill: 0.5, decode_first_byte: 0.5, decode_idle: 0.5}\n")
-    with running(start_proxy(logs, [p0], [d0], "--config", str(config), name="timeouts")) as proxy:
-        p0.faults(stall_seconds=3, count=1)
-        t0 = time.monotonic()
-        resp = httpx.post(
-            proxy.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
-        )
-        assert resp.status_code == 504 and time.monotonic() - t0 < 2.5
-        assert "prefill" in resp.json()["error"]["message"]
-        d0.faults(stall_seconds=3, count=1)
-        resp = httpx.post(
-            proxy.url + "/v1/completions",
-            json={"model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True},
-        )
-        assert resp.status_code == 504 and "decode" in resp.json()["error"]["message"]
+    p0.faults(stall_seconds=3, count=1)
+    t0 = time.monotonic()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    resp = httpx.post(strict_proxy.url + "/v1/completions", json=body)
+    assert resp.status_code == 504 and time.monotonic() - t0 < 2.5
+    assert "prefill" in resp.json()["error"]["message"]
+    d0.faults(stall_seconds=3, count=1)
+    resp = httpx.post(strict_proxy.url + "/v1/completions", json={**body, "stream": True})
+    assert resp.status_code == 504 and "decode" in resp.json()["error"]["message"]
 
 
 def test_failure_mid_stream_ends_with_error_event(proxy: Proxy) -> None:
