@@ -307,3 +307,24 @@ def test_nixl_stays_the_default_and_ignores_lmcache_ports(tmp_path: Path) -> Non
         write(tmp_path, "prefill: [http://p:1]\ndecode: [http://d:1, http://d:2]\n"),
     )
     assert cfg.connector == "nixl"
+
+
+def test_serve_flag_selects_lmcache_with_lmcache_defaults() -> None:
+    import argparse
+
+    from proxy.cli import _serve_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _serve_args(parser)
+    args = parser.parse_args(
+        [
+            *("--connector", "lmcache", "--prefill", "http://p:1"),
+            *("--decode", "http://d:1", "--decode", "http://d:2"),
+        ]
+    )
+    cfg = config_from_args(args)
+    assert cfg.connector == "lmcache" and cfg.lmcache.notify_port == 7500
+    assert resolve_receivers([(w.url, w.lmcache) for w in cfg.decode]) == [
+        Receiver("d", (7300,), (7400,)),
+        Receiver("d", (7301,), (7401,)),
+    ]
