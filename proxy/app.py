@@ -190,6 +190,8 @@ class ProxyApp:
         async def health() -> Response:
             await self.check_workers()
             prefill, decode = self.pools
+            prefill.refresh()
+            decode.refresh()
             ok = all(
                 any(w.health is Health.HEALTHY for w in pool.workers) for pool in (prefill, decode)
             )
@@ -217,6 +219,8 @@ class ProxyApp:
             self.services.auth.check_admin(request.scope["headers"])
             summaries = self.services.stats.summaries()
             prefill, decode = self.pools
+            prefill.refresh()
+            decode.refresh()
             return _json(
                 {
                     "requests": self.services.stats.recorded,

@@ -278,9 +278,12 @@ class CompletionEndpoint:
                 if handoff is None:
                     handoff = await self._prefill(request, decoder, info, timing)
                     body = svc.connector.decode_body(request, handoff)
-                    phase[0] = "decode"
+                    # KV now waits on the prefiller for the decoder: a client that leaves before
+                    # the first decoded byte closes the decode leg, and the decoder's abort frees
+                    # the prefiller's blocks (vLLM; see README "Cancellation")
+                    phase[0] = "handoff" if handoff.kv_transfer_params else "decode"
                 try:
-                    await self._decode(request, decoder, body, out, timing)
+                    await self._decode(request, decoder, body, out, timing, phase)
                 except (UpstreamError, UpstreamTimeout) as exc:
                     self._failed(svc.router.decode, decoder, exc)
                     if out.started or len(tried) >= svc.failover.decode_retries:
@@ -365,10 +368,11 @@ class CompletionEndpoint:
         body: bytes,
         out: Responder,
         timing: RequestTiming,
+        phase: list[str],
     ) -> None:
         svc = self.services
         if request.stream:
-            await self._stream(request, decoder, body, out, timing)
+            await self._stream(request, decoder, body, out, timing, phase)
             return
         raw = await svc.engine.call(
             decoder,
@@ -393,12 +397,14 @@ class CompletionEndpoint:
         body: bytes,
         out: Responder,
         timing: RequestTiming,
+        phase: list[str],
     ) -> None:
         svc = self.services
         stream, data = await svc.engine.open_stream(
             decoder, request.path, body, request.request_id, svc.decode_first_byte_timeout
         )
         scanner = SSEScanner()
+        phase[0] = "decode"
         try:
             await out.start_stream()
             with engine_errors(decoder, "decode"):

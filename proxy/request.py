@@ -18,6 +18,7 @@ from proxy.errors import BadRequest
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MAX_REQUEST_ID = 256
+MAX_TOKENS = 2**31 - 1  # beyond any context length; the engine checks its own limit
 
 
 @dataclass(slots=True)
@@ -111,6 +112,14 @@ def parse_request(path: str, raw: bytes, request_id: str) -> ClientRequest:
             "one sequence only; send n separate requests",
             param="n",
         )
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS
+        ):
+            raise BadRequest(
+                f"'{key}' must be a whole number from 1 to {MAX_TOKENS}, not {value!r}", param=key
+            )
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", param="stream_options")

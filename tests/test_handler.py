@@ -343,6 +343,12 @@ def test_bad_input_gets_4xx_and_proxy_keeps_serving(proxy: Proxy) -> None:
         ("/v1/chat/completions", b'{"model":"m","messages":[]}', 400, "messages"),
         ("/v1/completions", b'{"model":"m","prompt":["a","b"]}', 400, "prompt"),
         ("/v1/completions", b'{"model":"m","prompt":"a","n":3}', 400, "'n'"),
+        ("/v1/completions", b'{"model":"m","prompt":"a","max_tokens":-1}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model":"m","prompt":"a","max_tokens":"9"}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model":"m","prompt":"a","max_tokens":1e12}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model":"m","prompt":1}', 400, "prompt"),
+        ("/v1/chat/completions", b'{"model":"m"}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model":7,"messages":[{"role":"user"}]}', 400, "model"),
     ]
     for path, raw, status, words in cases:
         resp = httpx.post(proxy.url + path, content=raw)

@@ -20,6 +20,8 @@ class Faults(BaseModel):
     error_status: int | None = Field(default=None, ge=400, le=599)
     error_message: str = "Injected fault"
     stall_seconds: float = Field(default=0.0, ge=0.0)
+    # with stall_seconds: stall after this many stream chunks instead of before answering
+    stall_after_chunks: int | None = Field(default=None, ge=0)
     drop_after_chunks: int | None = Field(default=None, ge=0)
     error_event_after_chunks: int | None = Field(default=None, ge=0)
     garbage_body: bool = False

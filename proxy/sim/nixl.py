@@ -21,7 +21,7 @@ import aiohttp
 from proxy.sim.config import BLOCK_SIZE, Timing
 from proxy.sim.kvcache import block_contents, num_blocks_for
 from proxy.sim.metrics import Metrics
-from proxy.sim.sidechannel import KvPullError, pull_blocks
+from proxy.sim.sidechannel import KvPullError, pull_blocks, release_blocks
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,25 @@ class NixlConsumer:
         self._timing = timing
         self._metrics = metrics
         self._fail = fail
+        self._releases: set[asyncio.Task[bool]] = set()
+
+    def release_later(self, params: dict[str, Any]) -> None:
+        """The request was aborted before its pull: notify the producer to free the blocks
+        (vLLM 0.32 does this from `request_finished` for a request still marked
+        do_remote_prefill), in the background since the request itself is gone."""
+        if not all(params.get(k) is not None for k in REQUIRED_KEYS):
+            return
+        task = asyncio.create_task(
+            release_blocks(
+                self._session,
+                str(params["remote_host"]),
+                int(params["remote_port"]),
+                str(params["remote_engine_id"]),
+                str(params["remote_request_id"]),
+            )
+        )
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def load(self, params: dict[str, Any], prompt_ids: list[int]) -> KvLoad:
         block_ids = _flat_block_ids(params.get("remote_block_ids"))

@@ -263,9 +263,14 @@ class SimServer:
         request[_XRID] = base_id
         record = self.records.add(Record(request.path, header_id))
         faults = self.faults.take()
+        body: Any = None
         try:
             body = await self._read_json(request, record)
-            if faults is not None and faults.stall_seconds > 0:
+            if (
+                faults is not None
+                and faults.stall_seconds > 0
+                and faults.stall_after_chunks is None
+            ):
                 await asyncio.sleep(faults.stall_seconds)
             if faults is not None and faults.error_status is not None:
                 record.status, record.outcome = faults.error_status, "fault"
@@ -282,6 +287,11 @@ class SimServer:
         except asyncio.CancelledError:
             record.outcome = "aborted"
             self.metrics.aborted["prefill"] += 1
+            # like vLLM: a request aborted before its KV pull tells the producer to free the blocks
+            if self._consumer is not None and isinstance(body, dict):
+                params = body.get("kv_transfer_params")
+                if isinstance(params, dict) and params.get("do_remote_prefill"):
+                    self._consumer.release_later(params)
             raise
         rid = f"chatcmpl-{base_id}" if kind == "chat" else f"cmpl-{base_id}"
         engine_rid = f"{rid if kind == 'chat' else rid + '-0'}-{secrets.token_hex(4)}"
@@ -302,6 +312,7 @@ class SimServer:
             except asyncio.CancelledError:
                 record.outcome = "aborted"
                 self.metrics.aborted["prefill"] += 1
+                self._consumer.release_later(kv)
                 raise
             finally:
                 self.engine.pulling -= 1
@@ -404,11 +415,14 @@ class SimServer:
         record.status = 200
         drop_after = faults.drop_after_chunks if faults else None
         error_after = faults.error_event_after_chunks if faults else None
+        stall_after = faults.stall_after_chunks if faults else None
         sent = 0
 
         async def send(event: bytes) -> bool:
             """Write one event; False when a fault ended the stream."""
             nonlocal sent
+            if faults is not None and stall_after is not None and sent == stall_after:
+                await asyncio.sleep(faults.stall_seconds)
             if drop_after is not None and sent >= drop_after:
                 record.outcome = "dropped"
                 self._drop(request)

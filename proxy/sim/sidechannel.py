@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy.sim.kvcache import BlockPool, KvReadError
 
 READ_PATH = "/kv/read"
+RELEASE_PATH = "/kv/release"
 _STATUS = {"wrong_engine": 409, "unknown_request": 404, "expired": 410, "bad_blocks": 409}
 
 
@@ -51,9 +52,39 @@ def side_channel_app(
             body=orjson.dumps({"contents": contents}), content_type="application/json"
         )
 
+    async def release(request: web.Request) -> web.Response:
+        """Free a request's blocks without reading them: what a vLLM decoder notifies when its
+        request carrying do_remote_prefill is aborted before the pull."""
+        try:
+            body = orjson.loads(await request.read())
+            eid, rid = body["engine_id"], body["request_id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return _reply(400, "bad_request", "Expected engine_id, request_id")
+        if eid != engine_id:
+            return _reply(409, "wrong_engine", f"This is engine {engine_id}, not {eid}")
+        if not pool.release(str(rid)):
+            return _reply(404, "unknown_request", f"No blocks held for {rid}")
+        return web.Response(body=b"{}", content_type="application/json")
+
     app = web.Application()
     app.router.add_post(READ_PATH, read)
+    app.router.add_post(RELEASE_PATH, release)
     return app
+
+
+async def release_blocks(
+    session: aiohttp.ClientSession, host: str, port: int, engine_id: str, request_id: str
+) -> bool:
+    """Ask a producer to free a request's blocks; True if it held them."""
+    url = f"http://{host}:{port}{RELEASE_PATH}"
+    payload = orjson.dumps({"engine_id": engine_id, "request_id": request_id})
+    try:
+        async with session.post(
+            url, data=payload, headers={"Content-Type": "application/json"}
+        ) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
 
 
 class KvPullError(Exception):
