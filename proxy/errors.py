@@ -86,6 +86,15 @@ class UpstreamTimeout(ProxyError):
     type = "timeout"
 
 
+class KVTransferTimeout(ProxyError):
+    """The KV transfer was not confirmed in time (connector lmcache: no "transfer done"
+    notification by the deadline). Not an engine failure: not retried on another prefiller and
+    not held against the prefiller's health; the client gets a 504."""
+
+    status = 504
+    type = "timeout"
+
+
 class UpstreamRejected(ProxyError):
     """An engine refused the request with a 4xx: the client gets that status and body."""
 

@@ -8,8 +8,10 @@ each TP rank sends a `ProxyNotif(req_id)` to our PULL socket (`lmcache_notify`).
 
 The proxy waits for one notification per decoder TP rank, with a deadline (`lmcache.notify_timeout`
 after the prefill answered): a short prompt that fills no LMCache chunk never notifies (LMCache
-#2510), nor does a prefiller that is not configured for PD. On the deadline the client gets a 504,
-or with `on_timeout: fallback` the decoder recomputes the prompt (counted).
+#2510), nor does a prefiller that is not configured for PD. On the deadline the client gets a 504
+(`KVTransferTimeout`: not an engine failure, so the handler neither retries it on another
+prefiller nor counts it against the prefiller's health), or with `on_timeout: fallback` the
+decoder recomputes the prompt (counted).
 
 Decode leg: the client's own request, unchanged: the decoder finds the pushed KV by the hash of
 the prompt's token chunks, so chat stays chat, with its tools, usage and streaming.
@@ -29,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from proxy.connectors import Handoff
 from proxy.connectors.lmcache_notify import Notifications
 from proxy.engine import EngineClient
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import KVTransferTimeout, UpstreamError
 from proxy.lmcache_config import LMCacheConfig, Receiver
 from proxy.request import ClientRequest
 from proxy.workers import Worker
@@ -161,7 +163,7 @@ class LMCacheConnector:
         self.notifications.metrics.timeouts.labels(action).inc()
         if action == "fallback":
             return Handoff(None, what, "lmcache_notify_timeout")
-        raise UpstreamTimeout(f"prefill: {what}")
+        raise KVTransferTimeout(f"prefill: {what}")
 
     def decode_body(self, request: ClientRequest, handoff: Handoff) -> bytes:
         """The client's own request: the decoder finds the pushed KV by the prompt's chunks."""
