@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import closing
 
 from proxy.cli import run_server
 from proxy.config import load_config
+from proxy.sim.launch import SimProcess, start_sim
 
 DEMO_MODEL = "pdsim/llama-8b"
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def port_is_free(port: int) -> bool:
@@ -32,30 +21,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"simulated engine for {url} exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"simulated engine {url} not healthy after {timeout:.0f}s")
-
-
-def start_sim(role: str) -> tuple[str, subprocess.Popen[bytes]]:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "proxy", "sim", "--role", role, "--model", DEMO_MODEL,
-        "--port", str(port), "--side-channel-port", str(free_port()),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    return f"http://127.0.0.1:{port}", proc
 
 
 def banner(port: int, prefill: str, decode: str) -> str:
@@ -88,14 +53,11 @@ def run_demo(port: int) -> int:
     if not port_is_free(port):
         print(f"pdproxy demo: port {port} is taken; pass --port N", file=sys.stderr)
         return 2
-    procs: list[subprocess.Popen[bytes]] = []
+    sims: list[SimProcess] = []
     try:
-        prefill, p = start_sim("prefill")
-        procs.append(p)
-        decode, d = start_sim("decode")
-        procs.append(d)
-        wait_healthy(prefill, p)
-        wait_healthy(decode, d)
+        sims.append(start_sim("prefill", "--model", DEMO_MODEL))
+        sims.append(start_sim("decode", "--model", DEMO_MODEL))
+        prefill, decode = (sim.url for sim in sims)
         config = load_config(None, prefill=[prefill], decode=[decode], port=port)
         print(banner(port, prefill, decode), flush=True)
         return run_server(config)
@@ -103,12 +65,5 @@ def run_demo(port: int) -> int:
         print(f"pdproxy demo: {exc}", file=sys.stderr)
         return 1
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for sim in sims:
+            sim.stop()

@@ -5,14 +5,8 @@ Each process is started in its own session and stopped by its PID (process group
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,56 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.sim import launch
+from proxy.sim.launch import Process, SimProcess, free_port
+
+__all__ = ["free_port"]
+
 MODEL = "pdsim/llama-8b"
 
 
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Service:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def spawn(args: list[str], url: str, log: Path, health: str = "/health") -> Service:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = Service(url, proc, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args} exited {proc.returncode}:\n{service.log_text()}")
-        try:
-            if httpx.get(url + health, timeout=1).status_code < 500:
-                return service
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    service.stop()
-    raise RuntimeError(f"{args} did not come up:\n{service.log_text()}")
+Service = Process
 
 
 class Metrics(dict[str, float]):
@@ -95,8 +48,7 @@ def parse_metrics(text: str) -> Metrics:
 
 
 @dataclass
-class Sim(Service):
-    side_channel_port: int = 0
+class Sim(SimProcess):
     baseline: Metrics = field(default_factory=Metrics)
 
     def control(self, method: str, path: str, body: Any = None) -> Any:
@@ -127,11 +79,9 @@ class Sim(Service):
         return self.metrics().total(name, **labels) - self.baseline.total(name, **labels)
 
 
-def start_sim(tmp: Path, name: str, *args: str) -> Sim:
-    port, side = free_port(), free_port()
-    cmd = ["sim", "--port", str(port), "--side-channel-port", str(side), "--model", MODEL, *args]
-    s = spawn(cmd, f"http://127.0.0.1:{port}", tmp / f"{name}.log")
-    return Sim(s.url, s.proc, s.log, side)
+def start_sim(tmp: Path, name: str, *args: str, role: str = "both") -> Sim:
+    s = launch.start_sim(role, "--model", MODEL, *args, log=tmp / f"{name}.log")
+    return Sim(s.url, s.args, s.log, s.proc, s.side_channel_port)
 
 
 @dataclass
@@ -150,14 +100,15 @@ class Proxy(Service):
 def start_proxy(
     tmp: Path, prefill: list[Sim], decode: list[Sim], *args: str, name: str = "proxy"
 ) -> Proxy:
-    port = free_port()
-    cmd = ["serve", "--port", str(port), "--stats-interval", "0", *args]
-    for sim in prefill:
-        cmd += ["--prefill", sim.url]
-    for sim in decode:
-        cmd += ["--decode", sim.url]
-    s = spawn(cmd, f"http://127.0.0.1:{port}", tmp / f"{name}-{port}.log", health="/metrics")
-    return Proxy(s.url, s.proc, s.log, prefill, decode)
+    s = launch.start_proxy(
+        [p.url for p in prefill],
+        [d.url for d in decode],
+        "--stats-interval",
+        "0",
+        *args,
+        log=tmp / f"{name}-{launch.free_port()}.log",
+    )
+    return Proxy(s.url, s.args, s.log, s.proc, prefill, decode)
 
 
 @contextmanager
@@ -183,7 +134,7 @@ def sims(logs: Path) -> Iterator[dict[str, Sim]]:
             ("d0", "decode"),
             ("d1", "decode"),
         ):
-            started[name] = start_sim(logs, name, "--role", role, "--speed-factor", "0.05")
+            started[name] = start_sim(logs, name, "--speed-factor", "0.05", role=role)
         yield started
     finally:
         for sim in started.values():

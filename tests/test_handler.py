@@ -190,7 +190,7 @@ def test_garbage_prefill_body_is_502(strict_proxy: Proxy, clean_sims: dict[str, 
 
 
 def test_dead_worker_is_502_then_503_once_known(logs: Path, sims: dict[str, Sim]) -> None:
-    dead = Sim(f"http://127.0.0.1:{free_port()}", sims["d0"].proc, sims["d0"].log)
+    dead = Sim(f"http://127.0.0.1:{free_port()}", [], None, sims["d0"].proc)
     config = logs / "no-active-checks.yaml"
     config.write_text("health: {interval: 0}\n")
     proxy = start_proxy(logs, [sims["p0"]], [dead], "--config", str(config), name="dead")

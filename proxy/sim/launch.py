@@ -1,0 +1,137 @@
+"""Starting simulated engines and proxies as processes on 127.0.0.1, for the demo, the tests and
+the benchmarks. Each process runs in its own session and is stopped by its PID (process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@dataclass
+class Process:
+    """A `python -m proxy ...` process serving on `url`."""
+
+    url: str
+    args: list[str]
+    log: Path | None
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """kill -9, as a crash."""
+        self.stop(signal.SIGKILL)
+
+
+def spawn(
+    args: Sequence[str],
+    url: str,
+    log: Path | None = None,
+    ready_path: str = "/health",
+    timeout: float = 30.0,
+) -> Process:
+    """Start `python -m proxy ARGS` and wait until `url + ready_path` answers below 500."""
+    out = log.open("ab") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+    process = Process(url, list(args), log, proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{process.log_text()}")
+        if 0 < _get(url + ready_path) < 500:
+            return process
+        time.sleep(0.05)
+    process.stop()
+    raise RuntimeError(f"{' '.join(args)} not ready after {timeout:g}s:\n{process.log_text()}")
+
+
+@dataclass
+class SimProcess(Process):
+    side_channel_port: int = 0
+
+    def restart(self) -> None:
+        """Start again on the same ports (after a crash or a stop)."""
+        self.stop()
+        fresh = spawn(self.args, self.url, self.log)
+        self.proc = fresh.proc
+
+
+def start_sim(
+    role: str = "both",
+    *args: str,
+    port: int = 0,
+    log: Path | None = None,
+) -> SimProcess:
+    port = port or free_port()
+    side = free_port()
+    cmd = ["sim", "--role", role, "--port", str(port), "--side-channel-port", str(side), *args]
+    process = spawn(cmd, f"http://127.0.0.1:{port}", log)
+    return SimProcess(process.url, process.args, process.log, process.proc, side)
+
+
+def start_proxy(
+    prefill: Sequence[str],
+    decode: Sequence[str],
+    *args: str,
+    port: int = 0,
+    log: Path | None = None,
+) -> Process:
+    port = port or free_port()
+    cmd = ["serve", "--port", str(port), *args]
+    for url in prefill:
+        cmd += ["--prefill", url]
+    for url in decode:
+        cmd += ["--decode", url]
+    return spawn(cmd, f"http://127.0.0.1:{port}", log, ready_path="/metrics")
