@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+import orjson
+
 from proxy.admission import Admission
 from proxy.auth import Authenticator
 from proxy.config import FailoverConfig
@@ -383,6 +385,12 @@ class CompletionEndpoint:
             "decode",
         )
         timing.first_token = timing.last_token = perf_counter()
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"decode: decode worker {decoder.url} answered with a body that is not JSON"
+            ) from None
         await out.whole(200, raw)
 
     def _failed(self, pool: WorkerPool, worker: Worker, exc: ProxyError) -> None:
@@ -404,20 +412,27 @@ class CompletionEndpoint:
             decoder, request.path, body, request.request_id, svc.decode_first_byte_timeout
         )
         scanner = SSEScanner()
-        phase[0] = "decode"
         try:
-            await out.start_stream()
             with engine_errors(decoder, "decode"):
                 async with IdleTimeout(svc.decode_idle_timeout) as idle:
-                    while data:
+                    events = scanner.feed(data, perf_counter())
+                    while not events and data:  # the first whole event decides how we answer
+                        data = await stream.read()
+                        idle.touch()
+                        events = scanner.feed(data, perf_counter())
+                    if scanner.malformed is not None or not events:
+                        raise UpstreamError(
+                            f"decode: decode worker {decoder.url} sent a malformed stream: "
+                            f"{(scanner.malformed or scanner.pending)[:80]!r}"
+                        )
+                    phase[0] = "decode"
+                    await out.start_stream()
+                    await out.chunk(events)
+                    while data := await stream.read():
+                        idle.touch()
                         events = scanner.feed(data, perf_counter())
                         if events:
                             await out.chunk(events)
-                        data = await stream.read()
-                        idle.touch()
-            timing.first_token = scanner.first_token
-            timing.last_token = scanner.last_token
-            timing.token_events = scanner.token_events
             if not scanner.done:
                 raise UpstreamError(
                     f"decode: decode worker {decoder.url} ended the stream without [DONE]"

@@ -40,6 +40,7 @@ class SSEScanner:
         "error",
         "first_token",
         "last_token",
+        "malformed",
         "token_events",
         "usage",
     )
@@ -52,6 +53,7 @@ class SSEScanner:
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
         self.done = False
+        self.malformed: bytes | None = None  # the first event that was not JSON, if one was read
 
     def feed(self, data: bytes, now: float) -> bytes:
         """Take bytes read from the engine; return the complete events among them to forward."""
@@ -77,13 +79,17 @@ class SSEScanner:
         if not event.startswith(b"data: {"):
             if event.startswith(DONE):
                 self.done = True
+            elif self.first_token is None and not event.startswith((b":", b"event:", b"id:")):
+                self.malformed = self.malformed or event[:80]
             return
         if self.first_token is None or b'"usage":' in event or b'"error":' in event:
             try:
                 parsed = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
-                return
+                parsed = None
             if not isinstance(parsed, dict):
+                if self.malformed is None:
+                    self.malformed = event[:80]
                 return
             if isinstance(parsed.get("error"), dict):
                 self.error = parsed["error"]

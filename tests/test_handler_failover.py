@@ -227,3 +227,17 @@ def test_sigterm_drains_in_flight_streams(
         else:
             assert "shut down" in events[-2]["error"]["message"]
         assert proxy.proc.wait(timeout=10) is not None
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_garbage_from_a_decoder_is_caught_and_failed_over(fresh: Proxy, stream: bool) -> None:
+    d0, d1 = fresh.decode
+    d0.faults(garbage_body=True, count=1)
+    resp = httpx.post(fresh.url + "/v1/completions", json={**BODY, "stream": stream})
+    assert resp.status_code == 200
+    if stream:
+        assert sse_events(resp.content)[-1] == "[DONE]"
+        assert not any("error" in e for e in sse_events(resp.content) if isinstance(e, dict))
+    else:
+        assert resp.json()["choices"][0]["text"]
+    assert len(d1.generation_records()) == 1

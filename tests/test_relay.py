@@ -47,3 +47,15 @@ def test_partial_event_is_pending() -> None:
 
 def test_error_event_shape() -> None:
     assert sse_error_event(b'{"error":{}}') == b'data: {"error":{}}\n\ndata: [DONE]\n\n'
+
+
+def test_malformed_first_event_is_flagged() -> None:
+    scanner = SSEScanner()
+    assert scanner.feed(b"data: {not json\n\n", 0.0) == b"data: {not json\n\n"
+    assert scanner.malformed == b"data: {not json"
+    other = SSEScanner()
+    other.feed(b"<html>oops</html>\n\n", 0.0)
+    assert other.malformed is not None
+    fine = SSEScanner()
+    fine.feed(b": keep-alive comment\n\n" + TOKEN_A, 0.0)
+    assert fine.malformed is None and fine.first_token == 0.0
