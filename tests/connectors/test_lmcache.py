@@ -328,3 +328,46 @@ def test_serve_flag_selects_lmcache_with_lmcache_defaults() -> None:
         Receiver("d", (7300,), (7400,)),
         Receiver("d", (7301,), (7401,)),
     ]
+
+
+def test_notification_before_the_prefill_answer_is_not_lost() -> None:
+    """Real LMCache may notify before its HTTP answer: the waiter exists before the request."""
+    from aiohttp import web
+
+    async def main() -> None:
+        pusher: Pusher | None = None
+
+        async def prefill(request: web.Request) -> web.Response:
+            body = orjson.loads(await request.read())
+            assert pusher is not None
+            await pusher.send(lmcache_bytes(body["kv_transfer_params"]["disagg_spec"]["req_id"]))
+            await asyncio.sleep(0.2)  # the notification is routed while we still answer
+            return web.json_response({"choices": [], "kv_transfer_params": {"first_tok": 9}})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", prefill)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        engine = EngineClient(1.0)
+        await engine.start()
+        config = LMCacheConfig(notify_port=0, notify_timeout=0.5)
+        connector = LMCacheConnector(engine, 5.0, config, [Receiver("h", (1,), (2,))])
+        await connector.start()
+        pusher = Pusher(connector.notifications.port)
+        try:
+            prefiller = Worker("prefill", 0, f"http://127.0.0.1:{port}")
+            decoder = Worker("decode", 0, "http://127.0.0.1:1")
+            handoff = await connector.prefill(chat_request(), prefiller, decoder)
+            assert handoff == Handoff({"first_tok": 9})
+            assert connector.notifications.waiting == 0
+            assert connector.notifications.remembered == 0
+        finally:
+            pusher.close()
+            await connector.close()
+            await engine.close()
+            await runner.cleanup()
+
+    run(main)
