@@ -187,6 +187,14 @@ def _header(scope: Scope, wanted: bytes) -> bytes | None:
     return None
 
 
+@dataclass(slots=True)
+class Progress:
+    """Where a request is, for the disconnect watcher: prefill, handoff (prefill done, no decoded
+    byte yet: the KV waits on the prefiller), or decode."""
+
+    phase: str = "prefill"
+
+
 class CompletionEndpoint:
     """ASGI app for one OpenAI generation path."""
 
@@ -217,8 +225,8 @@ class CompletionEndpoint:
     async def _run_watched(
         self, request: ClientRequest, receive: Receive, out: Responder, timing: RequestTiming
     ) -> None:
-        phase = ["prefill"]
-        work = asyncio.create_task(self._serve(request, out, timing, phase))
+        progress = Progress()
+        work = asyncio.create_task(self._serve(request, out, timing, progress))
         self.services.inflight.add(work)
         work.add_done_callback(self.services.inflight.discard)
 
@@ -227,8 +235,10 @@ class CompletionEndpoint:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     if not work.done():
-                        self.services.metrics.disconnects.labels(phase[0]).inc()
-                        log.info("request %s: client left during %s", request.request_id, phase[0])
+                        self.services.metrics.disconnects.labels(progress.phase).inc()
+                        log.info(
+                            "request %s: client left during %s", request.request_id, progress.phase
+                        )
                         work.cancel()
                     return
 
@@ -252,18 +262,18 @@ class CompletionEndpoint:
         self.services.metrics.requests.labels(self.path, str(out.status)).inc()
 
     async def _serve(
-        self, request: ClientRequest, out: Responder, timing: RequestTiming, phase: list[str]
+        self, request: ClientRequest, out: Responder, timing: RequestTiming, progress: Progress
     ) -> None:
         try:
             async with self.services.admission.slot():
-                await self._proxy(request, out, timing, phase)
+                await self._proxy(request, out, timing, progress)
         except ProxyError as exc:
             if exc.status >= 500:
                 log.warning("request %s failed: %s", request.request_id, exc.message)
             await out.error(exc)
 
     async def _proxy(
-        self, request: ClientRequest, out: Responder, timing: RequestTiming, phase: list[str]
+        self, request: ClientRequest, out: Responder, timing: RequestTiming, progress: Progress
     ) -> None:
         """Prefill (with failover), then decode (retried on another decoder before any byte
         reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
@@ -283,9 +293,9 @@ class CompletionEndpoint:
                     # KV now waits on the prefiller for the decoder: a client that leaves before
                     # the first decoded byte closes the decode leg, and the decoder's abort frees
                     # the prefiller's blocks (vLLM; see README "Cancellation")
-                    phase[0] = "handoff" if handoff.kv_transfer_params else "decode"
+                    progress.phase = "handoff" if handoff.kv_transfer_params else "decode"
                 try:
-                    await self._decode(request, decoder, body, out, timing, phase)
+                    await self._decode(request, decoder, body, out, timing, progress)
                 except (UpstreamError, UpstreamTimeout) as exc:
                     self._failed(svc.router.decode, decoder, exc)
                     if out.started or len(tried) >= svc.failover.decode_retries:
@@ -370,11 +380,11 @@ class CompletionEndpoint:
         body: bytes,
         out: Responder,
         timing: RequestTiming,
-        phase: list[str],
+        progress: Progress,
     ) -> None:
         svc = self.services
         if request.stream:
-            await self._stream(request, decoder, body, out, timing, phase)
+            await self._stream(request, decoder, body, out, timing, progress)
             return
         raw = await svc.engine.call(
             decoder,
@@ -405,7 +415,7 @@ class CompletionEndpoint:
         body: bytes,
         out: Responder,
         timing: RequestTiming,
-        phase: list[str],
+        progress: Progress,
     ) -> None:
         svc = self.services
         stream, data = await svc.engine.open_stream(
@@ -425,7 +435,7 @@ class CompletionEndpoint:
                             f"decode: decode worker {decoder.url} sent a malformed stream: "
                             f"{(scanner.malformed or scanner.pending)[:80]!r}"
                         )
-                    phase[0] = "decode"
+                    progress.phase = "decode"
                     await out.start_stream()
                     await out.chunk(events)
                     while data := await stream.read():
