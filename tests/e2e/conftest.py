@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -25,15 +26,22 @@ LAUNCHER = REPO / "launchers" / "disagg.sh"
 START_TIMEOUT_S = 600
 
 
+def _unavailable(reason: str) -> NoReturn:
+    """Skip, unless PDPROXY_REQUIRE_REAL_VLLM is set (CI): then a missing engine is a failure."""
+    if os.environ.get("PDPROXY_REQUIRE_REAL_VLLM"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def _vllm_python() -> str:
     python = os.environ.get("PDPROXY_VLLM_PYTHON", "")
     if not python:
-        pytest.skip("real vLLM tests need PDPROXY_VLLM_PYTHON (see .ci/setup-vllm.sh)")
+        _unavailable("real vLLM tests need PDPROXY_VLLM_PYTHON (see .ci/setup-vllm.sh)")
     if not Path(python).exists():
-        pytest.skip(f"PDPROXY_VLLM_PYTHON={python} does not exist")
+        _unavailable(f"PDPROXY_VLLM_PYTHON={python} does not exist")
     probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, timeout=120)
     if probe.returncode != 0:
-        pytest.skip(f"PDPROXY_VLLM_PYTHON={python} cannot import vllm")
+        _unavailable(f"PDPROXY_VLLM_PYTHON={python} cannot import vllm")
     return python
 
 
