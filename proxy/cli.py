@@ -23,8 +23,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 9100)")
     parser.add_argument("--connector", help="KV-transfer protocol: nixl (default) | lmcache")
-    parser.add_argument("--prefill-policy", help="round_robin | least_loaded (default)")
-    parser.add_argument("--decode-policy", help="round_robin | least_loaded (default)")
+    policies = "round_robin | least_loaded (default) | load_aware | prefix_aware"
+    parser.add_argument("--prefill-policy", help=policies)
+    parser.add_argument("--decode-policy", help=policies)
     parser.add_argument(
         "--stats-interval", type=float, help="seconds between latency log blocks; 0 = off"
     )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxy.lmcache_config import LMCacheConfig, LMCacheReceiverConfig, resolve_receivers
 
-PolicyName = Literal["round_robin", "least_loaded"]
+PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
 ConnectorName = Literal["nixl", "lmcache"]
 
 
@@ -93,6 +93,33 @@ class StatsConfig(_Model):
     window: int = Field(10_000, ge=10, le=10_000_000, description="requests kept per statistic")
 
 
+class RoutingConfig(_Model):
+    """Tuning of the load- and cache-aware policies (see proxy.policies)."""
+
+    prefix_chars: int = Field(32768, ge=0, description="prompt characters hashed for routing")
+    prefix_block_chars: int = Field(256, ge=16, description="prefix_aware: bytes per block")
+    balance_abs: int = Field(4, ge=0, description="prefix_aware: extra requests a hit may carry")
+    balance_rel: float = Field(1.5, ge=1, description="prefix_aware: or this many times the least")
+    waiting_weight: float = Field(2.0, ge=0, description="load_aware: weight of a waiting request")
+    kv_high: float = Field(
+        0.95, gt=0, le=1, description="load_aware: KV usage that avoids a worker"
+    )
+    scrape_interval: float = Field(
+        0.25, ge=0, description="seconds between /metrics scrapes for load_aware; 0 = off"
+    )
+    scrape_timeout: float = Field(1.0, gt=0, description="seconds one scrape may take")
+
+
+class DisaggConfig(_Model):
+    """Conditional disaggregation: prompts with fewer uncached tokens go straight to the decoder."""
+
+    enabled: bool = False
+    min_prefill_tokens: int = Field(
+        512, ge=1, description="prompt tokens not cached on the decoder below which it prefills"
+    )
+    tokenize_timeout: float = Field(2.0, gt=0, description="seconds for the decoder's /tokenize")
+
+
 class ProxyConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9100, ge=0, le=65535)
@@ -101,6 +128,8 @@ class ProxyConfig(_Model):
     decode: tuple[WorkerConfig, ...] = ()
     prefill_policy: PolicyName = "least_loaded"
     decode_policy: PolicyName = "least_loaded"
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    conditional_disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

@@ -91,6 +91,13 @@ class ProxyMetrics:
             "requests refused with 429 because the proxy was at its limit",
             registry=self.registry,
         )
+        self.disagg_decisions = Counter(
+            "pdproxy_disagg_decisions",
+            "conditional disaggregation: prefill on a prefiller (remote) or on the decoder "
+            "(local), with the reason: short prompt, mostly cached on the decoder, or long",
+            ["decision", "reason"],
+            registry=self.registry,
+        )
         self.registry.register(_WorkerCollector(pools))
 
     def render(self) -> bytes:

@@ -33,6 +33,21 @@ class Breaker(StrEnum):
     HALF_OPEN = "half_open"
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """The engine's own view of its load, from its /metrics (see proxy.scrape).
+
+    `inflight_at_scrape` is the proxy's in-flight count on the worker when the scrape was taken,
+    so that a policy can add what the proxy sent since: `running + waiting + (inflight -
+    inflight_at_scrape)` estimates the engine's load now.
+    """
+
+    running: float
+    waiting: float
+    kv_usage: float
+    inflight_at_scrape: int
+
+
 class WorkerState(Protocol):
     """What a policy may read about a worker."""
 
@@ -46,6 +61,8 @@ class WorkerState(Protocol):
     def inflight_chars(self) -> int: ...
     @property
     def available(self) -> bool: ...
+    @property
+    def engine_load(self) -> EngineLoad | None: ...
 
 
 @dataclass(eq=False)
@@ -63,6 +80,7 @@ class Worker:
     last_error: str | None = None
     requests_total: int = 0
     failures_total: int = 0
+    engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
 
     @property
     def available(self) -> bool:

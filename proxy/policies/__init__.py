@@ -7,7 +7,7 @@ name to a class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,18 @@ class RequestInfo:
 
     request_id: str
     prompt_chars: int
+    prefix: str = ""  # the prompt's first characters as rendered (proxy.prefix.prompt_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOptions:
+    """Tuning of the policies that have any; defaults suit the shipped configs."""
+
+    prefix_block_chars: int = 256  # prefix_aware: characters per hashed block
+    balance_abs: int = 4  # prefix_aware: a cache hit may be this many requests above the least
+    balance_rel: float = 1.5  # ... and this many times the least loaded worker's requests
+    waiting_weight: float = 2.0  # load_aware: a waiting request counts this many running ones
+    kv_high: float = 0.95  # load_aware: a KV cache this full is chosen only if all are
 
 
 class Policy(Protocol):
@@ -30,11 +42,21 @@ class Policy(Protocol):
         ...
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
     from proxy.policies.least_loaded import LeastLoaded
+    from proxy.policies.load_aware import LoadAware
+    from proxy.policies.prefix_aware import PrefixAware
     from proxy.policies.round_robin import RoundRobin
 
-    policies: dict[str, type[Policy]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+    opts = options or PolicyOptions()
+    policies: dict[str, Callable[[], Policy]] = {
+        "round_robin": RoundRobin,
+        "least_loaded": LeastLoaded,
+        "load_aware": lambda: LoadAware(opts.waiting_weight, opts.kv_high),
+        "prefix_aware": lambda: PrefixAware(
+            opts.prefix_block_chars, opts.balance_abs, opts.balance_rel
+        ),
+    }
     try:
         return policies[name]()
     except KeyError:

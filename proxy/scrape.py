@@ -1,0 +1,80 @@
+"""Background scraping of the engines' own load from their Prometheus /metrics.
+
+Every `interval` seconds each worker's `vllm:num_requests_running`, `vllm:num_requests_waiting`
+and `vllm:kv_cache_usage_perc` are read (summed over label sets, e.g. data-parallel ranks; the
+KV usage is the highest) and stored on the worker as an `EngineLoad`, for policies such as
+`load_aware` to read. A failed scrape clears it, so a policy never acts on a stale view: it
+falls back to the proxy's own in-flight counts. I/O goes through EngineClient.get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from proxy.engine import EngineClient
+from proxy.errors import ProxyError
+from proxy.workers import EngineLoad, Worker, WorkerPool
+
+log = logging.getLogger("pdproxy")
+
+RUNNING = b"vllm:num_requests_running"
+WAITING = b"vllm:num_requests_waiting"
+KV_USAGE = b"vllm:kv_cache_usage_perc"
+
+
+def parse_load(text: bytes, inflight: int) -> EngineLoad | None:
+    """The three gauges from a Prometheus text exposition; None when `running` is absent."""
+    found: dict[bytes, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(b"vllm:"):
+            continue
+        name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i >= 0), default=-1)
+        name = line[:name_end]
+        if name not in (RUNNING, WAITING, KV_USAGE):
+            continue
+        try:
+            value = float(line.rsplit(b" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if name == KV_USAGE:
+            found[name] = max(found.get(name, 0.0), value)
+        else:
+            found[name] = found.get(name, 0.0) + value
+    if RUNNING not in found:
+        return None
+    return EngineLoad(found[RUNNING], found.get(WAITING, 0.0), found.get(KV_USAGE, 0.0), inflight)
+
+
+class MetricsScraper:
+    def __init__(
+        self,
+        engine: EngineClient,
+        pools: Sequence[WorkerPool],
+        interval: float,
+        timeout: float,
+    ) -> None:
+        self._engine = engine
+        self._pools = pools
+        self.interval = interval
+        self.timeout = timeout
+
+    async def scrape(self, worker: Worker) -> None:
+        try:
+            status, raw = await self._engine.get(worker, "/metrics", self.timeout)
+        except ProxyError as exc:
+            if worker.engine_load is not None:
+                log.info("%s worker %s: no load metrics: %s", worker.role, worker.url, exc)
+            worker.engine_load = None
+            return
+        worker.engine_load = parse_load(raw, worker.inflight) if status == 200 else None
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(w) for pool in self._pools for w in pool.workers))
+
+    async def run(self) -> None:
+        """Scrape forever (cancel the task to stop)."""
+        while True:
+            await self.scrape_all()
+            await asyncio.sleep(self.interval)
