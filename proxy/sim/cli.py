@@ -85,6 +85,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.005,
         help="Chance that a generated token is EOS (default 0.005).",
     )
+    a(
+        "--token-per-chunk",
+        action="store_true",
+        help="With --speed-factor 0: stream each token as its own SSE event (as vLLM does at low "
+        "load) instead of all tokens in one event; for overhead benchmarks.",
+    )
+    a(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="Reuse the computed blocks of earlier prompts sharing a prefix (prefill time only; "
+        "vLLM's --enable-prefix-caching). Off by default here.",
+    )
     a("--engine-id", default=None, help="NIXL engine id (default: a random UUID).")
     g = parser.add_argument_group("timing (Llama-3.1-8B bf16 on one H100)")
     g.add_argument(
@@ -204,6 +216,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_params_on_eos=args.kv_params_on_eos,
         kv_transfer=not args.no_kv_transfer,
         eos_probability=args.eos_probability,
+        token_per_chunk=args.token_per_chunk,
+        prefix_caching=args.enable_prefix_caching,
         engine_id=args.engine_id,
         timing=timing,
         faults=faults,

@@ -59,6 +59,8 @@ class SimConfig:
     kv_params_on_eos: bool = False
     kv_transfer: bool = True  # False: no KV connector, kv_transfer_params ignored
     eos_probability: float = 0.005
+    token_per_chunk: bool = False  # zero-delay mode: one token per next_steps (SSE event)
+    prefix_caching: bool = False  # vLLM --enable-prefix-caching: reuse shared prompt blocks
     engine_id: str | None = None
     max_records: int = 10000
     timing: Timing = field(default_factory=Timing)

@@ -22,6 +22,7 @@ from proxy.sim.config import BLOCK_SIZE, SimConfig
 from proxy.sim.kvcache import BlockPool, block_contents, num_blocks_for
 from proxy.sim.metrics import Metrics
 from proxy.sim.model import Generation, SamplingSpec, Step
+from proxy.sim.prefixcache import PrefixCache
 from proxy.sim.tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Sequence:
         self.loaded_tokens = loaded_tokens
         self.prefill_left = max(1, len(prompt_ids) - loaded_tokens)
         self.produce_kv = produce_kv
+        self.cached_tokens = 0  # prompt tokens found in the engine's own prefix cache
         self.block_ids: list[int] = []
         self.kv_transfer_params: dict[str, Any] | None = None
         self.finished = False
@@ -79,6 +81,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._direct_running = 0
+        self._prefix = PrefixCache(config.num_gpu_blocks // 2 if config.prefix_caching else 0)
         self.pulling = 0
         self._wakeup = asyncio.Event()
         self._timed = config.timing.enabled
@@ -160,15 +163,24 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         seq.block_ids = self.pool.allocate(num_blocks_for(len(seq.prompt_ids)))
+        if self._prefix.capacity:
+            seq.cached_tokens = self._prefix.lookup_and_insert(seq.prompt_ids)
+            known = max(seq.loaded_tokens, seq.cached_tokens)
+            seq.prefill_left = max(1, len(seq.prompt_ids) - known)
 
     def _run_direct(self, seq: Sequence) -> list[Step]:
+        """All remaining tokens at once, or one per call with ``token_per_chunk`` (then each
+        token is its own SSE event, as vLLM streams a lightly loaded engine)."""
         if seq.finished:
             return []
-        self._count_prefill(seq)
-        steps = []
-        while not seq.gen.finished:
-            steps.append(self._generate(seq))
-        self._direct_running -= 1
+        if not seq.started_decode:
+            self._count_prefill(seq)
+        steps = [self._generate(seq)]
+        if not self._cfg.token_per_chunk:
+            while not seq.gen.finished:
+                steps.append(self._generate(seq))
+        if seq.gen.finished:
+            self._direct_running -= 1
         return steps
 
     def _count_prefill(self, seq: Sequence) -> None:
@@ -176,8 +188,10 @@ class Engine:
         n = len(seq.prompt_ids)
         loaded = min(seq.loaded_tokens, n - 1)
         m.prompt_tokens += n
+        hit = max(0, min(seq.cached_tokens, n - 1) - loaded)
         m.prompt_tokens_by_source["external_kv_transfer"] += loaded
-        m.prompt_tokens_by_source["local_compute"] += n - loaded
+        m.prompt_tokens_by_source["local_cache_hit"] += hit
+        m.prompt_tokens_by_source["local_compute"] += n - loaded - hit
 
     def _generate(self, seq: Sequence) -> Step:
         step = seq.gen.step()
