@@ -16,8 +16,9 @@ import pytest
 
 from proxy.sim import launch
 from proxy.sim.launch import Process, SimProcess, free_port
+from tests.e2e.real_vllm_fixtures import tiny_model, topology, vllm_python
 
-__all__ = ["free_port"]
+__all__ = ["free_port", "tiny_model", "topology", "vllm_python"]
 
 MODEL = "pdsim/llama-8b"
 

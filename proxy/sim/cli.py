@@ -63,9 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--kv-load-failure-policy",
         choices=("recompute", "fail"),
-        default="recompute",
-        help="On a failed KV pull: recompute the prompt (default) or fail the request with 500 "
-        "(vLLM 0.32's kv_load_failure_policy defaults to fail).",
+        default="fail",
+        help="On a failed KV pull (unreachable prefiller, expired or unknown blocks): fail the "
+        "request with a 500 (default, as vLLM 0.32's kv_load_failure_policy) or recompute the "
+        "prompt. Params missing remote_block_ids or a remote_* key always answer 500: they crash "
+        "a real 0.32 decoder (which then exits; the sim stays up).",
     )
     a(
         "--no-kv-transfer",
@@ -75,9 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--kv-params-on-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Hold KV and return kv_transfer_params when a producer request stops on EOS or a "
+        "stop token id, as vLLM 0.32 does (default); --no-kv-params-on-eos: only on the length "
+        "cap, as older vLLM. A stop string, an abort or an error always gives null.",
+    )
+    a(
+        "--enable-request-id-headers",
         action="store_true",
-        help="Also hold KV and return kv_transfer_params when a producer request stops on EOS or "
-        "a stop token id, as vLLM 0.32 does (default: only on the length cap).",
+        help="Answer with an X-Request-Id header (the client's, else a fresh uuid), as vLLM's flag "
+        "of that name; by default, like vLLM, no such header.",
     )
     a(
         "--eos-probability",
@@ -214,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_lease_seconds=args.kv_lease_seconds,
         kv_load_failure_policy=args.kv_load_failure_policy,
         kv_params_on_eos=args.kv_params_on_eos,
+        request_id_headers=args.enable_request_id_headers,
         kv_transfer=not args.no_kv_transfer,
         eos_probability=args.eos_probability,
         token_per_chunk=args.token_per_chunk,

@@ -55,8 +55,9 @@ class SimConfig:
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 0
     kv_lease_seconds: float = DEFAULT_KV_LEASE_SECONDS
-    kv_load_failure_policy: KvLoadFailurePolicy = "recompute"
-    kv_params_on_eos: bool = False
+    kv_load_failure_policy: KvLoadFailurePolicy = "fail"  # vLLM 0.32's default
+    kv_params_on_eos: bool = True  # vLLM 0.32 offers KV on EOS / stop token ids too
+    request_id_headers: bool = False  # vLLM's --enable-request-id-headers
     kv_transfer: bool = True  # False: no KV connector, kv_transfer_params ignored
     eos_probability: float = 0.005
     token_per_chunk: bool = False  # zero-delay mode: one token per next_steps (SSE event)

@@ -187,7 +187,10 @@ class Engine:
         m = self._metrics
         n = len(seq.prompt_ids)
         loaded = min(seq.loaded_tokens, n - 1)
-        m.prompt_tokens += n
+        m.prompt_tokens += n  # the full prompt, also on a decoder that pulled it (as vLLM)
+        if self._cfg.kv_transfer:
+            m.external_prefix_cache_queries += n
+            m.external_prefix_cache_hits += min(seq.loaded_tokens, n)
         hit = max(0, min(seq.cached_tokens, n - 1) - loaded)
         m.prompt_tokens_by_source["external_kv_transfer"] += loaded
         m.prompt_tokens_by_source["local_cache_hit"] += hit

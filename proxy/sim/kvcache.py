@@ -6,15 +6,23 @@ every token up to the end of that block.
 
 Invariant: a block id is either free, owned by one running request, or held under exactly one
 lease; leased blocks return to the free list when read, released, or expired.
+
+Like vLLM 0.32's NIXL, a read after the lease ended (blocks read once already, released or
+expired) still succeeds: the decoder reads freed memory and nothing checks it. The pool
+remembers what such blocks held until they are allocated again; only a read of blocks reused
+since then fails (``overwritten``), where real NIXL would silently hand over another request's
+KV. A request id the pool never held fails too (``unknown_request``), where NIXL reads blindly.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.sim.config import BLOCK_SIZE
+
+_MAX_STALE = 4096  # ended leases remembered for reads after release
 
 
 def num_blocks_for(num_tokens: int) -> int:
@@ -40,6 +48,7 @@ class Lease:
     block_ids: list[int]
     contents: list[int]
     expires_at: float
+    overwritten: bool = False  # after release: a block was allocated again
 
 
 class KvReadError(Exception):
@@ -63,6 +72,8 @@ class BlockPool:
         self._free: deque[int] = deque(range(1, num_blocks + 1))
         self._overflow = 0  # blocks owned beyond capacity (the simulator never preempts)
         self._leases: dict[str, Lease] = {}
+        self._stale: OrderedDict[str, Lease] = OrderedDict()  # ended leases, newest last
+        self._stale_by_block: dict[int, str] = {}
         self.held_blocks = 0
         self.expired_requests = 0
 
@@ -78,6 +89,10 @@ class BlockPool:
         """Take ``n`` blocks; past capacity, ids beyond it are handed out and counted."""
         take = min(n, len(self._free))
         ids = [self._free.popleft() for _ in range(take)]
+        for bid in ids:
+            stale = self._stale.get(self._stale_by_block.pop(bid, ""))
+            if stale is not None:
+                stale.overwritten = True
         if take < n:
             extra = n - take
             self._overflow += extra
@@ -104,23 +119,34 @@ class BlockPool:
             return False
         self.held_blocks -= len(lease.block_ids)
         self.free(lease.block_ids)
+        self._stale[request_id] = lease
+        for bid in lease.block_ids:
+            self._stale_by_block[bid] = request_id
+        if len(self._stale) > _MAX_STALE:
+            self._stale.popitem(last=False)
         return True
 
     def read(self, request_id: str, block_ids: list[int]) -> list[int]:
         """Contents of leased blocks, then free them (the read-done notification).
 
-        Raises ``KvReadError`` when the lease is unknown or expired or the ids do not match.
+        An ended lease is read from freed memory (see the module doc). Raises ``KvReadError``
+        when the request is unknown, its freed blocks were reused, or the ids do not match.
         """
         lease = self._leases.get(request_id)
+        if lease is not None and self._clock() >= lease.expires_at:
+            self._expire(lease)
+            lease = None
+        stale = lease is None
+        lease = lease or self._stale.get(request_id)
         if lease is None:
             raise KvReadError("unknown_request", f"No KV blocks held for request {request_id}")
-        if self._clock() >= lease.expires_at:
-            self._expire(lease)
-            raise KvReadError("expired", f"KV lease of request {request_id} expired")
         if block_ids != lease.block_ids[: len(block_ids)] or not block_ids:
             raise KvReadError("bad_blocks", f"Block ids do not match request {request_id}")
+        if lease.overwritten:
+            raise KvReadError("overwritten", f"Freed KV blocks of {request_id} were reused")
         contents = lease.contents[: len(block_ids)]
-        self.release(request_id)
+        if not stale:
+            self.release(request_id)
         return contents
 
     def reap_expired(self) -> int:

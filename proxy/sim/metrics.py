@@ -48,6 +48,9 @@ class Metrics:
     )
     xfer_time: Histogram = field(default_factory=lambda: Histogram(XFER_BUCKETS))
     failed_transfers: int = 0
+    failed_notifications: int = 0
+    external_prefix_cache_queries: int = 0  # prompt tokens looked up through the connector
+    external_prefix_cache_hits: int = 0  # prompt tokens the connector loaded
     kv_expired_reqs: int = 0
     recomputed_requests: int = 0
     kv_pulled_requests: int = 0
@@ -60,7 +63,9 @@ class Metrics:
         waiting: int,
         kv_usage: float,
         held_blocks: int,
+        deferred: int = 0,
     ) -> str:
+        """The text exposition; ``deferred`` of the ``waiting`` requests wait for a KV pull."""
         lbl = f'engine="0",model_name="{_escape(model)}"'
         out: list[str] = []
 
@@ -84,6 +89,15 @@ class Metrics:
             [("", "", waiting)],
         )
         metric(
+            "vllm:num_requests_waiting_by_reason",
+            "gauge",
+            "Number of waiting requests by reason.",
+            [
+                ("", 'reason="capacity"', waiting - deferred),
+                ("", 'reason="deferred"', deferred),
+            ],
+        )
+        metric(
             "vllm:kv_cache_usage_perc",
             "gauge",
             "KV-cache usage. 1 means 100 percent usage.",
@@ -100,6 +114,20 @@ class Metrics:
             "counter",
             "Prompt tokens by source.",
             [("_total", f'source="{s}"', v) for s, v in self.prompt_tokens_by_source.items()],
+        )
+        metric(
+            "vllm:external_prefix_cache_queries",
+            "counter",
+            "External prefix cache queries from KV connector cross-instance cache sharing, "
+            "in terms of number of queried tokens.",
+            [("_total", "", self.external_prefix_cache_queries)],
+        )
+        metric(
+            "vllm:external_prefix_cache_hits",
+            "counter",
+            "External prefix cache hits from KV connector cross-instance cache sharing, "
+            "in terms of number of cached tokens.",
+            [("_total", "", self.external_prefix_cache_hits)],
         )
         metric(
             "vllm:generation_tokens",
@@ -130,6 +158,12 @@ class Metrics:
             "counter",
             "Failed NIXL KV transfers.",
             [("_total", "", self.failed_transfers)],
+        )
+        metric(
+            "vllm:nixl_num_failed_notifications",
+            "counter",
+            "Failed NIXL notifications.",
+            [("_total", "", self.failed_notifications)],
         )
         metric(
             "vllm:nixl_num_kv_expired_reqs",

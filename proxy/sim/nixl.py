@@ -4,8 +4,12 @@ Producer: a request whose ``kv_transfer_params`` has ``do_remote_decode: true`` 
 under lease when it finishes by the length cap, and answers with the params below (the shape of
 ``NixlPullConnectorScheduler.request_finished`` in vLLM 0.32, plus the scheduler's
 ``remote_prefill_cached_tokens``). Consumer: a request with ``do_remote_prefill: true`` reads
-those blocks over the side channel, checks them against its own prompt, and skips that prefill;
-any failure means recomputing the prompt (or failing, with ``kv_load_failure_policy="fail"``).
+those blocks over the side channel, checks them against its own prompt, and skips that prefill.
+A failed pull fails the request with a 500 (vLLM 0.32's default ``kv_load_failure_policy``,
+"fail") or, with "recompute", recomputes the prompt. Params that lack ``remote_block_ids`` or
+one of ``REQUIRED_KEYS`` crash a real 0.32 decoder (``assert num_external_tokens == 0`` or a
+``KeyError`` in the EngineCore: 500, then the server exits); ``incomplete`` spots them so the
+sim can answer that 500 without dying.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port")
 KvSource = Literal["local", "pulled", "recomputed"]
+
+
+def incomplete(params: dict[str, Any]) -> bool:
+    """True for ``do_remote_prefill`` params a real vLLM 0.32 decoder cannot even start on."""
+    return bool(params.get("do_remote_prefill")) and (
+        not params.get("remote_block_ids") or not all(k in params for k in REQUIRED_KEYS)
+    )
 
 
 def producer_params(
@@ -113,15 +124,11 @@ class NixlConsumer:
         task.add_done_callback(self._releases.discard)
 
     async def load(self, params: dict[str, Any], prompt_ids: list[int]) -> KvLoad:
+        """Pull the prompt's KV; a failure raises ``KvLoadFailed`` or recomputes, by policy."""
         block_ids = _flat_block_ids(params.get("remote_block_ids"))
-        if block_ids is None or not all(params.get(k) is not None for k in REQUIRED_KEYS):
-            log.warning(
-                "Got invalid KVTransferParams: %s. This request will not utilize KVTransfer",
-                params,
-            )
-            self._metrics.recomputed_requests += 1
-            return KvLoad("recomputed", failure="invalid_params")
         try:
+            if block_ids is None or not all(params.get(k) is not None for k in REQUIRED_KEYS):
+                raise KvPullError("invalid_params", f"Unusable KVTransferParams: {params}")
             return await self._pull(params, block_ids, prompt_ids)
         except KvPullError as e:
             self._metrics.failed_transfers += 1

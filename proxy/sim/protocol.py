@@ -2,7 +2,11 @@
 
 Validation follows vLLM 0.32's serving layer: an unknown model is a 404, a missing ``model`` is
 accepted, ``max_tokens`` is clamped to the context left after the prompt, and a prompt longer
-than ``max_model_len`` is a 400.
+than ``max_model_len`` is a 400. Errors come in vLLM's two flavours: a body that does not fit
+the request schema (invalid JSON, a wrong type, a missing required field) is FastAPI's
+``"type": "Bad Request"`` with pydantic's message and ``param`` = ``body.<field>``; a value
+vLLM itself rejects (``max_tokens: 0``, no prompt, a prompt over the context) is
+``"BadRequestError"`` with `` (parameter=..., value=...)`` appended to the message.
 """
 
 from __future__ import annotations
@@ -37,6 +41,51 @@ class ApiError(Exception):
         return error_body(str(self), self.err_type, self.status, self.param)
 
 
+def schema_error(errors: list[dict[str, Any]]) -> ApiError:
+    """A body that does not fit the request schema, as FastAPI reports it through vLLM."""
+    label = "error" if len(errors) == 1 else "errors"
+    lines = "".join(f"\n  {e!r}" for e in errors)
+    return ApiError(
+        f"{len(errors)} validation {label}:{lines}", 400, "Bad Request", errors[0]["loc"]
+    )
+
+
+def field_error(kind: str, field: str, msg: str, value: Any) -> dict[str, Any]:
+    """One pydantic error entry about ``body.<field>``."""
+    return {"type": kind, "loc": f"body.{field}" if field else "body", "msg": msg,
+            "input": input_summary(value)}  # fmt: skip
+
+
+def input_summary(value: Any) -> str:
+    """How vLLM shows a rejected input: containers by size, anything else as text."""
+    if isinstance(value, dict):
+        return f"<dict of {len(value)} items>"
+    if isinstance(value, list):
+        return f"<list of {len(value)} items>"
+    return str(value)
+
+
+def vllm_error(message: str, param: str | None, value: Any = None) -> ApiError:
+    """A value vLLM rejects (its ``VLLMValidationError``): type ``BadRequestError``."""
+    extras = [f"{k}={v}" for k, v in (("parameter", param), ("value", value)) if v is not None]
+    text = f"{message} ({', '.join(extras)})" if extras else message
+    return ApiError(text, 400, "BadRequestError", param)
+
+
+def model_not_found(requested: Any, served: str) -> ApiError:
+    return ApiError(
+        f"The model `{requested}` does not exist. Valid aliases: {served}.",
+        404,
+        "NotFoundError",
+        param="model",
+    )
+
+
+def not_an_object(body: Any) -> ApiError:
+    msg = "Input should be a valid dictionary or object to extract fields from"
+    return schema_error([field_error("model_attributes_type", "", msg, body)])
+
+
 def error_body(message: str, err_type: str, code: int, param: str | None = None) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": err_type, "param": param, "code": code}}
@@ -53,41 +102,61 @@ class GenRequest:
     stream: bool
     include_usage: bool
     kv_params: dict[str, Any] | None
+    return_token_ids: bool = False  # full responses only; streams keep token_ids null
 
 
 def _int_field(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, str):
+        msg = "Input should be a valid integer, unable to parse string as an integer"
+        raise schema_error([field_error("int_parsing", name, msg, value)])
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ApiError(f"{name} must be an integer.", param=name)
+        raise schema_error(
+            [field_error("int_type", name, "Input should be a valid integer", value)]
+        )
     return value
 
 
-def _prompt_ids(kind: Kind, body: dict[str, Any], tok: SimTokenizer) -> list[int]:
+def _prompt_ids(kind: Kind, body: dict[str, Any], tok: SimTokenizer) -> tuple[list[int], bool]:
+    """The prompt's token ids, and whether they came from text (vLLM then counts an overlong
+    prompt only up to ``max_model_len + 1``)."""
     if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError("messages must be a non-empty list.", param="messages")
+        if "messages" not in body:
+            raise schema_error([field_error("missing", "messages", "Field required", body)])
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            msg = "Input should be a valid list"
+            raise schema_error([field_error("list_type", "messages", msg, messages)])
+        if not messages:
+            raise vllm_error(
+                "Cannot apply chat template to an empty conversation. "
+                "Provide at least one message.",
+                None,
+            )
         try:
             text = tok.apply_chat_template(messages, bool(body.get("add_generation_prompt", True)))
         except ValueError as e:
             raise ApiError(str(e), param="messages") from e
-        return tok.encode(text)
+        return tok.encode(text), True
     prompt = body.get("prompt")
+    if prompt is None or prompt in ("", []):
+        raise vllm_error("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tok.encode(prompt, bool(body.get("add_special_tokens", True)))
+        return tok.encode(prompt, bool(body.get("add_special_tokens", True))), True
     if (
         isinstance(prompt, list)
         and prompt
         and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
     ):
-        return list(prompt)
+        return list(prompt), False
     if isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError("The simulator serves one prompt per request.", param="prompt")
-    raise ApiError("prompt must be a string or a list of token ids.", param="prompt")
+    msg = "Input should be a valid string"
+    raise schema_error([field_error("string_type", "prompt", msg, prompt)])
 
 
 def parse_generation(
@@ -95,27 +164,29 @@ def parse_generation(
 ) -> GenRequest:
     """Validate a completion or chat body; raises ``ApiError``."""
     if not isinstance(body, dict):
-        raise ApiError("The request body must be a JSON object.")
+        raise not_an_object(body)
     requested = body.get("model")
     if requested is not None and requested != model:
-        raise ApiError(
-            f"The model `{requested}` does not exist.", 404, "NotFoundError", param="model"
-        )
+        raise model_not_found(requested, model)
     n = _int_field(body, "n")
     if n is not None and n != 1:
         raise ApiError("The simulator supports only n=1.", param="n")
     stream = bool(body.get("stream", False))
     stream_options = body.get("stream_options")
-    if stream_options is not None and not stream:
-        raise ApiError("Stream options can only be defined when `stream=True`.")
+    if stream_options and not stream:
+        raise vllm_error("Stream options can only be defined when `stream=True`.", "stream_options")
     include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
 
-    prompt_ids = _prompt_ids(kind, body, tok)
+    prompt_ids, from_text = _prompt_ids(kind, body, tok)
     if len(prompt_ids) > max_model_len:
-        raise ApiError(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"has {len(prompt_ids)} tokens. Please shorten the prompt.",
-            param="input_tokens",
+        count = max_model_len + 1 if from_text else len(prompt_ids)
+        qualifier = "at least " if count == max_model_len + 1 else ""
+        raise vllm_error(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt contains {qualifier}{count} input tokens, which exceeds this limit even "
+            f"without any output tokens. Please reduce the length of the input prompt.",
+            "input_tokens",
+            count,
         )
     if kind == "chat":
         name = (
@@ -130,7 +201,10 @@ def parse_generation(
         if max_tokens is None:
             max_tokens = 16
     if max_tokens is not None and max_tokens < 1:
-        raise ApiError(f"{name} must be at least 1, got {max_tokens}.", param=name)
+        # vLLM names max_tokens even when the chat client sent max_completion_tokens
+        raise vllm_error(
+            f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens
+        )
     room = max_model_len - len(prompt_ids)
     max_tokens = room if max_tokens is None else min(max_tokens, room)
     if max_tokens < 1:
@@ -152,13 +226,20 @@ def parse_generation(
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(s for s in stop if s)
     else:
-        raise ApiError("stop must be a string or a list of strings.", param="stop")
+        raise schema_error(
+            [
+                field_error("string_type", "stop", "Input should be a valid string", stop),
+                field_error("list_type", "stop", "Input should be a valid list", stop),
+            ]
+        )
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
-        raise ApiError("stop_token_ids must be a list of integers.", param="stop_token_ids")
+        msg = "Input should be a valid list of integers"
+        raise schema_error([field_error("list_type", "stop_token_ids", msg, stop_ids)])
     kv = body.get("kv_transfer_params")
     if kv is not None and not isinstance(kv, dict):
-        raise ApiError("kv_transfer_params must be an object.", param="kv_transfer_params")
+        msg = "Input should be a valid dictionary"
+        raise schema_error([field_error("dict_type", "kv_transfer_params", msg, kv)])
     spec = SamplingSpec(
         max_tokens=max_tokens,
         min_tokens=min_tokens,
@@ -167,15 +248,18 @@ def parse_generation(
         stop_token_ids=frozenset(stop_ids),
         include_stop_str_in_output=bool(body.get("include_stop_str_in_output", False)),
     )
-    return GenRequest(kind, prompt_ids, spec, stream, include_usage, kv)
+    return_ids = bool(body.get("return_token_ids"))
+    return GenRequest(kind, prompt_ids, spec, stream, include_usage, kv, return_ids)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Usage of a full response (a stream's usage chunk has only the three counts)."""
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -189,8 +273,12 @@ def full_response(
     prompt_tokens: int,
     completion_tokens: int,
     kv_transfer_params: dict[str, Any] | None,
+    system_fingerprint: str | None = None,
+    token_ids: tuple[list[int], list[int]] | None = None,
 ) -> bytes:
-    """A non-streaming response body."""
+    """A non-streaming response body, keys in vLLM 0.32's order; ``token_ids`` = (prompt,
+    generated) when the client asked ``return_token_ids``."""
+    prompt_ids, out_ids = token_ids or (None, None)
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
@@ -206,7 +294,8 @@ def full_response(
             "logprobs": None,
             "finish_reason": final.finish_reason,
             "stop_reason": final.stop_reason,
-            "token_ids": None,
+            "token_ids": out_ids,
+            "routed_experts": None,
         }
         obj = "chat.completion"
     else:
@@ -216,9 +305,10 @@ def full_response(
             "logprobs": None,
             "finish_reason": final.finish_reason,
             "stop_reason": final.stop_reason,
-            "token_ids": None,
+            "token_ids": out_ids,
             "prompt_logprobs": None,
-            "prompt_token_ids": None,
+            "prompt_token_ids": prompt_ids,
+            "routed_experts": None,
         }
         obj = "text_completion"
     body: dict[str, Any] = {
@@ -228,21 +318,32 @@ def full_response(
         "model": model,
         "choices": [choice],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": system_fingerprint,
         "usage": usage(prompt_tokens, completion_tokens),
     }
     if kind == "chat":
         body["prompt_logprobs"] = None
-        body["prompt_token_ids"] = None
+        body["prompt_token_ids"] = prompt_ids
+        body["prompt_text"] = None
     body["kv_transfer_params"] = kv_transfer_params
+    body["ec_transfer_params"] = None
+    body["metrics"] = None
     return orjson.dumps(body)
 
 
 class ChunkWriter:
-    """Builds the SSE events of one stream; the per-token path is plain byte concatenation."""
+    """Builds the SSE events of one stream; the per-token path is plain byte concatenation.
 
-    def __init__(self, kind: Kind, rid: str, created: int, model: str) -> None:
+    Shapes as vLLM 0.32 sends them: a chat stream opens with a role chunk (empty content, no
+    ``token_ids``); a text chunk may carry several tokens; the finishing chunk carries the last
+    text and ``finish_reason``; the usage chunk has ``"choices": []``.
+    """
+
+    def __init__(
+        self, kind: Kind, rid: str, created: int, model: str, system_fingerprint: str | None = None
+    ) -> None:
         self.kind = kind
+        self._fingerprint = system_fingerprint
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._head = orjson.dumps({"id": rid, "object": obj, "created": created, "model": model})[
             :-1
@@ -262,33 +363,37 @@ class ChunkWriter:
             b"data: "
             + self._head
             + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-            b'"logprobs":null,"finish_reason":null}]}\n\n'
+            b'"logprobs":null,"finish_reason":null}],'
+            b'"prompt_token_ids":null,"prompt_text":null}\n\n'
         )
 
     def delta(self, text: str) -> bytes:
         return b"data: " + self._pre + orjson.dumps(text) + self._post + b"\n\n"
 
     def final(self, step: Step) -> bytes:
-        tail = orjson.dumps(
-            {
-                "logprobs": None,
-                "finish_reason": step.finish_reason,
-                "stop_reason": step.stop_reason,
-                "token_ids": None,
-            }
-        )[1:]
+        """The finishing chunk; ``step.text`` is all text not sent yet."""
+        tail: dict[str, Any] = {
+            "logprobs": None,
+            "finish_reason": step.finish_reason,
+            "stop_reason": step.stop_reason,
+        }
+        if self.kind == "completion":
+            tail["prompt_token_ids"] = None
+        tail["token_ids"] = None
+        rest = orjson.dumps(tail)[1:]
         if self.kind == "chat":
-            delta = orjson.dumps({"content": step.text} if step.text else {})
-            body = self._head + b',"choices":[{"index":0,"delta":' + delta + b"," + tail
+            delta = orjson.dumps({"content": step.text})
+            body = self._head + b',"choices":[{"index":0,"delta":' + delta + b"," + rest
         else:
             body = self._head + b',"choices":[{"index":0,"text":' + orjson.dumps(step.text)
-            body += b"," + tail
+            body += b"," + rest
         return b"data: " + body + b"]}\n\n"
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         u = usage(prompt_tokens, completion_tokens)
-        del u["prompt_tokens_details"]
-        return b"data: " + self._head + b',"choices":[],"usage":' + orjson.dumps(u) + b"}\n\n"
+        del u["prompt_tokens_details"], u["completion_tokens_details"]
+        tail = orjson.dumps({"usage": u, "system_fingerprint": self._fingerprint})[1:]
+        return b"data: " + self._head + b',"choices":[],' + tail + b"\n\n"
 
     @staticmethod
     def error(message: str, err_type: str, code: int) -> bytes:

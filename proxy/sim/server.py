@@ -4,12 +4,21 @@
 ``SimServer``; ``await server.close()`` stops it. Every instance serves both NIXL roles, like
 a vLLM ``kv_both`` engine: ``do_remote_decode`` makes it a producer, ``do_remote_prefill`` a
 consumer, whatever its ``role`` label says.
+
+Faithful to vLLM 0.32 as observed (tests/e2e/REAL_VLLM_FACTS.md; tests/protocol runs the same
+assertions against both): no ``X-Request-Id`` response header unless ``request_id_headers``;
+POST bodies must be ``application/json``; unknown paths answer FastAPI's ``{"detail": ...}``.
+Deliberately different: incomplete ``do_remote_prefill`` params answer 500 like the real
+decoder but the sim stays up (the real one exits); a failed pull fails at once rather than
+after vLLM's ~5 s; only ``n=1``; ``/version`` says ``0.32.0+pdsim``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -27,15 +36,26 @@ from proxy.sim.faults import Faults, FaultState
 from proxy.sim.kvcache import num_blocks_for
 from proxy.sim.metrics import Metrics
 from proxy.sim.model import Step
-from proxy.sim.nixl import KvLoad, KvLoadFailed, NixlConsumer, producer_params
-from proxy.sim.protocol import DONE, ApiError, ChunkWriter, Kind, full_response, parse_generation
+from proxy.sim.nixl import KvLoad, KvLoadFailed, NixlConsumer, incomplete, producer_params
+from proxy.sim.protocol import (
+    DONE,
+    ApiError,
+    ChunkWriter,
+    Kind,
+    field_error,
+    full_response,
+    model_not_found,
+    not_an_object,
+    parse_generation,
+    schema_error,
+)
 from proxy.sim.sidechannel import side_channel_app
 from proxy.sim.tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
 
 SIM_VERSION = "0.32.0+pdsim"
-_XRID = web.RequestKey("xrid", str)
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -44,6 +64,30 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _error(err: ApiError) -> web.Response:
     return web.Response(body=err.body(), status=err.status, content_type="application/json")
+
+
+@web.middleware
+async def _fastapi_http_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown paths and methods answer like FastAPI: ``{"detail": "Not Found"}``."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as e:
+        return _json({"detail": e.reason}, e.status)
+
+
+def _json_error(raw: bytes) -> ApiError:
+    """Invalid JSON as vLLM reports it: pydantic's json_invalid at the byte offset."""
+    try:
+        json.loads(raw)
+        reason, pos = "Invalid JSON", 0
+    except json.JSONDecodeError as e:
+        reason, pos = e.msg, e.pos
+    except UnicodeDecodeError as e:
+        reason, pos = str(e.reason), e.start
+    err = field_error("json_invalid", str(pos), "JSON decode error", {})
+    err["ctx"] = {"error": reason}
+    return schema_error([err])
 
 
 class SimServer:
@@ -56,6 +100,7 @@ class SimServer:
         self.metrics = Metrics()
         self.records = Records(config.max_records)
         self.faults = FaultState(config.faults)
+        self.system_fingerprint = f"vllm-{SIM_VERSION}-{secrets.token_hex(4)}"
         self.port = 0
         self.side_channel_port = 0
         self._runners: list[web.AppRunner] = []
@@ -116,7 +161,7 @@ class SimServer:
     # -- app -------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_fastapi_http_errors])
         r = app.router
         r.add_post("/v1/completions", self._completions)
         r.add_post("/v1/chat/completions", self._chat)
@@ -127,13 +172,15 @@ class SimServer:
         r.add_get("/version", self._version)
         r.add_get("/metrics", self._metrics)
         add_control_routes(app, self.records, self.faults, self._info)
-        app.on_response_prepare.append(self._echo_request_id)
+        if self.config.request_id_headers:
+            app.on_response_prepare.append(self._echo_request_id)
         return app
 
     @staticmethod
     async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-        xrid = request.get(_XRID) or request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        response.headers["X-Request-Id"] = xrid
+        """vLLM's --enable-request-id-headers: the client's id, else a fresh uuid (not the one
+        in the body's ``id``)."""
+        response.headers["X-Request-Id"] = request.headers.get("X-Request-Id", uuid.uuid4().hex)
 
     def _info(self) -> dict[str, Any]:
         engine = self.engine
@@ -172,7 +219,22 @@ class SimServer:
             "root": self.config.model,
             "parent": None,
             "max_model_len": self.config.max_model_len,
-            "permission": [],
+            "permission": [
+                {
+                    "id": f"modelperm-{secrets.token_hex(8)}",
+                    "object": "model_permission",
+                    "created": int(time.time()),
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
         }
         return _json({"object": "list", "data": [card]})
 
@@ -191,26 +253,33 @@ class SimServer:
             engine.num_waiting,
             engine.pool.usage,
             engine.pool.held_blocks,
+            engine.pulling,
         )
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def _read_json(self, request: web.Request, record: Record | None = None) -> Any:
         raw = await request.read()
+        if request.content_type != "application/json":
+            if record is not None:
+                record.body = raw.decode("utf-8", "replace")
+            raise ApiError(
+                "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                400,
+                "Bad Request",
+            )
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             if record is not None:
                 record.body = raw.decode("utf-8", "replace")
-            raise ApiError(f"Invalid JSON body: {e}") from e
+            raise _json_error(raw) from e
         if record is not None:
             record.body = body
         if not isinstance(body, dict):
-            raise ApiError("The request body must be a JSON object.")
+            raise not_an_object(body)
         requested = body.get("model")
         if requested is not None and requested != self.config.model:
-            raise ApiError(
-                f"The model `{requested}` does not exist.", 404, "NotFoundError", param="model"
-            )
+            raise model_not_found(requested, self.config.model)
         return body
 
     async def _tokenize(self, request: web.Request) -> web.Response:
@@ -226,7 +295,12 @@ class SimServer:
                     body["prompt"], bool(body.get("add_special_tokens", True))
                 )
             else:
-                raise ApiError("Either prompt (a string) or messages is required.", param="prompt")
+                raise schema_error(
+                    [
+                        field_error("missing", "prompt", "Field required", body),
+                        field_error("missing", "messages", "Field required", body),
+                    ]
+                )
         except (ApiError, ValueError, TypeError) as e:
             return _error(e if isinstance(e, ApiError) else ApiError(str(e)))
         out: dict[str, Any] = {
@@ -259,8 +333,7 @@ class SimServer:
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         header_id = request.headers.get("X-Request-Id")
-        base_id = header_id or uuid.uuid4().hex
-        request[_XRID] = base_id
+        base_id = header_id or secrets.token_hex(8)
         record = self.records.add(Record(request.path, header_id))
         faults = self.faults.take()
         body: Any = None
@@ -299,6 +372,16 @@ class SimServer:
         kv = (req.kv_params or {}) if self.config.kv_transfer else {}
 
         load = KvLoad("local")
+        if incomplete(kv):
+            log.error(
+                "kv_transfer_params %s lack remote_block_ids or a remote_* key: a real vLLM 0.32 "
+                "decoder's EngineCore dies here and the server exits; the sim answers its 500",
+                kv,
+            )
+            record.status, record.outcome, record.kv = 500, "failed", "failed"
+            record.kv_failure = "incomplete_params"
+            self.metrics.request_success["error"] += 1
+            return _error(ApiError(ENGINE_DEAD, 500, "InternalServerError"))
         if kv.get("do_remote_prefill"):
             assert self._consumer is not None
             self.engine.pulling += 1
@@ -329,7 +412,8 @@ class SimServer:
             if req.stream:
                 return await self._stream(request, req.kind, rid, seq, req.include_usage,
                                           record, faults)  # fmt: skip
-            return await self._full(req.kind, rid, seq, record, faults, request)
+            ids = req.return_token_ids
+            return await self._full(req.kind, rid, seq, record, faults, request, ids)
         finally:
             if not seq.finished:
                 dropped = record.outcome == "dropped"
@@ -345,6 +429,7 @@ class SimServer:
         record: Record,
         faults: Faults | None,
         request: web.Request,
+        return_token_ids: bool = False,
     ) -> web.StreamResponse:
         parts: list[str] = []
         final: Step | None = None
@@ -364,6 +449,8 @@ class SimServer:
             len(seq.prompt_ids),
             len(seq.gen.token_ids),
             seq.kv_transfer_params,
+            self.system_fingerprint,
+            (seq.prompt_ids, list(seq.gen.token_ids)) if return_token_ids else None,
         )
         self._finish_record(record, final, seq)
         if faults is not None and (faults.garbage_body or faults.truncate_body):
@@ -407,10 +494,10 @@ class SimServer:
         record: Record,
         faults: Faults | None,
     ) -> web.StreamResponse:
-        writer = ChunkWriter(kind, rid, int(time.time()), self.config.model)
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        writer = ChunkWriter(
+            kind, rid, int(time.time()), self.config.model, self.system_fingerprint
         )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         record.status = 200
         drop_after = faults.drop_after_chunks if faults else None
@@ -448,14 +535,22 @@ class SimServer:
         if kind == "chat" and not await send(writer.role()):
             return resp
         final: Step | None = None
+        coalesce = self.config.timing.enabled
         while final is None:
+            # Like vLLM's output handler, the steps produced while the client lagged go out
+            # as one chunk (a chunk may carry several tokens). Untimed, every token is ready
+            # at once: one chunk per token then, so chunk-counting faults stay meaningful.
             steps = await self.engine.next_steps(seq)
-            for step in steps:
-                if step.finish_reason is not None:
-                    final = step
-                    event = writer.final(step)
-                elif step.text:
-                    event = writer.delta(step.text)
+            if not steps:  # ended without a final step (aborted)
+                return resp
+            groups = [steps] if coalesce else [[step] for step in steps]
+            for group in groups:
+                text = "".join(step.text for step in group)
+                if group[-1].finish_reason is not None:
+                    final = dataclasses.replace(group[-1], text=text)
+                    event = writer.final(final)
+                elif text:
+                    event = writer.delta(text)
                 else:
                     continue
                 if not await send(event):

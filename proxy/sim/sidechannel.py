@@ -4,7 +4,7 @@ Wire format (HTTP on the side-channel port, JSON bodies):
 ``POST /kv/read {"engine_id": str, "request_id": str, "block_ids": [int, ...]}`` answers
 ``200 {"contents": [int, ...]}`` and frees the blocks (NIXL's read-done notification), or
 ``4xx/5xx {"error": reason, "message": str}`` with reason one of ``wrong_engine``,
-``unknown_request``, ``expired``, ``bad_blocks``, ``bad_request``, ``injected_fault``.
+``unknown_request``, ``overwritten``, ``bad_blocks``, ``bad_request``, ``injected_fault``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from proxy.sim.kvcache import BlockPool, KvReadError
 
 READ_PATH = "/kv/read"
 RELEASE_PATH = "/kv/release"
-_STATUS = {"wrong_engine": 409, "unknown_request": 404, "expired": 410, "bad_blocks": 409}
+_STATUS = {"wrong_engine": 409, "unknown_request": 404, "overwritten": 410, "bad_blocks": 409}
 
 
 def _reply(status: int, reason: str, message: str) -> web.Response:

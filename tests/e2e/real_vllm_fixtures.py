@@ -1,7 +1,8 @@
-"""Fixtures for end-to-end tests against real vLLM (CPU build) started by launchers/disagg.sh.
+"""Fixtures for tests against real vLLM (CPU build) started by launchers/disagg.sh.
 
 Skipped unless PDPROXY_VLLM_PYTHON names a python that can import vllm (.ci/setup-vllm.sh
-makes one). The 1P1D topology is started once per session: engines take about a minute.
+makes one). The 1P1D topology is started once per session, for tests/e2e and tests/protocol
+alike (tests/conftest.py registers these fixtures): engines take about a minute.
 """
 
 from __future__ import annotations

@@ -41,13 +41,18 @@ def run_with(
     return asyncio.run(main())
 
 
+def _json_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """vLLM (and the sim) accept only application/json bodies."""
+    return {"Content-Type": "application/json", **(headers or {})}
+
+
 async def post(
     session: aiohttp.ClientSession,
     url: str,
     body: Any,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+    async with session.post(url, data=orjson.dumps(body), headers=_json_headers(headers)) as resp:
         raw = await resp.read()
         try:
             return resp.status, orjson.loads(raw)
@@ -60,7 +65,7 @@ async def stream_events(
 ) -> list[Any]:
     """All SSE data payloads (parsed JSON, or the raw string such as ``[DONE]``)."""
     events: list[Any] = []
-    async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+    async with session.post(url, data=orjson.dumps(body), headers=_json_headers(headers)) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         async for line in resp.content:

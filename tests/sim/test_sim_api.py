@@ -28,9 +28,21 @@ def test_completion_shape_and_determinism() -> None:
         _, r2 = await post(s, url, req)
         assert r2["choices"][0]["text"] == choice["text"]
         async with s.post(url, json=req, headers={"X-Request-Id": "xyz"}) as resp:
-            assert resp.headers["X-Request-Id"] == "xyz"
+            assert "X-Request-Id" not in resp.headers  # like vLLM without the flag
 
     run_with([config()], body)
+
+
+def test_request_id_headers_flag() -> None:
+    async def body(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
+        url = servers[0].url + "/v1/completions"
+        req = {"prompt": PROMPT, "max_tokens": 2}
+        async with s.post(url, json=req, headers={"X-Request-Id": "xyz"}) as resp:
+            assert resp.headers["X-Request-Id"] == "xyz"
+        async with s.post(url, json={**req, "model": "nope"}) as resp:
+            assert resp.status == 404 and len(resp.headers["X-Request-Id"]) == 32
+
+    run_with([config(request_id_headers=True)], body)
 
 
 def test_streams_match_full_responses() -> None:
@@ -114,7 +126,8 @@ def test_errors_are_openai_shaped() -> None:
         st, r = await post(s, url, {"prompt": "hi", "n": 2})
         assert st == 400
         st, r = await post(s, servers[0].url + "/v1/chat/completions", {"max_tokens": 3})
-        assert st == 400 and r["error"]["param"] == "messages"
+        assert st == 400 and r["error"]["param"] == "body.messages"
+        assert r["error"]["type"] == "Bad Request"
 
     run_with([config(max_model_len=64)], body)
 

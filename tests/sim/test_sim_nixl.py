@@ -78,7 +78,7 @@ def test_failures_recompute_and_are_counted() -> None:
         kv = await prefill(s, p, "a different prompt entirely about the sea " * 3)
         cases.append((kv, "content_mismatch"))
         kv = await prefill(s, p)
-        cases.append(({k: v for k, v in kv.items() if k != "remote_host"}, "invalid_params"))
+        cases.append(({**kv, "remote_host": None}, "invalid_params"))
         cases.append(({**kv, "remote_request_id": "nope"}, "unknown_request"))
         cases.append(({**kv, "remote_port": 1}, "unreachable"))
         for params, failure in cases:
@@ -89,10 +89,27 @@ def test_failures_recompute_and_are_counted() -> None:
             assert (rec["kv"], rec["kv_failure"]) == ("recomputed", failure)
         m = await metrics(s, d)
         assert m["pdsim:recomputed_requests_total"] == 4
-        assert m["vllm:nixl_num_failed_transfers_total"] == 3
+        assert m["vllm:nixl_num_failed_transfers_total"] == 4
         assert m["vllm:nixl_xfer_time_seconds_count"] == 0
 
-    run_with([config(), config()], body)
+    run_with([config(), config(kv_load_failure_policy="recompute")], body)
+
+
+def test_incomplete_params_answer_the_crash_500_and_the_sim_stays_up() -> None:
+    async def body(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
+        d = servers[0]
+        url = d.url + "/v1/completions"
+        for kv in (
+            {"do_remote_prefill": True},
+            {"do_remote_prefill": True, "remote_block_ids": [[1]]},
+        ):
+            st, r = await post(
+                s, url, {"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": kv}
+            )
+            assert st == 500 and r["error"]["type"] == "InternalServerError"
+        assert (await post(s, url, {"prompt": PROMPT, "max_tokens": 2}))[0] == 200
+
+    run_with([config()], body)
 
 
 def test_lease_expiry_frees_blocks_and_counts() -> None:
@@ -105,12 +122,17 @@ def test_lease_expiry_frees_blocks_and_counts() -> None:
         assert mp["pdsim:held_kv_blocks"] == 0
         assert mp["vllm:nixl_num_kv_expired_reqs_total"] == 1
         assert p.engine.pool.used_blocks == 0
-        await post(s, d.url + "/v1/completions", {"prompt": PROMPT, "kv_transfer_params": kv})
+        # like vLLM 0.32: the decoder reads the freed blocks; nothing notices
+        req = {"prompt": PROMPT, "kv_transfer_params": kv}
+        assert (await post(s, d.url + "/v1/completions", req))[0] == 200
         async with s.get(d.url + "/_sim/requests") as resp:
             rec = (await resp.json())["requests"][-1]
-        assert rec["kv"] == "recomputed" and rec["kv_failure"] == "unknown_request"
+        assert rec["kv"] == "pulled"
+        await post(s, p.url + "/v1/completions", {"prompt": "fresh words " * 60})  # reuses them
+        st, _ = await post(s, d.url + "/v1/completions", req)
+        assert st == 500  # overwritten: where real NIXL would silently use another's KV
 
-    run_with([config(kv_lease_seconds=0.2), config()], body)
+    run_with([config(kv_lease_seconds=0.2, num_gpu_blocks=8), config()], body)
 
 
 def test_fail_policy_and_side_channel_fault() -> None:
