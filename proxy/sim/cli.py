@@ -64,10 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-load-failure-policy",
         choices=("recompute", "fail"),
         default="fail",
-        help="On a failed KV pull (unreachable prefiller, expired or unknown blocks): fail the "
-        "request with a 500 (default, as vLLM 0.32's kv_load_failure_policy) or recompute the "
-        "prompt. Params missing remote_block_ids or a remote_* key always answer 500: they crash "
-        "a real 0.32 decoder (which then exits; the sim stays up).",
+        help="On a failed KV pull (unreachable prefiller, unknown request, freed blocks reused "
+        "since): fail the request with a 500 (default, as vLLM 0.32's kv_load_failure_policy) or "
+        "recompute the prompt. Like NIXL, re-reading blocks after a pull or lease expiry "
+        "succeeds. Params missing remote_block_ids or a remote_* key always answer 500: they "
+        "crash a real 0.32 decoder (which then exits; the sim stays up).",
     )
     a(
         "--no-kv-transfer",

@@ -188,10 +188,10 @@ class Engine:
         n = len(seq.prompt_ids)
         loaded = min(seq.loaded_tokens, n - 1)
         m.prompt_tokens += n  # the full prompt, also on a decoder that pulled it (as vLLM)
-        if self._cfg.kv_transfer:
-            m.external_prefix_cache_queries += n
-            m.external_prefix_cache_hits += min(seq.loaded_tokens, n)
         hit = max(0, min(seq.cached_tokens, n - 1) - loaded)
+        if self._cfg.kv_transfer:  # vLLM asks the connector for what the local cache lacks
+            m.external_prefix_cache_queries += n - hit
+            m.external_prefix_cache_hits += min(seq.loaded_tokens, n)
         m.prompt_tokens_by_source["external_kv_transfer"] += loaded
         m.prompt_tokens_by_source["local_cache_hit"] += hit
         m.prompt_tokens_by_source["local_compute"] += n - loaded - hit

@@ -10,7 +10,9 @@ assertions against both): no ``X-Request-Id`` response header unless ``request_i
 POST bodies must be ``application/json``; unknown paths answer FastAPI's ``{"detail": ...}``.
 Deliberately different: incomplete ``do_remote_prefill`` params answer 500 like the real
 decoder but the sim stays up (the real one exits); a failed pull fails at once rather than
-after vLLM's ~5 s; only ``n=1``; ``/version`` says ``0.32.0+pdsim``.
+after vLLM's ~5 s; a read of KV blocks reused since their lease ended fails (NIXL would hand
+over another request's KV silently); ``return_token_ids`` fills full responses only; only
+``n=1``; ``/version`` says ``0.32.0+pdsim``.
 """
 
 from __future__ import annotations
