@@ -54,7 +54,7 @@ def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
         "least_loaded": LeastLoaded,
         "load_aware": lambda: LoadAware(opts.waiting_weight, opts.kv_high),
         "prefix_aware": lambda: PrefixAware(
-            opts.prefix_block_chars, opts.balance_abs, opts.balance_rel
+            opts.prefix_block_chars, opts.balance_abs, opts.balance_rel, opts.waiting_weight
         ),
     }
     try:

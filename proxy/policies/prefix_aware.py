@@ -4,6 +4,7 @@ import zlib
 from collections.abc import Sequence
 
 from proxy.policies import RequestInfo
+from proxy.policies.load_aware import estimated_load
 from proxy.prefix import PrefixIndex, prefix_blocks
 from proxy.workers import WorkerState
 
@@ -17,41 +18,49 @@ class PrefixAware:
 
     The prompt's first characters are cut into chained-hash blocks (proxy.prefix); an index
     remembers which workers recently got each block. The worker with the longest match wins if
-    its in-flight requests are within `balance_abs` of, or `balance_rel` times, the least
-    loaded one's; otherwise, and for a prefix never seen, the choice among the workers within
-    that bound is by rendezvous hashing of the first block (the same prefix lands on the same
-    worker, across restarts of the index and across proxies). Prompts shorter than one block
-    go to the least loaded worker. The index is the policy's only state; it never does I/O.
+    its load (in-flight requests, or the engine's own count when scraped: see load_aware) is
+    within `balance_abs` of, or `balance_rel` times, the least loaded one's; otherwise, and for
+    a prefix never seen, the choice among the workers within that bound is by rendezvous
+    hashing of the first block (the same prefix lands on the same worker, across restarts of
+    the index and across proxies). Prompts shorter than one block go to the least loaded
+    worker. The index is the policy's only state; it never does I/O.
     """
 
     name = "prefix_aware"
 
     def __init__(
-        self, block_chars: int = 256, balance_abs: int = 4, balance_rel: float = 1.5
+        self,
+        block_chars: int = 256,
+        balance_abs: int = 4,
+        balance_rel: float = 1.5,
+        waiting_weight: float = 2.0,
     ) -> None:
         self.block_chars = block_chars
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
+        self.waiting_weight = waiting_weight
         self.index = PrefixIndex()
 
-    def _within_bound(self, load: int, least: int) -> bool:
+    def _within_bound(self, load: float, least: float) -> bool:
         """Balanced enough, as sglang's cache-aware router judges it: imbalance needs both the
         absolute and the relative excess."""
         return load <= least + self.balance_abs or load <= least * self.balance_rel
 
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> int | None:
-        available = [i for i, w in enumerate(workers) if w.available]
-        if not available:
+        loads = {
+            i: estimated_load(w, self.waiting_weight) for i, w in enumerate(workers) if w.available
+        }
+        if not loads:
             return None
-        least = min(workers[i].inflight for i in available)
+        least = min(loads.values())
         blocks = prefix_blocks(request.prefix, self.block_chars)
         if not blocks:
-            return min(available, key=lambda i: (workers[i].inflight, workers[i].inflight_chars))
+            return min(loads, key=lambda i: (loads[i], workers[i].inflight_chars))
         matched = self.index.matched(blocks)
-        bounded = [i for i in available if self._within_bound(workers[i].inflight, least)]
+        bounded = [i for i in loads if self._within_bound(loads[i], least)]
         hits = [i for i in bounded if matched.get(workers[i].url, 0) > 0]
         if hits:
-            choice = max(hits, key=lambda i: (matched[workers[i].url], -workers[i].inflight))
+            choice = max(hits, key=lambda i: (matched[workers[i].url], -loads[i]))
         else:
             choice = max(bounded, key=lambda i: _rendezvous(blocks[0], workers[i].url))
         self.index.record(blocks, workers[choice].url)
