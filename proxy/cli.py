@@ -91,6 +91,7 @@ def run_server(config: ProxyConfig) -> int:
             port=config.port,
             loop="uvloop",
             http="httptools",
+            proxy_headers=False,  # no X-Forwarded-* rewriting: the proxy never uses the address
             lifespan="on",
             access_log=False,
             log_level=config.log_level,

@@ -65,6 +65,18 @@ class SSEScanner:
         end += 2
         self._tail = buf[end:]
         out = buf[:end]
+        if self.first_token is not None:
+            # the common case once tokens flow: only token chunks, counted without splitting
+            events = out.count(b"\n\n")
+            if (
+                out.count(b"data: {") == events
+                and b'"usage":' not in out
+                and b'"error":' not in out
+                and b'"choices":[]' not in out
+            ):
+                self.token_events += events
+                self.last_token = now
+                return out
         for event in out.split(b"\n\n"):
             if event:
                 self._scan(event, now)

@@ -102,6 +102,13 @@ class Worker:
             "failures_total": self.failures_total,
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
+            "engine_load": None
+            if self.engine_load is None
+            else {
+                "running": self.engine_load.running,
+                "waiting": self.engine_load.waiting,
+                "kv_usage": self.engine_load.kv_usage,
+            },
         }
 
 

@@ -59,3 +59,17 @@ def test_malformed_first_event_is_flagged() -> None:
     fine = SSEScanner()
     fine.feed(b": keep-alive comment\n\n" + TOKEN_A, 0.0)
     assert fine.malformed is None and fine.first_token == 0.0
+
+
+def test_batched_reads_count_like_single_events() -> None:
+    """Many token events in one read (the fast path) count as they would one by one."""
+    tokens = [event({"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}) for i in range(9)]
+    stream = ROLE + b"".join(tokens) + USAGE + DONE
+    for size in (len(stream), 50, 200, 1):
+        scanner = SSEScanner()
+        pieces = [stream[j : j + size] for j in range(0, len(stream), size)]
+        out = b"".join(scanner.feed(p, float(i)) for i, p in enumerate(pieces))
+        assert out == stream
+        assert scanner.token_events == 9, size
+        assert scanner.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+        assert scanner.done
