@@ -160,6 +160,17 @@ class ProxyApp:
                 log.warning("%s worker %s is now %s", pool.role, worker.url, worker.health.value)
 
         await asyncio.gather(*(probe(pool, w) for pool in self.pools for w in pool.workers))
+        for pool in self.pools:
+            was = pool.panic
+            pool.refresh()
+            if pool.panic and not was:
+                log.warning(
+                    "every %s worker fails its health check: routing to them anyway", pool.role
+                )
+            elif was and not pool.panic:
+                log.warning(
+                    "a %s worker passes its health check again: panic routing off", pool.role
+                )
 
     def _build_api(self) -> FastAPI:
         api = FastAPI(

@@ -60,7 +60,7 @@ class TimeoutsConfig(_Model):
 
 class HealthConfig(_Model):
     interval: float = Field(5.0, ge=0, description="seconds between active /health checks; 0 = off")
-    timeout: float = Field(2.0, gt=0, description="seconds one /health check may take")
+    timeout: float = Field(5.0, gt=0, description="seconds one /health check may take")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
     cooldown: float = Field(10.0, gt=0, description="seconds an open breaker waits before a trial")
 

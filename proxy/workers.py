@@ -4,9 +4,14 @@ The pool owns the counters and the health state; policies only read them. Every 
 decrement in a `finally` (see `WorkerPool.track`), so counters return to zero on every path.
 
 A worker is *available* when its last active health check did not fail and its circuit breaker
-lets traffic through. The breaker opens after `failure_threshold` consecutive failed requests,
-stays open for `cooldown` seconds, then lets one trial request through (half-open): success closes
-it, failure opens it again.
+lets traffic through. When the health checks fail for every worker of a role whose breaker would
+let traffic through, the checks are ignored for that role (panic routing): a check is a guess
+about the engine, and refusing everything on a guess is worse than trying; breakers, which count
+real request failures, still apply.
+
+The breaker opens after `failure_threshold` consecutive failed requests, stays open for `cooldown`
+seconds, then lets one trial request through (half-open): success closes it, failure opens it
+again.
 """
 
 from __future__ import annotations
@@ -77,18 +82,23 @@ class Worker:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     trial_in_flight: bool = False
+    health_ignored: bool = False  # panic routing: see WorkerPool.refresh
     last_error: str | None = None
     requests_total: int = 0
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
 
     @property
-    def available(self) -> bool:
-        if self.health is Health.UNHEALTHY:
-            return False
+    def breaker_allows(self) -> bool:
         if self.breaker is Breaker.CLOSED:
             return True
         return self.breaker is Breaker.HALF_OPEN and not self.trial_in_flight
+
+    @property
+    def available(self) -> bool:
+        if self.health is Health.UNHEALTHY and not self.health_ignored:
+            return False
+        return self.breaker_allows
 
     def describe(self) -> dict[str, object]:
         return {
@@ -96,6 +106,7 @@ class Worker:
             "health": self.health.value,
             "breaker": self.breaker.value,
             "available": self.available,
+            "health_ignored": self.health_ignored,
             "inflight": self.inflight,
             "inflight_chars": self.inflight_chars,
             "requests_total": self.requests_total,
@@ -127,12 +138,21 @@ class WorkerPool:
         return cls(role, workers, failure_threshold, cooldown)
 
     def refresh(self, now: float | None = None) -> None:
-        """Move open breakers whose cool-down has passed to half-open."""
+        """Move open breakers whose cool-down has passed to half-open, and switch panic routing
+        on or off for the role."""
         now = monotonic() if now is None else now
         for w in self.workers:
             if w.breaker is Breaker.OPEN and now - w.opened_at >= self.cooldown:
                 w.breaker = Breaker.HALF_OPEN
                 w.trial_in_flight = False
+        panic = not any(w.health is not Health.UNHEALTHY and w.breaker_allows for w in self.workers)
+        if self.workers and panic != self.workers[0].health_ignored:
+            for w in self.workers:
+                w.health_ignored = panic
+
+    @property
+    def panic(self) -> bool:
+        return bool(self.workers) and self.workers[0].health_ignored
 
     @contextmanager
     def track(self, worker: Worker, chars: int) -> Iterator[Worker]:

@@ -189,7 +189,7 @@ def test_garbage_prefill_body_is_502(strict_proxy: Proxy, clean_sims: dict[str, 
     assert resp.status_code == 502 and "not JSON" in resp.json()["error"]["message"]
 
 
-def test_dead_worker_is_502_then_503_once_known(logs: Path, sims: dict[str, Sim]) -> None:
+def test_dead_worker_is_502_naming_it_and_health_says_503(logs: Path, sims: dict[str, Sim]) -> None:
     dead = Sim(f"http://127.0.0.1:{free_port()}", [], None, sims["d0"].proc)
     config = logs / "no-active-checks.yaml"
     config.write_text("health: {interval: 0}\n")
@@ -197,12 +197,14 @@ def test_dead_worker_is_502_then_503_once_known(logs: Path, sims: dict[str, Sim]
     with running(proxy):
         body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
         resp = httpx.post(proxy.url + "/v1/completions", json=body)
-        assert resp.status_code == 502  # nobody knew it was dead: the connect error is the news
+        assert resp.status_code == 502
         assert "cannot connect to decode worker" in resp.json()["error"]["message"]
-        assert httpx.get(proxy.url + "/health").status_code == 503  # probes, and now knows
+        health = httpx.get(proxy.url + "/health")
+        assert health.status_code == 503 and health.json()["decode"][0]["health"] == "unhealthy"
+        # the only decoder fails its check: the proxy still tries it (panic routing), and says so
         resp = httpx.post(proxy.url + "/v1/completions", json=body)
-        assert resp.status_code == 503
-        assert resp.json()["error"]["message"] == "no decode worker is available"
+        assert resp.status_code == 502 and dead.url in resp.json()["error"]["message"]
+        assert "routing to them anyway" in proxy.log_text()
 
 
 def test_timeouts_are_504(strict_proxy: Proxy, clean_sims: dict[str, Sim]) -> None:

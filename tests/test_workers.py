@@ -53,3 +53,20 @@ def test_failed_health_check_makes_unavailable() -> None:
     assert w.describe()["last_error"] == "/health answered 503"
     pool.record_check(w, True)
     assert w.available
+
+
+def test_panic_routing_when_every_worker_fails_its_check() -> None:
+    pool = WorkerPool.from_urls("decode", ["http://a", "http://b"], failure_threshold=1)
+    a, b = pool.workers
+    pool.record_check(a, False, "timeout")
+    pool.refresh()
+    assert not a.available and b.available and not pool.panic
+    pool.record_check(b, False, "timeout")
+    pool.refresh()
+    assert pool.panic and a.available and b.available  # checks ignored: try them anyway
+    pool.record_failure(a, "connect refused")  # a real failure still counts
+    pool.refresh()
+    assert not a.available and b.available
+    pool.record_check(b, True)
+    pool.refresh()
+    assert not pool.panic and b.available and not a.available
