@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 
+from proxy.sim import lmcache_cli
 from proxy.sim.config import (
     DEFAULT_KV_LEASE_SECONDS,
     DEFAULT_MODEL,
@@ -187,6 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-side-channel-error", action="store_true", help="Every side-channel read fails."
     )
     a("--log-level", default="INFO", help="Logging level (default INFO).")
+    lmcache_cli.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -233,6 +235,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         engine_id=args.engine_id,
         timing=timing,
         faults=faults,
+        lmcache=lmcache_cli.config_from_args(args),
     )
 
 

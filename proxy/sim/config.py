@@ -9,9 +9,12 @@ and a KV block of 16 tokens (~2 MiB) crosses the wire in about 0.1 ms after a fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.sim.faults import Faults
+
+if TYPE_CHECKING:
+    from proxy.sim.lmcache import LMCacheSimConfig
 
 Role = Literal["prefill", "decode", "both"]
 KvLoadFailurePolicy = Literal["recompute", "fail"]
@@ -66,3 +69,4 @@ class SimConfig:
     max_records: int = 10000
     timing: Timing = field(default_factory=Timing)
     faults: Faults = field(default_factory=Faults)
+    lmcache: LMCacheSimConfig | None = None  # LMCache PD mode (proxy.sim.lmcache)

@@ -36,6 +36,7 @@ from proxy.sim.control import Record, Records, add_control_routes
 from proxy.sim.engine import Engine, Sequence
 from proxy.sim.faults import Faults, FaultState
 from proxy.sim.kvcache import num_blocks_for
+from proxy.sim.lmcache import LMCacheMode
 from proxy.sim.metrics import Metrics
 from proxy.sim.model import Step
 from proxy.sim.nixl import KvLoad, KvLoadFailed, NixlConsumer, incomplete, producer_params
@@ -109,6 +110,7 @@ class SimServer:
         self._session: aiohttp.ClientSession | None = None
         self._engine: Engine | None = None
         self._consumer: NixlConsumer | None = None
+        self.lmcache: LMCacheMode | None = None
 
     @property
     def url(self) -> str:
@@ -132,6 +134,9 @@ class SimServer:
         self._consumer = NixlConsumer(
             self._session, cfg.timing, self.metrics, cfg.kv_load_failure_policy == "fail"
         )
+        if cfg.lmcache is not None:
+            self.lmcache = LMCacheMode(cfg.lmcache, cfg.timing, self.metrics)
+            await self.lmcache.start()
         side = side_channel_app(
             self.engine_id, self._engine.pool, lambda: self.faults.current.side_channel_error
         )
@@ -156,6 +161,8 @@ class SimServer:
             await runner.cleanup()
         if self._engine is not None:
             await self._engine.close()
+        if self.lmcache is not None:
+            await self.lmcache.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -174,6 +181,8 @@ class SimServer:
         r.add_get("/version", self._version)
         r.add_get("/metrics", self._metrics)
         add_control_routes(app, self.records, self.faults, self._info)
+        if self.lmcache is not None:
+            self.lmcache.add_routes(app)
         if self.config.request_id_headers:
             app.on_response_prepare.append(self._echo_request_id)
         return app
@@ -257,6 +266,8 @@ class SimServer:
             engine.pool.held_blocks,
             engine.pulling,
         )
+        if self.lmcache is not None:
+            text += self.lmcache.render()
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def _read_json(self, request: web.Request, record: Record | None = None) -> Any:
@@ -403,6 +414,10 @@ class SimServer:
                 self.engine.pulling -= 1
             record.kv, record.kv_failure = load.source, load.failure
 
+        if self.lmcache is not None and (pushed := self.lmcache.load(req.prompt_ids)) is not None:
+            load = pushed
+            record.kv, record.kv_failure = load.source, load.failure
+
         seq = self.engine.submit(
             engine_rid,
             req.prompt_ids,
@@ -410,6 +425,8 @@ class SimServer:
             load.loaded_tokens,
             produce_kv=bool(kv.get("do_remote_decode")),
         )
+        if self.lmcache is not None:
+            self.lmcache.on_submit(seq, kv)
         try:
             if req.stream:
                 return await self._stream(request, req.kind, rid, seq, req.include_usage,
@@ -441,6 +458,8 @@ class SimServer:
                 parts.append(step.text)
                 if step.finish_reason is not None:
                     final = step
+        if self.lmcache is not None:
+            self.lmcache.on_finished(seq)
         body = full_response(
             kind,
             rid,
