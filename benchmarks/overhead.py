@@ -134,8 +134,9 @@ def _targets(
         )
         targets.append(Target("pdproxy", through(proxy.url), proxy.pid))
     for ref, src in args.baseline_src.items():
+        label = ref.rstrip("/").rsplit("/", 1)[-1]
         base = procs.pdproxy(
-            f"pdproxy@{ref}",
+            f"pdproxy@{label}",
             PROXY_CPU,
             [prefill.url],
             [decode.url],
@@ -146,7 +147,7 @@ def _targets(
             src=src,
         )
         targets.append(
-            Target(f"pdproxy@{ref}", through(base.url), base.pid, f"pdproxy as of git {ref}")
+            Target(f"pdproxy@{label}", through(base.url), base.pid, f"pdproxy as of {ref}")
         )
     venv = Path(args.routers_venv)
     vllm_router = venv / "bin" / "vllm-router"
@@ -439,6 +440,11 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _source(ref: str, logdir: Path) -> Path:
+    """A source tree to run: `ref` itself if it is a directory, else a worktree of that ref."""
+    return Path(ref) if Path(ref).is_dir() else worktree(ref, logdir)
+
+
 def _router_versions(venv: Path) -> str:
     if not (venv / "bin" / "python").exists():
         return "not installed (see --routers-venv)"
@@ -454,7 +460,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     pin_self({int(ENGINE_CPU)} if (os.cpu_count() or 1) > 1 else {0})
     logdir = Path(tempfile.mkdtemp(prefix="pdproxy-overhead-"))
     procs = Procs(logdir)
-    args.baseline_src = {ref: worktree(ref, logdir) for ref in args.baseline}
+    args.baseline_src = {ref: _source(ref, logdir) for ref in args.baseline}
     scenarios: dict[str, Any] = {}
     wanted = ["overhead", "latency", "open-streams"] if args.scenario == "all" else [args.scenario]
     try:
@@ -467,8 +473,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             scenarios[name.replace("-", "_")] = await run(procs, args)
     finally:
         procs.stop_all()
-        for src in args.baseline_src.values():
-            drop_worktree(src)
+        for ref, src in args.baseline_src.items():
+            if src != Path(ref):
+                drop_worktree(src)
     return {
         "provenance": provenance([Path(sys.executable).name, *sys.argv]),
         "routers": _router_versions(Path(args.routers_venv)),
@@ -500,7 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="REF",
-        help="also run pdproxy as of these git refs (worktrees), same run: before/after",
+        help="also run pdproxy as of these git refs (worktrees) or source trees, same run",
     )
     p.add_argument("--quick", action="store_true", help="small run (~1 min)")
     p.add_argument("--out", default=str(RESULTS / "overhead"), help="results path stem")
