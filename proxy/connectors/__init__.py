@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 from prometheus_client import CollectorRegistry
 
 from proxy.config import ProxyConfig
 from proxy.engine import EngineClient
+from proxy.errors import UpstreamError
 from proxy.request import ClientRequest
 from proxy.workers import Worker
 
@@ -29,6 +31,19 @@ class Handoff:
     kv_transfer_params: dict[str, Any] | None
     recompute_reason: str | None = None
     recompute_kind: str = "none"  # short metric label for the reason
+
+
+def prefill_response(raw: bytes, prefiller: Worker) -> dict[str, Any]:
+    """The prefiller's answer as a JSON object; anything else is the prefiller's failure."""
+    try:
+        response = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(
+            f"prefill: prefill worker {prefiller.url} returned a body that is not JSON"
+        ) from None
+    if not isinstance(response, dict):
+        raise UpstreamError(f"prefill: prefill worker {prefiller.url} returned {type(response)}")
+    return response
 
 
 class Connector(Protocol):

@@ -28,10 +28,10 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry
 
-from proxy.connectors import Handoff
+from proxy.connectors import Handoff, prefill_response
 from proxy.connectors.lmcache_notify import Notifications
 from proxy.engine import EngineClient
-from proxy.errors import KVTransferTimeout, UpstreamError
+from proxy.errors import KVTransferTimeout
 from proxy.lmcache_config import LMCacheConfig, Receiver
 from proxy.request import ClientRequest
 from proxy.workers import Worker
@@ -71,15 +71,7 @@ def prefill_body(body: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 
 def first_token_params(raw: bytes, prefiller: Worker) -> dict[str, Any] | None:
     """The prefiller's `kv_transfer_params` (`{"first_tok": id}`), or None when it sent none."""
-    try:
-        response = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(
-            f"prefill: prefill worker {prefiller.url} returned a body that is not JSON"
-        ) from None
-    if not isinstance(response, dict):
-        raise UpstreamError(f"prefill: prefill worker {prefiller.url} returned {type(response)}")
-    params = response.get("kv_transfer_params")
+    params = prefill_response(raw, prefiller).get("kv_transfer_params")
     if isinstance(params, dict) and "first_tok" in params:
         return params
     return None

@@ -11,9 +11,8 @@ from typing import Any
 
 import orjson
 
-from proxy.connectors import Handoff
+from proxy.connectors import Handoff, prefill_response
 from proxy.engine import EngineClient
-from proxy.errors import UpstreamError
 from proxy.request import ClientRequest
 from proxy.workers import Worker
 
@@ -50,14 +49,7 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def handoff_from_response(raw: bytes, prefiller: Worker) -> Handoff:
-    try:
-        response = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(
-            f"prefill: prefill worker {prefiller.url} returned a body that is not JSON"
-        ) from None
-    if not isinstance(response, dict):
-        raise UpstreamError(f"prefill: prefill worker {prefiller.url} returned {type(response)}")
+    response = prefill_response(raw, prefiller)
     params = response.get("kv_transfer_params")
     if isinstance(params, dict) and params:
         return Handoff(params)
