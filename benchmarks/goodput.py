@@ -433,8 +433,8 @@ def _exit_on_term(*_: object) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 6, 8])
-    p.add_argument("--duration", type=float, default=20, help="seconds of arrivals per rate")
+    p.add_argument("--rates", type=float, nargs="+", default=[4, 8, 12, 16])
+    p.add_argument("--duration", type=float, default=15, help="seconds of arrivals per rate")
     p.add_argument("--configs", nargs="+", default=[*CONFIGS, "vllm-router"])
     p.add_argument("--ttft-slo", type=float, default=1.0, help="seconds")
     p.add_argument("--itl-slo", type=float, default=0.05, help="seconds (mean per request)")
@@ -442,11 +442,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=60, help="client timeout per request")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--routers-venv", default=".bench-routers")
-    p.add_argument("--quick", action="store_true", help="3 rates x 8 s (~3 min)")
+    p.add_argument("--quick", action="store_true", help="3 rates x 6 s (~3 min)")
     p.add_argument("--out", default=str(RESULTS / "goodput"), help="results path stem")
     args = p.parse_args(argv)
     if args.quick:
-        args.rates, args.duration = [2, 5, 8], 8
+        args.rates, args.duration = [4, 10, 16], 6
     if not (Path(args.routers_venv) / "bin" / "vllm-router").exists():
         args.configs = [c for c in args.configs if c != "vllm-router"]
     return args

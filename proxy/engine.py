@@ -136,7 +136,9 @@ class EngineClient:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            # engines set no cookies and compress nothing: no per-request jar or extra headers
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from proxy.admission import Admission
 from proxy.auth import Authenticator
 from proxy.config import FailoverConfig
 from proxy.connectors import Connector, Handoff
+from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient, IdleTimeout, engine_errors
 from proxy.errors import (
     MethodNotAllowed,
@@ -36,6 +37,7 @@ from proxy.errors import (
 )
 from proxy.metrics import ProxyMetrics
 from proxy.policies import Policy, RequestInfo
+from proxy.prefix import prompt_prefix
 from proxy.relay import SSEScanner, sse_error_event
 from proxy.request import ClientRequest, check_request_id, parse_request
 from proxy.stats import LatencyStats, RequestTiming
@@ -92,6 +94,8 @@ class Services:
     max_body_bytes: int
     decode_first_byte_timeout: float
     decode_idle_timeout: float
+    prefix_chars: int = 0  # prompt characters the policies hash (0: none needs them)
+    disagg: DisaggPlanner | None = None  # conditional disaggregation, when enabled
     draining: bool = False
     drain_expired: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
@@ -278,7 +282,10 @@ class CompletionEndpoint:
         """Prefill (with failover), then decode (retried on another decoder before any byte
         reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
         svc = self.services
-        info = RequestInfo(request.request_id, request.prompt_chars)
+        prefix = (
+            prompt_prefix(request.path, request.body, svc.prefix_chars) if svc.prefix_chars else ""
+        )
+        info = RequestInfo(request.request_id, request.prompt_chars, prefix)
         decoder = svc.router.pick_decode(info)
         if decoder is None:
             raise NoWorkerAvailable("no decode worker is available")
@@ -288,7 +295,13 @@ class CompletionEndpoint:
         while True:
             with svc.router.decode.track(decoder, request.prompt_chars):
                 if handoff is None:
-                    handoff = await self._prefill(request, decoder, info, timing)
+                    if (
+                        svc.disagg is not None
+                        and not (await svc.disagg.plan(request, decoder, info)).remote_prefill
+                    ):
+                        handoff = Handoff(None)  # chosen: the decoder prefills (not a recompute)
+                    else:
+                        handoff = await self._prefill(request, decoder, info, timing)
                     body = svc.connector.decode_body(request, handoff)
                     # KV now waits on the prefiller for the decoder: a client that leaves before
                     # the first decoded byte closes the decode leg, and the decoder's abort frees
@@ -437,17 +450,22 @@ class CompletionEndpoint:
                         )
                     progress.phase = "decode"
                     await out.start_stream()
-                    await out.chunk(events)
-                    while data := await stream.read():
-                        idle.touch()
-                        events = scanner.feed(data, perf_counter())
+                    while not scanner.done:
                         if events:
                             await out.chunk(events)
+                        data = await stream.read()
+                        if not data:
+                            break
+                        idle.touch()
+                        events = scanner.feed(data, perf_counter())
+                    if scanner.done:
+                        await out.end(events)  # the last events and the end: one write
+                        while await stream.read():  # to the end, so the connection is reused
+                            idle.touch()
             if not scanner.done:
                 raise UpstreamError(
                     f"decode: decode worker {decoder.url} ended the stream without [DONE]"
                 )
-            await out.end()
         finally:
             timing.first_token = scanner.first_token
             timing.last_token = scanner.last_token
