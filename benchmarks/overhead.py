@@ -331,7 +331,7 @@ async def scenario_latency(procs: Procs, args: argparse.Namespace) -> dict[str, 
     targets = [
         t
         for t in _targets(procs, prefill, decode, args.tokens, args)
-        if t.name in ("direct", "floor", "pdproxy")
+        if t.name in ("direct", "floor", "pdproxy") or t.name.startswith("pdproxy@")
     ]
     await warm(targets, 64)
     block = 50
