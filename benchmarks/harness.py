@@ -10,14 +10,10 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from proxy import __version__
+from proxy.sim.launch import free_port, http_status
 
 MODEL = "pdsim/llama-8b"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,22 +45,6 @@ def drop_worktree(path: Path) -> None:
     subprocess.run(
         ["git", "-C", str(repo), "worktree", "remove", "--force", str(path)], capture_output=True
     )
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 @dataclass
@@ -124,7 +105,7 @@ class Procs:
         while time.monotonic() < deadline:
             if popen.poll() is not None:
                 raise RuntimeError(f"{name} exited {popen.returncode}:\n{log.read_text()[-2000:]}")
-            if 0 < _status(url + ready) < 500:
+            if 0 < http_status(url + ready) < 500:
                 return proc
             time.sleep(0.05)
         raise RuntimeError(f"{name} not ready after {timeout:g}s:\n{log.read_text()[-2000:]}")

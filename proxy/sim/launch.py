@@ -23,7 +23,8 @@ def free_port() -> int:
         return port
 
 
-def _get(url: str) -> int:
+def http_status(url: str) -> int:
+    """The status of a GET, 0 when nothing answered."""
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
             return int(resp.status)
@@ -90,7 +91,7 @@ def spawn(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{process.log_text()}")
-        if 0 < _get(url + ready_path) < 500:
+        if 0 < http_status(url + ready_path) < 500:
             return process
         time.sleep(0.05)
     process.stop()
