@@ -120,6 +120,11 @@ def running(service: Service) -> Iterator[Service]:
         service.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the shared real-vLLM topology run after every test that uses it."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_topology") is not None)
+
+
 @pytest.fixture(scope="session")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")

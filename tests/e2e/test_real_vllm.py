@@ -265,6 +265,7 @@ def test_vllm_bench_serve(topology: Topology, tmp_path: Path) -> None:
     (topology.log_dir / "bench-summary.json").write_text(json.dumps(summary, indent=2))
 
 
+@pytest.mark.stops_topology
 def test_sigterm_stops_everything(topology: Topology) -> None:
     pids = topology.started_pids()
     assert set(pids) == {"prefill-0", "decode-0", "proxy"}
