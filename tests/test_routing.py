@@ -69,10 +69,11 @@ def test_load_aware_avoids_a_decoder_busy_with_other_clients(
     stop = threading.Event()
 
     def other_tenant() -> None:  # long streams straight to d0, invisible to the proxy
+        # each lasts about 2 s, so a scrape rarely lands in the gap before the next one
         while not stop.is_set():
             httpx.post(d0.url + "/v1/completions", json={
-                "model": MODEL, "prompt": "busy", "max_tokens": 400, "ignore_eos": True
-            }, timeout=30)  # fmt: skip
+                "model": MODEL, "prompt": "busy", "max_tokens": 5000, "ignore_eos": True
+            }, timeout=60)  # fmt: skip
 
     threads = [threading.Thread(target=other_tenant) for _ in range(3)]
     with running(start_proxy(tmp_path, [p0], [d0, d1], "--config", cfg)) as proxy:
@@ -82,7 +83,7 @@ def test_load_aware_avoids_a_decoder_busy_with_other_clients(
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # until a scrape has seen the tenant
                 loads = [w["engine_load"] for w in proxy.stats()["workers"]["decode"]]
-                if loads[0] and loads[0]["running"] >= 2:
+                if loads[0] and loads[0]["running"] >= 3:
                     break
                 time.sleep(0.05)
             before = len(d1.generation_records())
