@@ -213,7 +213,8 @@ def test_unreachable_prefiller_fails_the_request(engines: Engines) -> None:
         timeout=TIMEOUT,
     )
     assert_error(resp, 500, "InternalServerError", None)
-    assert wait_metric(engines.decode, FAILED, failed + 1) == failed + 1
+    # counted at least once: real vLLM 0.32 counted 1 in some runs and 2 in another
+    assert wait_metric(engines.decode, FAILED, failed + 1) >= failed + 1
     assert metric(engines.decode, XFER) == xfer
     assert httpx.get(engines.decode + "/health", timeout=10).status_code == 200
     post(engines.decode + "/v1/completions", completion(engines, PROMPT, max_tokens=2))
