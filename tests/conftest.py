@@ -5,13 +5,15 @@ Each process is started in its own session and stopped by its PID (process group
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from proxy.sim import launch
@@ -24,6 +26,26 @@ MODEL = "pdsim/llama-8b"
 
 
 Service = Process
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    """The data of each SSE event: parsed JSON, or the string "[DONE]"."""
+    events: list[Any] = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"data: "):
+            payload = block[6:]
+            events.append(payload.decode() if payload == b"[DONE]" else orjson.loads(payload))
+    return events
 
 
 class Metrics(dict[str, float]):

@@ -10,10 +10,18 @@ from typing import Any
 
 import httpx
 import openai
-import orjson
 import pytest
 
-from tests.conftest import MODEL, Proxy, Sim, free_port, running, start_proxy
+from tests.conftest import (
+    MODEL,
+    Proxy,
+    Sim,
+    free_port,
+    running,
+    sse_events,
+    start_proxy,
+    wait_for,
+)
 
 CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about KV caches."}]}
 PULLS = "vllm:nixl_xfer_time_seconds_count"
@@ -28,15 +36,6 @@ def direct(sim: Sim, path: str, body: dict[str, Any]) -> dict[str, Any]:
     """The same request served by one engine alone, no disaggregation."""
     data: dict[str, Any] = httpx.post(sim.url + path, json=body, timeout=10).json()
     return data
-
-
-def sse_events(raw: bytes) -> list[Any]:
-    events = []
-    for block in raw.split(b"\n\n"):
-        if block.startswith(b"data: "):
-            payload = block[6:]
-            events.append(payload.decode() if payload == b"[DONE]" else orjson.loads(payload))
-    return events
 
 
 def test_sdk_chat_non_stream_equals_direct_and_kv_was_pulled(proxy: Proxy) -> None:
@@ -264,33 +263,24 @@ def _disconnect_after(proxy: Proxy, body: dict[str, Any], seconds: float, chunks
     thread.join()
 
 
-def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 def test_disconnect_during_prefill_cancels_prefill(proxy: Proxy) -> None:
     prefiller, decoder = proxy.prefill[0], proxy.decode[0]
     prefiller.faults(stall_seconds=5, count=1)
     _disconnect_after(proxy, {"model": MODEL, "prompt": "x", "max_tokens": 5}, 0.5)
-    _wait_for(lambda: prefiller.metric("pdsim:aborted_requests_total", phase="prefill") == 1)
+    wait_for(lambda: prefiller.metric("pdsim:aborted_requests_total", phase="prefill") == 1)
     assert decoder.generation_records() == []
-    _wait_for(
+    wait_for(
         lambda: proxy.metrics().total("pdproxy_client_disconnects_total", phase="prefill") >= 1
     )
-    _wait_for(lambda: proxy.stats()["workers"]["prefill"][0]["inflight"] == 0)
+    wait_for(lambda: proxy.stats()["workers"]["prefill"][0]["inflight"] == 0)
 
 
 def test_disconnect_during_decode_closes_decode_stream(proxy: Proxy) -> None:
     decoder = proxy.decode[0]
     body = {"model": MODEL, "prompt": "x", "max_tokens": 20000, "stream": True, "ignore_eos": True}
     _disconnect_after(proxy, body, 5, chunks=2)
-    _wait_for(lambda: decoder.metric("pdsim:aborted_requests_total", phase="decode") == 1)
-    _wait_for(lambda: proxy.stats()["workers"]["decode"][0]["inflight"] == 0)
+    wait_for(lambda: decoder.metric("pdsim:aborted_requests_total", phase="decode") == 1)
+    wait_for(lambda: proxy.stats()["workers"]["decode"][0]["inflight"] == 0)
 
 
 def test_prefill_without_params_is_counted_as_recompute(

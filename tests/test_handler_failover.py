@@ -7,35 +7,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
-from tests.conftest import MODEL, Proxy, Sim, running, start_proxy
+from tests.conftest import MODEL, Proxy, Sim, running, sse_events, start_proxy, wait_for
 
 PULLS = "vllm:nixl_xfer_time_seconds_count"
 BODY = {"model": MODEL, "prompt": "fail me over", "max_tokens": 4}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-def sse_events(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for block in raw.split(b"\n\n"):
-        if block.startswith(b"data: "):
-            out.append(block[6:].decode() if block == b"data: [DONE]" else orjson.loads(block[6:]))
-    return out
 
 
 def start_2p2d(logs: Path, sims: dict[str, Sim]) -> Proxy:

@@ -22,7 +22,7 @@ import pytest
 import zmq
 
 from proxy.sim.launch import spawn
-from tests.conftest import MODEL, Proxy, Sim, free_port, start_sim
+from tests.conftest import MODEL, Proxy, Sim, free_port, start_sim, wait_for
 from tests.test_handler import (  # noqa: F401 - collected again here, over LMCache
     CHAT_BODY,
     client,
@@ -205,15 +205,6 @@ def clean_sims(strict_rig: Rig) -> dict[str, Sim]:
 
 def post(proxy: Proxy, body: dict[str, Any], path: str = "/v1/completions") -> httpx.Response:
     return httpx.post(proxy.url + path, json=body, timeout=10)
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 # --- the same behaviour as NIXL, with LMCache's proof that the KV travelled ---
