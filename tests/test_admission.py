@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from proxy.admission import Admission
 from proxy.errors import TooManyRequests
-from tests.conftest import MODEL, Proxy, Sim, running, start_proxy
+from tests.conftest import MODEL, Proxy, Sim, running, start_proxy, wait_for
 
 
 def test_slots_queue_and_rejection() -> None:
@@ -107,10 +106,15 @@ def test_proxy_answers_429_beyond_queue(small_proxy: Proxy, clean_sims: dict[str
     def call() -> None:
         results.append(httpx.post(small_proxy.url + "/v1/completions", json=body, timeout=20))
 
+    def admitted() -> tuple[int, int]:
+        adm = small_proxy.stats()["admission"]
+        return adm["active"], adm["queued"]
+
     threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
+    for expected, t in zip([(1, 0), (1, 1), None], threads, strict=True):
         t.start()
-        time.sleep(0.2)
+        if expected is not None:  # one holds the slot, one waits, the third is turned away
+            wait_for(lambda e=expected: admitted() == e)  # type: ignore[misc]
     for t in threads:
         t.join()
     statuses = sorted(r.status_code for r in results)
@@ -131,11 +135,11 @@ def test_queued_client_that_leaves_is_dropped(
         target=httpx.post, args=(small_proxy.url + "/v1/completions",), kwargs={"json": body}
     )
     first.start()
-    time.sleep(0.2)
+    # The first holds the only slot (stalled on the prefiller) before the second arrives.
+    wait_for(lambda: small_proxy.stats()["admission"]["active"] == 1)
     with pytest.raises(httpx.TimeoutException):  # queued behind the first; gives up
         httpx.post(small_proxy.url + "/v1/completions", json=body, timeout=0.3)
-    assert small_proxy.stats()["admission"]["queued"] == 0
+    wait_for(lambda: small_proxy.stats()["admission"]["queued"] == 0)
     first.join()
-    time.sleep(0.2)
+    wait_for(lambda: small_proxy.stats()["admission"]["active"] == 0)
     assert len(p0.generation_records()) == 1  # the one that left never reached an engine
-    assert small_proxy.stats()["admission"]["active"] == 0

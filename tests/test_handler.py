@@ -308,19 +308,25 @@ def test_prefill_without_params_is_counted_as_recompute(
 
 def test_xpyd_least_loaded_spreads(proxy_2p2d: Proxy) -> None:
     for sim in proxy_2p2d.prefill + proxy_2p2d.decode:
-        sim.faults(stall_seconds=0.6)
+        sim.faults(stall_seconds=1.5)
     body = {"model": MODEL, "prompt": "spread me", "max_tokens": 2}
     threads = [
         threading.Thread(
             target=httpx.post,
             args=(proxy_2p2d.url + "/v1/completions",),
-            kwargs={"json": body, "timeout": 10},
+            kwargs={"json": body, "timeout": 20},
         )
         for _ in range(4)
     ]
-    for t in threads:
+
+    def prefill_inflight() -> int:
+        return sum(w["inflight"] for w in proxy_2p2d.stats()["workers"]["prefill"])
+
+    for started, t in enumerate(threads, 1):
         t.start()
-        time.sleep(0.05)
+        # Each request is placed before the next arrives; none can finish meanwhile
+        # (every leg stalls), so the choice each time sees the load of all earlier ones.
+        wait_for(lambda n=started: prefill_inflight() == n)  # type: ignore[misc]
     for t in threads:
         t.join()
     counts = [len(s.generation_records()) for s in proxy_2p2d.prefill + proxy_2p2d.decode]

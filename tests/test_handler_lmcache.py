@@ -504,17 +504,20 @@ def test_xpyd_each_decoder_gets_its_own_receiver_ports(rig_2p2d: Rig, proxy_2p2d
     }
     assert len({p for ps in ports.values() for group in ps for p in group}) == 4
     for decoder in proxy_2p2d.decode:
-        decoder.faults(stall_seconds=0.4)  # keeps each busy, so least_loaded spreads the load
+        decoder.faults(stall_seconds=1.5)  # keeps each busy, so least_loaded spreads the load
     statuses: list[int] = []
 
     def one(i: int) -> None:
         body = {"model": MODEL, "prompt": f"request number {i} of four", "max_tokens": 3}
         statuses.append(post(proxy_2p2d, body).status_code)
 
+    def decode_inflight() -> int:
+        return sum(w["inflight"] for w in proxy_2p2d.stats()["workers"]["decode"])
+
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
+    for started, t in enumerate(threads, 1):
         t.start()
-        time.sleep(0.05)
+        wait_for(lambda n=started: decode_inflight() == n)  # type: ignore[misc]
     for t in threads:
         t.join()
     assert statuses == [200] * 4
