@@ -1,18 +1,24 @@
 """The only module that speaks HTTP to engines.
 
-One keep-alive connection pool serves all workers. Every aiohttp or timeout exception is translated
-here, once, into the proxy's error tree (`proxy.errors`); callers never see an aiohttp type.
+A small HTTP/1.1 client on asyncio protocols and the httptools parser (the one uvicorn uses): each
+engine call is one write of a pre-built request and, for a stream, one parser callback per network
+read, handed to the relay as the bytes that came. Connections are kept alive in a pool per engine.
+
+Every transport or timeout failure is translated here, once, into the proxy's error tree
+(`proxy.errors`); callers never see a socket or parser exception.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 
 from proxy.errors import (
     UpstreamError,
@@ -23,6 +29,24 @@ from proxy.errors import (
 )
 from proxy.workers import Worker
 
+# An idle connection is used again only for this long. vLLM's server (uvicorn) closes idle
+# keep-alive connections after 5 s; reusing one just as it closes would fail the request.
+IDLE_REUSE_SECONDS = 4.0
+# Stop reading from an engine while this much of its answer waits for a slow client.
+READ_BUFFER_LIMIT = 256 * 1024
+
+
+class _ConnectFailed(Exception):
+    """The TCP (or TLS) connection to the engine could not be made."""
+
+
+class _ConnectionClosed(Exception):
+    """The engine closed the connection before its answer was complete."""
+
+
+class _BadResponse(Exception):
+    """The engine's bytes are not valid HTTP."""
+
 
 @contextmanager
 def engine_errors(worker: Worker, what: str) -> Iterator[None]:
@@ -32,13 +56,12 @@ def engine_errors(worker: Worker, what: str) -> Iterator[None]:
         yield
     except TimeoutError:
         raise UpstreamTimeout(f"{what}: {where} did not answer in time") from None
-    except aiohttp.ClientConnectorError as exc:
-        reason = exc.os_error.strerror or str(exc.os_error)
-        raise UpstreamError(f"{what}: cannot connect to {where}: {reason}") from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+    except _ConnectFailed as exc:
+        raise UpstreamError(f"{what}: cannot connect to {where}: {exc}") from None
+    except _ConnectionClosed as exc:
         raise UpstreamError(f"{what}: {where} closed the connection early ({exc})") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"{what}: {where} failed: {exc or type(exc).__name__}") from None
+    except _BadResponse as exc:
+        raise UpstreamError(f"{what}: {where} failed: {exc}") from None
 
 
 class IdleTimeout:
@@ -88,36 +111,183 @@ class IdleTimeout:
             raise TimeoutError from exc
 
 
-async def _raise_for_status(resp: aiohttp.ClientResponse, worker: Worker, what: str) -> None:
-    if resp.status < 400:
-        return
-    raw = await resp.read()
-    body = openai_error_body(resp.status, raw)
-    if resp.status < 500:
-        raise UpstreamRejected(resp.status, body, error_message(body))
-    raise UpstreamError(
-        f"{what}: {worker.role} worker {worker.url} answered {resp.status}: {error_message(body)}"
-    )
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; carries one exchange at a time.
+
+    The parser's callbacks fill `_body` and wake the one reader waiting in `read()`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._framed = False  # the body has a length or is chunked (else it ends at EOF)
+        self.status = 0
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False  # any byte of the answer arrived
+        self.closed = False
+        self.error: Exception | None = None
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(_BadResponse(f"invalid HTTP response ({exc})"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.headers_done and not self._framed and not self.complete and exc is None:
+            self.complete = True  # a body without length or chunking ends when the server closes
+        elif not self.complete:
+            reason = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+            self._fail(_ConnectionClosed(reason))
+        self._wake()
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered == b"content-length" or (
+            lowered == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self._framed = True
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > READ_BUFFER_LIMIT and not self._paused and self._transport:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self._parser.should_keep_alive()  # only known until the message ends
+        self._wake()
+
+    # used by EngineClient
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def send(self, request: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(request)
+
+    async def head(self) -> int:
+        """Wait for the status line and headers; return the status."""
+        while not self.headers_done:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+        return self.status
+
+    async def read(self) -> bytes:
+        """The body bytes received since the last read; b"" once the answer is complete."""
+        while not self._body:
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+        body = self._body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._buffered = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while data := await self.read():
+            parts.append(data)
+        return b"".join(parts)
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.error is None
+
+    def reset(self) -> None:
+        """Ready for the next exchange on the same connection."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._body.clear()
+        self._buffered = 0
+        self._framed = False
+        self.status = 0
+        self.headers_done = self.complete = self.keep_alive = self.received = False
+
+    def close(self) -> None:
+        """Close at once; an engine aborts the request whose connection closes."""
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+        self.closed = True
+
+
+class _Endpoint:
+    """Where one engine listens, and its idle connections (most recently used last)."""
+
+    __slots__ = ("host", "host_header", "idle", "port", "tls")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
+        self.idle: list[_Connection] = []
 
 
 class EngineStream:
-    """An open streaming response from an engine. Owns its connection: `close()` releases it,
+    """An open streaming response from an engine. Owns its connection: `close()` gives it back,
     and closing before the end tells the engine to abort the request."""
 
-    __slots__ = ("_resp", "_what", "_worker")
+    __slots__ = ("_client", "_conn", "_endpoint")
 
-    def __init__(self, resp: aiohttp.ClientResponse, worker: Worker, what: str) -> None:
-        self._resp = resp
-        self._worker = worker
-        self._what = what
+    def __init__(self, client: EngineClient, endpoint: _Endpoint, conn: _Connection) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._conn = conn
 
     async def read(self) -> bytes:
-        """The next bytes from the engine; b"" at the end of the stream."""
-        with engine_errors(self._worker, self._what):
-            return await self._resp.content.readany()
+        """The next bytes from the engine; b"" at the end of the stream. Errors are raw: read
+        inside `engine_errors`."""
+        return await self._conn.read()
 
     def close(self) -> None:
-        self._resp.close()
+        self._client._release(self._endpoint, self._conn)
 
 
 class EngineClient:
@@ -125,47 +295,126 @@ class EngineClient:
 
     def __init__(self, connect_timeout: float, api_key: str | None = None) -> None:
         self._connect_timeout = connect_timeout
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._session: aiohttp.ClientSession | None = None
+        auth = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
+        self._auth = auth
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-            auto_decompress=False,
-            # engines set no cookies and compress nothing: no per-request jar or extra headers
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        )
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for endpoint in self._endpoints.values():
+            for conn in endpoint.idle:
+                conn.close()
+            endpoint.idle.clear()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _endpoint(self, worker: Worker) -> _Endpoint:
+        endpoint = self._endpoints.get(worker.url)
+        if endpoint is None:
+            endpoint = self._endpoints[worker.url] = _Endpoint(worker.url)
+        return endpoint
+
+    def _request(
+        self, endpoint: _Endpoint, method: bytes, path: str, body: bytes, request_id: str | None
+    ) -> bytes:
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            method,
+            path.encode(),
+            endpoint.host_header,
+            self._auth,
+        )
+        if request_id is not None:
+            head += b"X-Request-Id: %s\r\n" % request_id.encode()
+        if method == b"POST":
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        return head + b"\r\n" + body
+
+    async def _connect(self, endpoint: _Endpoint) -> _Connection:
+        if self._loop is None:
             raise RuntimeError("EngineClient.start() was not awaited")
-        return self._session
+        loop = self._loop
+        tls: ssl.SSLContext | None = None
+        if endpoint.tls:
+            tls = self._tls = self._tls or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), endpoint.host, endpoint.port, ssl=tls
+                )
+        except TimeoutError:
+            raise _ConnectFailed(f"no connection within {self._connect_timeout} s") from None
+        except OSError as exc:
+            raise _ConnectFailed(exc.strerror or str(exc)) from None
+        return conn
 
-    def _request_headers(self, request_id: str) -> dict[str, str]:
-        return {**self._headers, "X-Request-Id": request_id}
+    async def _exchange(self, endpoint: _Endpoint, request: bytes) -> _Connection:
+        """Send `request` on a kept-alive connection (or a new one) and wait for the answer's
+        headers. A kept-alive connection that the engine closed before answering (an idle close
+        racing our write) is replaced by a new one, once: the engine never saw the request."""
+        idle = endpoint.idle
+        now = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or now - conn.idle_since > IDLE_REUSE_SECONDS:
+                conn.close()
+                continue
+            try:
+                conn.send(request)
+                await conn.head()
+                return conn
+            except _ConnectionClosed:
+                if conn.received:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+        conn = await self._connect(endpoint)
+        try:
+            conn.send(request)
+            await conn.head()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _release(self, endpoint: _Endpoint, conn: _Connection) -> None:
+        if conn.reusable():
+            conn.reset()
+            conn.idle_since = asyncio.get_running_loop().time()
+            endpoint.idle.append(conn)
+        else:
+            conn.close()
+
+    async def _raise_for_status(self, conn: _Connection, worker: Worker, what: str) -> None:
+        if conn.status < 400:
+            return
+        raw = await conn.read_all()
+        body = openai_error_body(conn.status, raw)
+        if conn.status < 500:
+            raise UpstreamRejected(conn.status, body, error_message(body))
+        raise UpstreamError(
+            f"{what}: {worker.role} worker {worker.url} answered {conn.status}: "
+            f"{error_message(body)}"
+        )
 
     async def call(
         self, worker: Worker, path: str, body: bytes, request_id: str, timeout: float, what: str
     ) -> bytes:
         """POST `body` and return the whole 2xx response body; anything else raises a ProxyError."""
-        with engine_errors(worker, what):
-            async with asyncio.timeout(timeout):
-                async with self.session.post(
-                    worker.url + path, data=body, headers=self._request_headers(request_id)
-                ) as resp:
-                    await _raise_for_status(resp, worker, what)
-                    return await resp.read()
+        endpoint = self._endpoint(worker)
+        request = self._request(endpoint, b"POST", path, body, request_id)
+        conn: _Connection | None = None
+        try:
+            with engine_errors(worker, what):
+                async with asyncio.timeout(timeout):
+                    conn = await self._exchange(endpoint, request)
+                    await self._raise_for_status(conn, worker, what)
+                    return await conn.read_all()
+        finally:
+            if conn is not None:
+                self._release(endpoint, conn)
 
     async def open_stream(
         self, worker: Worker, path: str, body: bytes, request_id: str, first_byte_timeout: float
@@ -176,24 +425,31 @@ class EngineClient:
         error response, and the client's response starts only when there is something to send.
         """
         what = "decode"
-        resp: aiohttp.ClientResponse | None = None
+        endpoint = self._endpoint(worker)
+        request = self._request(endpoint, b"POST", path, body, request_id)
+        conn: _Connection | None = None
         try:
             with engine_errors(worker, what):
                 async with asyncio.timeout(first_byte_timeout):
-                    resp = await self.session.post(
-                        worker.url + path, data=body, headers=self._request_headers(request_id)
-                    )
-                    await _raise_for_status(resp, worker, what)
-                    first = await resp.content.readany()
+                    conn = await self._exchange(endpoint, request)
+                    await self._raise_for_status(conn, worker, what)
+                    first = await conn.read()
         except BaseException:
-            if resp is not None:
-                resp.close()
+            if conn is not None:
+                self._release(endpoint, conn)
             raise
-        return EngineStream(resp, worker, what), first
+        return EngineStream(self, endpoint, conn), first
 
     async def get(self, worker: Worker, path: str, timeout: float) -> tuple[int, bytes]:
         """GET for health, models and metrics; transport failures raise a ProxyError."""
-        with engine_errors(worker, f"GET {path}"):
-            async with asyncio.timeout(timeout):
-                async with self.session.get(worker.url + path, headers=self._headers) as resp:
-                    return resp.status, await resp.read()
+        endpoint = self._endpoint(worker)
+        request = self._request(endpoint, b"GET", path, b"", None)
+        conn: _Connection | None = None
+        try:
+            with engine_errors(worker, f"GET {path}"):
+                async with asyncio.timeout(timeout):
+                    conn = await self._exchange(endpoint, request)
+                    return conn.status, await conn.read_all()
+        finally:
+            if conn is not None:
+                self._release(endpoint, conn)
