@@ -8,11 +8,14 @@ an event.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
 DONE = b"data: [DONE]"
+# what makes an event more than a token chunk: usage, an error, or a usage-only chunk
+_NOT_A_PLAIN_TOKEN = re.compile(rb'"usage":|"error":|"choices":\[\]')
 
 
 def _has_token(event: dict[str, Any]) -> bool:
@@ -57,23 +60,21 @@ class SSEScanner:
 
     def feed(self, data: bytes, now: float) -> bytes:
         """Take bytes read from the engine; return the complete events among them to forward."""
-        buf = self._tail + data if self._tail else data
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            self._tail = buf
-            return b""
-        end += 2
-        self._tail = buf[end:]
-        out = buf[:end]
+        out = self._tail + data if self._tail else data
+        if out.endswith(b"\n\n"):  # the common case: reads end where events end
+            self._tail = b""
+        else:
+            end = out.rfind(b"\n\n")
+            if end < 0:
+                self._tail = out
+                return b""
+            end += 2
+            self._tail = out[end:]
+            out = out[:end]
         if self.first_token is not None:
             # the common case once tokens flow: only token chunks, counted without splitting
             events = out.count(b"\n\n")
-            if (
-                out.count(b"data: {") == events
-                and b'"usage":' not in out
-                and b'"error":' not in out
-                and b'"choices":[]' not in out
-            ):
+            if out.count(b"data: {") == events and _NOT_A_PLAIN_TOKEN.search(out) is None:
                 self.token_events += events
                 self.last_token = now
                 return out
