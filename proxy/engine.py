@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import types
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from time import perf_counter
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -65,10 +66,11 @@ def engine_errors(worker: Worker, what: str) -> Iterator[None]:
 
 
 class IdleTimeout:
-    """Cancels the enclosing task when `touch()` has not been called for `seconds`.
+    """Cancels the enclosing task when `last` (a perf_counter reading, set by the reader at each
+    chunk) is older than `seconds`.
 
-    Cheaper than an asyncio.timeout per chunk: touching is one clock read, and the timer is
-    re-armed only when it fires. Raises TimeoutError on exit when it fired.
+    Cheaper than an asyncio.timeout per chunk: noting progress is one attribute store, and the
+    timer is re-armed only when it fires. Raises TimeoutError on exit when it fired.
     """
 
     __slots__ = ("_handle", "_loop", "_task", "expired", "last", "seconds")
@@ -77,26 +79,23 @@ class IdleTimeout:
         self.seconds = seconds
         self.expired = False
         self._loop = asyncio.get_running_loop()
-        self.last = self._loop.time()
+        self.last = perf_counter()
         self._task: asyncio.Task[Any] | None = None
         self._handle: asyncio.TimerHandle | None = None
 
-    def touch(self) -> None:
-        self.last = self._loop.time()
-
     def _fire(self) -> None:
-        due = self.last + self.seconds
-        if self._loop.time() >= due:
+        quiet = perf_counter() - self.last
+        if quiet >= self.seconds:
             self.expired = True
             assert self._task is not None
             self._task.cancel()
         else:
-            self._handle = self._loop.call_at(due, self._fire)
+            self._handle = self._loop.call_later(self.seconds - quiet, self._fire)
 
     async def __aenter__(self) -> IdleTimeout:
         self._task = asyncio.current_task()
-        self.touch()
-        self._handle = self._loop.call_at(self.last + self.seconds, self._fire)
+        self.last = perf_counter()
+        self._handle = self._loop.call_later(self.seconds, self._fire)
         return self
 
     async def __aexit__(
@@ -216,13 +215,17 @@ class _Connection(asyncio.Protocol):
 
     async def read(self) -> bytes:
         """The body bytes received since the last read; b"" once the answer is complete."""
-        while not self._body:
+        body = self._body
+        while not body:
             if self.complete:
                 return b""
             if self.error is not None:
                 raise self.error
-            await self._wait()
-        body = self._body
+            waiter = self._waiter = self._loop.create_future()  # (not _wait(): once per chunk)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
         self._buffered = 0
@@ -274,17 +277,15 @@ class EngineStream:
     """An open streaming response from an engine. Owns its connection: `close()` gives it back,
     and closing before the end tells the engine to abort the request."""
 
-    __slots__ = ("_client", "_conn", "_endpoint")
+    __slots__ = ("_client", "_conn", "_endpoint", "read")
 
     def __init__(self, client: EngineClient, endpoint: _Endpoint, conn: _Connection) -> None:
         self._client = client
         self._endpoint = endpoint
         self._conn = conn
-
-    async def read(self) -> bytes:
-        """The next bytes from the engine; b"" at the end of the stream. Errors are raw: read
-        inside `engine_errors`."""
-        return await self._conn.read()
+        # The next bytes from the engine; b"" at the end of the stream. Errors are raw: read
+        # inside `engine_errors`. (The connection's own method: no extra frame per chunk.)
+        self.read: Callable[[], Awaitable[bytes]] = conn.read
 
     def close(self) -> None:
         self._client._release(self._endpoint, self._conn)

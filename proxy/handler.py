@@ -110,12 +110,13 @@ class Services:
 class Responder:
     """Sends the client's response; knows whether it has started."""
 
-    __slots__ = ("_send", "request_id", "started", "status")
+    __slots__ = ("_send", "complete", "request_id", "started", "status")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
         self.request_id = request_id
         self.started = False
+        self.complete = False  # the last byte was handed to the server
         self.status = 0
 
     def _headers(self, content_type: bytes, length: int | None) -> list[tuple[bytes, bytes]]:
@@ -136,6 +137,7 @@ class Responder:
                 "headers": self._headers(content_type, len(body)),
             }
         )
+        self.complete = True
         await self._send({"type": "http.response.body", "body": body})
 
     async def start_stream(self) -> None:
@@ -149,6 +151,7 @@ class Responder:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end(self, data: bytes = b"") -> None:
+        self.complete = True
         await self._send({"type": "http.response.body", "body": data})
 
     async def error(self, exc: ProxyError) -> None:
@@ -162,6 +165,7 @@ class Responder:
         if isinstance(exc, TooManyRequests):
             headers.append((b"retry-after", str(exc.retry_after).encode()))
         await self._send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        self.complete = True
         await self._send({"type": "http.response.body", "body": body})
 
 
@@ -189,6 +193,14 @@ def _header(scope: Scope, wanted: bytes) -> bytes | None:
         if name == wanted:
             return bytes(value)
     return None
+
+
+@dataclass(slots=True)
+class _Watched:
+    """Shared by a request and its disconnect watcher."""
+
+    finished: bool = False
+    client_left: bool = False
 
 
 @dataclass(slots=True)
@@ -229,34 +241,42 @@ class CompletionEndpoint:
     async def _run_watched(
         self, request: ClientRequest, receive: Receive, out: Responder, timing: RequestTiming
     ) -> None:
+        """Serve in this task, while a watcher task waits for the client's disconnect and then
+        cancels it (as the drain deadline does, through `services.inflight`)."""
         progress = Progress()
-        work = asyncio.create_task(self._serve(request, out, timing, progress))
-        self.services.inflight.add(work)
-        work.add_done_callback(self.services.inflight.discard)
+        task = asyncio.current_task()
+        assert task is not None
+        watched = _Watched()
 
         async def watch() -> None:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    if not work.done():
+                    # the server also says "disconnect" once the response is complete
+                    if not watched.finished and not out.complete:
+                        watched.client_left = True
                         self.services.metrics.disconnects.labels(progress.phase).inc()
                         log.info(
                             "request %s: client left during %s", request.request_id, progress.phase
                         )
-                        work.cancel()
+                        task.cancel()
                     return
 
+        self.services.inflight.add(task)
         watcher = asyncio.create_task(watch())
         try:
-            await work
+            await self._serve(request, out, timing, progress)
         except asyncio.CancelledError:
-            if not work.cancelled():
-                raise
+            if not (watched.client_left or self.services.drain_expired):
+                raise  # cancelled by the server itself: not ours to swallow
+            task.uncancel()
             if self.services.drain_expired:
                 await out.error(UpstreamError("the proxy shut down before the answer was complete"))
             else:
                 out.status = 499  # nginx's "client closed request", for the metrics only
         finally:
+            watched.finished = True
+            self.services.inflight.discard(task)
             watcher.cancel()
             self._finish(out, timing)
 
@@ -438,11 +458,12 @@ class CompletionEndpoint:
         try:
             with engine_errors(decoder, "decode"):
                 async with IdleTimeout(svc.decode_idle_timeout) as idle:
+                    read = stream.read
                     events = scanner.feed(data, perf_counter())
                     while not events and data:  # the first whole event decides how we answer
-                        data = await stream.read()
-                        idle.touch()
-                        events = scanner.feed(data, perf_counter())
+                        data = await read()
+                        idle.last = now = perf_counter()
+                        events = scanner.feed(data, now)
                     if scanner.malformed is not None or not events:
                         raise UpstreamError(
                             f"decode: decode worker {decoder.url} sent a malformed stream: "
@@ -453,15 +474,15 @@ class CompletionEndpoint:
                     while not scanner.done:
                         if events:
                             await out.chunk(events)
-                        data = await stream.read()
+                        data = await read()
                         if not data:
                             break
-                        idle.touch()
-                        events = scanner.feed(data, perf_counter())
+                        idle.last = now = perf_counter()
+                        events = scanner.feed(data, now)
                     if scanner.done:
                         await out.end(events)  # the last events and the end: one write
-                        while await stream.read():  # to the end, so the connection is reused
-                            idle.touch()
+                        while await read():  # to the end, so the connection is reused
+                            idle.last = perf_counter()
             if not scanner.done:
                 raise UpstreamError(
                     f"decode: decode worker {decoder.url} ended the stream without [DONE]"
