@@ -10,7 +10,7 @@
 ``kv``: ``local``, ``pulled`` or ``recomputed``.
 ``POST /_sim/faults`` replaces the fault set (``Faults`` keys; ``{}`` clears it) and answers it;
 ``GET /_sim/faults`` shows it. ``POST /_sim/reset`` clears records and faults.
-``GET /_sim/info`` -> engine id, ports, running/waiting, held blocks and leases.
+``GET /_sim/info`` -> engine id, ports, running/waiting, held blocks and the leased request ids.
 """
 
 from __future__ import annotations

@@ -78,6 +78,11 @@ class BlockPool:
         self.expired_requests = 0
 
     @property
+    def leased_requests(self) -> list[str]:
+        """The request ids whose blocks wait under lease for a decoder."""
+        return list(self._leases)
+
+    @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free) + self._overflow
 

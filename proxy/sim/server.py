@@ -204,6 +204,7 @@ class SimServer:
             "running": engine.num_running,
             "waiting": engine.num_waiting,
             "held_kv_blocks": engine.pool.held_blocks,
+            "leased_requests": engine.pool.leased_requests,
             "used_kv_blocks": engine.pool.used_blocks,
             "faults": self.faults.current.model_dump(),
         }
