@@ -404,15 +404,35 @@ class EngineClient:
         self, worker: Worker, path: str, body: bytes, request_id: str, timeout: float, what: str
     ) -> bytes:
         """POST `body` and return the whole 2xx response body; anything else raises a ProxyError."""
+        _, answer = await self._whole(worker, b"POST", path, body, request_id, timeout, what)
+        return answer
+
+    async def get(self, worker: Worker, path: str, timeout: float) -> tuple[int, bytes]:
+        """GET for health, models and metrics: any status, with its body; transport failures
+        raise a ProxyError."""
+        return await self._whole(worker, b"GET", path, b"", None, timeout, f"GET {path}")
+
+    async def _whole(
+        self,
+        worker: Worker,
+        method: bytes,
+        path: str,
+        body: bytes,
+        request_id: str | None,
+        timeout: float,
+        what: str,
+    ) -> tuple[int, bytes]:
+        """One exchange, its answer read whole. A POST's non-2xx status raises."""
         endpoint = self._endpoint(worker)
-        request = self._request(endpoint, b"POST", path, body, request_id)
+        request = self._request(endpoint, method, path, body, request_id)
         conn: _Connection | None = None
         try:
             with engine_errors(worker, what):
                 async with asyncio.timeout(timeout):
                     conn = await self._exchange(endpoint, request)
-                    await self._raise_for_status(conn, worker, what)
-                    return await conn.read_all()
+                    if method == b"POST":
+                        await self._raise_for_status(conn, worker, what)
+                    return conn.status, await conn.read_all()
         finally:
             if conn is not None:
                 self._release(endpoint, conn)
@@ -440,17 +460,3 @@ class EngineClient:
                 self._release(endpoint, conn)
             raise
         return EngineStream(self, endpoint, conn), first
-
-    async def get(self, worker: Worker, path: str, timeout: float) -> tuple[int, bytes]:
-        """GET for health, models and metrics; transport failures raise a ProxyError."""
-        endpoint = self._endpoint(worker)
-        request = self._request(endpoint, b"GET", path, b"", None)
-        conn: _Connection | None = None
-        try:
-            with engine_errors(worker, f"GET {path}"):
-                async with asyncio.timeout(timeout):
-                    conn = await self._exchange(endpoint, request)
-                    return conn.status, await conn.read_all()
-        finally:
-            if conn is not None:
-                self._release(endpoint, conn)
