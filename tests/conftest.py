@@ -143,8 +143,15 @@ def running(service: Service) -> Iterator[Service]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that stop the shared real-vLLM topology run after every test that uses it."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_topology") is not None)
+    """Real-vLLM tests run after the simulated ones (the CPU engines keep both cores busy while
+    they are up, which would slow every timing-sensitive sim test), and the tests that stop the
+    shared real-vLLM topology after every test that uses it."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("real_vllm") is not None,
+            item.get_closest_marker("stops_topology") is not None,
+        )
+    )
 
 
 @pytest.fixture(scope="session")

@@ -99,7 +99,7 @@ def small_proxy(logs: Path, sims: dict[str, Sim]) -> Iterator[Proxy]:
 
 
 def test_proxy_answers_429_beyond_queue(small_proxy: Proxy, clean_sims: dict[str, Sim]) -> None:
-    clean_sims["p0"].faults(stall_seconds=1.0, count=2)
+    clean_sims["p0"].faults(stall_seconds=4.0, count=2)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     results: list[httpx.Response] = []
 
@@ -129,7 +129,7 @@ def test_queued_client_that_leaves_is_dropped(
     small_proxy: Proxy, clean_sims: dict[str, Sim]
 ) -> None:
     p0 = clean_sims["p0"]
-    p0.faults(stall_seconds=1.0, count=1)
+    p0.faults(stall_seconds=3.0, count=1)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     first = threading.Thread(
         target=httpx.post, args=(small_proxy.url + "/v1/completions",), kwargs={"json": body}

@@ -307,8 +307,10 @@ def test_prefill_without_params_is_counted_as_recompute(
 
 
 def test_xpyd_least_loaded_spreads(proxy_2p2d: Proxy) -> None:
-    for sim in proxy_2p2d.prefill + proxy_2p2d.decode:
-        sim.faults(stall_seconds=1.5)
+    # Only the prefillers stall: a decoder is chosen on arrival and counts the request in flight
+    # through its prefill, so both choices see every earlier request while all four are placed.
+    for sim in proxy_2p2d.prefill:
+        sim.faults(stall_seconds=5)
     body = {"model": MODEL, "prompt": "spread me", "max_tokens": 2}
     threads = [
         threading.Thread(
@@ -324,8 +326,7 @@ def test_xpyd_least_loaded_spreads(proxy_2p2d: Proxy) -> None:
 
     for started, t in enumerate(threads, 1):
         t.start()
-        # Each request is placed before the next arrives; none can finish meanwhile
-        # (every leg stalls), so the choice each time sees the load of all earlier ones.
+        # each request is placed before the next arrives, and none can finish meanwhile
         wait_for(lambda n=started: prefill_inflight() == n)  # type: ignore[misc]
     for t in threads:
         t.join()

@@ -504,7 +504,7 @@ def test_xpyd_each_decoder_gets_its_own_receiver_ports(rig_2p2d: Rig, proxy_2p2d
     }
     assert len({p for ps in ports.values() for group in ps for p in group}) == 4
     for decoder in proxy_2p2d.decode:
-        decoder.faults(stall_seconds=1.5)  # keeps each busy, so least_loaded spreads the load
+        decoder.faults(stall_seconds=5)  # keeps each busy, so least_loaded spreads the load
     statuses: list[int] = []
 
     def one(i: int) -> None:
