@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import types
 from collections.abc import Sequence
@@ -100,11 +101,27 @@ def run_server(config: ProxyConfig) -> int:
         ),
         app,
     )
+    # uvicorn restores the handlers it found and re-raises the signal that stopped it, once it has
+    # shut down gracefully: turn SIGTERM, like Ctrl+C, into an exception, so that callers' clean-up
+    # (the demo stopping its engines) runs instead of the process dying at the default action.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down gracefully
+    except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (and uvicorn has already drained and stopped)."""
+
+
+def _terminated(signum: int, frame: types.FrameType | None) -> None:
+    raise _Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:

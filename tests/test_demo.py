@@ -11,12 +11,15 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from tests.conftest import free_port, parse_metrics
 
 
-def test_demo_streams_chat_and_decoder_pulled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_streams_chat_and_decoder_pulled(tmp_path: Path, stop: signal.Signals) -> None:
     port = free_port()
+    engines: list[str] = []
     log = tmp_path / "demo.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -47,12 +50,17 @@ def test_demo_streams_chat_and_decoder_pulled(tmp_path: Path) -> None:
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text
-        decode_url = httpx.get(base + "/stats").json()["workers"]["decode"][0]["url"]
+        workers = httpx.get(base + "/stats").json()["workers"]
+        engines.extend(w[0]["url"] for w in (workers["prefill"], workers["decode"]))
+        decode_url = engines[1]
         metrics = parse_metrics(httpx.get(decode_url + "/metrics").text)
         assert metrics.total("vllm:nixl_xfer_time_seconds_count") == 1
         assert metrics.total("pdsim:recomputed_requests_total") == 0
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=20)
-    # the demo stopped the engines it started
+        os.kill(proc.pid, stop)  # the demo alone, as a terminal, `timeout` or systemd would
+        code = proc.wait(timeout=20)
+    assert code == 128 + stop, log.read_text()[-2000:]
     assert "Traceback" not in log.read_text()
+    for url in engines:  # the demo stopped the engines it started
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
