@@ -58,6 +58,7 @@ from benchmarks.harness import (
     new_session,
     percentile,
     provenance,
+    vllm_router_argv,
 )
 from proxy.sim.tokenizer import WORDS
 
@@ -280,19 +281,8 @@ def start_router(
     if name == "vllm-router":
         venv = Path(args.routers_venv)
         port = free_port()
-        argv = [
-            str(venv / "bin" / "vllm-router"),
-            "--vllm-pd-disaggregation",
-            "--kv-connector",
-            "nixl",
-        ]
-        for p in prefill:
-            argv += ["--prefill", p.url]
-        for d in decode:
-            argv += ["--decode", d.url]
-        argv += ["--port", str(port), "--policy", "cache_aware", "--log-level", "warning"]
-        argv += ["--prometheus-port", str(free_port())]
-        argv += ["--max-concurrent-requests", "4096", "--queue-size", "4096"]
+        urls = ([p.url for p in prefill], [d.url for d in decode])
+        argv = vllm_router_argv(venv / "bin" / "vllm-router", *urls, port, "cache_aware")
         return procs.start(name, argv, f"http://127.0.0.1:{port}", None)
     config = {
         "prefill": [p.url for p in prefill],

@@ -140,6 +140,33 @@ class Procs:
         self.procs.clear()
 
 
+def pd_router_argv(
+    program: Sequence[str],
+    prefill: Sequence[str],
+    decode: Sequence[str],
+    port: int,
+    policy: str,
+    log_level: str,
+) -> list[str]:
+    """A PD router's command line: the flags vllm-router and sglang-router share."""
+    argv = list(program)
+    for url in prefill:
+        argv += ["--prefill", url]
+    for url in decode:
+        argv += ["--decode", url]
+    argv += ["--port", str(port), "--policy", policy, "--log-level", log_level]
+    return [*argv, "--prometheus-port", str(free_port())]
+
+
+def vllm_router_argv(
+    binary: Path, prefill: Sequence[str], decode: Sequence[str], port: int, policy: str
+) -> list[str]:
+    """`vllm-router` in its NIXL PD mode, with admission limits well above any benchmark's."""
+    program = [str(binary), "--vllm-pd-disaggregation", "--kv-connector", "nixl"]
+    argv = pd_router_argv(program, prefill, decode, port, policy, "warning")
+    return [*argv, "--max-concurrent-requests", "4096", "--queue-size", "4096"]
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()

@@ -58,10 +58,12 @@ from benchmarks.harness import (
     drop_worktree,
     free_port,
     new_session,
+    pd_router_argv,
     percentile,
     pin_self,
     provenance,
     stream_once,
+    vllm_router_argv,
     worktree,
 )
 from proxy.connectors.nixl import prefill_body
@@ -153,33 +155,8 @@ def _targets(
     vllm_router = venv / "bin" / "vllm-router"
     if vllm_router.exists() and "vllm-router" not in args.skip:
         port = free_port()
-        router = procs.start(
-            "vllm-router",
-            [
-                str(vllm_router),
-                "--vllm-pd-disaggregation",
-                "--kv-connector",
-                "nixl",
-                "--prefill",
-                prefill.url,
-                "--decode",
-                decode.url,
-                "--port",
-                str(port),
-                "--policy",
-                "round_robin",
-                "--log-level",
-                "warning",
-                "--prometheus-port",
-                str(free_port()),
-                "--max-concurrent-requests",
-                "4096",
-                "--queue-size",
-                "4096",
-            ],
-            f"http://127.0.0.1:{port}",
-            PROXY_CPU,
-        )
+        argv = vllm_router_argv(vllm_router, [prefill.url], [decode.url], port, "round_robin")
+        router = procs.start("vllm-router", argv, f"http://127.0.0.1:{port}", PROXY_CPU)
         targets.append(Target("vllm-router", through(router.url), router.pid))
     sglang_py = venv / "bin" / "python"
     has_sglang = (
@@ -192,29 +169,9 @@ def _targets(
     )
     if has_sglang:
         port = free_port()
-        router = procs.start(
-            "sglang-router",
-            [
-                str(sglang_py),
-                "-m",
-                "sglang_router.launch_router",
-                "--pd-disaggregation",
-                "--prefill",
-                prefill.url,
-                "--decode",
-                decode.url,
-                "--port",
-                str(port),
-                "--policy",
-                "round_robin",
-                "--log-level",
-                "warn",
-                "--prometheus-port",
-                str(free_port()),
-            ],
-            f"http://127.0.0.1:{port}",
-            PROXY_CPU,
-        )
+        program = [str(sglang_py), "-m", "sglang_router.launch_router", "--pd-disaggregation"]
+        argv = pd_router_argv(program, [prefill.url], [decode.url], port, "round_robin", "warn")
+        router = procs.start("sglang-router", argv, f"http://127.0.0.1:{port}", PROXY_CPU)
         targets.append(
             Target(
                 "sglang-router",
