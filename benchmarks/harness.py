@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from proxy import __version__
-from proxy.sim.launch import free_port, http_status
+from proxy.sim.launch import Process, free_port, wait_ready
 
 MODEL = "pdsim/llama-8b"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,25 +47,10 @@ def drop_worktree(path: Path) -> None:
 
 
 @dataclass
-class Proc:
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-    log: Path
+class Proc(Process):
+    """A process a benchmark started: a sim, a proxy or a router, by name."""
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+    name: str = ""
 
 
 @dataclass
@@ -99,16 +83,10 @@ class Procs:
                 env=env,
                 cwd=src,
             )
-        proc = Proc(name, url, popen, log)
+        proc = Proc(url, list(argv), log, popen, name)
         self.procs.append(proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if popen.poll() is not None:
-                raise RuntimeError(f"{name} exited {popen.returncode}:\n{log.read_text()[-2000:]}")
-            if 0 < http_status(url + ready) < 500:
-                return proc
-            time.sleep(0.05)
-        raise RuntimeError(f"{name} not ready after {timeout:g}s:\n{log.read_text()[-2000:]}")
+        wait_ready(proc, ready, timeout, name, tail=2000)
+        return proc
 
     def sim(self, name: str, cpus: str | None, *args: str) -> Proc:
         port, side = free_port(), free_port()

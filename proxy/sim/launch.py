@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ def http_status(url: str) -> int:
 
 @dataclass
 class Process:
-    """A `python -m proxy ...` process serving on `url`."""
+    """A process serving on `url`, started with `args` (for `spawn`: `python -m proxy ARGS`)."""
 
     url: str
     args: list[str]
@@ -55,7 +55,8 @@ class Process:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            with suppress(ProcessLookupError):  # it ended since the poll
+                os.killpg(self.proc.pid, sig)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -87,15 +88,30 @@ def spawn(
         if log:
             out.close()  # type: ignore[union-attr]
     process = Process(url, list(args), log, proc)
+    try:
+        wait_ready(process, ready_path, timeout, " ".join(args))
+    except RuntimeError:
+        process.stop()
+        raise
+    return process
+
+
+def wait_ready(process: Process, ready_path: str, timeout: float, what: str, tail: int = 0) -> None:
+    """Wait until `process.url + ready_path` answers below 500. If the process exits first or
+    `timeout` passes, raise RuntimeError naming `what`, with its log (the last `tail` characters
+    when `tail` is set)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{process.log_text()}")
-        if 0 < http_status(url + ready_path) < 500:
-            return process
+        if process.proc.poll() is not None:
+            problem = f"exited {process.proc.returncode}"
+            break
+        if 0 < http_status(process.url + ready_path) < 500:
+            return
         time.sleep(0.05)
-    process.stop()
-    raise RuntimeError(f"{' '.join(args)} not ready after {timeout:g}s:\n{process.log_text()}")
+    else:
+        problem = f"not ready after {timeout:g}s"
+    text = process.log_text()
+    raise RuntimeError(f"{what} {problem}:\n{text[-tail:] if tail else text}")
 
 
 @dataclass
