@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
-from vllm_helpers import Topology, metric
+from vllm_helpers import Topology, metric, wait_metric
 
 pytestmark = pytest.mark.real_vllm
 
@@ -77,21 +77,11 @@ def post_stream(url: str, body: Body) -> list[Body]:
     return chunks
 
 
-def wait_counter(url: str, name: str, expected: float, timeout: float = 10) -> float:
-    """The counter's value once it reaches `expected` (or after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    value = metric(url, name)
-    while value < expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-        value = metric(url, name)
-    return value
-
-
 def pulled_once(topo: Topology, call: Callable[[], T]) -> T:
     """Run one proxied request and check that the decoder pulled its KV exactly once."""
     before = metric(topo.decode, XFER)
     result = call()
-    after = wait_counter(topo.decode, XFER, before + 1)
+    after = wait_metric(topo.decode, XFER, before + 1)
     assert after == before + 1, f"decoder NIXL transfers went {before} -> {after}, expected +1"
     return result
 
@@ -254,7 +244,7 @@ def test_vllm_bench_serve(topology: Topology, tmp_path: Path) -> None:
     assert data["completed"] == num_prompts, data.get("errors")
     assert data.get("failed", 0) == 0
     assert data["mean_ttft_ms"] > 0
-    after = wait_counter(topology.decode, XFER, before + num_prompts)
+    after = wait_metric(topology.decode, XFER, before + num_prompts)
     assert after == before + num_prompts
     # The same load on the decoder alone (it prefills locally), for the record.
     alone = run_bench(topology, topology.decode, tmp_path / "decoder.json", num_prompts)

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,25 @@ class Topology:
                 os.killpg(pid, signal.SIGKILL)
 
 
-def metric(url: str, name: str) -> float:
-    """Sum of all samples of one Prometheus metric on an engine's /metrics."""
-    text = httpx.get(url + "/metrics", timeout=10).text
+def metrics(url: str) -> str:
+    """An engine's /metrics text."""
+    resp = httpx.get(url + "/metrics", timeout=10)
+    assert resp.status_code == 200
+    return resp.text
+
+
+def metric(url: str, name: str, text: str | None = None) -> float:
+    """Sum of all samples of one Prometheus metric (all label sets) on an engine's /metrics, or
+    in `text` already read from it."""
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(v) for v in pattern.findall(text))
+    return sum(float(v) for v in pattern.findall(text if text is not None else metrics(url)))
+
+
+def wait_metric(url: str, name: str, at_least: float, timeout: float = 10) -> float:
+    """The metric's value once it reaches `at_least` (or after `timeout`: the caller asserts)."""
+    deadline = time.monotonic() + timeout
+    value = metric(url, name)
+    while value < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = metric(url, name)
+    return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from protocol_engines import Engines
 
 from proxy.sim.launch import free_port
+from tests.e2e.vllm_helpers import metric, metrics, wait_metric
 
 Body = dict[str, Any]
 
@@ -61,27 +61,6 @@ def stream(url: str, body: Body) -> list[Body]:
     assert events[-1] == "" and events[-2] == "data: [DONE]", raw[-200:]
     assert all(e.startswith("data: ") for e in events[:-1])
     return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
-
-
-def metrics(url: str) -> str:
-    resp = httpx.get(url + "/metrics", timeout=10)
-    assert resp.status_code == 200
-    return resp.text
-
-
-def metric(url: str, name: str, text: str | None = None) -> float:
-    """Sum of every sample of `name` (all label sets)."""
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(v) for v in pattern.findall(text if text is not None else metrics(url)))
-
-
-def wait_metric(url: str, name: str, at_least: float, timeout: float = 10) -> float:
-    deadline = time.monotonic() + timeout
-    value = metric(url, name)
-    while value < at_least and time.monotonic() < deadline:
-        time.sleep(0.2)
-        value = metric(url, name)
-    return value
 
 
 def completion(e: Engines, prompt: str, **extra: Any) -> Body:
