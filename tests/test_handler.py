@@ -32,6 +32,19 @@ def client(proxy: Proxy, **kw: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0, **kw)
 
 
+def sdk_completion_text(proxy: Proxy, body: dict[str, Any], stream: bool) -> str:
+    """A completion's text through the proxy with the OpenAI SDK, streamed or whole."""
+    sdk = client(proxy)
+    if stream:
+        return "".join(
+            c.choices[0].text
+            for c in sdk.completions.create(stream=True, **body)  # type: ignore[call-overload]
+            if c.choices
+        )
+    text: str = sdk.completions.create(**body).choices[0].text  # type: ignore[call-overload]
+    return text
+
+
 def direct(sim: Sim, path: str, body: dict[str, Any]) -> dict[str, Any]:
     """The same request served by one engine alone, no disaggregation."""
     data: dict[str, Any] = httpx.post(sim.url + path, json=body, timeout=10).json()
@@ -68,16 +81,7 @@ def test_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
 def test_sdk_completions(proxy: Proxy, stream: bool) -> None:
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16}
     reference = direct(proxy.decode[0], "/v1/completions", body)
-    sdk = client(proxy)
-    if stream:
-        text = "".join(
-            c.choices[0].text
-            for c in sdk.completions.create(stream=True, **body)  # type: ignore[call-overload]
-            if c.choices
-        )
-    else:
-        text = sdk.completions.create(**body).choices[0].text  # type: ignore[call-overload]
-    assert text == reference["choices"][0]["text"]
+    assert sdk_completion_text(proxy, body, stream) == reference["choices"][0]["text"]
     assert proxy.decode[0].metric(PULLS) == 1
 
 

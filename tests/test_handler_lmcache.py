@@ -27,6 +27,7 @@ from tests.test_handler import (  # noqa: F401 - collected again here, over LMCa
     CHAT_BODY,
     client,
     direct,
+    sdk_completion_text,
     test_bad_input_gets_4xx_and_proxy_keeps_serving,
     test_disconnect_during_decode_closes_decode_stream,
     test_disconnect_during_prefill_cancels_prefill,
@@ -239,15 +240,7 @@ def test_sdk_chat_stream_with_usage_sends_only_max_completion_tokens(proxy: Prox
 @pytest.mark.parametrize("stream", [False, True])
 def test_sdk_completions(proxy: Proxy, stream: bool) -> None:
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16}
-    sdk = client(proxy)
-    if stream:
-        text = "".join(
-            c.choices[0].text
-            for c in sdk.completions.create(stream=True, **body)  # type: ignore[call-overload]
-            if c.choices
-        )
-    else:
-        text = sdk.completions.create(**body).choices[0].text  # type: ignore[call-overload]
+    text = sdk_completion_text(proxy, body, stream)
     assert proxy.decode[0].metric(HITS) == 1 and proxy.decode[0].metric(RECOMPUTED) == 0
     assert text == direct(proxy.decode[0], "/v1/completions", body)["choices"][0]["text"]
 
