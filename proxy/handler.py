@@ -196,14 +196,6 @@ def _header(scope: Scope, wanted: bytes) -> bytes | None:
 
 
 @dataclass(slots=True)
-class _Watched:
-    """Shared by a request and its disconnect watcher."""
-
-    finished: bool = False
-    client_left: bool = False
-
-
-@dataclass(slots=True)
 class Progress:
     """Where a request is, for the disconnect watcher: prefill, handoff (prefill done, no decoded
     byte yet: the KV waits on the prefiller), or decode."""
@@ -246,15 +238,17 @@ class CompletionEndpoint:
         progress = Progress()
         task = asyncio.current_task()
         assert task is not None
-        watched = _Watched()
+        client_left = False
 
         async def watch() -> None:
+            nonlocal client_left
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    # the server also says "disconnect" once the response is complete
-                    if not watched.finished and not out.complete:
-                        watched.client_left = True
+                    # the server also says "disconnect" once the response is complete; once
+                    # serving ends, the watcher is cancelled before it could look
+                    if not out.complete:
+                        client_left = True
                         self.services.metrics.disconnects.labels(progress.phase).inc()
                         log.info(
                             "request %s: client left during %s", request.request_id, progress.phase
@@ -267,7 +261,7 @@ class CompletionEndpoint:
         try:
             await self._serve(request, out, timing, progress)
         except asyncio.CancelledError:
-            if not (watched.client_left or self.services.drain_expired):
+            if not (client_left or self.services.drain_expired):
                 raise  # cancelled by the server itself: not ours to swallow
             task.uncancel()
             if self.services.drain_expired:
@@ -275,7 +269,6 @@ class CompletionEndpoint:
             else:
                 out.status = 499  # nginx's "client closed request", for the metrics only
         finally:
-            watched.finished = True
             self.services.inflight.discard(task)
             watcher.cancel()
             self._finish(out, timing)
