@@ -62,7 +62,9 @@ def test_sdk_chat_non_stream_equals_direct_and_kv_was_pulled(proxy: Proxy) -> No
     assert decoder.metric(RECOMPUTED) == 0
 
 
-def test_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
+def check_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
+    """A streamed chat with `max_completion_tokens` and usage, through the SDK, equals the
+    decoder's own answer, and the usage chunk comes last with the right count."""
     stream = client(proxy).chat.completions.create(  # type: ignore[call-overload]
         max_completion_tokens=24, stream=True, stream_options={"include_usage": True}, **CHAT_BODY
     )
@@ -74,6 +76,10 @@ def test_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
     assert text == reference["choices"][0]["message"]["content"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == reference["usage"]["completion_tokens"]
+
+
+def test_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
+    check_sdk_chat_stream_with_usage(proxy)
     assert proxy.decode[0].metric(PULLS) == 1
 
 

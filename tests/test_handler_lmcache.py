@@ -25,6 +25,7 @@ from proxy.sim.launch import spawn
 from tests.conftest import MODEL, Proxy, Sim, free_port, start_sim, wait_for
 from tests.test_handler import (  # noqa: F401 - collected again here, over LMCache
     CHAT_BODY,
+    check_sdk_chat_stream_with_usage,
     client,
     direct,
     sdk_completion_text,
@@ -223,18 +224,8 @@ def test_sdk_chat_non_stream_equals_direct_and_kv_was_pushed(proxy: Proxy) -> No
 
 
 def test_sdk_chat_stream_with_usage_sends_only_max_completion_tokens(proxy: Proxy) -> None:
-    stream = client(proxy).chat.completions.create(  # type: ignore[call-overload]
-        max_completion_tokens=24, stream=True, stream_options={"include_usage": True}, **CHAT_BODY
-    )
-    chunks = list(stream)
+    check_sdk_chat_stream_with_usage(proxy)
     assert proxy.decode[0].metric(HITS) == 1
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    reference = direct(
-        proxy.decode[0], "/v1/chat/completions", {**CHAT_BODY, "max_completion_tokens": 24}
-    )
-    assert text == reference["choices"][0]["message"]["content"]
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == reference["usage"]["completion_tokens"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
