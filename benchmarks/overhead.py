@@ -70,6 +70,7 @@ from proxy.connectors.nixl import prefill_body
 
 CHAT = "/v1/chat/completions"
 PROXY_CPU = "0"
+PDPROXY_ARGS = ("--stats-interval", "0", "--log-level", "warning")  # current and baselines
 ENGINE_CPU = "1"
 PROMPT = (
     "You are a helpful assistant. Summarise the following paragraph in one sentence. "
@@ -124,29 +125,12 @@ def _targets(
 
     targets = [Target("direct", direct), Target("floor", floor)]
     if "pdproxy" not in args.skip:
-        proxy = procs.pdproxy(
-            "pdproxy",
-            PROXY_CPU,
-            [prefill.url],
-            [decode.url],
-            "--stats-interval",
-            "0",
-            "--log-level",
-            "warning",
-        )
+        proxy = procs.pdproxy("pdproxy", PROXY_CPU, [prefill.url], [decode.url], *PDPROXY_ARGS)
         targets.append(Target("pdproxy", through(proxy.url), proxy.pid))
     for ref, src in args.baseline_src.items():
         label = ref.rstrip("/").rsplit("/", 1)[-1]
         base = procs.pdproxy(
-            f"pdproxy@{label}",
-            PROXY_CPU,
-            [prefill.url],
-            [decode.url],
-            "--stats-interval",
-            "0",
-            "--log-level",
-            "warning",
-            src=src,
+            f"pdproxy@{label}", PROXY_CPU, [prefill.url], [decode.url], *PDPROXY_ARGS, src=src
         )
         targets.append(
             Target(f"pdproxy@{label}", through(base.url), base.pid, f"pdproxy as of {ref}")
