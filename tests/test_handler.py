@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,15 @@ def test_sdk_chat_non_stream_equals_direct_and_kv_was_pulled(proxy: Proxy) -> No
     assert decoder.metric(RECOMPUTED) == 0
 
 
-def check_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
-    """A streamed chat with `max_completion_tokens` and usage, through the SDK, equals the
-    decoder's own answer, and the usage chunk comes last with the right count."""
+def check_sdk_chat_stream_with_usage(proxy: Proxy, kv_handed_over: Callable[[], bool]) -> None:
+    """A streamed chat with `max_completion_tokens` and usage, through the SDK: the KV was handed
+    over (checked before the reference request, which may touch the decoder's cache), the text
+    equals the decoder's own answer, and the usage chunk comes last with the right count."""
     stream = client(proxy).chat.completions.create(  # type: ignore[call-overload]
         max_completion_tokens=24, stream=True, stream_options={"include_usage": True}, **CHAT_BODY
     )
     chunks = list(stream)
+    assert kv_handed_over()
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reference = direct(
         proxy.decode[0], "/v1/chat/completions", {**CHAT_BODY, "max_completion_tokens": 24}
@@ -79,8 +81,7 @@ def check_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
 
 
 def test_sdk_chat_stream_with_usage(proxy: Proxy) -> None:
-    check_sdk_chat_stream_with_usage(proxy)
-    assert proxy.decode[0].metric(PULLS) == 1
+    check_sdk_chat_stream_with_usage(proxy, lambda: proxy.decode[0].metric(PULLS) == 1)
 
 
 @pytest.mark.parametrize("stream", [False, True])
