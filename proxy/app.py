@@ -28,9 +28,11 @@ from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, UpstreamError
 from proxy.handler import CompletionEndpoint, Receive, Router, Scope, Send, Services
+from proxy.lmcache_config import Receiver, resolve_receivers
 from proxy.metrics import ProxyMetrics
 from proxy.policies import PolicyOptions, make_policy
 from proxy.policies.conditional import ConditionalDisagg
+from proxy.registry import WorkerRegistry
 from proxy.request import CHAT, COMPLETIONS
 from proxy.scrape import MetricsScraper
 from proxy.stats import LatencyStats
@@ -53,9 +55,8 @@ class ProxyApp:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
-        breaker = (config.health.failure_threshold, config.health.cooldown)
-        prefill = WorkerPool.from_urls("prefill", [w.url for w in config.prefill], *breaker)
-        decode = WorkerPool.from_urls("decode", [w.url for w in config.decode], *breaker)
+        self.registry = configured_workers(config)
+        prefill, decode = self.registry.pools["prefill"], self.registry.pools["decode"]
         self.metrics = ProxyMetrics((prefill, decode))
         auth = config.auth
         try:
@@ -114,12 +115,19 @@ class ProxyApp:
             if disagg.enabled
             else None,
         )
+        self.registry.on_removed += [self.services.router.forget, self._forget]
         self.hot_paths = {
             CHAT: CompletionEndpoint(self.services, CHAT),
             COMPLETIONS: CompletionEndpoint(self.services, COMPLETIONS),
         }
         self.api = self._build_api()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _forget(self, worker: Worker) -> None:
+        """What the app keeps per worker beyond the policies: connections, decoder caches."""
+        self.engine.forget(worker.url)
+        if worker.role == "decode" and self.services.disagg is not None:
+            self.services.disagg.forget(worker)
 
     @property
     def pools(self) -> tuple[WorkerPool, WorkerPool]:
@@ -197,7 +205,7 @@ class ProxyApp:
             if worker.health is not was and was is not Health.UNKNOWN:
                 log.warning("%s worker %s is now %s", pool.role, worker.url, worker.health.value)
 
-        await asyncio.gather(*(probe(pool, w) for pool in self.pools for w in pool.workers))
+        await asyncio.gather(*(probe(pool, w) for pool in self.pools for w in pool.members))
         for pool in self.pools:
             was = pool.panic
             pool.refresh()
@@ -249,8 +257,8 @@ class ProxyApp:
                 ok, status = False, "draining"
             body = {
                 "status": status,
-                "prefill": [w.describe() for w in prefill.workers],
-                "decode": [w.describe() for w in decode.workers],
+                "prefill": [w.describe() for w in prefill.members],
+                "decode": [w.describe() for w in decode.members],
             }
             return _json(body, 200 if ok else 503)
 
@@ -277,8 +285,8 @@ class ProxyApp:
                         name: None if s is None else s.__dict__ for name, s in summaries.items()
                     },
                     "workers": {
-                        "prefill": [w.describe() for w in prefill.workers],
-                        "decode": [w.describe() for w in decode.workers],
+                        "prefill": [w.describe() for w in prefill.members],
+                        "decode": [w.describe() for w in decode.members],
                     },
                     "connector": self.services.connector.name,
                     "admission": {
@@ -299,14 +307,14 @@ class ProxyApp:
 
     async def _models(self) -> Response:
         """The union of the decoders' models (the ones that serve the answer)."""
-        _, decode = self.pools
+        decoders = self.pools[1].workers  # one snapshot: the pool may change while we wait
         results = await asyncio.gather(
-            *(self.engine.get(w, "/v1/models", self.config.health.timeout) for w in decode.workers),
+            *(self.engine.get(w, "/v1/models", self.config.health.timeout) for w in decoders),
             return_exceptions=True,
         )
         seen: dict[str, Any] = {}
         errors = []
-        for worker, result in zip(decode.workers, results, strict=True):
+        for worker, result in zip(decoders, results, strict=True):
             if isinstance(result, BaseException):
                 errors.append(str(result))
                 continue
@@ -324,6 +332,19 @@ class ProxyApp:
         if not seen:
             return _error(UpstreamError("no decoder listed its models: " + "; ".join(errors)))
         return _json({"object": "list", "data": list(seen.values())})
+
+
+def configured_workers(config: ProxyConfig) -> WorkerRegistry:
+    """The registry of the configured workers, ids in config order (p0, p1, ..., d0, ...)."""
+    registry = WorkerRegistry.empty(config.health.failure_threshold, config.health.cooldown)
+    receivers: list[Receiver | None] = [None] * len(config.decode)
+    if config.connector == "lmcache":
+        receivers = list(resolve_receivers([(w.url, w.lmcache) for w in config.decode]))
+    for spec in config.prefill:
+        registry.add("prefill", spec.url)
+    for spec, receiver in zip(config.decode, receivers, strict=True):
+        registry.add("decode", spec.url, receiver)
+    return registry
 
 
 def build_app(config: ProxyConfig) -> ProxyApp:

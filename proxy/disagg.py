@@ -54,6 +54,10 @@ class DisaggPlanner:
         self.tokenize_timeout = tokenize_timeout
         self.index = PrefixIndex()
 
+    def forget(self, decoder: Worker) -> None:
+        """`decoder` left: what it had cached no longer matters."""
+        self.index.forget(decoder.url)
+
     async def count_tokens(self, request: ClientRequest, decoder: Worker) -> int | None:
         try:
             raw = await self.engine.call(

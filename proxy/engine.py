@@ -262,9 +262,10 @@ class _Connection(asyncio.Protocol):
 class _Endpoint:
     """Where one engine listens, and its idle connections (most recently used last)."""
 
-    __slots__ = ("host", "host_header", "idle", "port", "tls")
+    __slots__ = ("host", "host_header", "idle", "port", "retired", "tls")
 
     def __init__(self, url: str) -> None:
+        self.retired = False  # its worker left: connections close when released
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -307,6 +308,15 @@ class EngineClient:
 
     async def close(self) -> None:
         for endpoint in self._endpoints.values():
+            for conn in endpoint.idle:
+                conn.close()
+            endpoint.idle.clear()
+
+    def forget(self, url: str) -> None:
+        """The engine at `url` left: close its idle connections (busy ones close on release)."""
+        endpoint = self._endpoints.pop(url, None)
+        if endpoint is not None:
+            endpoint.retired = True
             for conn in endpoint.idle:
                 conn.close()
             endpoint.idle.clear()
@@ -381,7 +391,7 @@ class EngineClient:
         return conn
 
     def _release(self, endpoint: _Endpoint, conn: _Connection) -> None:
-        if conn.reusable():
+        if conn.reusable() and not endpoint.retired:
             conn.reset()
             conn.idle_since = asyncio.get_running_loop().time()
             endpoint.idle.append(conn)

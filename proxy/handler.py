@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -69,6 +69,11 @@ class Router:
     def pick_decode(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
         return self._pick(self.decode, self.decode_policy, info, exclude)
 
+    def forget(self, worker: Worker) -> None:
+        """`worker` left its pool: its policy drops what it kept about it."""
+        policy = self.prefill_policy if worker.role == "prefill" else self.decode_policy
+        policy.forget(worker.url)
+
     @staticmethod
     def _pick(
         pool: WorkerPool, policy: Policy, info: RequestInfo, exclude: Sequence[Worker]
@@ -97,14 +102,19 @@ class Services:
     prefix_chars: int = 0  # prompt characters the policies hash (0: none needs them)
     disagg: DisaggPlanner | None = None  # conditional disaggregation, when enabled
     draining: bool = False
-    drain_expired: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    ended: dict[asyncio.Task[Any], str] = field(default_factory=dict)  # task -> why, until it ends
+
+    def end_requests(self, tasks: Iterable[asyncio.Task[Any]], reason: str) -> None:
+        """End these requests now; each client gets an error saying `reason`."""
+        for task in tasks:
+            if task in self.inflight and task not in self.ended:
+                self.ended[task] = reason
+                task.cancel()
 
     def end_inflight(self) -> None:
         """The drain deadline passed: end every request still in flight (with an error)."""
-        self.drain_expired = True
-        for task in list(self.inflight):
-            task.cancel()
+        self.end_requests(list(self.inflight), "the proxy shut down before the answer was complete")
 
 
 class Responder:
@@ -261,15 +271,17 @@ class CompletionEndpoint:
         try:
             await self._serve(request, out, timing, progress)
         except asyncio.CancelledError:
-            if not (client_left or self.services.drain_expired):
+            ended = self.services.ended.pop(task, None)
+            if not (client_left or ended):
                 raise  # cancelled by the server itself: not ours to swallow
             task.uncancel()
-            if self.services.drain_expired:
-                await out.error(UpstreamError("the proxy shut down before the answer was complete"))
-            else:
+            if client_left:
                 out.status = 499  # nginx's "client closed request", for the metrics only
+            else:
+                await out.error(UpstreamError(ended or ""))
         finally:
             self.services.inflight.discard(task)
+            self.services.ended.pop(task, None)
             watcher.cancel()
             self._finish(out, timing)
 

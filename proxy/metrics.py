@@ -35,7 +35,7 @@ class _WorkerCollector(Collector):
             labels=["role", "url"],
         )
         for pool in self._pools:
-            for w in pool.workers:
+            for w in pool.members:
                 labels = [w.role, w.url]
                 inflight.add_metric(labels, w.inflight)
                 healthy.add_metric(labels, 1.0 if w.health is Health.HEALTHY else 0.0)

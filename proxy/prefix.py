@@ -89,3 +89,13 @@ class PrefixIndex:
             self._blocks[block] = (url, *owners[: self.owners - 1])
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
+
+    def forget(self, url: str) -> None:
+        """`url` holds nothing any more (its worker left): drop it from every block."""
+        for block, owners in list(self._blocks.items()):
+            if url in owners:
+                kept = tuple(u for u in owners if u != url)
+                if kept:
+                    self._blocks[block] = kept
+                else:
+                    del self._blocks[block]

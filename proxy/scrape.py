@@ -71,7 +71,7 @@ class MetricsScraper:
         worker.engine_load = parse_load(raw, worker.inflight) if status == 200 else None
 
     async def scrape_all(self) -> None:
-        await asyncio.gather(*(self.scrape(w) for pool in self._pools for w in pool.workers))
+        await asyncio.gather(*(self.scrape(w) for pool in self._pools for w in pool.members))
 
     async def run(self) -> None:
         """Scrape forever (cancel the task to stop)."""

@@ -12,16 +12,25 @@ real request failures, still apply.
 The breaker opens after `failure_threshold` consecutive failed requests, stays open for `cooldown`
 seconds, then lets one trial request through (half-open): success closes it, failure opens it
 again.
+
+Membership changes at run time (proxy.registry) replace a pool's tuples whole: `workers` (what the
+policies choose from: the active workers) and `members` (every worker still serving, draining ones
+included: what health checks, scrapes, /health, /stats and /metrics see). A choice reads one
+snapshot between two awaits, so a request never sees a half-added or half-removed worker; a
+request holding a worker that leaves keeps its object, and its `track` still ends on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from time import monotonic
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+from proxy.lmcache_config import Receiver
 
 Role = Literal["prefill", "decode"]
 
@@ -36,6 +45,16 @@ class Breaker(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+class Lifecycle(StrEnum):
+    """Where a worker is in its membership: `probing` (checked before it may join, not routed),
+    `active` (routed), `draining` (no new requests; those in flight finish), `removed` (gone)."""
+
+    PROBING = "probing"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    REMOVED = "removed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +76,7 @@ class WorkerState(Protocol):
     """What a policy may read about a worker."""
 
     @property
-    def index(self) -> int: ...
+    def id(self) -> str: ...
     @property
     def url(self) -> str: ...
     @property
@@ -73,8 +92,10 @@ class WorkerState(Protocol):
 @dataclass(eq=False)
 class Worker:
     role: Role
-    index: int
+    id: str  # stable for the worker's life (and across restarts through the state file)
     url: str
+    lmcache: Receiver | None = None  # connector lmcache: this decoder's receiver
+    state: Lifecycle = Lifecycle.ACTIVE
     inflight: int = 0
     inflight_chars: int = 0
     health: Health = Health.UNKNOWN
@@ -87,6 +108,8 @@ class Worker:
     requests_total: int = 0
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
+    idle: asyncio.Event | None = field(default=None, repr=False)  # set when a drain finds 0 left
 
     @property
     def breaker_allows(self) -> bool:
@@ -102,7 +125,10 @@ class Worker:
 
     def describe(self) -> dict[str, object]:
         return {
+            "id": self.id,
             "url": self.url,
+            "role": self.role,
+            "state": self.state.value,
             "health": self.health.value,
             "breaker": self.breaker.value,
             "available": self.available,
@@ -126,16 +152,40 @@ class Worker:
 @dataclass(eq=False)
 class WorkerPool:
     role: Role
-    workers: Sequence[Worker] = field(default_factory=tuple)
+    workers: tuple[Worker, ...] = ()  # routed: the active workers
     failure_threshold: int = 3
     cooldown: float = 10.0
+    members: tuple[Worker, ...] = ()  # still serving: active and draining
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            self.members = self.workers
 
     @classmethod
     def from_urls(
         cls, role: Role, urls: Sequence[str], failure_threshold: int = 3, cooldown: float = 10.0
     ) -> WorkerPool:
-        workers = tuple(Worker(role, i, url) for i, url in enumerate(urls))
+        workers = tuple(Worker(role, f"{role[0]}{i}", url) for i, url in enumerate(urls))
         return cls(role, workers, failure_threshold, cooldown)
+
+    def add(self, worker: Worker) -> None:
+        """Route to `worker` from now on (it starts with the role's panic setting)."""
+        worker.state = Lifecycle.ACTIVE
+        worker.health_ignored = self.panic
+        self.members = (*self.members, worker)
+        self.workers = (*self.workers, worker)
+
+    def drain(self, worker: Worker) -> None:
+        """No new request goes to `worker`; those in flight on it go on."""
+        worker.state = Lifecycle.DRAINING
+        worker.health_ignored = False
+        self.workers = tuple(w for w in self.workers if w is not worker)
+
+    def remove(self, worker: Worker) -> None:
+        """`worker` is gone: from routing and from what health, stats and metrics see."""
+        worker.state = Lifecycle.REMOVED
+        self.workers = tuple(w for w in self.workers if w is not worker)
+        self.members = tuple(w for w in self.members if w is not worker)
 
     def refresh(self, now: float | None = None) -> None:
         """Move open breakers whose cool-down has passed to half-open, and switch panic routing
@@ -156,10 +206,17 @@ class WorkerPool:
 
     @contextmanager
     def track(self, worker: Worker, chars: int) -> Iterator[Worker]:
-        """Count one in-flight request of `chars` prompt characters on `worker` while inside."""
+        """Count one in-flight request of `chars` prompt characters on `worker` while inside,
+        and note the request's task on it (a drain that runs out of time ends those)."""
         worker.inflight += 1
         worker.inflight_chars += chars
         worker.requests_total += 1
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: nothing can end this request early
+            task = None
+        if task is not None:
+            worker.tasks.add(task)
         trial = worker.breaker is Breaker.HALF_OPEN
         if trial:
             worker.trial_in_flight = True
@@ -168,8 +225,12 @@ class WorkerPool:
         finally:
             worker.inflight -= 1
             worker.inflight_chars -= chars
+            if task is not None:
+                worker.tasks.discard(task)
             if trial:
                 worker.trial_in_flight = False
+            if not worker.inflight and worker.idle is not None:
+                worker.idle.set()
 
     def record_success(self, worker: Worker) -> None:
         worker.consecutive_failures = 0
@@ -194,5 +255,7 @@ class WorkerPool:
             worker.last_error = reason
 
     def __repr__(self) -> str:
-        loads = ", ".join(f"{w.url}:{w.inflight}:{w.breaker.value}" for w in self.workers)
+        loads = ", ".join(
+            f"{w.id}={w.url}:{w.inflight}:{w.breaker.value}:{w.state.value}" for w in self.members
+        )
         return f"<WorkerPool {self.role} [{loads}]>"

@@ -31,7 +31,7 @@ def run(handler: Handler, scenario: Callable[[EngineClient, Worker], Awaitable[A
         client = EngineClient(connect_timeout=2.0, api_key="engine-key")
         await client.start()
         try:
-            return await scenario(client, Worker("decode", 0, f"http://127.0.0.1:{port}"))
+            return await scenario(client, Worker("decode", "d0", f"http://127.0.0.1:{port}"))
         finally:
             await client.close()
             server.close()
@@ -257,7 +257,7 @@ def test_no_answer_in_time_is_a_timeout_and_a_refused_port_a_connect_error() -> 
     async def scenario(client: EngineClient, worker: Worker) -> tuple[str, str]:
         with pytest.raises(UpstreamTimeout) as slow:
             await client.call(worker, "/p", b"{}", "r", 0.2, "prefill")
-        gone = Worker("prefill", 1, "http://127.0.0.1:1")
+        gone = Worker("prefill", "p1", "http://127.0.0.1:1")
         with pytest.raises(UpstreamError) as refused:
             await client.get(gone, "/health", 2)
         return slow.value.message, refused.value.message
@@ -265,3 +265,33 @@ def test_no_answer_in_time_is_a_timeout_and_a_refused_port_a_connect_error() -> 
     slow, refused = run(handler, scenario)
     assert "did not answer in time" in slow
     assert "GET /health: cannot connect to prefill worker http://127.0.0.1:1" in refused
+
+
+def test_a_forgotten_engine_keeps_no_connection() -> None:
+    connections = 0
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                closed.set()  # the client closed its kept-alive connection
+                return
+            writer.write(response(200, b"{}"))
+
+    async def scenario(client: EngineClient, worker: Worker) -> None:
+        stream, _ = await client.open_stream(worker, "/v1/completions", b"{}", "r0", 5)
+        await client.call(worker, "/v1/completions", b"{}", "r1", 5, "decode")  # a 2nd, now idle
+        client.forget(worker.url)  # the idle connection closes at once
+        await asyncio.wait_for(closed.wait(), 2)
+        closed.clear()
+        while await stream.read():
+            pass
+        stream.close()  # a connection released after the forget is not kept either
+        await asyncio.wait_for(closed.wait(), 2)
+
+    run(handler, scenario)
+    assert connections == 2

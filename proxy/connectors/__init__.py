@@ -73,10 +73,6 @@ def make_connector(
         return NixlConnector(engine, config.timeouts.prefill)
     if config.connector == "lmcache":
         from proxy.connectors.lmcache import LMCacheConnector
-        from proxy.lmcache_config import resolve_receivers
 
-        receivers = resolve_receivers([(w.url, w.lmcache) for w in config.decode])
-        return LMCacheConnector(
-            engine, config.timeouts.prefill, config.lmcache, receivers, registry
-        )
+        return LMCacheConnector(engine, config.timeouts.prefill, config.lmcache, registry)
     raise ValueError(f"unknown connector {config.connector!r}")

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from proxy.connectors import Handoff, prefill_response
 from proxy.connectors.lmcache_notify import Notifications
 from proxy.engine import EngineClient
-from proxy.errors import KVTransferTimeout
+from proxy.errors import KVTransferTimeout, ProxyError
 from proxy.lmcache_config import LMCacheConfig, Receiver
 from proxy.request import ClientRequest
 from proxy.workers import Worker
@@ -85,13 +85,11 @@ class LMCacheConnector:
         engine: EngineClient,
         prefill_timeout: float,
         config: LMCacheConfig,
-        receivers: list[Receiver],
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._engine = engine
         self._prefill_timeout = prefill_timeout
         self._config = config
-        self._receivers = receivers  # by decoder index
         self.notifications = Notifications(
             config.notify_host, config.notify_port, config.late_memory, registry
         )
@@ -106,7 +104,9 @@ class LMCacheConnector:
         await self.notifications.close()
 
     async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
-        receiver = self._receivers[decoder.index]
+        receiver = decoder.lmcache
+        if receiver is None:  # every decoder gets one when it joins (proxy.lmcache_config)
+            raise ProxyError(f"decode worker {decoder.url} has no LMCache receiver address")
         req_id = new_transfer_id()
         body = orjson.dumps(prefill_body(request.body, disagg_spec(req_id, receiver)))
         # Registered before the prefill is sent: the notification may beat the HTTP answer.

@@ -1,8 +1,9 @@
 """Choosing a worker: pure functions of a snapshot of the workers and the request.
 
 A policy never does I/O and never mutates a worker; it returns the index of its choice, or None when
-no worker is available. One policy per module; `make_policy` is the only place that maps a config
-name to a class.
+no worker is available. Workers come and go between two choices (proxy.registry): a policy's own
+state is keyed by what stays true of a worker (its URL), and `forget` drops it when one leaves.
+One policy per module; `make_policy` is the only place that maps a config name to a class.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Policy(Protocol):
 
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> int | None:
         """Index into `workers` of the chosen one, or None if none is available."""
+        ...
+
+    def forget(self, url: str) -> None:
+        """The worker at `url` left the pool: drop whatever the policy remembers of it."""
         ...
 
 

@@ -22,3 +22,6 @@ class LeastLoaded:
             if best is None or key < best_key:
                 best, best_key = index, key
         return best
+
+    def forget(self, url: str) -> None:
+        return None  # nothing is kept per worker

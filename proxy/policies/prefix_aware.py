@@ -65,3 +65,6 @@ class PrefixAware:
             choice = max(bounded, key=lambda i: _rendezvous(blocks[0], workers[i].url))
         self.index.record(blocks, workers[choice].url)
         return choice
+
+    def forget(self, url: str) -> None:
+        self.index.forget(url)

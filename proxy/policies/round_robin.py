@@ -22,3 +22,6 @@ class RoundRobin:
                 self._next = index + 1
                 return index
         return None
+
+    def forget(self, url: str) -> None:
+        return None  # nothing is kept per worker

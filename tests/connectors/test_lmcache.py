@@ -232,7 +232,7 @@ def test_transfer_ids_are_random() -> None:
 
 
 def test_first_token_params() -> None:
-    worker = Worker("prefill", 0, "http://p")
+    worker = Worker("prefill", "p0", "http://p")
     ok = orjson.dumps({"choices": [], "kv_transfer_params": {"first_tok": 42}})
     assert first_token_params(ok, worker) == {"first_tok": 42}
     assert first_token_params(b'{"kv_transfer_params": null}', worker) is None
@@ -242,7 +242,7 @@ def test_first_token_params() -> None:
 
 
 def test_decode_body_is_the_clients_own_request() -> None:
-    connector = LMCacheConnector(EngineClient(1.0), 1.0, LMCacheConfig(), [])
+    connector = LMCacheConnector(EngineClient(1.0), 1.0, LMCacheConfig())
     request = chat_request(stream=True, kv_transfer_params={"x": 1}, tools=[{"type": "function"}])
     body = orjson.loads(connector.decode_body(request, Handoff({"first_tok": 5})))
     assert body == {k: v for k, v in request.body.items() if k != "kv_transfer_params"}
@@ -354,12 +354,12 @@ def test_notification_before_the_prefill_answer_is_not_lost() -> None:
         engine = EngineClient(1.0)
         await engine.start()
         config = LMCacheConfig(notify_port=0, notify_timeout=0.5)
-        connector = LMCacheConnector(engine, 5.0, config, [Receiver("h", (1,), (2,))])
+        connector = LMCacheConnector(engine, 5.0, config)
         await connector.start()
         pusher = Pusher(connector.notifications.port)
         try:
-            prefiller = Worker("prefill", 0, f"http://127.0.0.1:{port}")
-            decoder = Worker("decode", 0, "http://127.0.0.1:1")
+            prefiller = Worker("prefill", "p0", f"http://127.0.0.1:{port}")
+            decoder = Worker("decode", "d0", "http://127.0.0.1:1", Receiver("h", (1,), (2,)))
             handoff = await connector.prefill(chat_request(), prefiller, decoder)
             assert handoff == Handoff({"first_tok": 9})
             assert connector.notifications.waiting == 0

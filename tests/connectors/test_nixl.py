@@ -50,7 +50,7 @@ def test_max_completion_tokens_only_when_present() -> None:
     assert leg["max_tokens"] == 1 and "max_completion_tokens" not in leg
 
 
-PREFILLER = Worker("prefill", 0, "http://p")
+PREFILLER = Worker("prefill", "p0", "http://p")
 
 
 def test_handoff_verbatim_and_recompute_reasons() -> None:

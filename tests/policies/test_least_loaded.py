@@ -8,7 +8,7 @@ INFO = RequestInfo("r", 10)
 
 def pool(*loads: tuple[int, int, Health]) -> list[Worker]:
     return [
-        Worker("prefill", i, f"http://w{i}", inflight=n, inflight_chars=c, health=h)
+        Worker("prefill", f"p{i}", f"http://w{i}", inflight=n, inflight_chars=c, health=h)
         for i, (n, c, h) in enumerate(loads)
     ]
 

@@ -10,7 +10,7 @@ Row = tuple[int, EngineLoad | None, Health]
 
 def pool(*rows: Row) -> list[Worker]:
     return [
-        Worker("decode", i, f"http://w{i}", inflight=n, health=h, engine_load=load)
+        Worker("decode", f"d{i}", f"http://w{i}", inflight=n, health=h, engine_load=load)
         for i, (n, load, h) in enumerate(rows)
     ]
 

@@ -13,7 +13,7 @@ def info(prefix: str) -> RequestInfo:
 
 def pool(*inflight: int, health: Health = Health.HEALTHY) -> list[Worker]:
     return [
-        Worker("prefill", i, f"http://w{i}", inflight=n, health=health)
+        Worker("prefill", f"p{i}", f"http://w{i}", inflight=n, health=health)
         for i, n in enumerate(inflight)
     ]
 

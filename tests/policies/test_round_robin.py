@@ -5,7 +5,7 @@ INFO = RequestInfo("r", 10)
 
 
 def workers(*health: Health) -> list[Worker]:
-    return [Worker("decode", i, f"http://w{i}", health=h) for i, h in enumerate(health)]
+    return [Worker("decode", f"d{i}", f"http://w{i}", health=h) for i, h in enumerate(health)]
 
 
 def test_cycles_in_order() -> None:
