@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 from proxy.sim import lmcache_cli
@@ -51,8 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--side-channel-port",
         type=int,
-        default=DEFAULT_SIDE_CHANNEL_PORT,
-        help="KV side-channel port (VLLM_NIXL_SIDE_CHANNEL_PORT; default 5600, 0 = pick free).",
+        default=None,
+        help="KV side-channel port (vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT, read when this is not "
+        f"given; vLLM's default is {DEFAULT_SIDE_CHANNEL_PORT}). Given neither, a free port is "
+        "taken and printed: it travels in kv_transfer_params, so instances started side by side "
+        "need no flags. 0 = pick free.",
     )
     a(
         "--kv-lease-seconds",
@@ -191,6 +195,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lmcache_cli.add_arguments(parser)
 
 
+def side_channel_port(given: int | None) -> int:
+    """The flag, else VLLM_NIXL_SIDE_CHANNEL_PORT as vLLM reads it, else 0 (a free port)."""
+    if given is not None:
+        return given
+    env = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+    if env is None:
+        return 0
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"VLLM_NIXL_SIDE_CHANNEL_PORT={env!r} is not a port number") from None
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Build a ``SimConfig`` from parsed options."""
     timing = Timing(
@@ -223,7 +240,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_gpu_blocks=args.num_gpu_blocks,
         side_channel_host=args.side_channel_host,
-        side_channel_port=args.side_channel_port,
+        side_channel_port=side_channel_port(args.side_channel_port),
         kv_lease_seconds=args.kv_lease_seconds,
         kv_load_failure_policy=args.kv_load_failure_policy,
         kv_params_on_eos=args.kv_params_on_eos,

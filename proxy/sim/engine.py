@@ -192,6 +192,9 @@ class Engine:
         if self._cfg.kv_transfer:  # vLLM asks the connector for what the local cache lacks
             m.external_prefix_cache_queries += n - hit
             m.external_prefix_cache_hits += min(seq.loaded_tokens, n)
+        if self._cfg.prefix_caching:  # vLLM counts its prefix cache only when it has one
+            m.prefix_cache_queries += n
+            m.prefix_cache_hits += hit
         m.prompt_tokens_by_source["external_kv_transfer"] += loaded
         m.prompt_tokens_by_source["local_cache_hit"] += hit
         m.prompt_tokens_by_source["local_compute"] += n - loaded - hit

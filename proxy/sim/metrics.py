@@ -49,6 +49,8 @@ class Metrics:
     xfer_time: Histogram = field(default_factory=lambda: Histogram(XFER_BUCKETS))
     failed_transfers: int = 0
     failed_notifications: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the local prefix cache
+    prefix_cache_hits: int = 0  # ... and found there
     external_prefix_cache_queries: int = 0  # prompt tokens looked up through the connector
     external_prefix_cache_hits: int = 0  # prompt tokens the connector loaded
     kv_expired_reqs: int = 0
@@ -114,6 +116,18 @@ class Metrics:
             "counter",
             "Prompt tokens by source.",
             [("_total", f'source="{s}"', v) for s, v in self.prompt_tokens_by_source.items()],
+        )
+        metric(
+            "vllm:prefix_cache_queries",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            [("_total", "", self.prefix_cache_queries)],
+        )
+        metric(
+            "vllm:prefix_cache_hits",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            [("_total", "", self.prefix_cache_hits)],
         )
         metric(
             "vllm:external_prefix_cache_queries",

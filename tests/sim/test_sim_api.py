@@ -156,3 +156,23 @@ def test_models_tokenize_health_version_metrics() -> None:
         assert m["vllm:num_requests_running"] == 0
 
     run_with([config()], body)
+
+
+def test_prefix_cache_counters_as_vllm_names_them() -> None:
+    shared = "a long system prompt that every request of this tenant starts with, " * 8
+
+    async def body(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
+        cached, plain = servers
+        for server in servers:
+            for tail in ("first question", "second question"):
+                st, _ = await post(
+                    s, server.url + "/v1/completions", {"prompt": shared + tail, "max_tokens": 1}
+                )
+                assert st == 200
+        m = await metrics(s, cached)
+        assert m["vllm:prefix_cache_queries_total"] > 0
+        assert 0 < m["vllm:prefix_cache_hits_total"] < m["vllm:prefix_cache_queries_total"]
+        m = await metrics(s, plain)  # no prefix cache: nothing counted, as vLLM
+        assert m["vllm:prefix_cache_queries_total"] == m["vllm:prefix_cache_hits_total"] == 0
+
+    run_with([config(prefix_caching=True), config()], body)
