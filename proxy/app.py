@@ -36,6 +36,7 @@ from proxy.registry import WorkerRegistry
 from proxy.request import CHAT, COMPLETIONS
 from proxy.scrape import MetricsScraper
 from proxy.stats import LatencyStats
+from proxy.timeline import TimelineRing
 from proxy.workers import Health, Worker, WorkerPool
 
 log = logging.getLogger("pdproxy")
@@ -94,6 +95,7 @@ class ProxyApp:
             engine=self.engine,
             metrics=self.metrics,
             stats=LatencyStats(config.stats.window, self.metrics.registry),
+            timelines=TimelineRing(config.stats.timelines),
             admission=Admission(
                 admission.max_concurrent, admission.max_queue, admission.queue_timeout
             ),

@@ -91,6 +91,9 @@ class AuthConfig(_Model):
 class StatsConfig(_Model):
     interval: float = Field(5.0, ge=0, description="seconds between stats log blocks; 0 = off")
     window: int = Field(10_000, ge=10, le=10_000_000, description="requests kept per statistic")
+    timelines: int = Field(
+        1000, ge=1, le=1_000_000, description="recent request timelines kept for the console"
+    )
 
 
 class RoutingConfig(_Model):

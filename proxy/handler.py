@@ -41,6 +41,7 @@ from proxy.prefix import prompt_prefix
 from proxy.relay import SSEScanner, sse_error_event
 from proxy.request import ClientRequest, check_request_id, parse_request
 from proxy.stats import LatencyStats, RequestTiming
+from proxy.timeline import TimelineRing
 from proxy.workers import Worker, WorkerPool
 
 Scope = MutableMapping[str, Any]
@@ -101,6 +102,7 @@ class Services:
     decode_idle_timeout: float
     prefix_chars: int = 0  # prompt characters the policies hash (0: none needs them)
     disagg: DisaggPlanner | None = None  # conditional disaggregation, when enabled
+    timelines: TimelineRing = field(default_factory=TimelineRing)  # recent requests, bounded
     draining: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     ended: dict[asyncio.Task[Any], str] = field(default_factory=dict)  # task -> why, until it ends
@@ -120,11 +122,12 @@ class Services:
 class Responder:
     """Sends the client's response; knows whether it has started."""
 
-    __slots__ = ("_send", "complete", "request_id", "started", "status")
+    __slots__ = ("_send", "complete", "failure", "request_id", "started", "status")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
         self.request_id = request_id
+        self.failure: str | None = None  # the error message the client got
         self.started = False
         self.complete = False  # the last byte was handed to the server
         self.status = 0
@@ -165,6 +168,7 @@ class Responder:
         await self._send({"type": "http.response.body", "body": data})
 
     async def error(self, exc: ProxyError) -> None:
+        self.failure = exc.message
         if self.started:
             await self.end(sse_error_event(exc.body()))
             return
@@ -246,6 +250,7 @@ class CompletionEndpoint:
         """Serve in this task, while a watcher task waits for the client's disconnect and then
         cancels it (as the drain deadline does, through `services.inflight`)."""
         progress = Progress()
+        timing.stream = request.stream
         task = asyncio.current_task()
         assert task is not None
         client_left = False
@@ -287,7 +292,10 @@ class CompletionEndpoint:
 
     def _finish(self, out: Responder, timing: RequestTiming) -> None:
         timing.end = perf_counter()
+        timing.path, timing.request_id, timing.status = self.path, out.request_id, out.status
+        timing.error = out.failure
         self.services.stats.record(timing)
+        self.services.timelines.add(timing)
         self.services.metrics.requests.labels(self.path, str(out.status)).inc()
 
     async def _serve(
@@ -295,6 +303,7 @@ class CompletionEndpoint:
     ) -> None:
         try:
             async with self.services.admission.slot():
+                timing.admitted = perf_counter()
                 await self._proxy(request, out, timing, progress)
         except ProxyError as exc:
             if exc.status >= 500:
@@ -328,10 +337,12 @@ class CompletionEndpoint:
                     else:
                         handoff = await self._prefill(request, decoder, info, timing)
                     body = svc.connector.decode_body(request, handoff)
+                    timing.kv = handoff.outcome
                     # KV now waits on the prefiller for the decoder: a client that leaves before
                     # the first decoded byte closes the decode leg, and the decoder's abort frees
                     # the prefiller's blocks (vLLM; see README "Cancellation")
                     progress.phase = "handoff" if handoff.kv_transfer_params else "decode"
+                timing.decoder = decoder.id
                 try:
                     await self._decode(request, decoder, body, out, timing, progress)
                 except (UpstreamError, UpstreamTimeout) as exc:
@@ -347,6 +358,7 @@ class CompletionEndpoint:
             if replacement is None:
                 raise last
             svc.metrics.retries.labels("decode").inc()
+            timing.retries += 1
             log.warning(
                 "request %s: decode on %s failed (%s); retrying on %s",
                 request.request_id,
@@ -370,8 +382,10 @@ class CompletionEndpoint:
             prefiller = svc.router.pick_prefill(info, exclude=tried)
             if prefiller is None:
                 break
+            timing.prefiller = prefiller.id
             if attempt:
                 svc.metrics.retries.labels("prefill").inc()
+                timing.retries += 1
                 log.warning(
                     "request %s: retrying prefill on %s after: %s",
                     request.request_id,
@@ -496,4 +510,7 @@ class CompletionEndpoint:
             timing.first_token = scanner.first_token
             timing.last_token = scanner.last_token
             timing.token_events = scanner.token_events
+            usage = scanner.usage
+            tokens = usage.get("completion_tokens") if usage is not None else None
+            timing.output_tokens = tokens if isinstance(tokens, int) else scanner.token_events
             stream.close()

@@ -44,28 +44,41 @@ class RollingWindow:
 class Summary:
     count: int
     mean: float
-    median: float
+    p50: float
+    p95: float
     p99: float
 
     @classmethod
     def of(cls, values: np.ndarray) -> Summary | None:
         if len(values) == 0:
             return None
-        median, p99 = np.percentile(values, [50, 99])
-        return cls(len(values), float(values.mean()), float(median), float(p99))
+        p50, p95, p99 = np.percentile(values, [50, 95, 99])
+        return cls(len(values), float(values.mean()), float(p50), float(p95), float(p99))
 
 
 @dataclass(slots=True)
 class RequestTiming:
-    """perf_counter() instants of one request's life; None where the request never got there."""
+    """perf_counter() instants of one request's life; None where the request never got there.
+    The rest says where it went and how it ended, for its timeline (proxy.timeline)."""
 
     start: float
+    admitted: float | None = None  # admission gave it a slot
     prefill_start: float | None = None
     prefill_end: float | None = None
     first_token: float | None = None
     last_token: float | None = None
     token_events: int = 0
+    output_tokens: int = 0  # streamed: the usage chunk's completion_tokens, else token events
     end: float | None = None
+    path: str = ""
+    request_id: str = ""
+    stream: bool = False
+    status: int = 0
+    prefiller: str | None = None  # worker ids: the last tried
+    decoder: str | None = None
+    kv: str | None = None  # "handed_over", "local" (chosen), or why the decoder recomputed
+    retries: int = 0
+    error: str | None = None  # the message the client got, if an error
 
 
 # name -> (help text, Prometheus buckets)
@@ -74,6 +87,11 @@ QUANTITIES: dict[str, tuple[str, tuple[float, ...]]] = {
     "decode_first_token": ("prefill done until the decoder's first token", _LATENCY_BUCKETS),
     "ttft": ("time to first token as the client sees it", _LATENCY_BUCKETS),
     "itl": ("mean inter-token latency of a streamed request", _ITL_BUCKETS),
+    "tpot": (
+        "time per output token of a streamed request, after the first: (last - first token) / "
+        "(output tokens - 1); below ITL when chunks carry several tokens",
+        _ITL_BUCKETS,
+    ),
     "e2e": ("request received until its last byte was sent", _LATENCY_BUCKETS),
 }
 
@@ -102,8 +120,11 @@ class LatencyStats:
             self._add("ttft", t.first_token - t.start)
             if t.prefill_end is not None:
                 self._add("decode_first_token", t.first_token - t.prefill_end)
-            if t.last_token is not None and t.token_events > 1:
-                self._add("itl", (t.last_token - t.first_token) / (t.token_events - 1))
+            if t.last_token is not None:
+                if t.token_events > 1:
+                    self._add("itl", (t.last_token - t.first_token) / (t.token_events - 1))
+                if t.output_tokens > 1:
+                    self._add("tpot", (t.last_token - t.first_token) / (t.output_tokens - 1))
         if t.end is not None:
             self._add("e2e", t.end - t.start)
 
@@ -113,13 +134,14 @@ class LatencyStats:
     def report(self) -> str:
         """A block for the log, in milliseconds."""
         lines = [f"pdproxy latency over the last {len(self.windows['e2e'])} requests (ms):"]
-        lines.append(f"  {'':<20}{'count':>8}{'mean':>11}{'median':>11}{'p99':>11}")
+        columns = ("mean", "p50", "p95", "p99")
+        lines.append(f"  {'':<20}{'count':>8}" + "".join(f"{c:>11}" for c in columns))
         for name, summary in self.summaries().items():
             if summary is None:
-                lines.append(f"  {name:<20}{0:>8}{'-':>11}{'-':>11}{'-':>11}")
+                lines.append(f"  {name:<20}{0:>8}" + f"{'-':>11}" * len(columns))
             else:
+                values = (getattr(summary, c) * 1e3 for c in columns)
                 lines.append(
-                    f"  {name:<20}{summary.count:>8}{summary.mean * 1e3:>11.2f}"
-                    f"{summary.median * 1e3:>11.2f}{summary.p99 * 1e3:>11.2f}"
+                    f"  {name:<20}{summary.count:>8}" + "".join(f"{v:>11.2f}" for v in values)
                 )
         return "\n".join(lines)

@@ -20,8 +20,8 @@ def test_summary_maths() -> None:
     values = np.arange(1, 101, dtype=np.float64)  # 1..100
     s = Summary.of(values)
     assert s is not None
-    assert (s.count, s.mean, s.median) == (100, 50.5, 50.5)
-    assert s.p99 == pytest.approx(99.01)
+    assert (s.count, s.mean, s.p50) == (100, 50.5, 50.5)
+    assert s.p95 == pytest.approx(95.05) and s.p99 == pytest.approx(99.01)
     assert Summary.of(np.array([])) is None
 
 
@@ -30,9 +30,17 @@ def test_record_derives_each_quantity() -> None:
     stats = LatencyStats(100, registry)
     t = RequestTiming(start=10.0, prefill_start=10.001, prefill_end=10.101)
     t.first_token, t.last_token, t.token_events, t.end = 10.2, 10.5, 4, 10.6
+    t.output_tokens = 7  # some chunks carried two tokens
     stats.record(t)
     got = {k: (None if s is None else round(s.mean, 6)) for k, s in stats.summaries().items()}
-    assert got == {"prefill": 0.1, "decode_first_token": 0.099, "ttft": 0.2, "itl": 0.1, "e2e": 0.6}
+    assert got == {
+        "prefill": 0.1,
+        "decode_first_token": 0.099,
+        "ttft": 0.2,
+        "itl": 0.1,
+        "tpot": 0.05,
+        "e2e": 0.6,
+    }
     text = generate_latest(registry).decode()
     assert "pdproxy_ttft_seconds_count 1.0" in text
     assert 'pdproxy_itl_seconds_bucket{le="0.16"} 1.0' in text
@@ -51,4 +59,5 @@ def test_report_in_milliseconds(caplog: pytest.LogCaptureFixture) -> None:
     stats.record(RequestTiming(start=0.0, first_token=0.25, end=1.0))
     report = stats.report()
     assert "ttft" in report and "250.00" in report and "1000.00" in report
+    assert report.splitlines()[1].split() == ["count", "mean", "p50", "p95", "p99"]
     assert logging.getLogger("pdproxy") is not None

@@ -32,6 +32,13 @@ class Handoff:
     recompute_reason: str | None = None
     recompute_kind: str = "none"  # short metric label for the reason
 
+    @property
+    def outcome(self) -> str:
+        """`handed_over`, `local` (the decoder was chosen to prefill), or why it recomputes."""
+        if self.kv_transfer_params is not None:
+            return "handed_over"
+        return "local" if self.recompute_reason is None else self.recompute_kind
+
 
 def prefill_response(raw: bytes, prefiller: Worker) -> dict[str, Any]:
     """The prefiller's answer as a JSON object; anything else is the prefiller's failure."""
