@@ -20,6 +20,11 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from proxy import __version__
+from proxy.admin.hosts import HostAllowList
+from proxy.admin.probes import Prober
+from proxy.admin.routes import add_admin_routes
+from proxy.admin.service import Admin
+from proxy.admin.state import StateError, StateFile
 from proxy.admission import Admission
 from proxy.auth import Authenticator, load_keys
 from proxy.config import ConfigError, ProxyConfig
@@ -56,7 +61,11 @@ class ProxyApp:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
-        self.registry = configured_workers(config)
+        state = StateFile(config.workers_state_file) if config.workers_state_file else None
+        try:
+            self.registry = initial_workers(config, state)
+        except StateError as exc:
+            raise ConfigError(str(exc)) from None
         prefill, decode = self.registry.pools["prefill"], self.registry.pools["decode"]
         self.metrics = ProxyMetrics((prefill, decode))
         auth = config.auth
@@ -122,6 +131,39 @@ class ProxyApp:
             CHAT: CompletionEndpoint(self.services, CHAT),
             COMPLETIONS: CompletionEndpoint(self.services, COMPLETIONS),
         }
+        admin = config.admin
+        words = admin.probe_words or (400 if config.connector == "lmcache" else 48)
+        prober = Prober(
+            self.engine,
+            self.services.connector,
+            self.registry,
+            admin.probe_timeout,
+            words,
+            admin.probe_pull_wait,
+        )
+        allowed = None
+        if admin.allowed_worker_hosts is not None:
+            allowed = HostAllowList(admin.allowed_worker_hosts)
+        self.admin = Admin(
+            admin,
+            self.registry,
+            prober,
+            authenticator,
+            config.host,
+            config.connector,
+            config.drain_timeout,
+            self.services.end_requests,
+            state,
+            self.scraper,
+            allowed or HostAllowList.default(w.url for w in (*config.prefill, *config.decode)),
+            self.metrics.registry,
+        )
+        if self.admin.refusal is not None:
+            log.warning("%s", self.admin.refusal)
+        try:
+            self.admin.save()  # the file names the workers the proxy starts with
+        except ProxyError as exc:
+            raise ConfigError(exc.message) from None
         self.api = self._build_api()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -158,6 +200,8 @@ class ProxyApp:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.services.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
+        health = self.config.health
+        await self.admin.start(health.probe_on_start, health.interval or 5.0)
         self._loop = asyncio.get_running_loop()
         # everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes over it stall the loop for milliseconds (p99 TTFT)
@@ -175,6 +219,7 @@ class ProxyApp:
         finally:
             for task in tasks:
                 task.cancel()
+            await self.admin.close()
             await self.services.connector.close()
             await self.engine.close()
 
@@ -305,6 +350,7 @@ class ProxyApp:
                 }
             )
 
+        add_admin_routes(api, self.admin, self.services.timelines)
         return api
 
     async def _models(self) -> Response:
@@ -336,9 +382,26 @@ class ProxyApp:
         return _json({"object": "list", "data": list(seen.values())})
 
 
-def configured_workers(config: ProxyConfig) -> WorkerRegistry:
-    """The registry of the configured workers, ids in config order (p0, p1, ..., d0, ...)."""
+def initial_workers(config: ProxyConfig, state: StateFile | None) -> WorkerRegistry:
+    """The workers recorded in the state file when there is one (the set after the last change
+    at run time), else the configured ones, ids in config order (p0, p1, ..., d0, ...)."""
     registry = WorkerRegistry.empty(config.health.failure_threshold, config.health.cooldown)
+    records = state.read() if state is not None else None
+    if records is not None:
+        for record in records:
+            receiver = record.receiver()
+            if config.connector == "lmcache" and record.role == "decode" and receiver is None:
+                raise StateError(
+                    f"workers state file {state.path if state else ''}: decoder {record.id} has "
+                    "no lmcache receiver, which connector lmcache needs"
+                )
+            registry.add(record.role, record.url, receiver, record.id)
+        log.info(
+            "workers from %s (the configured lists are not used while it exists): %s",
+            state.path if state is not None else "",
+            ", ".join(f"{r.id}={r.url}" for r in records) or "none",
+        )
+        return registry
     receivers: list[Receiver | None] = [None] * len(config.decode)
     if config.connector == "lmcache":
         receivers = list(resolve_receivers([(w.url, w.lmcache) for w in config.decode]))

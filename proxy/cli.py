@@ -1,4 +1,4 @@
-"""Command line: `pdproxy serve`, `pdproxy sim`, `pdproxy demo`."""
+"""Command line: `pdproxy serve`, `pdproxy sim`, `pdproxy demo`, `pdproxy workers`."""
 
 from __future__ import annotations
 
@@ -135,13 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="simulated prefiller + decoder + proxy, one command")
     demo.add_argument("--port", type=int, default=9100, help="proxy port (default 9100)")
 
+    from proxy.admin import cli as workers_cli
     from proxy.sim import cli as sim_cli
 
     sim_cli.add_arguments(sim)
+    workers_cli.add_arguments(
+        commands.add_parser("workers", help="list, add or remove a running proxy's workers")
+    )
     args = parser.parse_args(argv)
 
     if args.command == "sim":
         return sim_cli.run(args)
+    if args.command == "workers":
+        return workers_cli.run(args)
     if args.command == "demo":
         from proxy.demo import run_demo
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.admin.config import AdminConfig
 from proxy.lmcache_config import LMCacheConfig, LMCacheReceiverConfig, resolve_receivers
 
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
@@ -37,16 +38,21 @@ class WorkerConfig(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http(s) URL such as http://127.0.0.1:8100")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"{value!r}: give the server's base URL without a path (no /v1)")
-        try:
-            parts.port  # noqa: B018 - raises on an invalid port
-        except ValueError as exc:
-            raise ValueError(f"{value!r}: {exc}") from None
-        return value.rstrip("/")
+        return check_worker_url(value)
+
+
+def check_worker_url(value: str) -> str:
+    """An engine's base URL, without a trailing slash; ValueError saying what is wrong."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL such as http://127.0.0.1:8100")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"{value!r}: give the server's base URL without a path (no /v1)")
+    try:
+        parts.port  # noqa: B018 - raises on an invalid port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    return value.rstrip("/")
 
 
 class TimeoutsConfig(_Model):
@@ -63,6 +69,9 @@ class HealthConfig(_Model):
     timeout: float = Field(5.0, gt=0, description="seconds one /health check may take")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
     cooldown: float = Field(10.0, gt=0, description="seconds an open breaker waits before a trial")
+    probe_on_start: bool = Field(
+        False, description="run the admission probes on the configured workers at start-up"
+    )
 
 
 class FailoverConfig(_Model):
@@ -145,6 +154,11 @@ class ProxyConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # connector lmcache: the notification socket and its deadline (see proxy.lmcache_config)
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
+    # run-time workers: the admin API, its probes and allow-list (see proxy.admin.config)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    workers_state_file: str | None = Field(
+        None, description="the workers after each change, read back at start-up"
+    )
 
     @field_validator("prefill", "decode", mode="before")
     @classmethod

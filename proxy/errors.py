@@ -60,6 +60,18 @@ class Unauthorized(ProxyError):
     type = "authentication_error"
 
 
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+
+
+class Conflict(ProxyError):
+    """The request is valid but clashes with the current state (a worker already known, ...)."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
 class TooManyRequests(ProxyError):
     status = 429
     type = "rate_limit_error"

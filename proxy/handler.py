@@ -448,11 +448,14 @@ class CompletionEndpoint:
         )
         timing.first_token = timing.last_token = perf_counter()
         try:
-            orjson.loads(raw)
+            answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise UpstreamError(
                 f"decode: decode worker {decoder.url} answered with a body that is not JSON"
             ) from None
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            timing.output_tokens = usage["completion_tokens"]
         await out.whole(200, raw)
 
     def _failed(self, pool: WorkerPool, worker: Worker, exc: ProxyError) -> None:

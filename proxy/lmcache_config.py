@@ -114,3 +114,28 @@ def resolve_receivers(
                     "give each decoder its own lmcache init_ports/alloc_ports"
                 )
     return receivers
+
+
+def receiver_for(
+    url: str, given: LMCacheReceiverConfig | None, taken: Sequence[Receiver]
+) -> Receiver:
+    """The receiver of a decoder joining at run time: what is given, with LMCache's convention
+    for what is not (the lowest i whose init port 7300+i and alloc port 7400+i no decoder on that
+    host uses). Raises ValueError when a given port is already used by another decoder."""
+    given = given or LMCacheReceiverConfig()
+    host = given.host or urlsplit(url).hostname or "127.0.0.1"
+    used = {port for rx in taken if rx.host == host for port in (*rx.init_ports, *rx.alloc_ports)}
+    if given.init_ports is not None and given.alloc_ports is not None:
+        init, alloc = tuple(given.init_ports), tuple(given.alloc_ports)
+    else:
+        i = 0
+        while DEFAULT_INIT_PORT + i in used or DEFAULT_ALLOC_PORT + i in used:
+            i += 1
+        init, alloc = (DEFAULT_INIT_PORT + i,), (DEFAULT_ALLOC_PORT + i,)
+    clash = sorted(used & {*init, *alloc})
+    if clash:
+        raise ValueError(
+            f"LMCache port(s) {', '.join(map(str, clash))} on {host} are used by another decoder; "
+            "give this decoder its own lmcache init_ports/alloc_ports"
+        )
+    return Receiver(host, init, alloc)

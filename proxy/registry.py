@@ -9,6 +9,8 @@ in or wholly out:
     candidate (probing, not routed) -> activate (routed) -> drain (not routed, still serving)
     -> remove (gone; `on_removed` listeners forget it: policy state, connections, ...)
 
+and `hold` puts an idle active worker back to candidate (one that failed a start-up probe).
+
 `retire` runs drain -> wait for the worker's in-flight requests (at most `timeout` seconds; then
 `end_requests` ends those left, as the shutdown drain does) -> remove.
 """
@@ -117,6 +119,14 @@ class WorkerRegistry:
         del self.candidates[worker.id]
         self.pools[role].add(worker)
         return worker
+
+    def hold(self, worker: Worker) -> None:
+        """Take an active worker that has no request in flight out of routing, back to a
+        candidate (a configured worker that failed its start-up probe)."""
+        if worker.state is not Lifecycle.ACTIVE or worker.inflight:
+            raise RegistryError(f"worker {worker.id} is {worker.state.value} with requests")
+        self.pools[worker.role].remove(worker, Lifecycle.PROBING)
+        self.candidates[worker.id] = worker
 
     def drain(self, worker: Worker) -> None:
         """No new request for `worker`; those in flight on it go on."""

@@ -108,6 +108,8 @@ class Worker:
     requests_total: int = 0
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
+    model: str | None = None  # what its /v1/models serves, once asked (admission probes)
+    last_probe: dict[str, Any] | None = None  # the result of its last admission probe
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
     idle: asyncio.Event | None = field(default=None, repr=False)  # set when a drain finds 0 left
 
@@ -139,6 +141,7 @@ class Worker:
             "failures_total": self.failures_total,
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
+            "model": self.model,
             "engine_load": None
             if self.engine_load is None
             else {
@@ -181,9 +184,9 @@ class WorkerPool:
         worker.health_ignored = False
         self.workers = tuple(w for w in self.workers if w is not worker)
 
-    def remove(self, worker: Worker) -> None:
+    def remove(self, worker: Worker, state: Lifecycle = Lifecycle.REMOVED) -> None:
         """`worker` is gone: from routing and from what health, stats and metrics see."""
-        worker.state = Lifecycle.REMOVED
+        worker.state = state
         self.workers = tuple(w for w in self.workers if w is not worker)
         self.members = tuple(w for w in self.members if w is not worker)
 

@@ -1,0 +1,67 @@
+"""The admin API's routes (FastAPI), each guarded by `Admin.guard`.
+
+GET    /admin/workers                  every worker: id, url, role, state, health, breaker,
+                                       load, engine load, model, last probe
+POST   /admin/workers                  {"url", "role", "lmcache"?, "force"?}: probe, add; 201
+GET    /admin/workers/{id or url}      one worker (also shortly after its removal)
+DELETE /admin/workers/{id or url}      drain, then remove; 202 (?force=true: even the last)
+GET    /admin/requests?since=N         recent request timelines after seq N
+GET    /admin/requests/{request id}    one request's timeline
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from proxy.admin.service import AddWorker, Admin
+from proxy.errors import BadRequest, NotFound
+from proxy.timeline import TimelineRing
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def add_admin_routes(api: FastAPI, admin: Admin, timelines: TimelineRing) -> None:
+    @api.get("/admin/workers")
+    async def list_workers(request: Request) -> Response:
+        admin.guard(request.scope["headers"])
+        return _json({"object": "list", "data": admin.list()})
+
+    @api.post("/admin/workers")
+    async def add_worker(request: Request) -> Response:
+        admin.guard(request.scope["headers"])
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        worker = await admin.add(AddWorker.parse(body))
+        return _json(admin.describe(worker), 201)
+
+    @api.get("/admin/workers/{key:path}")
+    async def get_worker(key: str, request: Request) -> Response:
+        admin.guard(request.scope["headers"])
+        return _json(admin.describe(admin.find(key)))
+
+    @api.delete("/admin/workers/{key:path}")
+    async def remove_worker(key: str, request: Request, force: bool = False) -> Response:
+        admin.guard(request.scope["headers"])
+        return _json(admin.describe(admin.remove(key, force)), 202)
+
+    @api.get("/admin/requests")
+    async def recent_requests(request: Request, since: int = 0, limit: int = 100) -> Response:
+        admin.guard(request.scope["headers"])
+        limit = max(1, min(limit, 1000))
+        return _json({"seq": timelines.seq, "data": timelines.since(since, limit)})
+
+    @api.get("/admin/requests/{request_id}")
+    async def one_request(request_id: str, request: Request) -> Response:
+        admin.guard(request.scope["headers"])
+        found = timelines.find(request_id)
+        if found is None:
+            raise NotFound(f"request {request_id!r} is not among the recent ones kept")
+        return _json(found)
