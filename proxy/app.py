@@ -29,6 +29,8 @@ from proxy.admission import Admission
 from proxy.auth import Authenticator, load_keys
 from proxy.config import ConfigError, ProxyConfig
 from proxy.connectors import make_connector
+from proxy.console import add_console_routes
+from proxy.console.feed import ConsoleFeed
 from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, UpstreamError
@@ -351,7 +353,33 @@ class ProxyApp:
             )
 
         add_admin_routes(api, self.admin, self.services.timelines)
+        feed = ConsoleFeed(
+            self.admin,
+            self.engine,
+            self.services.stats,
+            self.services.timelines,
+            self.metrics.registry,
+            self._console_info,
+        )
+        add_console_routes(api, feed, lambda: self.services.draining)
         return api
+
+    def _console_info(self) -> dict[str, Any]:
+        svc = self.services
+        return {
+            "connector": svc.connector.name,
+            "policies": {
+                "prefill": svc.router.prefill_policy.name,
+                "decode": svc.router.decode_policy.name,
+                "conditional_disagg": self.config.conditional_disagg.enabled,
+            },
+            "admission": {
+                "active": svc.admission.active,
+                "queued": svc.admission.queued,
+                "rejected": svc.admission.rejected,
+            },
+            "draining": svc.draining,
+        }
 
     async def _models(self) -> Response:
         """The union of the decoders' models (the ones that serve the answer)."""

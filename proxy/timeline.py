@@ -30,6 +30,9 @@ def describe(t: RequestTiming, seq: int, now: float | None = None) -> dict[str, 
     """One request's timeline as JSON: where it went and how long each hop took."""
     now = perf_counter() if now is None else now
     decode_start = t.prefill_end if t.prefill_end is not None else t.admitted
+    decode = _ms(t.last_token, t.first_token)
+    itl = decode / (t.token_events - 1) if decode is not None and t.token_events > 1 else None
+    tpot = decode / (t.output_tokens - 1) if decode is not None and t.output_tokens > 1 else None
     return {
         "seq": seq,
         "request_id": t.request_id,
@@ -47,8 +50,10 @@ def describe(t: RequestTiming, seq: int, now: float | None = None) -> dict[str, 
             "admission": _ms(t.admitted, t.start),
             "prefill": _ms(t.prefill_end, t.prefill_start),
             "handoff": _ms(t.first_token, decode_start),
-            "decode": _ms(t.last_token, t.first_token),
+            "decode": decode,
             "ttft": _ms(t.first_token, t.start),
+            "itl": None if itl is None else round(itl, 3),
+            "tpot": None if tpot is None else round(tpot, 3),
             "total": _ms(t.end, t.start),
         },
         # offsets from arrival, to draw the hops on one axis

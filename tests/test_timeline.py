@@ -16,7 +16,7 @@ def timing(i: int) -> RequestTiming:
         "p0",
         "d1",
     )
-    t.kv, t.output_tokens = "handed_over", 11
+    t.kv, t.output_tokens, t.token_events = "handed_over", 11, 6
     return t
 
 
@@ -40,6 +40,8 @@ def test_hops_of_a_disaggregated_request() -> None:
         "handoff": 10.0,
         "decode": 200.0,
         "ttft": 62.0,
+        "itl": 40.0,
+        "tpot": 20.0,
         "total": 263.0,
     }
     assert (d["prefiller"], d["decoder"], d["kv"]) == ("p0", "d1", "handed_over")

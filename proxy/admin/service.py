@@ -110,10 +110,14 @@ class Admin:
 
     # --- guard ---
 
-    def guard(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Raise unless the caller may use the admin API (and the console's data)."""
+    def check_served(self) -> None:
+        """Raise when the admin API and the console are off (see `refusal`)."""
         if self.refusal is not None:
             raise Forbidden(self.refusal)
+
+    def guard(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Raise unless the caller may use the admin API (and the console's data)."""
+        self.check_served()
         self.auth.check_admin(headers)
 
     # --- reading ---

@@ -16,7 +16,9 @@ ARGS = ("--speed-factor", "0.05", "--lmcache-chunk-size", "2")
 
 @pytest.fixture(scope="module")
 def rig(logs: Path) -> Iterator[Rig]:
-    r = start_rig(logs, "lmc-admin", extra_yaml="admin: {probe_timeout: 5}\ndecode_policy: round_robin\n")
+    r = start_rig(
+        logs, "lmc-admin", extra_yaml="admin: {probe_timeout: 5}\ndecode_policy: round_robin\n"
+    )
     yield r
     r.stop()
 
