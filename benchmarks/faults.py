@@ -1,6 +1,7 @@
 """Fault injection under load: every request must end in a full answer or a clear error.
 
-Runs each scenario against 2 simulated prefillers + 2 simulated decoders behind a fresh proxy, and
+Runs each scenario against 2 simulated prefillers + 2 simulated decoders behind a fresh proxy (one
+scenario replaces a decoder through the admin API while under load), and
 classifies every request the client sent:
   succeeded     a 200 with a complete answer (non-stream: JSON with choices; stream: tokens and
                 `data: [DONE]`, no error event)
@@ -22,6 +23,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,6 +136,22 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def admin_call(method: str, url: str, body: dict[str, Any] | None = None) -> str:
+    """The status and state (or error) of one admin API call."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else orjson.dumps(body)
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = orjson.loads(resp.read())
+            return f"{resp.status} {answer.get('id')} {answer.get('state')}"
+    except urllib.error.HTTPError as exc:
+        return f"{exc.code} {orjson.loads(exc.read())['error']['message']}"
+
+
 def post_json(url: str, body: dict[str, Any]) -> None:
     import urllib.request
 
@@ -144,17 +162,36 @@ def post_json(url: str, body: dict[str, Any]) -> None:
 
 
 class Topology:
-    """2 prefillers + 2 decoders (simulated), restarted as needed between scenarios."""
+    """2 prefillers + 2 decoders (simulated), restarted as needed between scenarios, and a
+    spare decoder that a scenario adds at run time."""
 
     def __init__(self, logs: Path, speed: float) -> None:
         self.logs = logs
         args = ("--model", MODEL, "--speed-factor", str(speed))
         self.prefill = [start_sim("prefill", *args, log=logs / f"p{i}.log") for i in range(2)]
         self.decode = [start_sim("decode", *args, log=logs / f"d{i}.log") for i in range(2)]
+        self.spare = start_sim("decode", *args, log=logs / "d-spare.log")
+        self.proxy_url = ""
+        self.changes: list[threading.Thread] = []
+        self.change_notes: list[str] = []
 
     @property
     def sims(self) -> list[SimProcess]:
-        return self.prefill + self.decode
+        return [*self.prefill, *self.decode, self.spare]
+
+    def replace_decoder(self) -> None:
+        """Remove decoder 0 and add the spare through the admin API (in a thread: the probes
+        take a moment and the load must go on)."""
+
+        def change() -> None:
+            base = self.proxy_url + "/admin/workers"
+            removed = admin_call("DELETE", base + "/d0")
+            added = admin_call("POST", base, {"url": self.spare.url, "role": "decode"})
+            self.change_notes.append(f"DELETE d0: {removed}; POST spare decoder: {added}")
+
+        thread = threading.Thread(target=change)
+        thread.start()
+        self.changes.append(thread)
 
     def heal(self) -> None:
         for sim in self.sims:
@@ -180,9 +217,13 @@ class Topology:
             str(config),
             log=self.logs / f"proxy-{name}.log",
         )
+        self.proxy_url = proxy.url
         try:
             yield proxy
         finally:
+            for thread in self.changes:
+                thread.join(60)
+            self.changes.clear()
             proxy.stop()
 
     def close(self) -> None:
@@ -210,12 +251,20 @@ def run_scenario(
     topo.heal()
     with topo.proxy(name) as proxy:
         retries0 = metric_total(proxy.url, "pdproxy_retries_total")
+        spare0 = metric_total(topo.spare.url, "pdsim:kv_pulled_requests_total")
         fallbacks0 = metric_total(proxy.url, "pdproxy_prefill_fallbacks_total")
         t0 = time.monotonic()
         results = asyncio.run(load(proxy.url, n, concurrency, hook))
         t = tally(name, results, time.monotonic() - t0, notes)
         t.retries = metric_total(proxy.url, "pdproxy_retries_total") - retries0
         t.fallbacks = metric_total(proxy.url, "pdproxy_prefill_fallbacks_total") - fallbacks0
+        for thread in topo.changes:
+            thread.join(60)
+        if topo.change_notes:
+            served = metric_total(topo.spare.url, "pdsim:kv_pulled_requests_total") - spare0
+            t.notes += f" ({'; '.join(topo.change_notes)}; the new decoder pulled the KV of "
+            t.notes += f"{served:g} requests, its probe's included)"
+            topo.change_notes.clear()
     return t
 
 
@@ -255,6 +304,11 @@ def scenarios(topo: Topology, n: int) -> Iterator[tuple[str, Callable[[int], Non
             fault(p0, garbage_body=True, count=n // 4), fault(d1, garbage_body=True, count=n // 4)
         ),
         f"prefiller 0 and decoder 1 send garbage for {n // 4} requests each",
+    )
+    yield (
+        "decoder replaced",
+        lambda i: topo.replace_decoder() if i == at else None,
+        f"at request {at}: decoder 0 drained and removed, a new decoder probed and added",
     )
     yield (
         "bursts of 500s",
@@ -297,6 +351,8 @@ def table(tallies: list[Tally], memory: dict[str, int]) -> str:
             f"| {t.scenario} | {t.sent} | {t.succeeded} | {t.clear_errors} | {t.lost} | "
             f"{t.retries:g} | {t.fallbacks:g} | {t.seconds} |"
         )
+    rows.append("")
+    rows += [f"- {t.scenario}: {t.notes}" for t in tallies]
     rows.append("")
     rows.append(
         f"Proxy RSS around the soak: {memory['rss_before_kib'] / 1024:.1f} MiB before, "

@@ -28,5 +28,7 @@ def test_no_request_is_lost(tmp_path: Path) -> None:
     assert by_name["baseline"].succeeded == by_name["baseline"].sent
     assert by_name["kill -9 prefiller"].retries >= 1
     assert by_name["bursts of 500s"].retries >= 1
+    replaced = by_name["decoder replaced"].notes
+    assert "DELETE d0: 202 d0 draining" in replaced and "201 d2 active" in replaced
     assert all(t.sent == t.succeeded + t.clear_errors for t in tallies)
     assert memory["rss_after_kib"] > 0
