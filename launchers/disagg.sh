@@ -58,6 +58,7 @@ KV transfer
 Running
   --python PATH            python with vLLM (default: $PDPROXY_VLLM_PYTHON or python3)
   --proxy-cmd CMD          pdproxy command (default: pdproxy on PATH, else the repo .venv's)
+  --proxy-args 'ARGS'      extra arguments of `pdproxy serve` (e.g. '--config my.yaml')
   --log-dir DIR            one log file per component (default ./logs/disagg)
   --health-timeout S       seconds to wait for each engine's /health (default 600)
   --no-proxy               start only the engines
@@ -78,6 +79,7 @@ set_defaults() {
   UCX_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y} BLOCK_SIZE="" PREFILL_BLOCK_SIZE=""
   DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS=0 KV_BUFFER_DEVICE=""
   KV_EXTRA=() PREFILL_KV_EXTRA=() DECODE_KV_EXTRA=() PREFILL_ARGS_STR="" DECODE_ARGS_STR=""
+  PROXY_ARGS_STR=""
 }
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
@@ -120,6 +122,7 @@ parse_args() {
       --model) need_value "$@"; MODEL=$2; shift ;;
       --python) need_value "$@"; PYTHON=$2; shift ;;
       --proxy-cmd) need_value "$@"; PROXY_CMD_STR=$2; shift ;;
+      --proxy-args) need_value "$@"; PROXY_ARGS_STR=$2; shift ;;
       --log-dir) need_value "$@"; LOG_DIR=$2; shift ;;
       --health-timeout) need_value "$@"; HEALTH_TIMEOUT=$2; shift ;;
       --no-proxy) START_PROXY=0 ;;
@@ -168,6 +171,7 @@ validate() {
   done
   read -r -a PREFILL_ARGS <<<"$PREFILL_ARGS_STR"
   read -r -a DECODE_ARGS <<<"$DECODE_ARGS_STR"
+  read -r -a PROXY_ARGS <<<"$PROXY_ARGS_STR"
   LOG_DIR=$(realpath -m "$LOG_DIR")
   if [[ -n $PROXY_CMD_STR ]]; then
     read -r -a PROXY_CMD <<<"$PROXY_CMD_STR"

@@ -209,6 +209,7 @@ proxy_cmd() {
   for ((i = 0; i < NUM_PREFILL; i++)); do cmd+=(--prefill "$(engine_url prefill "$i")"); done
   for ((i = 0; i < NUM_DECODE; i++)); do cmd+=(--decode "$(engine_url decode "$i")"); done
   cmd+=(--host "$HOST" --port "$PROXY_PORT" --connector "$CONNECTOR")
+  cmd+=(${PROXY_ARGS[@]+"${PROXY_ARGS[@]}"})
   quote_args "${cmd[@]}"
 }
 

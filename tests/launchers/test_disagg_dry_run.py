@@ -249,8 +249,8 @@ def test_per_role_kv_and_engine_options(tmp_path: Path) -> None:
         "--nixl-threads", "8", "--cross-layer-blocks", "--kv-buffer-device", "cpu",
         "--kv-extra", "kv_lease_duration=60", "--kv-extra", "note=a \"b\"",
         "--decode-kv-extra", "num_threads=2", "--prefill-args", "--max-num-seqs 8",
-        "--decode-args", "--max-num-seqs 128 --seed 1", "--", "--enforce-eager",
-        tmp_path=tmp_path,
+        "--decode-args", "--max-num-seqs 128 --seed 1", "--proxy-args", "--stats-interval 2",
+        "--", "--enforce-eager", tmp_path=tmp_path,
     )  # fmt: skip
     prefill, decode = plan.commands["prefill-0"], plan.commands["decode-0"]
     assert prefill.kv_config == {
@@ -269,6 +269,7 @@ def test_per_role_kv_and_engine_options(tmp_path: Path) -> None:
     # the common args after --, then the role's own
     assert prefill.argv[-3:] == ["--enforce-eager", "--max-num-seqs", "8"]
     assert decode.argv[-5:] == ["--enforce-eager", "--max-num-seqs", "128", "--seed", "1"]
+    assert plan.commands["proxy"].argv[-2:] == ["--stats-interval", "2"]
 
 
 def test_no_kv_extra_by_default_and_lmcache_extras_merge(tmp_path: Path) -> None:
