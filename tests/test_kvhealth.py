@@ -33,7 +33,7 @@ vllm:nixl_post_time_seconds_sum{engine="0",model_name="m"} 0.01
         (
             b"vllm:nixl_xfer_time_seconds_count 2\nvllm:nixl_xfer_time_seconds_sum 1\n",
             TransferTotals(2.0, 1.0, 0.0),
-        ),  # fmt: skip
+        ),
         (b"vllm:num_requests_running 1\n", None),  # no NIXL connector
         (b"vllm:nixl_xfer_time_seconds_count x\nvllm:nixl_xfer_time_seconds_sum 1\n", None),
         (b"", None),
