@@ -35,6 +35,7 @@ from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, UpstreamError
 from proxy.handler import CompletionEndpoint, Receive, Router, Scope, Send, Services
+from proxy.kvhealth import KvHealth, KvHealthMonitor
 from proxy.lmcache_config import Receiver, resolve_receivers
 from proxy.metrics import ProxyMetrics
 from proxy.policies import PolicyOptions, make_policy
@@ -95,6 +96,18 @@ class ProxyApp:
             if routing.scrape_interval > 0 and policies & {"load_aware", "prefix_aware"}
             else None
         )  # fmt: skip
+        kvh = config.kv_health
+        self.kv_monitor = (
+            KvHealthMonitor(
+                self.engine,
+                lambda: decode.members,  # draining decoders still pull
+                KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval),
+                kvh.interval,
+                config.health.timeout,
+            )
+            if kvh.enabled and config.connector == "nixl"
+            else None
+        )
         self.services = Services(
             router=Router(
                 prefill,
@@ -174,6 +187,8 @@ class ProxyApp:
         self.engine.forget(worker.url)
         if worker.role == "decode" and self.services.disagg is not None:
             self.services.disagg.forget(worker)
+        if worker.role == "decode" and self.kv_monitor is not None:
+            self.kv_monitor.health.forget(worker.url)
 
     @property
     def pools(self) -> tuple[WorkerPool, WorkerPool]:
@@ -216,6 +231,8 @@ class ProxyApp:
             tasks.append(asyncio.create_task(self._check_health(self.config.health.interval)))
         if self.scraper is not None:
             tasks.append(asyncio.create_task(self.scraper.run()))
+        if self.kv_monitor is not None:
+            tasks.append(asyncio.create_task(self.kv_monitor.run()))
         try:
             yield
         finally:
@@ -338,6 +355,11 @@ class ProxyApp:
                         "decode": [w.describe() for w in decode.members],
                     },
                     "connector": self.services.connector.name,
+                    "kv_transfer": {
+                        w.url: w.kv_transfer.describe()
+                        for w in decode.members
+                        if w.kv_transfer is not None
+                    },
                     "admission": {
                         "active": self.services.admission.active,
                         "queued": self.services.admission.queued,

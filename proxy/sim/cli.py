@@ -18,6 +18,7 @@ from proxy.sim.config import (
     Timing,
 )
 from proxy.sim.faults import Faults
+from proxy.sim.profile import TIMING_KEYS, build_timing, load_profile, shipped
 from proxy.sim.server import start_sim
 
 _T = Timing()
@@ -114,7 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vLLM's --enable-prefix-caching). Off by default here.",
     )
     a("--engine-id", default=None, help="NIXL engine id (default: a random UUID).")
-    g = parser.add_argument_group("timing (Llama-3.1-8B bf16 on one H100)")
+    g = parser.add_argument_group(
+        "timing (defaults: Llama-3.1-8B bf16 on one H100, estimated; --timing-profile for measured)"
+    )
+    g.add_argument(
+        "--timing-profile",
+        metavar="NAME|FILE",
+        help="Load the delays from a timing profile: one shipped "
+        f"({', '.join(shipped())}) or a JSON file; the flags below override it.",
+    )
     g.add_argument(
         "--speed-factor",
         type=float,
@@ -124,37 +133,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--prefill-ms-per-token",
         type=float,
-        default=_T.prefill_ms_per_token,
+        default=None,
         help=f"Prefill cost per prompt token (default {_T.prefill_ms_per_token}).",
     )
     g.add_argument(
         "--prefill-overhead-ms",
         type=float,
-        default=_T.prefill_overhead_ms,
+        default=None,
         help=f"Fixed cost of a step with prefill (default {_T.prefill_overhead_ms}).",
     )
     g.add_argument(
         "--decode-base-ms",
         type=float,
-        default=_T.decode_base_ms,
+        default=None,
         help=f"Fixed cost of an engine step (default {_T.decode_base_ms}).",
     )
     g.add_argument(
         "--decode-ms-per-seq",
         type=float,
-        default=_T.decode_ms_per_seq,
+        default=None,
         help=f"Step cost per decoding sequence (default {_T.decode_ms_per_seq}).",
     )
     g.add_argument(
         "--xfer-overhead-ms",
         type=float,
-        default=_T.xfer_overhead_ms,
+        default=None,
         help=f"Fixed cost of one KV pull (default {_T.xfer_overhead_ms}).",
     )
     g.add_argument(
         "--xfer-ms-per-block",
         type=float,
-        default=_T.xfer_ms_per_block,
+        default=None,
         help=f"Pull cost per 16-token block (default {_T.xfer_ms_per_block}).",
     )
     f = parser.add_argument_group("faults (same keys as POST /_sim/faults)")
@@ -189,6 +198,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--fault-truncate-body", action="store_true", help="Send half a body.")
     f.add_argument("--fault-unhealthy", action="store_true", help="/health answers 503.")
     f.add_argument(
+        "--fault-kv-xfer-gbps",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="As a decoder, pull KV at this many GB/s (8B-shape KV: 128 KiB per token), as over "
+        "TCP; seen in vllm:nixl_bytes_transferred and vllm:nixl_xfer_time_seconds.",
+    )
+    f.add_argument(
         "--fault-side-channel-error", action="store_true", help="Every side-channel read fails."
     )
     a("--log-level", default="INFO", help="Logging level (default INFO).")
@@ -210,15 +227,8 @@ def side_channel_port(given: int | None) -> int:
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Build a ``SimConfig`` from parsed options."""
-    timing = Timing(
-        prefill_ms_per_token=args.prefill_ms_per_token,
-        prefill_overhead_ms=args.prefill_overhead_ms,
-        decode_base_ms=args.decode_base_ms,
-        decode_ms_per_seq=args.decode_ms_per_seq,
-        xfer_overhead_ms=args.xfer_overhead_ms,
-        xfer_ms_per_block=args.xfer_ms_per_block,
-        speed_factor=args.speed_factor,
-    )
+    profile = load_profile(args.timing_profile) if args.timing_profile else None
+    timing = build_timing(profile, {k: getattr(args, k) for k in TIMING_KEYS}, args.speed_factor)
     faults = Faults(
         count=args.fault_count,
         error_status=args.fault_status,
@@ -229,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         truncate_body=args.fault_truncate_body,
         unhealthy=args.fault_unhealthy,
         side_channel_error=args.fault_side_channel_error,
+        kv_xfer_gbps=args.fault_kv_xfer_gbps,
     )
     return SimConfig(
         role=args.role,

@@ -132,7 +132,11 @@ class SimServer:
         self._engine = Engine(cfg, self.tokenizer, self.metrics, self._producer_params)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self._consumer = NixlConsumer(
-            self._session, cfg.timing, self.metrics, cfg.kv_load_failure_policy == "fail"
+            self._session,
+            cfg.timing,
+            self.metrics,
+            cfg.kv_load_failure_policy == "fail",
+            lambda: self.faults.current.kv_xfer_gbps,
         )
         if cfg.lmcache is not None:
             self.lmcache = LMCacheMode(cfg.lmcache, cfg.timing, self.metrics)
@@ -207,6 +211,7 @@ class SimServer:
             "leased_requests": engine.pool.leased_requests,
             "used_kv_blocks": engine.pool.used_blocks,
             "faults": self.faults.current.model_dump(),
+            "timing": dataclasses.asdict(self.config.timing),
         }
 
     def _producer_params(self, seq: Sequence, num_tokens: int) -> dict[str, Any]:

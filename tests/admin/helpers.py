@@ -17,9 +17,12 @@ class Load:
     """`clients` threads streaming completions through the proxy until `stop()`; every outcome
     is classified as in the fault suite: succeeded, clear_error, or lost."""
 
-    def __init__(self, url: str, clients: int = 4, max_tokens: int = 24) -> None:
+    def __init__(
+        self, url: str, clients: int = 4, max_tokens: int = 24, model: str = MODEL
+    ) -> None:
         self.url = url + "/v1/completions"
         self.max_tokens = max_tokens
+        self.model = model
         self.outcomes: list[tuple[str, str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -34,11 +37,11 @@ class Load:
         self.stop()
 
     def _run(self, client: int) -> None:
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(timeout=180) as http:
             i = 0
             while not self._stop.is_set():
                 body = {
-                    "model": MODEL,
+                    "model": self.model,
                     "prompt": f"client {client} request {i}: " + "tell me more " * (i % 7),
                     "max_tokens": self.max_tokens,
                     "stream": True,
