@@ -369,20 +369,7 @@ async function connect() {
         continue;
       }
       setStatus("live", true);
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const event = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          if (event.startsWith("data: ")) onSnapshot(JSON.parse(event.slice(6)));
-        }
-      }
+      await readEvents(resp, (data) => onSnapshot(JSON.parse(data)));
     } catch (e) {
       console.warn("console feed:", e);
     }
@@ -391,6 +378,23 @@ async function connect() {
   }
 }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Server-sent events from a fetch() response: `onData` gets each event's data, as it arrives.
+async function readEvents(resp, onData) {
+  const reader = resp.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      if (event.startsWith("data: ")) onData(event.slice(6));
+    }
+  }
+}
 
 $("#keys").addEventListener("submit", (ev) => {
   ev.preventDefault();
@@ -424,25 +428,16 @@ $("#prompt-form").addEventListener("submit", async (ev) => {
       out.dataset.state = "error";
       return;
     }
-    const reader = resp.body.getReader(), decoder = new TextDecoder();
-    let buffer = "", tokens = 0;
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
-        const chunk = JSON.parse(event.slice(6));
-        if (chunk.error) { out.append("\n[error: " + chunk.error.message + "]"); out.dataset.state = "error"; continue; }
-        for (const choice of chunk.choices || []) {
-          const text = (choice.delta && choice.delta.content) || "";
-          if (text) { out.append(text); tokens++; out.dataset.chunks = String(tokens); }
-        }
+    let tokens = 0;
+    await readEvents(resp, (data) => {
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) { out.append("\n[error: " + chunk.error.message + "]"); out.dataset.state = "error"; return; }
+      for (const choice of chunk.choices || []) {
+        const text = (choice.delta && choice.delta.content) || "";
+        if (text) { out.append(text); tokens++; out.dataset.chunks = String(tokens); }
       }
-    }
+    });
     if (out.dataset.state === "streaming") out.dataset.state = "done";
     const t = await fetch(`/admin/requests/${encodeURIComponent(id)}`, { headers: headers(keys.admin) });
     if (t.ok) {
