@@ -112,7 +112,8 @@ class ProxyMetrics:
         self.disagg_decisions = Counter(
             "pdproxy_disagg_decisions",
             "conditional disaggregation: prefill on a prefiller (remote) or on the decoder "
-            "(local), with the reason: short prompt, mostly cached on the decoder, or long",
+            "(local), with the reason: short prompt, mostly cached on the decoder, long, or the "
+            "decoder's KV pulls are slow (slow_kv)",
             ["decision", "reason"],
             registry=self.registry,
         )
