@@ -285,3 +285,15 @@ def test_requests_keep_their_timelines(proxy: Proxy) -> None:
     recent = httpx.get(proxy.url + "/admin/requests", params={"since": 0}, timeout=5).json()
     assert recent["data"][-1]["request_id"] == "timeline-1" and recent["seq"] >= 1
     assert httpx.get(proxy.url + "/admin/requests/nope").status_code == 404
+
+
+def test_a_joining_worker_is_scraped_before_load_aware_routes_to_it(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    p0, d0, d1 = clean_sims["p0"], clean_sims["d0"], clean_sims["d1"]
+    cfg = config_file(tmp_path, decode_policy="load_aware", routing={"scrape_interval": 60})
+    with running(start_proxy(tmp_path, [p0], [d0], "--config", cfg)) as proxy:
+        resp = add(proxy, d1.url)
+        assert resp.status_code == 201, resp.text
+        load = resp.json()["engine_load"]  # scraped once already, though the next is in 60 s
+        assert load is not None and load["running"] == 0 and load["waiting"] == 0
