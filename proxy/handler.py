@@ -1,6 +1,7 @@
 """The request path for /v1/completions and /v1/chat/completions, as one ASGI endpoint.
 
-    read body -> parse -> choose prefiller and decoder (policies) -> prefill leg (connector)
+    read body -> parse -> [fan out: one sub-request per completion, proxy.fanout]
+    -> admission -> choose prefiller and decoder (policies) -> prefill leg (connector)
     -> decode leg (engine) -> relay -> record
 
 The client's response starts only once the decoder has sent its first bytes, so every failure
@@ -22,7 +23,7 @@ import orjson
 
 from proxy.admission import Admission
 from proxy.auth import Authenticator
-from proxy.config import FailoverConfig
+from proxy.config import FailoverConfig, FanoutConfig
 from proxy.connectors import Connector, Handoff
 from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient, IdleTimeout, engine_errors
@@ -35,11 +36,14 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.fanout import FanOut
 from proxy.metrics import ProxyMetrics
 from proxy.policies import Policy, RequestInfo
 from proxy.prefix import prompt_prefix
+from proxy.progress import Progress
 from proxy.relay import SSEScanner, sse_error_event
 from proxy.request import ClientRequest, check_request_id, parse_request
+from proxy.sink import Sink
 from proxy.stats import LatencyStats, RequestTiming
 from proxy.workers import Worker, WorkerPool
 
@@ -96,6 +100,7 @@ class Services:
     decode_idle_timeout: float
     prefix_chars: int = 0  # prompt characters the policies hash (0: none needs them)
     disagg: DisaggPlanner | None = None  # conditional disaggregation, when enabled
+    fanout: FanoutConfig = field(default_factory=FanoutConfig)
     draining: bool = False
     drain_expired: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
@@ -141,10 +146,18 @@ class Responder:
         await self._send({"type": "http.response.body", "body": body})
 
     async def start_stream(self) -> None:
+        await self.start(200, SSE, None)
+
+    async def start(self, status: int, content_type: bytes, length: int | None) -> None:
+        """Start a response whose body follows in `chunk`s and `end`."""
         self.started = True
-        self.status = 200
+        self.status = status
         await self._send(
-            {"type": "http.response.start", "status": 200, "headers": self._headers(SSE, None)}
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": self._headers(content_type, length),
+            }
         )
 
     async def chunk(self, data: bytes) -> None:
@@ -195,20 +208,15 @@ def _header(scope: Scope, wanted: bytes) -> bytes | None:
     return None
 
 
-@dataclass(slots=True)
-class Progress:
-    """Where a request is, for the disconnect watcher: prefill, handoff (prefill done, no decoded
-    byte yet: the KV waits on the prefiller), or decode."""
-
-    phase: str = "prefill"
-
-
 class CompletionEndpoint:
     """ASGI app for one OpenAI generation path."""
 
     def __init__(self, services: Services, path: str) -> None:
         self.services = services
         self.path = path
+        self.fanout = FanOut(
+            self.run, services.fanout.max_batch_prompts, services.fanout.max_parallel
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         timing = RequestTiming(start=perf_counter())
@@ -221,7 +229,8 @@ class CompletionEndpoint:
                 raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
             out.request_id = check_request_id(_header(scope, b"x-request-id"))
             raw = await read_body(receive, scope, self.services.max_body_bytes)
-            request = parse_request(self.path, raw, out.request_id)
+            priority = _header(scope, b"x-vllm-priority")
+            request = parse_request(self.path, raw, out.request_id, priority)
         except ProxyError as exc:
             await out.error(exc)
             self._finish(out, timing)
@@ -249,10 +258,9 @@ class CompletionEndpoint:
                     # serving ends, the watcher is cancelled before it could look
                     if not out.complete:
                         client_left = True
-                        self.services.metrics.disconnects.labels(progress.phase).inc()
-                        log.info(
-                            "request %s: client left during %s", request.request_id, progress.phase
-                        )
+                        phase = progress.current()
+                        self.services.metrics.disconnects.labels(phase).inc()
+                        log.info("request %s: client left during %s", request.request_id, phase)
                         task.cancel()
                     return
 
@@ -282,15 +290,25 @@ class CompletionEndpoint:
         self, request: ClientRequest, out: Responder, timing: RequestTiming, progress: Progress
     ) -> None:
         try:
-            async with self.services.admission.slot():
-                await self._proxy(request, out, timing, progress)
+            if request.fanout > 1:
+                await self.fanout.serve(request, out, timing, progress)
+            else:
+                await self.run(request, out, timing, progress)
         except ProxyError as exc:
             if exc.status >= 500:
                 log.warning("request %s failed: %s", request.request_id, exc.message)
             await out.error(exc)
 
+    async def run(
+        self, request: ClientRequest, out: Sink, timing: RequestTiming, progress: Progress
+    ) -> None:
+        """One request, or one sub-request of a fanned-out one, through admission (at its
+        priority) and disaggregated serving; raises ProxyError."""
+        async with self.services.admission.slot(request.priority):
+            await self._proxy(request, out, timing, progress)
+
     async def _proxy(
-        self, request: ClientRequest, out: Responder, timing: RequestTiming, progress: Progress
+        self, request: ClientRequest, out: Sink, timing: RequestTiming, progress: Progress
     ) -> None:
         """Prefill (with failover), then decode (retried on another decoder before any byte
         reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
@@ -308,13 +326,7 @@ class CompletionEndpoint:
         while True:
             with svc.router.decode.track(decoder, request.prompt_chars):
                 if handoff is None:
-                    if (
-                        svc.disagg is not None
-                        and not (await svc.disagg.plan(request, decoder, info)).remote_prefill
-                    ):
-                        handoff = Handoff(None)  # chosen: the decoder prefills (not a recompute)
-                    else:
-                        handoff = await self._prefill(request, decoder, info, timing)
+                    handoff = await self._plan_prefill(request, decoder, info, timing)
                     body = svc.connector.decode_body(request, handoff)
                     # KV now waits on the prefiller for the decoder: a client that leaves before
                     # the first decoded byte closes the decode leg, and the decoder's abort frees
@@ -343,6 +355,23 @@ class CompletionEndpoint:
                 replacement.url,
             )
             decoder = replacement
+
+    async def _plan_prefill(
+        self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
+    ) -> Handoff:
+        """The prefill leg, unless the decoder must or should prefill the prompt itself: a
+        request for prompt logprobs or a beam search (see ClientRequest.local_reason), or a
+        prompt that conditional disaggregation keeps local. Neither is a recompute."""
+        svc = self.services
+        if request.local_reason is not None:
+            svc.metrics.disagg_decisions.labels("local", request.local_reason).inc()
+            return Handoff(None)
+        if (
+            svc.disagg is not None
+            and not (await svc.disagg.plan(request, decoder, info)).remote_prefill
+        ):
+            return Handoff(None)
+        return await self._prefill(request, decoder, info, timing)
 
     async def _prefill(
         self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
@@ -404,7 +433,7 @@ class CompletionEndpoint:
         request: ClientRequest,
         decoder: Worker,
         body: bytes,
-        out: Responder,
+        out: Sink,
         timing: RequestTiming,
         progress: Progress,
     ) -> None:
@@ -439,7 +468,7 @@ class CompletionEndpoint:
         request: ClientRequest,
         decoder: Worker,
         body: bytes,
-        out: Responder,
+        out: Sink,
         timing: RequestTiming,
         progress: Progress,
     ) -> None:

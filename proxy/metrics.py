@@ -93,8 +93,9 @@ class ProxyMetrics:
         )
         self.disagg_decisions = Counter(
             "pdproxy_disagg_decisions",
-            "conditional disaggregation: prefill on a prefiller (remote) or on the decoder "
-            "(local), with the reason: short prompt, mostly cached on the decoder, or long",
+            "prefill on a prefiller (remote) or on the decoder (local), with the reason: "
+            "conditional disaggregation's short prompt, mostly cached on the decoder, or long; "
+            "prompt_logprobs or beam_search (served by a decoder alone)",
             ["decision", "reason"],
             registry=self.registry,
         )
