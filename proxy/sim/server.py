@@ -7,12 +7,18 @@ consumer, whatever its ``role`` label says.
 
 Faithful to vLLM 0.32 as observed (tests/e2e/REAL_VLLM_FACTS.md; tests/protocol runs the same
 assertions against both): no ``X-Request-Id`` response header unless ``request_id_headers``;
-POST bodies must be ``application/json``; unknown paths answer FastAPI's ``{"detail": ...}``.
+POST bodies must be ``application/json``; unknown paths answer FastAPI's ``{"detail": ...}``;
+lists of prompts and ``n`` give choices i * n + j with usage counting each prompt once; ``seed``
+gives sample j the seed ``seed + j``; ``echo``, ``logprobs`` and ``prompt_logprobs`` (a request
+for them loads no remote KV: it recomputes the prompt and frees the producer's blocks);
+``priority`` is accepted, and orders the waiting queue with ``scheduling_policy="priority"``.
 Deliberately different: incomplete ``do_remote_prefill`` params answer 500 like the real
 decoder but the sim stays up (the real one exits); a failed pull fails at once rather than
 after vLLM's ~5 s; a read of KV blocks reused since their lease ended fails (NIXL would hand
-over another request's KV silently); ``return_token_ids`` fills full responses only; only
-``n=1``; ``/version`` says ``0.32.0+pdsim``.
+over another request's KV silently); ``return_token_ids`` fills full responses only; without
+a seed every sample is the greedy one; remote KV in a request with several prompts or n > 1
+is loaded once, for the first prompt; empty text chunks of a plain stream are skipped;
+``/version`` says ``0.32.0+pdsim``.
 """
 
 from __future__ import annotations
