@@ -43,6 +43,7 @@ from benchmarks.harness import (
     percentile,
     pin_self,
     provenance,
+    provenance_lines,
     stream_once,
 )
 
@@ -138,10 +139,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "# A batch of 8 prompts against 8 concurrent single requests, through pdproxy",
         "",
-        f"- command: `{prov['command']}`",
-        f"- date: {prov['date']}; pdproxy {prov['pdproxy']}, Python {prov['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()),
-        f"- machine: {prov['machine']}",
+        *provenance_lines(prov),
         "- 1p1d simulated engines, zero delay, each token its own SSE event, "
         f"{result['tokens']} tokens per completion; proxy pinned to CPU 0, engines and the "
         "client on CPU 1; requests one after another, the two modes interleaved over "

@@ -201,7 +201,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
+def request_header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope["headers"]:
         if name == wanted:
             return bytes(value)
@@ -227,9 +227,9 @@ class CompletionEndpoint:
             self.services.auth.check_api(scope["headers"])
             if self.services.draining:
                 raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
-            out.request_id = check_request_id(_header(scope, b"x-request-id"))
+            out.request_id = check_request_id(request_header(scope, b"x-request-id"))
             raw = await read_body(receive, scope, self.services.max_body_bytes)
-            priority = _header(scope, b"x-vllm-priority")
+            priority = request_header(scope, b"x-vllm-priority")
             request = parse_request(self.path, raw, out.request_id, priority)
         except ProxyError as exc:
             await out.error(exc)

@@ -24,7 +24,16 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.handler import JSON, Receive, Responder, Scope, Send, Services, read_body
+from proxy.handler import (
+    JSON,
+    Receive,
+    Responder,
+    Scope,
+    Send,
+    Services,
+    read_body,
+    request_header,
+)
 from proxy.policies import RequestInfo
 from proxy.request import check_request_id
 from proxy.stats import RequestTiming
@@ -51,13 +60,6 @@ ROUTES = {
 OPEN = frozenset({"/version"})  # answered without an API key, like /health
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == wanted:
-            return bytes(value)
-    return None
-
-
 class PassThrough:
     """ASGI app for one passed-through path."""
 
@@ -77,7 +79,7 @@ class PassThrough:
                 svc.auth.check_api(scope["headers"])
             if svc.draining:
                 raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
-            out.request_id = check_request_id(_header(scope, b"x-request-id"))
+            out.request_id = check_request_id(request_header(scope, b"x-request-id"))
             body = b""
             if self.method != b"GET":
                 body = await read_body(receive, scope, svc.max_body_bytes)
@@ -94,7 +96,7 @@ class PassThrough:
         svc = self.services
         pool = svc.router.decode
         info = RequestInfo(out.request_id, len(body))
-        content_type = _header(scope, b"content-type") or JSON
+        content_type = request_header(scope, b"content-type") or JSON
         tried: list[Worker] = []
         last: ProxyError = NoWorkerAvailable("no decode worker is available")
         while True:
