@@ -297,6 +297,27 @@ def test_at_most_max_parallel_sub_requests_in_flight(fresh: Proxy) -> None:
     assert len(got["choices"]) == 4 and max(seen) == 2
 
 
+def test_an_engine_4xx_for_one_prompt_is_the_answer(fresh: Proxy) -> None:
+    """Before anything was sent, one sub-request's 4xx is the whole request's, as the engine
+    wrote it (vLLM rejects the whole batch for one bad prompt too)."""
+    body = {"model": MODEL, "prompt": [PROMPTS[0], "hello " * 20000], "max_tokens": 4}
+    resp = httpx.post(fresh.url + "/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "BadRequestError" and error["param"] == "input_tokens"
+
+
+def test_an_engine_error_event_ends_the_merged_stream(fresh: Proxy) -> None:
+    d0, d1 = fresh.decode
+    d0.faults(error_event_after_chunks=2, error_message="the engine broke")
+    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 20000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    events = stream(fresh.url + "/v1/completions", body)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    assert events[-2]["error"]["message"] == "the engine broke"  # the engine's own event
+    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1, timeout=5)
+
+
 def held(sims: list[Sim], rid: str) -> bool:
     """Whether any of `sims` still holds KV blocks for a request whose id starts with `rid`."""
     return any(any(rid in r for r in s.control("GET", "info")["leased_requests"]) for s in sims)
