@@ -36,9 +36,29 @@ Ports and addresses
   --notify-port P          proxy's LMCache notification (ZMQ PULL) port (default 7500)
   --ucx-tls LIST           export UCX_TLS to every engine (default: leave UCX to choose)
 
+KV transfer
+  --ucx-get-zcopy y|auto|n UCX_CUDA_IPC_ENABLE_GET_ZCOPY of every engine on cuda (default y, or the
+                           value already in the environment): y lets UCX's cuda_ipc transport do
+                           GPU-to-GPU reads, the NixlConnector's pull; auto leaves it to UCX, which
+                           allows them only where NVML reports NVLink (else the pull runs over TCP)
+  --block-size N           KV-cache block size in tokens of every engine (vLLM --block-size)
+  --prefill-block-size N   ... of the prefillers only
+  --decode-block-size N    ... of the decoders only
+  --nixl-threads N         NixlConnector num_threads (kv_connector_extra_config; vLLM's default 4)
+  --cross-layer-blocks     NixlConnector enable_cross_layers_blocks: one contiguous region per
+                           block for all layers, so a pull moves far fewer, larger pieces
+  --no-cross-layer-blocks  per-layer regions (vLLM's own default)
+  --kv-buffer-device D     kv_buffer_device: cuda (default on GPUs) or cpu
+  --kv-extra KEY=VALUE     add KEY to kv_connector_extra_config of every engine (repeatable;
+                           VALUE is a number, true/false/null, or a string)
+  --prefill-kv-extra KEY=VALUE, --decode-kv-extra KEY=VALUE   the same for one role
+  --prefill-args 'ARGS'    extra engine args for the prefillers (after the args after --)
+  --decode-args 'ARGS'     extra engine args for the decoders
+
 Running
   --python PATH            python with vLLM (default: $PDPROXY_VLLM_PYTHON or python3)
   --proxy-cmd CMD          pdproxy command (default: pdproxy on PATH, else the repo .venv's)
+  --proxy-args 'ARGS'      extra arguments of `pdproxy serve` (e.g. '--config my.yaml')
   --log-dir DIR            one log file per component (default ./logs/disagg)
   --health-timeout S       seconds to wait for each engine's /health (default 600)
   --no-proxy               start only the engines
@@ -56,6 +76,10 @@ set_defaults() {
   PYTHON=${PDPROXY_VLLM_PYTHON:-python3} MODEL="" LOG_DIR=logs/disagg HEALTH_TIMEOUT=600
   PROXY_CMD_STR="" START_PROXY=1 WARMUP=1 DRY_RUN=0 STOP_GRACE=20 WARMUP_TIMEOUT=300
   CONFIG_DIR=$REPO_DIR/configs EXTRA_ARGS=()
+  UCX_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y} BLOCK_SIZE="" PREFILL_BLOCK_SIZE=""
+  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS=0 KV_BUFFER_DEVICE=""
+  KV_EXTRA=() PREFILL_KV_EXTRA=() DECODE_KV_EXTRA=() PREFILL_ARGS_STR="" DECODE_ARGS_STR=""
+  PROXY_ARGS_STR=""
 }
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
@@ -82,9 +106,23 @@ parse_args() {
       --lmcache-alloc-port) need_value "$@"; LMCACHE_ALLOC_PORT=$2; shift ;;
       --notify-port) need_value "$@"; NOTIFY_PORT=$2; shift ;;
       --ucx-tls) need_value "$@"; UCX_TLS_VALUE=$2; shift ;;
+      --ucx-get-zcopy) need_value "$@"; UCX_GET_ZCOPY=$2; shift ;;
+      --block-size) need_value "$@"; BLOCK_SIZE=$2; shift ;;
+      --prefill-block-size) need_value "$@"; PREFILL_BLOCK_SIZE=$2; shift ;;
+      --decode-block-size) need_value "$@"; DECODE_BLOCK_SIZE=$2; shift ;;
+      --nixl-threads) need_value "$@"; NIXL_THREADS=$2; shift ;;
+      --cross-layer-blocks) CROSS_LAYER_BLOCKS=1 ;;
+      --no-cross-layer-blocks) CROSS_LAYER_BLOCKS=0 ;;
+      --kv-buffer-device) need_value "$@"; KV_BUFFER_DEVICE=$2; shift ;;
+      --kv-extra) need_value "$@"; KV_EXTRA+=("$2"); shift ;;
+      --prefill-kv-extra) need_value "$@"; PREFILL_KV_EXTRA+=("$2"); shift ;;
+      --decode-kv-extra) need_value "$@"; DECODE_KV_EXTRA+=("$2"); shift ;;
+      --prefill-args) need_value "$@"; PREFILL_ARGS_STR=$2; shift ;;
+      --decode-args) need_value "$@"; DECODE_ARGS_STR=$2; shift ;;
       --model) need_value "$@"; MODEL=$2; shift ;;
       --python) need_value "$@"; PYTHON=$2; shift ;;
       --proxy-cmd) need_value "$@"; PROXY_CMD_STR=$2; shift ;;
+      --proxy-args) need_value "$@"; PROXY_ARGS_STR=$2; shift ;;
       --log-dir) need_value "$@"; LOG_DIR=$2; shift ;;
       --health-timeout) need_value "$@"; HEALTH_TIMEOUT=$2; shift ;;
       --no-proxy) START_PROXY=0 ;;
@@ -117,7 +155,23 @@ validate() {
   if [[ $DEVICE == cpu && $CONNECTOR == lmcache ]]; then
     log "warning: LMCache is a CUDA build; --device cpu with --connector lmcache will not start"
   fi
-  if [[ $DEVICE == cpu ]]; then KV_BUFFER_DEVICE=cpu; else KV_BUFFER_DEVICE=cuda; fi
+  if [[ -z $KV_BUFFER_DEVICE ]]; then
+    if [[ $DEVICE == cpu ]]; then KV_BUFFER_DEVICE=cpu; else KV_BUFFER_DEVICE=cuda; fi
+  fi
+  [[ $KV_BUFFER_DEVICE == cuda || $KV_BUFFER_DEVICE == cpu ]] || die "--kv-buffer-device must be cuda or cpu, not '$KV_BUFFER_DEVICE'"
+  [[ $UCX_GET_ZCOPY =~ ^(y|yes|n|no|auto|try)$ ]] || die "--ucx-get-zcopy must be y, n or auto, not '$UCX_GET_ZCOPY'"
+  for name in BLOCK_SIZE PREFILL_BLOCK_SIZE DECODE_BLOCK_SIZE NIXL_THREADS; do
+    [[ -z ${!name} ]] || is_uint "${!name}" || die "$name must be a positive integer, not '${!name}'"
+  done
+  PREFILL_BLOCK_SIZE=${PREFILL_BLOCK_SIZE:-$BLOCK_SIZE} DECODE_BLOCK_SIZE=${DECODE_BLOCK_SIZE:-$BLOCK_SIZE}
+  local pair
+  for pair in ${KV_EXTRA[@]+"${KV_EXTRA[@]}"} ${PREFILL_KV_EXTRA[@]+"${PREFILL_KV_EXTRA[@]}"} \
+    ${DECODE_KV_EXTRA[@]+"${DECODE_KV_EXTRA[@]}"}; do
+    [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*=.+$ ]] || die "kv extra '$pair' is not KEY=VALUE"
+  done
+  read -r -a PREFILL_ARGS <<<"$PREFILL_ARGS_STR"
+  read -r -a DECODE_ARGS <<<"$DECODE_ARGS_STR"
+  read -r -a PROXY_ARGS <<<"$PROXY_ARGS_STR"
   LOG_DIR=$(realpath -m "$LOG_DIR")
   if [[ -n $PROXY_CMD_STR ]]; then
     read -r -a PROXY_CMD <<<"$PROXY_CMD_STR"

@@ -80,22 +80,72 @@ instance_cores() {
 
 # ---------------------------------------------------------------- per-instance config
 
-kv_transfer_config() {
-  local role=$1 idx=$2 kv_role
-  if [[ $role == prefill ]]; then kv_role=kv_producer; else kv_role=kv_consumer; fi
-  if [[ $CONNECTOR == nixl ]]; then
-    printf '{"kv_connector":"NixlConnector","kv_role":"%s","kv_buffer_device":"%s"}' \
-      "$kv_role" "$KV_BUFFER_DEVICE"
-    return
-  fi
-  local extra
-  if [[ $role == prefill ]]; then
-    extra=$(printf '"discard_partial_chunks":false,"lmcache_rpc_port":"producer%d"' $((idx + 1)))
+# VALUE as JSON: numbers, true, false and null as they are, anything else as a string.
+json_value() {
+  local v=$1
+  if [[ $v =~ ^-?[0-9]+(\.[0-9]+)?$ || $v == true || $v == false || $v == null ]]; then
+    printf '%s' "$v"
   else
-    extra=$(printf '"discard_partial_chunks":false,"lmcache_rpc_port":"consumer%d","skip_last_n_tokens":1' $((idx + 1)))
+    v=${v//\\/\\\\}
+    printf '"%s"' "${v//\"/\\\"}"
   fi
-  printf '{"kv_connector":"LMCacheConnectorV1","kv_role":"%s","kv_connector_extra_config":{%s}}' \
-    "$kv_role" "$extra"
+}
+
+# KEY=VALUE lines of kv_connector_extra_config for role $1, instance $2: the connector's own
+# keys, then --nixl-threads / --cross-layer-blocks, then --kv-extra, then the role's own
+# --*-kv-extra; a later line for the same key wins.
+kv_extra_pairs() {
+  local role=$1 idx=$2
+  if [[ $CONNECTOR == lmcache ]]; then
+    echo "discard_partial_chunks=false"
+    if [[ $role == prefill ]]; then
+      echo "lmcache_rpc_port=producer$((idx + 1))"
+    else
+      echo "lmcache_rpc_port=consumer$((idx + 1))"
+      echo "skip_last_n_tokens=1"
+    fi
+  else
+    if [[ -n $NIXL_THREADS ]]; then echo "num_threads=$NIXL_THREADS"; fi
+    if ((CROSS_LAYER_BLOCKS)); then echo "enable_cross_layers_blocks=true"; fi
+  fi
+  local pair
+  for pair in ${KV_EXTRA[@]+"${KV_EXTRA[@]}"}; do echo "$pair"; done
+  if [[ $role == prefill ]]; then
+    for pair in ${PREFILL_KV_EXTRA[@]+"${PREFILL_KV_EXTRA[@]}"}; do echo "$pair"; done
+  else
+    for pair in ${DECODE_KV_EXTRA[@]+"${DECODE_KV_EXTRA[@]}"}; do echo "$pair"; done
+  fi
+}
+
+# The pairs above as a JSON object body (no braces), each key once, in first-seen order.
+kv_extra_json() {
+  local keys=() line key i out=()
+  declare -A value=()
+  while IFS= read -r line; do
+    [[ -n $line ]] || continue
+    key=${line%%=*}
+    [[ -v "value[$key]" ]] || keys+=("$key")
+    value[$key]=${line#*=}
+  done < <(kv_extra_pairs "$1" "$2")
+  for i in "${!keys[@]}"; do
+    out+=("$(printf '"%s":%s' "${keys[i]}" "$(json_value "${value[${keys[i]}]}")")")
+  done
+  local IFS=,
+  printf '%s' "${out[*]}"
+}
+
+kv_transfer_config() {
+  local role=$1 idx=$2 kv_role extra
+  if [[ $role == prefill ]]; then kv_role=kv_producer; else kv_role=kv_consumer; fi
+  extra=$(kv_extra_json "$role" "$idx")
+  if [[ $CONNECTOR == nixl ]]; then
+    printf '{"kv_connector":"NixlConnector","kv_role":"%s","kv_buffer_device":"%s"' \
+      "$kv_role" "$KV_BUFFER_DEVICE"
+  else
+    printf '{"kv_connector":"LMCacheConnectorV1","kv_role":"%s"' "$kv_role"
+  fi
+  if [[ -n $extra ]]; then printf ',"kv_connector_extra_config":{%s}' "$extra"; fi
+  printf '}'
 }
 
 lmcache_yaml_path() { echo "$LOG_DIR/lmcache-$1-$2.yaml"; }
@@ -133,6 +183,9 @@ instance_env() {
     echo "LMCACHE_CONFIG_FILE=$(lmcache_yaml_path "$role" "$idx")"
   fi
   if [[ -n $UCX_TLS_VALUE ]]; then echo "UCX_TLS=$UCX_TLS_VALUE"; fi
+  # NIXL moves the KV through UCX; without this, UCX allows cuda_ipc reads (the decoder's
+  # pull) only where NVML reports NVLink, and pulls go through TCP (README "KV transfer").
+  if [[ $DEVICE == cuda ]]; then echo "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=$UCX_GET_ZCOPY"; fi
 }
 
 engine_cmd() {
@@ -142,7 +195,12 @@ engine_cmd() {
     --tensor-parallel-size "$(role_tp "$role")"
     --kv-transfer-config "$(kv_transfer_config "$role" "$idx")")
   if [[ $DEVICE == cpu ]]; then cmd+=(--dtype float32 --enforce-eager); fi
-  cmd+=("${EXTRA_ARGS[@]}")
+  local block=$DECODE_BLOCK_SIZE role_args=(${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"})
+  if [[ $role == prefill ]]; then
+    block=$PREFILL_BLOCK_SIZE role_args=(${PREFILL_ARGS[@]+"${PREFILL_ARGS[@]}"})
+  fi
+  if [[ -n $block ]]; then cmd+=(--block-size "$block"); fi
+  cmd+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} ${role_args[@]+"${role_args[@]}"})
   quote_args "${cmd[@]}"
 }
 
@@ -151,6 +209,7 @@ proxy_cmd() {
   for ((i = 0; i < NUM_PREFILL; i++)); do cmd+=(--prefill "$(engine_url prefill "$i")"); done
   for ((i = 0; i < NUM_DECODE; i++)); do cmd+=(--decode "$(engine_url decode "$i")"); done
   cmd+=(--host "$HOST" --port "$PROXY_PORT" --connector "$CONNECTOR")
+  cmd+=(${PROXY_ARGS[@]+"${PROXY_ARGS[@]}"})
   quote_args "${cmd[@]}"
 }
 

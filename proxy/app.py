@@ -34,6 +34,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.handler import CompletionEndpoint, Receive, Router, Scope, Send, Services
+from proxy.kvhealth import KvHealth, KvHealthMonitor
 from proxy.metrics import ProxyMetrics
 from proxy.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
 from proxy.policies import PolicyOptions, make_policy
@@ -89,6 +90,18 @@ class ProxyApp:
             if routing.scrape_interval > 0 and policies & {"load_aware", "prefix_aware"}
             else None
         )  # fmt: skip
+        kvh = config.kv_health
+        self.kv_monitor = (
+            KvHealthMonitor(
+                self.engine,
+                lambda: decode.workers,
+                KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval),
+                kvh.interval,
+                config.health.timeout,
+            )
+            if kvh.enabled and config.connector == "nixl"
+            else None
+        )
         self.services = Services(
             router=Router(
                 prefill,
@@ -170,6 +183,8 @@ class ProxyApp:
             tasks.append(asyncio.create_task(self._check_health(self.config.health.interval)))
         if self.scraper is not None:
             tasks.append(asyncio.create_task(self.scraper.run()))
+        if self.kv_monitor is not None:
+            tasks.append(asyncio.create_task(self.kv_monitor.run()))
         try:
             yield
         finally:
@@ -297,6 +312,11 @@ class ProxyApp:
                         "decode": [w.describe() for w in decode.workers],
                     },
                     "connector": self.services.connector.name,
+                    "kv_transfer": {
+                        w.url: w.kv_transfer.describe()
+                        for w in decode.workers
+                        if w.kv_transfer is not None
+                    },
                     "admission": {
                         "active": self.services.admission.active,
                         "queued": self.services.admission.queued,

@@ -132,6 +132,21 @@ class DisaggConfig(_Model):
     tokenize_timeout: float = Field(2.0, gt=0, description="seconds for the decoder's /tokenize")
 
 
+class KvHealthConfig(_Model):
+    """KV-transfer health from the decoders' own NIXL metrics (see proxy.kvhealth)."""
+
+    enabled: bool = True
+    interval: float = Field(5.0, gt=0, description="seconds between the decoders' scrapes")
+    window: float = Field(60.0, gt=0, description="seconds of transfers judged together")
+    min_bandwidth: float = Field(
+        2e9, ge=0, description="bytes per second under which a decoder's pulls are slow"
+    )
+    min_bytes: float = Field(
+        64 * 2**20, ge=0, description="bytes that must move in the window before judging"
+    )
+    warn_interval: float = Field(60.0, gt=0, description="seconds between repeated warnings")
+
+
 class ProxyConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9100, ge=0, le=65535)
@@ -142,6 +157,7 @@ class ProxyConfig(_Model):
     decode_policy: PolicyName = "least_loaded"
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     conditional_disagg: DisaggConfig = Field(default_factory=DisaggConfig)
+    kv_health: KvHealthConfig = Field(default_factory=KvHealthConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

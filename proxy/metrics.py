@@ -34,6 +34,17 @@ class _WorkerCollector(Collector):
             "1 if the circuit breaker is open",
             labels=["role", "url"],
         )
+        kv = {
+            "bandwidth_bytes_per_second": "recent KV transfer bandwidth, bytes per second of "
+            "transfer, from the engine's NIXL metrics",
+            "seconds": "mean seconds per recent KV transfer",
+            "bytes": "mean bytes per recent KV transfer",
+            "slow": "1 if recent KV transfers ran under kv_health.min_bandwidth",
+        }
+        kv_gauges = {
+            key: GaugeMetricFamily(f"pdproxy_kv_transfer_{key}", doc, labels=["role", "url"])
+            for key, doc in kv.items()
+        }
         for pool in self._pools:
             for w in pool.workers:
                 labels = [w.role, w.url]
@@ -41,10 +52,17 @@ class _WorkerCollector(Collector):
                 healthy.add_metric(labels, 1.0 if w.health is Health.HEALTHY else 0.0)
                 available.add_metric(labels, 1.0 if w.available else 0.0)
                 breaker_open.add_metric(labels, 1.0 if w.breaker is Breaker.OPEN else 0.0)
+                t = w.kv_transfer
+                if t is not None:
+                    kv_gauges["bandwidth_bytes_per_second"].add_metric(labels, t.bandwidth)
+                    kv_gauges["seconds"].add_metric(labels, t.seconds_per_transfer)
+                    kv_gauges["bytes"].add_metric(labels, t.bytes_per_transfer)
+                    kv_gauges["slow"].add_metric(labels, 1.0 if t.slow else 0.0)
         yield inflight
         yield healthy
         yield available
         yield breaker_open
+        yield from kv_gauges.values()
 
 
 class ProxyMetrics:

@@ -53,6 +53,40 @@ class EngineLoad:
     inflight_at_scrape: int
 
 
+@dataclass(slots=True)
+class KvTransfer:
+    """A decoder's recent KV transfers, from its own NIXL metrics (see proxy.kvhealth)."""
+
+    transfers: int
+    seconds: float  # spent in those transfers
+    nbytes: float
+    window_s: float  # seconds between the two scrapes compared
+    slow: bool = False  # under kv_health.min_bandwidth
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second of transfer."""
+        return self.nbytes / self.seconds
+
+    @property
+    def seconds_per_transfer(self) -> float:
+        return self.seconds / self.transfers
+
+    @property
+    def bytes_per_transfer(self) -> float:
+        return self.nbytes / self.transfers
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "transfers": self.transfers,
+            "bandwidth_bytes_per_second": round(self.bandwidth),
+            "seconds_per_transfer": round(self.seconds_per_transfer, 6),
+            "bytes_per_transfer": round(self.bytes_per_transfer),
+            "window_seconds": round(self.window_s, 1),
+            "slow": self.slow,
+        }
+
+
 class WorkerState(Protocol):
     """What a policy may read about a worker."""
 
@@ -87,6 +121,7 @@ class Worker:
     requests_total: int = 0
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
+    kv_transfer: KvTransfer | None = None  # recent KV pulls (decoders; see proxy.kvhealth)
 
     @property
     def breaker_allows(self) -> bool:
@@ -120,6 +155,7 @@ class Worker:
                 "waiting": self.engine_load.waiting,
                 "kv_usage": self.engine_load.kv_usage,
             },
+            "kv_transfer": None if self.kv_transfer is None else self.kv_transfer.describe(),
         }
 
 

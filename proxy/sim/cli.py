@@ -193,6 +193,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--fault-truncate-body", action="store_true", help="Send half a body.")
     f.add_argument("--fault-unhealthy", action="store_true", help="/health answers 503.")
     f.add_argument(
+        "--fault-kv-xfer-gbps",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="As a decoder, pull KV at this many GB/s (8B-shape KV: 128 KiB per token), as over "
+        "TCP; seen in vllm:nixl_bytes_transferred and vllm:nixl_xfer_time_seconds.",
+    )
+    f.add_argument(
         "--fault-side-channel-error", action="store_true", help="Every side-channel read fails."
     )
     a("--log-level", default="INFO", help="Logging level (default INFO).")
@@ -220,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         truncate_body=args.fault_truncate_body,
         unhealthy=args.fault_unhealthy,
         side_channel_error=args.fault_side_channel_error,
+        kv_xfer_gbps=args.fault_kv_xfer_gbps,
     )
     return SimConfig(
         role=args.role,

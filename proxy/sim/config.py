@@ -24,6 +24,10 @@ DEFAULT_MODEL = "pdsim/llama-8b"
 DEFAULT_SIDE_CHANNEL_PORT = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_KV_LEASE_SECONDS = 30.0  # vLLM's kv_connector_extra_config.kv_lease_duration default
 BLOCK_SIZE = 16
+# KV bytes per token of Llama-3.1-8B in bf16: 32 layers x (K, V) x 8 KV heads x 128 x 2 bytes;
+# a pull moves one descriptor per block, layer and K/V, as vLLM's NixlConnector does
+KV_BYTES_PER_TOKEN = 131072
+KV_DESCRIPTORS_PER_BLOCK = 64
 
 
 @dataclass(frozen=True)

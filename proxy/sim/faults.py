@@ -2,8 +2,8 @@
 
 A fault set applies to the next ``count`` generation requests (``/v1/completions`` and
 ``/v1/chat/completions``), or to all of them until replaced when ``count`` is null.
-``unhealthy`` and ``side_channel_error`` are states, not per-request faults: they hold until
-the fault set is replaced or reset.
+``unhealthy``, ``side_channel_error`` and ``kv_xfer_gbps`` are states, not per-request faults:
+they hold until the fault set is replaced or reset.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class Faults(BaseModel):
     truncate_body: bool = False
     unhealthy: bool = False
     side_channel_error: bool = False
+    # a decoder's KV pulls move at this many GB/s, as over TCP (vLLM's NIXL metrics show it)
+    kv_xfer_gbps: float | None = Field(default=None, gt=0)
 
     @property
     def per_request(self) -> bool:

@@ -9,8 +9,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-# vLLM's NIXL transfer-time buckets (seconds).
+# vLLM's NIXL histogram buckets: transfer and post time (seconds), bytes, descriptors.
 XFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+POST_BUCKETS = (0.001, *XFER_BUCKETS)
+BYTES_BUCKETS = tuple(float(2 ** (10 + i)) for i in range(1, 25, 2))
+DESCRIPTOR_BUCKETS = (10, 20, 30, 50, 75, 100, 200, 400, 1000, 2000, 4000, 10000, 20000, 50000)
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 ABORT_PHASES = ("prefill", "decode")
@@ -47,6 +50,9 @@ class Metrics:
         default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0)
     )
     xfer_time: Histogram = field(default_factory=lambda: Histogram(XFER_BUCKETS))
+    post_time: Histogram = field(default_factory=lambda: Histogram(POST_BUCKETS))
+    bytes_transferred: Histogram = field(default_factory=lambda: Histogram(BYTES_BUCKETS))
+    num_descriptors: Histogram = field(default_factory=lambda: Histogram(DESCRIPTOR_BUCKETS))
     failed_transfers: int = 0
     failed_notifications: int = 0
     external_prefix_cache_queries: int = 0  # prompt tokens looked up through the connector
@@ -141,18 +147,17 @@ class Metrics:
             "Successfully processed requests.",
             [("_total", f'finished_reason="{r}"', v) for r, v in self.request_success.items()],
         )
-        h = self.xfer_time
-        samples: list[tuple[str, str, float]] = []
-        cumulative = 0
-        for bound, n in zip(h.buckets, h.counts, strict=True):
-            cumulative += n
-            samples.append(("_bucket", f'le="{bound}"', cumulative))
-        samples += [
-            ("_bucket", 'le="+Inf"', h.count),
-            ("_count", "", h.count),
-            ("_sum", "", h.total),
-        ]
-        metric("vllm:nixl_xfer_time_seconds", "histogram", "NIXL KV transfer duration.", samples)
+        for name, doc, h in (
+            ("vllm:nixl_xfer_time_seconds", "NIXL KV transfer duration.", self.xfer_time),
+            ("vllm:nixl_post_time_seconds", "NIXL KV transfer post time.", self.post_time),
+            ("vllm:nixl_bytes_transferred", "Bytes per NIXL KV transfer.", self.bytes_transferred),
+            (
+                "vllm:nixl_num_descriptors",
+                "Descriptors per NIXL KV transfer.",
+                self.num_descriptors,
+            ),
+        ):
+            metric(name, "histogram", doc, _histogram_samples(h))
         metric(
             "vllm:nixl_num_failed_transfers",
             "counter",
@@ -197,6 +202,20 @@ class Metrics:
         )
         out.append("")
         return "\n".join(out)
+
+
+def _histogram_samples(h: Histogram) -> list[tuple[str, str, float]]:
+    samples: list[tuple[str, str, float]] = []
+    cumulative = 0
+    for bound, n in zip(h.buckets, h.counts, strict=True):
+        cumulative += n
+        samples.append(("_bucket", f'le="{float(bound)}"', cumulative))
+    return [
+        *samples,
+        ("_bucket", 'le="+Inf"', h.count),
+        ("_count", "", h.count),
+        ("_sum", "", h.total),
+    ]
 
 
 def _num(value: float) -> str:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 
-from proxy.sim.config import BLOCK_SIZE, Timing
+from proxy.sim.config import BLOCK_SIZE, KV_BYTES_PER_TOKEN, KV_DESCRIPTORS_PER_BLOCK, Timing
 from proxy.sim.kvcache import block_contents, num_blocks_for
 from proxy.sim.metrics import Metrics
 from proxy.sim.sidechannel import KvPullError, pull_blocks, release_blocks
@@ -97,12 +98,18 @@ class NixlConsumer:
     """Loads remote KV for requests that carry ``do_remote_prefill: true``."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, timing: Timing, metrics: Metrics, fail: bool
+        self,
+        session: aiohttp.ClientSession,
+        timing: Timing,
+        metrics: Metrics,
+        fail: bool,
+        slow_gbps: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._session = session
         self._timing = timing
         self._metrics = metrics
         self._fail = fail
+        self._slow_gbps = slow_gbps  # the kv_xfer_gbps fault, read at each pull
         self._releases: set[asyncio.Task[bool]] = set()
 
     def release_later(self, params: dict[str, Any]) -> None:
@@ -151,8 +158,12 @@ class NixlConsumer:
         if n_blocks == 0 or n_blocks > len(block_ids):
             raise KvPullError("bad_blocks", "Remote blocks do not cover the prompt")
         t = self._timing
+        nbytes = n_blocks * BLOCK_SIZE * KV_BYTES_PER_TOKEN
         start = time.perf_counter()
-        if t.enabled:
+        gbps = self._slow_gbps()
+        if gbps is not None:  # a slow link, whatever the speed factor
+            await asyncio.sleep(nbytes / (gbps * 1e9))
+        elif t.enabled:
             delay_ms = t.xfer_overhead_ms + t.xfer_ms_per_block * n_blocks
             await asyncio.sleep(delay_ms * t.speed_factor / 1000.0)
         contents = await pull_blocks(
@@ -165,6 +176,10 @@ class NixlConsumer:
         )
         if contents != block_contents(prompt_ids, n_load):
             raise KvPullError("content_mismatch", "Remote KV does not match this prompt")
-        self._metrics.xfer_time.observe(time.perf_counter() - start)
-        self._metrics.kv_pulled_requests += 1
+        m = self._metrics
+        m.xfer_time.observe(time.perf_counter() - start)
+        m.post_time.observe(0.0)
+        m.bytes_transferred.observe(nbytes)
+        m.num_descriptors.observe(n_blocks * KV_DESCRIPTORS_PER_BLOCK)
+        m.kv_pulled_requests += 1
         return KvLoad("pulled", loaded_tokens=n_load)

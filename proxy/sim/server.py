@@ -143,7 +143,11 @@ class SimServer:
         self._engine = Engine(cfg, self.tokenizer, self.metrics, self._producer_params)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self._consumer = NixlConsumer(
-            self._session, cfg.timing, self.metrics, cfg.kv_load_failure_policy == "fail"
+            self._session,
+            cfg.timing,
+            self.metrics,
+            cfg.kv_load_failure_policy == "fail",
+            lambda: self.faults.current.kv_xfer_gbps,
         )
         if cfg.lmcache is not None:
             self.lmcache = LMCacheMode(cfg.lmcache, cfg.timing, self.metrics)

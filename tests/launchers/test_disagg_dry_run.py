@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -71,13 +72,14 @@ def parse_plan(text: str) -> Plan:
     return plan
 
 
-def dry_run(*args: str, tmp_path: Path) -> Plan:
+def dry_run(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> Plan:
     out = subprocess.run(
         ["bash", str(LAUNCHER), "--dry-run", "--python", PY, "--log-dir", str(tmp_path), *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=30,
+        env=env,
     )
     return parse_plan(out.stdout)
 
@@ -225,6 +227,68 @@ def test_2p2d_lmcache_unique_ports_and_rpc_names(tmp_path: Path) -> None:
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in engines] == ["0", "1", "2,3", "4,5"]
 
 
+def test_cuda_engines_get_the_ucx_get_zcopy_fix_by_default(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", tmp_path=tmp_path)
+    for cmd in plan.engines("prefill") + plan.engines("decode"):
+        assert cmd.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+    cpu = dry_run("--model", "m", "--device", "cpu", tmp_path=tmp_path)
+    assert all("UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in c.env for c in cpu.commands.values())
+
+
+def test_ucx_get_zcopy_from_the_environment_or_the_flag(tmp_path: Path) -> None:
+    env = {**os.environ, "UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "auto"}
+    plan = dry_run("--model", "m", tmp_path=tmp_path, env=env)
+    assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("decode")} == {"auto"}
+    plan = dry_run("--model", "m", "--ucx-get-zcopy", "n", tmp_path=tmp_path, env=env)
+    assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("prefill")} == {"n"}
+
+
+def test_per_role_kv_and_engine_options(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--block-size", "64", "--decode-block-size", "16",
+        "--nixl-threads", "8", "--cross-layer-blocks", "--kv-buffer-device", "cpu",
+        "--kv-extra", "kv_lease_duration=60", "--kv-extra", "note=a \"b\"",
+        "--decode-kv-extra", "num_threads=2", "--prefill-args", "--max-num-seqs 8",
+        "--decode-args", "--max-num-seqs 128 --seed 1", "--proxy-args", "--stats-interval 2",
+        "--", "--enforce-eager", tmp_path=tmp_path,
+    )  # fmt: skip
+    prefill, decode = plan.commands["prefill-0"], plan.commands["decode-0"]
+    assert prefill.kv_config == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_producer",
+        "kv_buffer_device": "cpu",
+        "kv_connector_extra_config": {
+            "num_threads": 8,
+            "enable_cross_layers_blocks": True,
+            "kv_lease_duration": 60,
+            "note": 'a "b"',
+        },
+    }
+    assert decode.kv_config["kv_connector_extra_config"]["num_threads"] == 2
+    assert prefill.flag("--block-size") == "64" and decode.flag("--block-size") == "16"
+    # the common args after --, then the role's own
+    assert prefill.argv[-3:] == ["--enforce-eager", "--max-num-seqs", "8"]
+    assert decode.argv[-5:] == ["--enforce-eager", "--max-num-seqs", "128", "--seed", "1"]
+    assert plan.commands["proxy"].argv[-2:] == ["--stats-interval", "2"]
+
+
+def test_no_kv_extra_by_default_and_lmcache_extras_merge(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", "--no-cross-layer-blocks", tmp_path=tmp_path)
+    assert "kv_connector_extra_config" not in plan.commands["decode-0"].kv_config
+    assert "--block-size" not in plan.commands["decode-0"].argv
+    plan = dry_run(
+        "--model",
+        "m",
+        "--connector",
+        "lmcache",
+        "--decode-kv-extra",
+        "skip_last_n_tokens=2",
+        tmp_path=tmp_path,
+    )
+    extra = plan.commands["decode-0"].kv_config["kv_connector_extra_config"]
+    assert extra["skip_last_n_tokens"] == 2 and extra["lmcache_rpc_port"] == "consumer1"
+
+
 def test_templates_are_valid_yaml() -> None:
     sender = yaml.safe_load((REPO / "configs" / "lmcache-prefiller.yaml").read_text())
     receiver = yaml.safe_load((REPO / "configs" / "lmcache-decoder.yaml").read_text())
@@ -243,6 +307,10 @@ def test_templates_are_valid_yaml() -> None:
         (["--model", "m", "--prefill-gpus", "0,1"], "has 2 id(s); 1 needed"),
         (["--model", "m", "--bogus"], "unknown option '--bogus'"),
         (["--model"], "--model needs a value"),
+        (["--model", "m", "--ucx-get-zcopy", "maybe"], "--ucx-get-zcopy must be y, n or auto"),
+        (["--model", "m", "--block-size", "big"], "BLOCK_SIZE must be a positive integer"),
+        (["--model", "m", "--kv-extra", "novalue"], "kv extra 'novalue' is not KEY=VALUE"),
+        (["--model", "m", "--kv-buffer-device", "disk"], "--kv-buffer-device must be cuda"),
     ],
 )
 def test_bad_arguments_fail_clearly(args: list[str], message: str) -> None:
