@@ -36,7 +36,7 @@ import orjson
 
 from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.progress import Progress
-from proxy.request import ClientRequest
+from proxy.request import ClientRequest, one_prompt_chars
 from proxy.sink import Sink
 from proxy.stats import RequestTiming
 
@@ -100,7 +100,7 @@ def split(request: ClientRequest, max_parts: int) -> list[Part]:
             if seed is not None:
                 sub["seed"] = seed + j
             k = i * n + j
-            chars = request.prompt_chars if prompt is None else _chars(prompt)
+            chars = request.prompt_chars if prompt is None else one_prompt_chars(prompt)
             part_request = ClientRequest(
                 path=request.path,
                 body=sub,
@@ -114,10 +114,6 @@ def split(request: ClientRequest, max_parts: int) -> list[Part]:
             )
             parts.append(Part(k, i * request.n + j, i, j, part_request))
     return parts
-
-
-def _chars(prompt: Any) -> int:
-    return len(prompt) if isinstance(prompt, str) else 4 * len(prompt)
 
 
 def _count(usage: Any, key: str) -> int:
@@ -190,14 +186,11 @@ class Merger:
     def merged_answer(self) -> bytes:
         answers = [a for a in self.answers if a is not None]
         assert len(answers) == len(self.parts), "merged before every sub-request answered"
-        merged = dict(answers[0])
         choices: list[Any] = []
         for part, answer in zip(self.parts, answers, strict=True):
             self._rewrite(part, answer)
             choices += answer["choices"]
-        merged["id"] = answers[0]["id"]
-        merged["created"] = self.created
-        merged["choices"] = choices
+        merged = {**answers[0], "choices": choices}  # the first one's other fields
         if "usage" in merged:
             merged["usage"] = merge_usage(self.parts, [a.get("usage") for a in answers])
         if merged.get("metrics") is not None:

@@ -84,7 +84,8 @@ def _is_token_ids(value: Any) -> bool:
     )
 
 
-def _one_prompt_chars(prompt: Any) -> int:
+def one_prompt_chars(prompt: Any) -> int:
+    """The size the policies weigh a prompt by: characters, or 4 per token id."""
     return len(prompt) if isinstance(prompt, str) else 4 * len(prompt)
 
 
@@ -197,7 +198,7 @@ def parse_request(
         request_id=request_id,
         stream=stream,
         include_usage=include_usage,
-        prompt_chars=_chat_chars(body) if prompts is None else sum(map(_one_prompt_chars, prompts)),
+        prompt_chars=_chat_chars(body) if prompts is None else sum(map(one_prompt_chars, prompts)),
         priority=_priority(body, priority_header),
         prompts=prompts if prompts is not None and len(prompts) > 1 else None,
         n=n,
