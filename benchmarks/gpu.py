@@ -314,50 +314,59 @@ def serve_plan(a: argparse.Namespace) -> list[tuple[str, str, int, int, int, flo
     return plan
 
 
+def _phase(a: argparse.Namespace, t: phases.Target, phase: str) -> dict[str, Any]:
+    if phase == "kv_bandwidth":
+        return asyncio.run(phases.kv_bandwidth(t, _ints(a.kv_sizes), a.kv_requests))
+    if phase == "equality":
+        return asyncio.run(phases.equality(t, a.max_tokens, a.split_gap_bound, a.max_prompt_tokens))
+    if phase == "latency":
+        return asyncio.run(phases.latency(t, a.rounds, a.latency_prompt, a.latency_output))
+    if phase == "calibrate":
+        return asyncio.run(
+            phases.calibrate(
+                t.decode, t, _ints(a.prefill_lens), _ints(a.batches), _ints(a.mixed_lens)
+            )
+        )
+    if phase == "serve":
+        bench_cmd = shlex.split(a.bench_cmd) if a.bench_cmd else None
+        return phases.serve(t, serve_plan(a), a.slo_ttft_ms, a.slo_tpot_ms, bench_cmd)
+    if phase == "kv_health":
+        return asyncio.run(phases.kv_health(t))
+    raise SystemExit(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
+
+
+def _command() -> str:
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    return "python " + shlex.join([shown, *sys.argv[1:]])
+
+
 def run(a: argparse.Namespace) -> int:
+    """Each phase's result is saved as it ends; a phase that raises is saved as
+    `failed_<phase>` with its error, and the next phase still runs."""
     t = _target(a.work, a.name)
     failed = []
     for phase in a.phases:
         started = time.monotonic()
         print(f"[gpu] {t.name}: {phase} ...", flush=True)
-        if phase == "kv_bandwidth":
-            result = asyncio.run(phases.kv_bandwidth(t, _ints(a.kv_sizes), a.kv_requests))
-        elif phase == "equality":
-            result = asyncio.run(
-                phases.equality(t, a.max_tokens, a.split_gap_bound, a.max_prompt_tokens)
-            )
-            if not result["summary"]["ok"]:
-                failed.append(phase)
-        elif phase == "latency":
-            result = asyncio.run(phases.latency(t, a.rounds, a.latency_prompt, a.latency_output))
-        elif phase == "calibrate":
-            result = asyncio.run(
-                phases.calibrate(
-                    t.decode, t, _ints(a.prefill_lens), _ints(a.batches), _ints(a.mixed_lens)
-                )
-            )
-        elif phase == "serve":
-            bench_cmd = shlex.split(a.bench_cmd) if a.bench_cmd else None
-            result = phases.serve(t, serve_plan(a), a.slo_ttft_ms, a.slo_tpot_ms, bench_cmd)
-        elif phase == "kv_health":
-            result = asyncio.run(phases.kv_health(t))
+        key = a.key or phase
+        try:
+            result = _phase(a, t, phase)
+        except Exception as exc:  # a measurement that broke: keep its reason, go on
+            result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            key = f"failed_{key}"
+            failed.append(phase)
         else:
-            raise SystemExit(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
+            if phase == "equality" and not result["summary"]["ok"]:
+                failed.append(phase)
         result["seconds"] = round(time.monotonic() - started, 1)
-        result["command"] = "python " + shlex.join(
-            [
-                str(Path(sys.argv[0]).relative_to(REPO))
-                if Path(sys.argv[0]).is_relative_to(REPO)
-                else sys.argv[0],
-                *sys.argv[1:],
-            ]
-        )
+        result["command"] = _command()
         result["at"] = datetime.now(UTC).isoformat(timespec="seconds")
         with results_of(a.results) as results:
-            results["runs"].setdefault(t.name, {})[a.key or phase] = result
-        print(f"[gpu] {t.name}: {phase} done in {result['seconds']}s", flush=True)
+            results["runs"].setdefault(t.name, {})[key] = result
+        print(f"[gpu] {t.name}: {key} done in {result['seconds']}s", flush=True)
     if failed:
-        print(f"[gpu] {t.name}: FAILED checks: {', '.join(failed)}", flush=True)
+        print(f"[gpu] {t.name}: FAILED: {', '.join(failed)}", flush=True)
         return 1
     return 0
 

@@ -255,7 +255,9 @@ async def equality(t: Target, max_tokens: int, bound: float, max_prompt: int) ->
             r["direct_gap_at_split"] for r in rows if r.get("direct_gap_at_split") is not None
         ),
         "max_prefix_abs_dlogprob": max(r.get("prefix_max_abs_dlogprob", 0) for r in rows),
-        "proxied_with_a_pull": sum(r["pulls_proxied"] >= 1 for r in rows),
+        "proxied_with_a_pull": sum(r["pulls_proxied"] >= 1 for r in rows)
+        if t.connector == "nixl"
+        else None,  # LMCache pushes: the decoder's NIXL metrics do not see it
         "direct_without_a_pull": sum(r["pulls_direct"] == 0 for r in rows),
         "proxy_recompute_total": total(proxy_m, "pdproxy_kv_recompute_total"),
         "proxy_fallbacks_total": total(proxy_m, "pdproxy_prefill_fallbacks_total"),
@@ -642,7 +644,7 @@ async def kv_health(t: Target) -> dict[str, Any]:
         if (t.log_dir / "proxy.log").exists()
         else ""
     )
-    warnings = [line for line in log.splitlines() if "KV transfer" in line and "WARNING" in line]
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "KV transfer to" in line]
     return {
         "stats_kv_transfer": stats.get("kv_transfer"),
         "gauges": {k: v for k, v in m.items() if k.startswith("pdproxy_kv_transfer")},

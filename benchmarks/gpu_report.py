@@ -110,7 +110,9 @@ def _equality(runs: dict[str, Any]) -> list[str]:
                     f"{s['identical']}/{s['cases']}",
                     ", ".join(f"{g:.3f}" for g in s["gaps_at_splits"]) or "-",
                     _f(s["max_prefix_abs_dlogprob"], 4),
-                    f"{s['proxied_with_a_pull']}/{s['cases']}",
+                    "-"
+                    if s["proxied_with_a_pull"] is None
+                    else f"{s['proxied_with_a_pull']}/{s['cases']}",
                     "pass" if s["ok"] else "**FAIL**",
                 ]
             )
@@ -372,6 +374,16 @@ def _kv_health(runs: dict[str, Any]) -> list[str]:
     return ["## What the proxy reports about the KV path", "", *out, ""] if out else []
 
 
+def _failures(runs: dict[str, Any]) -> list[str]:
+    out = [
+        f"- `{name}` {key.removeprefix('failed_')}: {res['error'][:600]}"
+        for name, r in runs.items()
+        for key, res in r.items()
+        if key.startswith("failed_")
+    ]
+    return ["## Measurements that failed", "", *out, ""] if out else []
+
+
 def render(data: dict[str, Any], notes: str = "") -> str:
     meta = data.get("meta", {})
     runs = data.get("runs", {})
@@ -390,6 +402,7 @@ def render(data: dict[str, Any], notes: str = "") -> str:
         "",
     ]
     lines += _topologies(data)
-    for section in (_kv_bandwidth, _equality, _latency, _serve, _calibrate, _kv_health):
+    sections = (_kv_bandwidth, _equality, _latency, _serve, _calibrate, _kv_health, _failures)
+    for section in sections:
         lines += section(runs)
     return "\n".join(lines).rstrip() + "\n"

@@ -47,6 +47,7 @@ KV transfer
   --nixl-threads N         NixlConnector num_threads (kv_connector_extra_config; vLLM's default 4)
   --cross-layer-blocks     NixlConnector enable_cross_layers_blocks: one contiguous region per
                            block for all layers, so a pull moves far fewer, larger pieces
+                           (vLLM 0.24's V2 model runner ignores it: VLLM_USE_V2_MODEL_RUNNER=0)
   --no-cross-layer-blocks  per-layer regions (vLLM's own default)
   --kv-buffer-device D     kv_buffer_device: cuda (default on GPUs) or cpu
   --kv-extra KEY=VALUE     add KEY to kv_connector_extra_config of every engine (repeatable;
@@ -172,6 +173,11 @@ validate() {
   read -r -a PREFILL_ARGS <<<"$PREFILL_ARGS_STR"
   read -r -a DECODE_ARGS <<<"$DECODE_ARGS_STR"
   read -r -a PROXY_ARGS <<<"$PROXY_ARGS_STR"
+  if ((CROSS_LAYER_BLOCKS)) && [[ $CONNECTOR == nixl && ${VLLM_USE_V2_MODEL_RUNNER:-} != 0 ]]; then
+    log "warning: --cross-layer-blocks has no effect where vLLM runs the model on its V2 model runner" \
+      "(the default for Llama in vLLM 0.24: the pull still moves one descriptor per layer);" \
+      "export VLLM_USE_V2_MODEL_RUNNER=0 for the V1 runner, which allocates cross-layer blocks"
+  fi
   LOG_DIR=$(realpath -m "$LOG_DIR")
   if [[ -n $PROXY_CMD_STR ]]; then
     read -r -a PROXY_CMD <<<"$PROXY_CMD_STR"

@@ -76,7 +76,9 @@ class DisaggPlanner:
         cached_chars = self.index.matched(blocks).get(decoder.url, 0) * self.block_chars
         self.index.record(blocks, decoder.url)  # it will hold this prefix either way
         decision = Decision(True, "long")
-        if self.decision.needs_tokens(request.prompt_chars, cached_chars):
+        if decoder.kv_transfer is not None and decoder.kv_transfer.slow:
+            decision = self.decision.decide(0, slow_kv=True)
+        elif self.decision.needs_tokens(request.prompt_chars, cached_chars):
             tokens = await self.count_tokens(request, decoder)
             if tokens is not None:
                 share = min(1.0, cached_chars / max(request.prompt_chars, len(info.prefix), 1))

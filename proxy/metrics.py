@@ -112,8 +112,9 @@ class ProxyMetrics:
         self.disagg_decisions = Counter(
             "pdproxy_disagg_decisions",
             "prefill on a prefiller (remote) or on the decoder (local), with the reason: "
-            "conditional disaggregation's short prompt, mostly cached on the decoder, or long; "
-            "prompt_logprobs or beam_search (served by a decoder alone)",
+            "conditional disaggregation's short prompt, mostly cached on the decoder, long, or "
+            "the decoder's KV pulls are slow (slow_kv); prompt_logprobs or beam_search (always "
+            "served by a decoder alone)",
             ["decision", "reason"],
             registry=self.registry,
         )

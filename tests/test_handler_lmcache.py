@@ -87,6 +87,7 @@ def start_rig(
     chunk_size: int = 2,
     proxy_yaml: str = "",
     extra_yaml: str = "",
+    sender_args: tuple[str, ...] = (),
 ) -> Rig:
     """Start sims and a proxy (`connector: lmcache`, each decoder with its own fresh ports)."""
     notify = free_port()
@@ -121,6 +122,7 @@ def start_rig(
                     "--pd-proxy-port",
                     str(notify),
                     *common,
+                    *sender_args,
                     role="prefill",
                 )
             )
@@ -459,7 +461,13 @@ def test_prefiller_without_lmcache_is_an_immediate_counted_recompute(rig: Rig, l
 
 @pytest.fixture(scope="module")
 def fallback_rig(logs: Path) -> Iterator[Rig]:
-    r = start_rig(logs, "lmc-fallback", chunk_size=64, proxy_yaml=", on_timeout: fallback")
+    r = start_rig(
+        logs,
+        "lmc-fallback",
+        chunk_size=64,
+        proxy_yaml=", on_timeout: fallback",
+        sender_args=("--lmcache-discard-partial-chunks",),
+    )
     yield r
     r.stop()
 
@@ -485,12 +493,14 @@ def test_short_prompt_never_notifies_and_fallback_recomputes(fallback_rig: Rig) 
 
 
 def test_short_prompt_is_504_without_fallback(logs: Path) -> None:
-    r = start_rig(logs, "lmc-2510", chunk_size=256)
+    r = start_rig(
+        logs, "lmc-2510", chunk_size=256, sender_args=("--lmcache-discard-partial-chunks",)
+    )
     try:
         t0 = time.monotonic()
         resp = post(r.proxy, {"model": MODEL, "prompt": "short", "max_tokens": 5})
         assert resp.status_code == 504 and time.monotonic() - t0 < DEADLINE + 1.5
-        assert "shorter than one LMCache chunk" in resp.json()["error"]["message"]
+        assert "shorter than one chunk in 0.3.12-0.4.1" in resp.json()["error"]["message"]
     finally:
         r.stop()
 

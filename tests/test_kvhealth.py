@@ -147,3 +147,29 @@ def test_proxy_reports_a_slowly_pulling_decoder(tmp_path: Path, clean_sims: dict
             assert proxy.metrics().total("pdproxy_kv_transfer_slow", url=d0.url) == 0
     finally:
         d0.faults()
+
+
+def test_conditional_disaggregation_keeps_prompts_off_a_slow_kv_path(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    p0, d0 = clean_sims["p0"], clean_sims["d0"]
+    cfg = tmp_path / "cd.yaml"
+    cfg.write_text(json.dumps({
+        "kv_health": {"interval": 0.2, "window": 30, "min_bandwidth": 1e8, "min_bytes": 1e6},
+        "conditional_disagg": {"enabled": True, "min_prefill_tokens": 16},
+    }))  # fmt: skip
+    d0.faults(kv_xfer_gbps=0.05)
+    try:
+        with running(start_proxy(tmp_path, [p0], [d0], "--config", str(cfg))) as proxy:
+            url = proxy.url + "/v1/completions"
+            assert httpx.post(url, json=completion(200), timeout=30).status_code == 200
+            assert len(p0.generation_records()) == 1  # long: prefilled remotely, pulled slowly
+            wait_for(lambda: proxy.stats()["kv_transfer"].get(d0.url, {}).get("slow"), 10)
+            assert httpx.post(url, json=completion(201), timeout=30).status_code == 200
+            assert len(p0.generation_records()) == 1  # now the decoder prefills it itself
+            assert "kv_transfer_params" not in d0.generation_records()[-1]["body"]
+            total = proxy.metrics().total
+            assert total("pdproxy_disagg_decisions_total", decision="remote", reason="long") == 1
+            assert total("pdproxy_disagg_decisions_total", decision="local", reason="slow_kv") == 1
+    finally:
+        d0.faults()

@@ -7,8 +7,11 @@ While the prefiller computes, its LMCache pushes the KV chunks straight into the
 each TP rank sends a `ProxyNotif(req_id)` to our PULL socket (`lmcache_notify`).
 
 The proxy waits for one notification per decoder TP rank, with a deadline (`lmcache.notify_timeout`
-after the prefill answered): a short prompt that fills no LMCache chunk never notifies (LMCache
-#2510), nor does a prefiller that is not configured for PD. On the deadline the client gets a 504
+after the prefill answered). LMCache sends none for a prompt shorter than one chunk in 0.3.12 to
+0.4.1 (#2510; other versions save the partial chunk in PD mode and do notify) or with
+`discard_partial_chunks`; none while the decoder's `pd_buffer_size` has no room for the push (seen
+with 0.5.0 on an H200 under load: benchmarks/results/gpu-h200.md); none from a prefiller not
+configured for PD. On the deadline the client gets a 504
 (`KVTransferTimeout`: not an engine failure, so the handler neither retries it on another
 prefiller nor counts it against the prefiller's health), or with `on_timeout: fallback` the
 decoder recomputes the prompt (counted).
@@ -148,8 +151,9 @@ class LMCacheConnector:
             f"prefill worker {prefiller.url} did not report its LMCache KV transfer {req_id} to "
             f"decode worker {decoder.url} within {timeout:g} s (got {received} of {receiver.tp} "
             f"notifications on tcp://{self.notifications.host}:{self.notifications.port}; "
-            "prompts shorter than one LMCache chunk never notify, and pd_proxy_host/pd_proxy_port "
-            "of the prefiller must name this address)"
+            "the prefiller's pd_proxy_host/pd_proxy_port must name this address; LMCache sends "
+            "none for a prompt shorter than one chunk in 0.3.12-0.4.1 (#2510) or with "
+            "discard_partial_chunks, nor while the decoder's pd_buffer_size is full)"
         )
         action = self._config.on_timeout
         self.notifications.metrics.timeouts.labels(action).inc()

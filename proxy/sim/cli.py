@@ -17,6 +17,7 @@ from proxy.sim.config import (
     Timing,
 )
 from proxy.sim.faults import Faults
+from proxy.sim.profile import TIMING_KEYS, build_timing, load_profile, shipped
 from proxy.sim.server import start_sim
 
 _T = Timing()
@@ -118,7 +119,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "accepted, as vLLM 0.32 does.",
     )
     a("--engine-id", default=None, help="NIXL engine id (default: a random UUID).")
-    g = parser.add_argument_group("timing (Llama-3.1-8B bf16 on one H100)")
+    g = parser.add_argument_group(
+        "timing (defaults: Llama-3.1-8B bf16 on one H100, estimated; --timing-profile for measured)"
+    )
+    g.add_argument(
+        "--timing-profile",
+        metavar="NAME|FILE",
+        help="Load the delays from a timing profile: one shipped "
+        f"({', '.join(shipped())}) or a JSON file; the flags below override it.",
+    )
     g.add_argument(
         "--speed-factor",
         type=float,
@@ -128,37 +137,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--prefill-ms-per-token",
         type=float,
-        default=_T.prefill_ms_per_token,
+        default=None,
         help=f"Prefill cost per prompt token (default {_T.prefill_ms_per_token}).",
     )
     g.add_argument(
         "--prefill-overhead-ms",
         type=float,
-        default=_T.prefill_overhead_ms,
+        default=None,
         help=f"Fixed cost of a step with prefill (default {_T.prefill_overhead_ms}).",
     )
     g.add_argument(
         "--decode-base-ms",
         type=float,
-        default=_T.decode_base_ms,
+        default=None,
         help=f"Fixed cost of an engine step (default {_T.decode_base_ms}).",
     )
     g.add_argument(
         "--decode-ms-per-seq",
         type=float,
-        default=_T.decode_ms_per_seq,
+        default=None,
         help=f"Step cost per decoding sequence (default {_T.decode_ms_per_seq}).",
     )
     g.add_argument(
         "--xfer-overhead-ms",
         type=float,
-        default=_T.xfer_overhead_ms,
+        default=None,
         help=f"Fixed cost of one KV pull (default {_T.xfer_overhead_ms}).",
     )
     g.add_argument(
         "--xfer-ms-per-block",
         type=float,
-        default=_T.xfer_ms_per_block,
+        default=None,
         help=f"Pull cost per 16-token block (default {_T.xfer_ms_per_block}).",
     )
     f = parser.add_argument_group("faults (same keys as POST /_sim/faults)")
@@ -209,15 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Build a ``SimConfig`` from parsed options."""
-    timing = Timing(
-        prefill_ms_per_token=args.prefill_ms_per_token,
-        prefill_overhead_ms=args.prefill_overhead_ms,
-        decode_base_ms=args.decode_base_ms,
-        decode_ms_per_seq=args.decode_ms_per_seq,
-        xfer_overhead_ms=args.xfer_overhead_ms,
-        xfer_ms_per_block=args.xfer_ms_per_block,
-        speed_factor=args.speed_factor,
-    )
+    profile = load_profile(args.timing_profile) if args.timing_profile else None
+    timing = build_timing(profile, {k: getattr(args, k) for k in TIMING_KEYS}, args.speed_factor)
     faults = Faults(
         count=args.fault_count,
         error_status=args.fault_status,

@@ -5,8 +5,11 @@ Sender (prefiller, LMCache `pd_role: sender`): a request whose `kv_transfer_para
 r writes to `receiver_host:receiver_alloc_port[r]` (after a one-time hello on
 `receiver_init_port[r]`), then sends LMCache's real `ProxyNotif(req_id)` wire message over ZMQ PUSH
 to `pd_proxy_host:pd_proxy_port`. With `ret_first_tok` the response carries
-`kv_transfer_params: {"first_tok": <id>}`. Like LMCache (#2510), a prompt shorter than one chunk
-saves nothing and never notifies.
+`kv_transfer_params: {"first_tok": <id>}`. In PD mode LMCache saves the partial last chunk too
+(`save_unfull_chunk`, forced on by PD since 0.3.11), so every prompt notifies; LMCache 0.3.12 to
+0.4.1 lost that (LMCache #2510): they save full chunks only, and a prompt shorter than one chunk
+pushes nothing and never notifies. `save_unfull_chunk=False` (`--lmcache-discard-partial-chunks`)
+gives that behaviour, as `discard_partial_chunks: true` does in any version.
 
 Receiver (decoder, `pd_role: receiver`): TP rank r listens on init port r and alloc port r and
 keeps what was pushed in a bounded store keyed by chunk hash. A request is served from pushed KV
@@ -70,6 +73,7 @@ class LMCacheSimConfig:
     peer_host: str = "127.0.0.1"  # receiver: pd_peer_host (where it listens)
     init_ports: tuple[int, ...] = (7300,)  # receiver: pd_peer_init_port, one per TP rank
     alloc_ports: tuple[int, ...] = (7400,)  # receiver: pd_peer_alloc_port, one per TP rank
+    save_unfull_chunk: bool = True  # sender: False = full chunks only (LMCache 0.3.12-0.4.1)
     switches: Switches = field(default_factory=Switches)
 
     def __post_init__(self) -> None:
@@ -83,16 +87,17 @@ class LMCacheSimConfig:
             )
 
 
-def chunk_keys(token_ids: list[int], chunk_size: int) -> list[tuple[int, int]]:
-    """(key, tokens) of each chunk, full chunks then a partial last one, as LMCache saves with
-    `discard_partial_chunks: false`; key i is a hash chained over every token up to its end.
-    Empty when no full chunk fits: such a prompt saves nothing (LMCache #2510)."""
-    if len(token_ids) < chunk_size:
-        return []
+def chunk_keys(
+    token_ids: list[int], chunk_size: int, save_unfull: bool = True
+) -> list[tuple[int, int]]:
+    """(key, tokens) of each chunk: full chunks, then the partial last one unless `save_unfull`
+    is off; key i is a hash chained over every token up to its end. Without `save_unfull` a
+    prompt shorter than one chunk saves nothing (LMCache 0.3.12-0.4.1, #2510)."""
+    end = len(token_ids) if save_unfull else len(token_ids) - len(token_ids) % chunk_size
     out: list[tuple[int, int]] = []
     prev = 0
-    for start in range(0, len(token_ids), chunk_size):
-        chunk = token_ids[start : start + chunk_size]
+    for start in range(0, end, chunk_size):
+        chunk = token_ids[start : min(start + chunk_size, end)]
         prev = hash((prev, *chunk))
         out.append((prev, len(chunk)))
     return out
@@ -121,7 +126,7 @@ class LMCacheStats:
 
 _STAT_DOCS = {
     "pushed_requests": "Requests whose KV was pushed to a receiver.",
-    "unsaved_requests": "Requests too short to save a chunk (no notification, LMCache #2510).",
+    "unsaved_requests": "Requests that saved no chunk: no push, no notification (LMCache #2510).",
     "push_failures": "KV pushes that failed (no notification).",
     "notifications_sent": "ProxyNotif messages sent.",
     "notifications_dropped": "ProxyNotif messages dropped by a switch or with no listener.",
@@ -262,7 +267,7 @@ class Sender:
             return
         if push.ret_first_tok and seq.gen.token_ids:
             seq.kv_transfer_params = {"first_tok": seq.gen.token_ids[0]}
-        keys = chunk_keys(push.prompt_ids, self._config.chunk_size)
+        keys = chunk_keys(push.prompt_ids, self._config.chunk_size, self._config.save_unfull_chunk)
         if not keys:
             self._stats.unsaved_requests += 1
             log.info("Request %s saved no full chunk: no KV pushed, no notification", push.req_id)

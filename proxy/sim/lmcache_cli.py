@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="receiver: pd_peer_alloc_port, comma-separated, one per TP rank (default 7400).",
     )
     g.add_argument(
+        "--lmcache-discard-partial-chunks",
+        action="store_true",
+        help="sender: save full chunks only, so a prompt shorter than one chunk pushes nothing "
+        "and never notifies (LMCache 0.3.12-0.4.1, #2510; discard_partial_chunks: true). "
+        "Default: the partial last chunk is saved too, as PD mode does in other versions.",
+    )
+    g.add_argument(
         "--lmcache-drop-notifications",
         action="store_true",
         help="sender: never send ProxyNotif (tests; also POST /_sim/lmcache).",
@@ -74,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> LMCacheSimConfig | None:
         peer_host=args.pd_peer_host,
         init_ports=args.pd_peer_init_port,
         alloc_ports=args.pd_peer_alloc_port,
+        save_unfull_chunk=not args.lmcache_discard_partial_chunks,
         switches=Switches(
             drop_notifications=args.lmcache_drop_notifications,
             delay_notifications=args.lmcache_delay_notifications,

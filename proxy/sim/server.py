@@ -222,6 +222,7 @@ class SimServer:
             "leased_requests": engine.pool.leased_requests,
             "used_kv_blocks": engine.pool.used_blocks,
             "faults": self.faults.current.model_dump(),
+            "timing": dataclasses.asdict(self.config.timing),
         }
 
     def _producer_params(self, seq: Sequence, num_tokens: int) -> dict[str, Any]:

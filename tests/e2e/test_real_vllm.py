@@ -277,7 +277,7 @@ def test_token_id_prompt_equals_direct(topology: Topology) -> None:
 
 
 def test_echo_with_logprobs_is_served_by_the_decoder_alone(topology: Topology) -> None:
-    """A decoder that pulled the prompt's KV never computed its logits (REAL_VLLM_FACTS §9):
+    """A decoder that pulled the prompt's KV never computed its logits (REAL_VLLM_FACTS §10):
     the proxy sends such a request to a decoder without a prefill leg, and says so."""
     body = completion(topology, SHORT, echo=True, logprobs=2)
     url = "/v1/completions"

@@ -78,7 +78,7 @@ def dry_run(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> Pl
         capture_output=True,
         text=True,
         check=True,
-        timeout=30,
+        timeout=120,  # a loaded CI machine forks slowly
         env=env,
     )
     return parse_plan(out.stdout)
@@ -86,7 +86,7 @@ def dry_run(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> Pl
 
 def run_launcher(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(LAUNCHER), *args], capture_output=True, text=True, timeout=30
+        ["bash", str(LAUNCHER), *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -19,6 +19,11 @@ def test_decide(tokens: int, cached: int, expected: Decision) -> None:
     assert ConditionalDisagg(512).decide(tokens, cached) == expected
 
 
+@pytest.mark.parametrize(("tokens", "cached"), [(10, 0), (5000, 0), (5000, 4600)])
+def test_a_slow_kv_path_keeps_every_prompt_on_the_decoder(tokens: int, cached: int) -> None:
+    assert ConditionalDisagg(512).decide(tokens, cached, slow_kv=True) == Decision(False, "slow_kv")
+
+
 @pytest.mark.parametrize(
     ("chars", "cached_chars", "expected"),
     [(100, 0, True), (16 * 512 - 1, 0, True), (16 * 512, 0, False), (10**6, 256, True)],

@@ -152,10 +152,14 @@ def test_params_on_stop_token_but_null_on_stop_string(engines: Engines) -> None:
 
 @pytest.mark.parametrize("prompt", [PROMPT, LONG], ids=["short", "multi-block"])
 def test_decode_with_params_pulls_once(engines: Engines, prompt: str) -> None:
+    """Short prompts pull too: vLLM's kv_recompute_threshold (64 tokens) applies only to
+    bidirectional transfers. The pull's bytes and descriptors are counted (kv_health reads them)."""
     url = engines.decode + "/v1/completions"
     body = completion(engines, prompt, max_tokens=8, ignore_eos=True)
     direct = post(url, body)
     xfer, hits = metric(engines.decode, XFER), metric(engines.decode, HITS)
+    nbytes = metric(engines.decode, "vllm:nixl_bytes_transferred_sum")
+    descriptors = metric(engines.decode, "vllm:nixl_num_descriptors_sum")
     rid = _rid()
     kv = prefill(engines, prompt, rid)["kv_transfer_params"]
     r = post(url, {**body, "kv_transfer_params": kv}, rid)
@@ -163,6 +167,8 @@ def test_decode_with_params_pulls_once(engines: Engines, prompt: str) -> None:
     assert r["choices"][0]["text"] == direct["choices"][0]["text"]
     assert wait_metric(engines.decode, XFER, xfer + 1) == xfer + 1
     assert metric(engines.decode, HITS) - hits == r["usage"]["prompt_tokens"]
+    assert metric(engines.decode, "vllm:nixl_bytes_transferred_sum") > nbytes
+    assert metric(engines.decode, "vllm:nixl_num_descriptors_sum") > descriptors
 
 
 def test_direct_request_moves_no_nixl_counter(engines: Engines) -> None:
@@ -414,6 +420,9 @@ METRICS = [
     "vllm:external_prefix_cache_hits_total",
     "vllm:nixl_xfer_time_seconds_count",
     "vllm:nixl_xfer_time_seconds_sum",
+    "vllm:nixl_bytes_transferred_sum",
+    "vllm:nixl_num_descriptors_sum",
+    "vllm:nixl_post_time_seconds_sum",
     "vllm:nixl_num_failed_transfers_total",
     "vllm:nixl_num_failed_notifications_total",
     "vllm:nixl_num_kv_expired_reqs_total",

@@ -39,7 +39,9 @@ async def counters(s: aiohttp.ClientSession, server: SimServer) -> dict[str, flo
 
 
 def test_chunk_keys_chain_and_skip_short_prompts() -> None:
-    assert chunk_keys([1, 2, 3], 4) == []  # no full chunk: nothing saved (LMCache #2510)
+    assert [n for _, n in chunk_keys([1, 2, 3], 4)] == [3]  # PD saves the partial chunk
+    assert chunk_keys([1, 2, 3], 4, save_unfull=False) == []  # 0.3.12-0.4.1: nothing (#2510)
+    assert [n for _, n in chunk_keys(list(range(10)), 4, save_unfull=False)] == [4, 4]
     keys = chunk_keys(list(range(10)), 4)
     assert [n for _, n in keys] == [4, 4, 2]  # the partial last chunk is saved too
     other = chunk_keys([*range(8), 99, 9], 4)
@@ -66,11 +68,13 @@ def test_cli_options() -> None:
         parser.parse_args(["--pd-peer-init-port", "x"])
 
 
-def pair(tp: int = 1, chunk: int = 4) -> tuple[list[Any], int]:
+def pair(tp: int = 1, chunk: int = 4, save_unfull: bool = True) -> tuple[list[Any], int]:
     notify = free_port()
     init = tuple(free_port() for _ in range(tp))
     alloc = tuple(free_port() for _ in range(tp))
-    sender = LMCacheSimConfig("sender", tp=tp, chunk_size=chunk, proxy_port=notify)
+    sender = LMCacheSimConfig(
+        "sender", tp=tp, chunk_size=chunk, proxy_port=notify, save_unfull_chunk=save_unfull
+    )
     receiver = LMCacheSimConfig(
         "receiver", tp=tp, chunk_size=chunk, init_ports=init, alloc_ports=alloc
     )
@@ -98,8 +102,8 @@ async def notifications(sock: zmq.asyncio.Socket, n: int, timeout: float = 3.0) 
     return out
 
 
-def run_pair(tp: int, chunk: int, body: Any) -> None:
-    configs, notify = pair(tp, chunk)
+def run_pair(tp: int, chunk: int, body: Any, save_unfull: bool = True) -> None:
+    configs, notify = pair(tp, chunk, save_unfull)
 
     async def with_pull(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
         context = zmq.asyncio.Context()
@@ -139,7 +143,19 @@ def test_push_notifies_once_per_rank_and_decoder_serves_from_pushed_kv(tp: int) 
     run_pair(tp, 4, body)
 
 
-def test_short_prompt_pushes_nothing_and_never_notifies() -> None:
+def test_short_prompt_notifies_since_pd_saves_the_partial_chunk() -> None:
+    async def body(servers: list[SimServer], s: aiohttp.ClientSession, sock: Any) -> None:
+        p, d = servers
+        leg = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": spec("lmc-short", d)}
+        st, r = await post(s, p.url + "/v1/completions", leg)
+        assert st == 200 and "first_tok" in r["kv_transfer_params"]
+        assert await notifications(sock, 1) == ["lmc-short"]
+        assert (await counters(s, p))["pdsim:lmcache_unsaved_requests_total"] == 0
+
+    run_pair(1, 64, body)
+
+
+def test_short_prompt_never_notifies_without_partial_chunks() -> None:
     async def body(servers: list[SimServer], s: aiohttp.ClientSession, sock: Any) -> None:
         p, d = servers
         leg = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": spec("lmc-short", d)}
@@ -149,7 +165,7 @@ def test_short_prompt_pushes_nothing_and_never_notifies() -> None:
             await notifications(sock, 1, timeout=0.5)
         assert (await counters(s, p))["pdsim:lmcache_unsaved_requests_total"] == 1
 
-    run_pair(1, 64, body)
+    run_pair(1, 64, body, save_unfull=False)
 
 
 def test_switches_drop_and_delay_notifications() -> None:
