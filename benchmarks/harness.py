@@ -281,6 +281,16 @@ def provenance(command: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def provenance_lines(prov: dict[str, Any]) -> list[str]:
+    """The command, date, versions and machine, as the first lines of a results file."""
+    return [
+        f"- command: `{prov['command']}`",
+        f"- date: {prov['date']}; pdproxy {prov['pdproxy']}, Python {prov['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()),
+        f"- machine: {prov['machine']}",
+    ]
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -62,6 +62,7 @@ from benchmarks.harness import (
     percentile,
     pin_self,
     provenance,
+    provenance_lines,
     stream_once,
     vllm_router_argv,
     worktree,
@@ -315,10 +316,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "# Proxy overhead (simulated engines, zero delay)",
         "",
-        f"- command: `{prov['command']}`",
-        f"- date: {prov['date']}; pdproxy {prov['pdproxy']}, Python {prov['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()),
-        f"- machine: {prov['machine']}",
+        *provenance_lines(prov),
         f"- routers: {result.get('routers', '-')}",
         "- proxy pinned to CPU 0; engines and the load generator (one aiohttp process) on CPU 1.",
         "- added = this mode minus the floor (client calls prefiller, then decoder), same run;",

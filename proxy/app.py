@@ -33,11 +33,18 @@ from proxy.console import add_console_routes
 from proxy.console.feed import ConsoleFeed
 from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient
-from proxy.errors import MethodNotAllowed, NotFound, ProxyError, UpstreamError
+from proxy.errors import (
+    MethodNotAllowed,
+    NotFound,
+    NotImplementedByProxy,
+    ProxyError,
+    UpstreamError,
+)
 from proxy.handler import CompletionEndpoint, Receive, Router, Scope, Send, Services
 from proxy.kvhealth import KvHealth, KvHealthMonitor
 from proxy.lmcache_config import Receiver, resolve_receivers
 from proxy.metrics import ProxyMetrics
+from proxy.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
 from proxy.policies import PolicyOptions, make_policy
 from proxy.policies.conditional import ConditionalDisagg
 from proxy.registry import WorkerRegistry
@@ -125,6 +132,7 @@ class ProxyApp:
             ),
             auth=authenticator,
             failover=config.failover,
+            fanout=config.fanout,
             max_body_bytes=config.max_body_bytes,
             decode_first_byte_timeout=config.timeouts.decode_first_byte,
             decode_idle_timeout=config.timeouts.decode_idle,
@@ -142,10 +150,12 @@ class ProxyApp:
             else None,
         )
         self.registry.on_removed += [self.services.router.forget, self._forget]
-        self.hot_paths = {
+        self.hot_paths: dict[str, Any] = {
             CHAT: CompletionEndpoint(self.services, CHAT),
             COMPLETIONS: CompletionEndpoint(self.services, COMPLETIONS),
         }
+        for path, method in ROUTES.items():  # vLLM's other endpoints, to a decoder as they are
+            self.hot_paths[path] = PassThrough(self.services, path, method)
         admin = config.admin
         words = admin.probe_words or (400 if config.connector == "lmcache" else 48)
         prober = Prober(
@@ -332,6 +342,12 @@ class ProxyApp:
         async def models(request: Request) -> Response:
             self.services.auth.check_api(request.scope["headers"])
             return await self._models()
+
+        @api.api_route("/v1/responses", methods=["GET", "POST", "DELETE"])
+        @api.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+        async def responses(request: Request) -> Response:
+            self.services.auth.check_api(request.scope["headers"])
+            raise NotImplementedByProxy(RESPONSES_UNSUPPORTED, code="responses_api_not_supported")
 
         @api.get("/metrics")
         async def metrics() -> Response:

@@ -88,6 +88,18 @@ class AdmissionConfig(_Model):
     queue_timeout: float = Field(30.0, gt=0, description="longest wait for a slot; then 429")
 
 
+class FanoutConfig(_Model):
+    """Requests for several completions (a list of prompts, n > 1): one disaggregated
+    sub-request per completion (see proxy.fanout)."""
+
+    max_batch_prompts: int = Field(
+        1024, ge=1, description="completions one request may ask for (prompts x n); beyond: 400"
+    )
+    max_parallel: int = Field(
+        8, ge=1, description="sub-requests of one request in flight at once; the rest wait"
+    )
+
+
 class AuthConfig(_Model):
     """Where keys come from: an environment variable (comma-separated) or a file (one per line)."""
 
@@ -163,6 +175,7 @@ class ProxyConfig(_Model):
     health: HealthConfig = Field(default_factory=HealthConfig)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    fanout: FanoutConfig = Field(default_factory=FanoutConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     drain_timeout: float = Field(30.0, ge=0, description="SIGTERM: seconds in-flight may finish")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)

@@ -126,6 +126,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._framed = False  # the body has a length or is chunked (else it ends at EOF)
         self.status = 0
+        self.content_type = b""
+        self.content_length: bytes | None = None
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
@@ -164,6 +166,10 @@ class _Connection(asyncio.Protocol):
             lowered == b"transfer-encoding" and b"chunked" in value.lower()
         ):
             self._framed = True
+        if lowered == b"content-length":
+            self.content_length = value
+        elif lowered == b"content-type":
+            self.content_type = value
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -250,6 +256,8 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._framed = False
         self.status = 0
+        self.content_type = b""
+        self.content_length = None
         self.headers_done = self.complete = self.keep_alive = self.received = False
 
     def close(self) -> None:
@@ -328,7 +336,13 @@ class EngineClient:
         return endpoint
 
     def _request(
-        self, endpoint: _Endpoint, method: bytes, path: str, body: bytes, request_id: str | None
+        self,
+        endpoint: _Endpoint,
+        method: bytes,
+        path: str,
+        body: bytes,
+        request_id: str | None,
+        content_type: bytes = b"application/json",
     ) -> bytes:
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
             method,
@@ -338,8 +352,8 @@ class EngineClient:
         )
         if request_id is not None:
             head += b"X-Request-Id: %s\r\n" % request_id.encode()
-        if method == b"POST":
-            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        if method != b"GET":
+            head += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
         return head + b"\r\n" + body
 
     async def _connect(self, endpoint: _Endpoint) -> _Connection:
@@ -446,6 +460,34 @@ class EngineClient:
         finally:
             if conn is not None:
                 self._release(endpoint, conn)
+
+    async def forward(
+        self,
+        worker: Worker,
+        method: bytes,
+        path: str,
+        body: bytes,
+        content_type: bytes,
+        request_id: str,
+        first_byte_timeout: float,
+    ) -> tuple[EngineStream, int, bytes, bytes | None]:
+        """Send a request as the client made it (any method, path and body) and return the open
+        answer, whatever its status: the stream, status, content type and content length (None
+        when not given). A pass-through: only transport failures raise."""
+        what = f"{method.decode()} {path}"
+        endpoint = self._endpoint(worker)
+        request = self._request(endpoint, method, path, body, request_id, content_type)
+        conn: _Connection | None = None
+        try:
+            with engine_errors(worker, what):
+                async with asyncio.timeout(first_byte_timeout):
+                    conn = await self._exchange(endpoint, request)
+        except BaseException:
+            if conn is not None:
+                self._release(endpoint, conn)
+            raise
+        stream = EngineStream(self, endpoint, conn)
+        return stream, conn.status, conn.content_type, conn.content_length
 
     async def open_stream(
         self, worker: Worker, path: str, body: bytes, request_id: str, first_byte_timeout: float

@@ -86,6 +86,13 @@ class NoWorkerAvailable(ProxyError):
     type = "service_unavailable"
 
 
+class NotImplementedByProxy(ProxyError):
+    """An endpoint the engines serve but the proxy cannot serve through disaggregation."""
+
+    status = 501
+    type = "not_implemented_error"
+
+
 class UpstreamError(ProxyError):
     """An engine failed (5xx, broken connection, garbage): the client sees 502."""
 

@@ -1,6 +1,7 @@
 """The request path for /v1/completions and /v1/chat/completions, as one ASGI endpoint.
 
-    read body -> parse -> choose prefiller and decoder (policies) -> prefill leg (connector)
+    read body -> parse -> [fan out: one sub-request per completion, proxy.fanout]
+    -> admission -> choose prefiller and decoder (policies) -> prefill leg (connector)
     -> decode leg (engine) -> relay -> record
 
 The client's response starts only once the decoder has sent its first bytes, so every failure
@@ -22,7 +23,7 @@ import orjson
 
 from proxy.admission import Admission
 from proxy.auth import Authenticator
-from proxy.config import FailoverConfig
+from proxy.config import FailoverConfig, FanoutConfig
 from proxy.connectors import Connector, Handoff
 from proxy.disagg import DisaggPlanner
 from proxy.engine import EngineClient, IdleTimeout, engine_errors
@@ -35,14 +36,17 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.fanout import FanOut
 from proxy.metrics import ProxyMetrics
 from proxy.policies import Policy, RequestInfo
 from proxy.prefix import prompt_prefix
+from proxy.progress import Progress
 from proxy.relay import SSEScanner, sse_error_event
 from proxy.request import ClientRequest, check_request_id, parse_request
+from proxy.sink import Sink
 from proxy.stats import LatencyStats, RequestTiming
 from proxy.timeline import TimelineRing
-from proxy.workers import Worker, WorkerPool
+from proxy.workers import Worker, WorkerPool, serving
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -102,6 +106,7 @@ class Services:
     decode_idle_timeout: float
     prefix_chars: int = 0  # prompt characters the policies hash (0: none needs them)
     disagg: DisaggPlanner | None = None  # conditional disaggregation, when enabled
+    fanout: FanoutConfig = field(default_factory=FanoutConfig)
     timelines: TimelineRing = field(default_factory=TimelineRing)  # recent requests, bounded
     draining: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
@@ -154,10 +159,18 @@ class Responder:
         await self._send({"type": "http.response.body", "body": body})
 
     async def start_stream(self) -> None:
+        await self.start(200, SSE, None)
+
+    async def start(self, status: int, content_type: bytes, length: int | None) -> None:
+        """Start a response whose body follows in `chunk`s and `end`."""
         self.started = True
-        self.status = 200
+        self.status = status
         await self._send(
-            {"type": "http.response.start", "status": 200, "headers": self._headers(SSE, None)}
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": self._headers(content_type, length),
+            }
         )
 
     async def chunk(self, data: bytes) -> None:
@@ -202,19 +215,11 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
+def request_header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope["headers"]:
         if name == wanted:
             return bytes(value)
     return None
-
-
-@dataclass(slots=True)
-class Progress:
-    """Where a request is, for the disconnect watcher: prefill, handoff (prefill done, no decoded
-    byte yet: the KV waits on the prefiller), or decode."""
-
-    phase: str = "prefill"
 
 
 class CompletionEndpoint:
@@ -223,6 +228,9 @@ class CompletionEndpoint:
     def __init__(self, services: Services, path: str) -> None:
         self.services = services
         self.path = path
+        self.fanout = FanOut(
+            self.run, services.fanout.max_batch_prompts, services.fanout.max_parallel
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         timing = RequestTiming(start=perf_counter())
@@ -233,9 +241,10 @@ class CompletionEndpoint:
             self.services.auth.check_api(scope["headers"])
             if self.services.draining:
                 raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
-            out.request_id = check_request_id(_header(scope, b"x-request-id"))
+            out.request_id = check_request_id(request_header(scope, b"x-request-id"))
             raw = await read_body(receive, scope, self.services.max_body_bytes)
-            request = parse_request(self.path, raw, out.request_id)
+            priority = request_header(scope, b"x-vllm-priority")
+            request = parse_request(self.path, raw, out.request_id, priority)
         except ProxyError as exc:
             await out.error(exc)
             self._finish(out, timing)
@@ -253,6 +262,7 @@ class CompletionEndpoint:
         timing.stream = request.stream
         task = asyncio.current_task()
         assert task is not None
+        serving.set(task)  # what a worker's drain ends, also from sub-requests' tasks
         client_left = False
 
         async def watch() -> None:
@@ -264,10 +274,9 @@ class CompletionEndpoint:
                     # serving ends, the watcher is cancelled before it could look
                     if not out.complete:
                         client_left = True
-                        self.services.metrics.disconnects.labels(progress.phase).inc()
-                        log.info(
-                            "request %s: client left during %s", request.request_id, progress.phase
-                        )
+                        phase = progress.current()
+                        self.services.metrics.disconnects.labels(phase).inc()
+                        log.info("request %s: client left during %s", request.request_id, phase)
                         task.cancel()
                     return
 
@@ -302,16 +311,26 @@ class CompletionEndpoint:
         self, request: ClientRequest, out: Responder, timing: RequestTiming, progress: Progress
     ) -> None:
         try:
-            async with self.services.admission.slot():
-                timing.admitted = perf_counter()
-                await self._proxy(request, out, timing, progress)
+            if request.fanout > 1:
+                await self.fanout.serve(request, out, timing, progress)
+            else:
+                await self.run(request, out, timing, progress)
         except ProxyError as exc:
             if exc.status >= 500:
                 log.warning("request %s failed: %s", request.request_id, exc.message)
             await out.error(exc)
 
+    async def run(
+        self, request: ClientRequest, out: Sink, timing: RequestTiming, progress: Progress
+    ) -> None:
+        """One request, or one sub-request of a fanned-out one, through admission (at its
+        priority) and disaggregated serving; raises ProxyError."""
+        async with self.services.admission.slot(request.priority):
+            timing.admitted = perf_counter()
+            await self._proxy(request, out, timing, progress)
+
     async def _proxy(
-        self, request: ClientRequest, out: Responder, timing: RequestTiming, progress: Progress
+        self, request: ClientRequest, out: Sink, timing: RequestTiming, progress: Progress
     ) -> None:
         """Prefill (with failover), then decode (retried on another decoder before any byte
         reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
@@ -329,13 +348,7 @@ class CompletionEndpoint:
         while True:
             with svc.router.decode.track(decoder, request.prompt_chars):
                 if handoff is None:
-                    if (
-                        svc.disagg is not None
-                        and not (await svc.disagg.plan(request, decoder, info)).remote_prefill
-                    ):
-                        handoff = Handoff(None)  # chosen: the decoder prefills (not a recompute)
-                    else:
-                        handoff = await self._prefill(request, decoder, info, timing)
+                    handoff = await self._plan_prefill(request, decoder, info, timing)
                     body = svc.connector.decode_body(request, handoff)
                     timing.kv = handoff.outcome
                     # KV now waits on the prefiller for the decoder: a client that leaves before
@@ -367,6 +380,23 @@ class CompletionEndpoint:
                 replacement.url,
             )
             decoder = replacement
+
+    async def _plan_prefill(
+        self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
+    ) -> Handoff:
+        """The prefill leg, unless the decoder must or should prefill the prompt itself: a
+        request for prompt logprobs or a beam search (see ClientRequest.local_reason), or a
+        prompt that conditional disaggregation keeps local. Neither is a recompute."""
+        svc = self.services
+        if request.local_reason is not None:
+            svc.metrics.disagg_decisions.labels("local", request.local_reason).inc()
+            return Handoff(None)
+        if (
+            svc.disagg is not None
+            and not (await svc.disagg.plan(request, decoder, info)).remote_prefill
+        ):
+            return Handoff(None)
+        return await self._prefill(request, decoder, info, timing)
 
     async def _prefill(
         self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
@@ -430,7 +460,7 @@ class CompletionEndpoint:
         request: ClientRequest,
         decoder: Worker,
         body: bytes,
-        out: Responder,
+        out: Sink,
         timing: RequestTiming,
         progress: Progress,
     ) -> None:
@@ -468,7 +498,7 @@ class CompletionEndpoint:
         request: ClientRequest,
         decoder: Worker,
         body: bytes,
-        out: Responder,
+        out: Sink,
         timing: RequestTiming,
         progress: Progress,
     ) -> None:

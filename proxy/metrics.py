@@ -111,9 +111,10 @@ class ProxyMetrics:
         )
         self.disagg_decisions = Counter(
             "pdproxy_disagg_decisions",
-            "conditional disaggregation: prefill on a prefiller (remote) or on the decoder "
-            "(local), with the reason: short prompt, mostly cached on the decoder, long, or the "
-            "decoder's KV pulls are slow (slow_kv)",
+            "prefill on a prefiller (remote) or on the decoder (local), with the reason: "
+            "conditional disaggregation's short prompt, mostly cached on the decoder, long, or "
+            "the decoder's KV pulls are slow (slow_kv); prompt_logprobs or beam_search (always "
+            "served by a decoder alone)",
             ["decision", "reason"],
             registry=self.registry,
         )

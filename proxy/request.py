@@ -1,12 +1,14 @@
 """Reading and checking a client's OpenAI request: just enough to route it safely.
 
-Full validation is the engine's job (its 4xx is passed through); here we reject only what
-disaggregated serving cannot do, or what would make the legs misbehave, with a message that says
-what to change.
+Full validation is the engine's job (its 4xx is passed through); here we reject only what would
+make the legs misbehave, or what vLLM would reject but fanning out would hide (`n > 1` with greedy
+sampling), with a message that says what to change. A request for several completions (a list of
+prompts, `n > 1`) is noted here and split by `proxy.fanout`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MAX_REQUEST_ID = 256
 MAX_TOKENS = 2**31 - 1  # beyond any context length; the engine checks its own limit
+GREEDY_TEMPERATURE = 1e-5  # vLLM samples greedily below this temperature (_SAMPLING_EPS)
 
 
 @dataclass(slots=True)
@@ -29,6 +32,23 @@ class ClientRequest:
     stream: bool
     include_usage: bool
     prompt_chars: int
+    priority: int = 0  # vLLM's `priority`: lower is served first (also in the proxy's queue)
+    prompts: list[Any] | None = None  # completions with two or more prompts: each str or ids
+    n: int = 1  # completions asked for per prompt
+    # why this request must be served by a decoder alone, without a prefill leg: "prompt_logprobs"
+    # (a decoder given the prompt's KV never computed the prompt's logits), "beam_search" (its
+    # beams are engine requests of their own, which must not pull one prefill's blocks)
+    local_reason: str | None = None
+
+    @property
+    def samples(self) -> int:
+        """Sub-requests per prompt when fanned out (beam search keeps its `n` as the beam width)."""
+        return 1 if self.local_reason == "beam_search" else self.n
+
+    @property
+    def fanout(self) -> int:
+        """How many sub-requests serve this request (1: it is served as it is)."""
+        return len(self.prompts or (None,)) * self.samples
 
 
 def new_request_id() -> str:
@@ -56,40 +76,88 @@ def _text_size(content: Any) -> int:
     return 0
 
 
-def _prompt_chars(path: str, body: dict[str, Any]) -> int:
-    if path == CHAT:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list of messages", param="messages")
-        size = 0
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise BadRequest(
-                    "each message must be an object with a string 'role'", param="messages"
-                )
-            size += _text_size(message.get("content"))
-        return size
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def one_prompt_chars(prompt: Any) -> int:
+    """The size the policies weigh a prompt by: characters, or 4 per token id."""
+    return len(prompt) if isinstance(prompt, str) else 4 * len(prompt)
+
+
+def _completion_prompts(body: dict[str, Any]) -> list[Any]:
+    """The prompts of a completions request, each a string or a list of token ids; a one-element
+    list is unwrapped in `body`, as vLLM serves it as that one prompt."""
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) for t in prompt):
-            return 4 * len(prompt)
-        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and (
+        all(isinstance(p, str) for p in prompt) or all(_is_token_ids(p) for p in prompt)
+    ):
+        if len(prompt) == 1:
             body["prompt"] = prompt[0]
-            return _prompt_chars(path, body)
-        raise BadRequest(
-            f"a list of {len(prompt)} prompts is not supported: disaggregated prefill hands over "
-            "the KV cache of exactly one prompt per request; send one request per prompt",
-            param="prompt",
-        )
+        if prompt:
+            return list(prompt)
     raise BadRequest(
-        "'prompt' must be a string, a list of token ids, or a one-element list of either",
+        "'prompt' must be a string, a list of token ids, or a non-empty list of strings or of "
+        "token-id lists (not mixed)",
         param="prompt",
     )
 
 
-def parse_request(path: str, raw: bytes, request_id: str) -> ClientRequest:
+def _chat_chars(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of messages", param="messages")
+    size = 0
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(
+                "each message must be an object with a string 'role'", param="messages"
+            )
+        size += _text_size(message.get("content"))
+    return size
+
+
+def _whole_number(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+    ):
+        raise BadRequest(
+            f"'{key}' must be a whole number from {low} to {high}, not {value!r}", param=key
+        )
+    return value
+
+
+def _priority(body: dict[str, Any], header: bytes | None) -> int:
+    """vLLM's request priority: the `X-Vllm-Priority` header when it is a whole number (vLLM
+    lets it override the body; it is written into the body so both legs carry it), else the
+    body's `priority`, else 0."""
+    if header is not None:
+        with contextlib.suppress(ValueError):  # vLLM ignores a header it cannot read
+            body["priority"] = int(header)
+    priority = _whole_number(body, "priority", -(2**63), 2**63 - 1)
+    return 0 if priority is None else priority
+
+
+def _local_reason(path: str, body: dict[str, Any]) -> str | None:
+    if body.get("prompt_logprobs") is not None or (
+        path == COMPLETIONS and body.get("echo") and body.get("logprobs") is not None
+    ):
+        return "prompt_logprobs"
+    if body.get("use_beam_search"):
+        return "beam_search"
+    return None
+
+
+def parse_request(
+    path: str, raw: bytes, request_id: str, priority_header: bytes | None = None
+) -> ClientRequest:
     """Parse and check a completions or chat request body; raise BadRequest saying what is wrong."""
     try:
         body = orjson.loads(raw)
@@ -105,30 +173,34 @@ def parse_request(path: str, raw: bytes, request_id: str) -> ClientRequest:
         stream = False
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise BadRequest(
-            "'n' other than 1 is not supported: the decoder can pull the prefilled KV cache for "
-            "one sequence only; send n separate requests",
-            param="n",
-        )
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS
-        ):
-            raise BadRequest(
-                f"'{key}' must be a whole number from 1 to {MAX_TOKENS}, not {value!r}", param=key
-            )
+    echo_only = path == COMPLETIONS and bool(body.get("echo"))  # max_tokens 0: the prompt alone
+    _whole_number(body, "max_tokens", 0 if echo_only else 1, MAX_TOKENS)
+    _whole_number(body, "max_completion_tokens", 1, MAX_TOKENS)
+    n = _whole_number(body, "n", 1, MAX_TOKENS) or 1
+    local_reason = _local_reason(path, body)
+    temperature = body.get("temperature")
+    if (
+        n > 1
+        and local_reason != "beam_search"
+        and isinstance(temperature, (int, float))
+        and temperature < GREEDY_TEMPERATURE
+    ):
+        # vLLM refuses this; its n sub-requests of one would each be accepted
+        raise BadRequest(f"n must be 1 when using greedy sampling, got {n}.", param="n")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", param="stream_options")
     include_usage = bool(stream and options and options.get("include_usage"))
+    prompts = None if path == CHAT else _completion_prompts(body)
     return ClientRequest(
         path=path,
         body=body,
         request_id=request_id,
         stream=stream,
         include_usage=include_usage,
-        prompt_chars=_prompt_chars(path, body),
+        prompt_chars=_chat_chars(body) if prompts is None else sum(map(one_prompt_chars, prompts)),
+        priority=_priority(body, priority_header),
+        prompts=prompts if prompts is not None and len(prompts) > 1 else None,
+        n=n,
+        local_reason=local_reason,
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from time import monotonic
@@ -33,6 +34,13 @@ from typing import Any, Literal, Protocol
 from proxy.lmcache_config import Receiver
 
 Role = Literal["prefill", "decode"]
+
+
+# The client request a task serves: set by the request path in the request's own task, and
+# inherited by the tasks it starts (the sub-requests of a fanned-out request), so that `track`
+# notes on a worker the request to end when a drain runs out of time. A context variable is
+# per task, not shared state.
+serving: ContextVar[asyncio.Task[Any] | None] = ContextVar("pdproxy_serving", default=None)
 
 
 class Health(StrEnum):
@@ -250,10 +258,7 @@ class WorkerPool:
         worker.inflight += 1
         worker.inflight_chars += chars
         worker.requests_total += 1
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no event loop: nothing can end this request early
-            task = None
+        task = serving.get()
         if task is not None:
             worker.tasks.add(task)
         trial = worker.breaker is Breaker.HALF_OPEN

@@ -24,7 +24,10 @@ json_values = st.recursive(
 )
 fields = {
     "model": st.sampled_from([MODEL, "", "unknown-model"]) | json_values,
-    "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 600), max_size=6) | json_values,
+    "prompt": st.text(max_size=40)
+    | st.lists(st.integers(-5, 600), max_size=6)
+    | st.lists(st.text(max_size=12) | st.lists(st.integers(-5, 600), max_size=4), max_size=4)
+    | json_values,
     "messages": st.lists(
         st.fixed_dictionaries(
             {"role": st.sampled_from(["user", "system", "assistant"]) | json_values},
@@ -39,7 +42,14 @@ fields = {
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | json_values,
     "n": st.integers(0, 3) | json_values,
     "temperature": st.floats(-1, 3) | json_values,
+    "seed": st.integers(-2, 2**64) | json_values,
     "stop": st.text(max_size=4) | json_values,
+    "echo": st.booleans() | json_values,
+    "logprobs": st.integers(-2, 5) | st.booleans() | json_values,
+    "top_logprobs": st.integers(-1, 5) | json_values,
+    "prompt_logprobs": st.integers(-2, 3) | json_values,
+    "priority": st.integers(-(2**64), 2**64) | json_values,
+    "use_beam_search": st.booleans(),
 }
 bodies = st.fixed_dictionaries({}, optional=fields) | json_values
 raw_bodies = st.binary(max_size=64)

@@ -351,8 +351,11 @@ def test_bad_input_gets_4xx_and_proxy_keeps_serving(proxy: Proxy) -> None:
     cases = [
         ("/v1/chat/completions", b"{", 400, "not valid JSON"),
         ("/v1/chat/completions", b'{"model":"m","messages":[]}', 400, "messages"),
-        ("/v1/completions", b'{"model":"m","prompt":["a","b"]}', 400, "prompt"),
-        ("/v1/completions", b'{"model":"m","prompt":"a","n":3}', 400, "'n'"),
+        ("/v1/completions", b'{"model":"m","prompt":["a",[1]]}', 400, "not mixed"),
+        ("/v1/completions", b'{"model":"m","prompt":[]}', 400, "prompt"),
+        ("/v1/completions", b'{"model":"m","prompt":"a","n":0}', 400, "'n'"),
+        ("/v1/completions", b'{"model":"m","prompt":"a","n":2,"temperature":0}', 400, "greedy"),
+        ("/v1/completions", b'{"model":"m","prompt":"a","priority":"hi"}', 400, "priority"),
         ("/v1/completions", b'{"model":"m","prompt":"a","max_tokens":-1}', 400, "max_tokens"),
         ("/v1/completions", b'{"model":"m","prompt":"a","max_tokens":"9"}', 400, "max_tokens"),
         ("/v1/completions", b'{"model":"m","prompt":"a","max_tokens":1e12}', 400, "max_tokens"),

@@ -305,6 +305,21 @@ def test_concurrent_requests_each_get_their_own_notification(proxy: Proxy) -> No
     assert proxy.decode[0].metric(HITS) == 24 and proxy.decode[0].metric(RECOMPUTED) == 0
 
 
+def test_prompt_list_and_n_fan_out_one_transfer_each(proxy: Proxy) -> None:
+    """Over LMCache too, each completion of a batch is a prefill leg and a pushed KV of its own,
+    merged as the decoder merges the same batch."""
+    before = proxy.metrics().total(NOTES, result="matched")
+    body = {"model": MODEL, "prompt": ["The quick brown fox", "concurrent request x"],
+            "max_tokens": 6, "n": 2, "seed": 5}  # fmt: skip
+    resp = post(proxy, body)
+    assert resp.status_code == 200
+    assert proxy.metrics().total(NOTES, result="matched") - before == 4
+    assert proxy.decode[0].metric(HITS) == 4 and proxy.decode[0].metric(RECOMPUTED) == 0
+    want = direct(proxy.decode[0], "/v1/completions", body)
+    assert [c["text"] for c in resp.json()["choices"]] == [c["text"] for c in want["choices"]]
+    assert resp.json()["usage"] == want["usage"]
+
+
 # --- the deadline: nothing waits forever ---
 
 

@@ -11,7 +11,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.policies import RequestInfo, make_policy
 from proxy.prefix import prefix_blocks
 from proxy.registry import RegistryError, WorkerRegistry
-from proxy.workers import Health, Lifecycle
+from proxy.workers import Health, Lifecycle, serving
 
 
 def registry(prefill: int = 1, decode: int = 1) -> WorkerRegistry:
@@ -153,6 +153,7 @@ def test_retire_ends_what_outlives_the_drain_timeout() -> None:
         ended: list[tuple[int, str]] = []
 
         async def request() -> None:
+            serving.set(asyncio.current_task())  # as the request path does
             with pool.track(d0, 1):
                 await asyncio.sleep(60)
 

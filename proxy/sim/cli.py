@@ -114,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Reuse the computed blocks of earlier prompts sharing a prefix (prefill time only; "
         "vLLM's --enable-prefix-caching). Off by default here.",
     )
+    a(
+        "--scheduling-policy",
+        choices=("fcfs", "priority"),
+        default="fcfs",
+        help="Order of waiting requests (vLLM's --scheduling-policy): arrival (default), or the "
+        "request's `priority` (lower first, arrival within one). Either way `priority` is "
+        "accepted, as vLLM 0.32 does.",
+    )
     a("--engine-id", default=None, help="NIXL engine id (default: a random UUID).")
     g = parser.add_argument_group(
         "timing (defaults: Llama-3.1-8B bf16 on one H100, estimated; --timing-profile for measured)"
@@ -260,6 +268,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         eos_probability=args.eos_probability,
         token_per_chunk=args.token_per_chunk,
         prefix_caching=args.enable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
         engine_id=args.engine_id,
         timing=timing,
         faults=faults,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 Role = Literal["prefill", "decode", "both"]
 KvLoadFailurePolicy = Literal["recompute", "fail"]
+SchedulingPolicy = Literal["fcfs", "priority"]
 
 DEFAULT_MODEL = "pdsim/llama-8b"
 DEFAULT_SIDE_CHANNEL_PORT = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
@@ -69,6 +70,7 @@ class SimConfig:
     eos_probability: float = 0.005
     token_per_chunk: bool = False  # zero-delay mode: one token per next_steps (SSE event)
     prefix_caching: bool = False  # vLLM --enable-prefix-caching: reuse shared prompt blocks
+    scheduling_policy: SchedulingPolicy = "fcfs"  # vLLM --scheduling-policy
     engine_id: str | None = None
     max_records: int = 10000
     timing: Timing = field(default_factory=Timing)

@@ -12,6 +12,7 @@ or put under lease exactly once, when it finishes or is aborted.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections import deque
@@ -38,8 +39,10 @@ class Sequence:
         generation: Generation,
         loaded_tokens: int,
         produce_kv: bool,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.priority = priority
         self.prompt_ids = prompt_ids
         self.gen = generation
         self.loaded_tokens = loaded_tokens
@@ -103,11 +106,17 @@ class Engine:
         spec: SamplingSpec,
         loaded_tokens: int,
         produce_kv: bool,
+        priority: int = 0,
     ) -> Sequence:
         gen = Generation(self._tok, prompt_ids, spec, self._cfg.eos_probability)
-        seq = Sequence(request_id, prompt_ids, gen, loaded_tokens, produce_kv)
+        seq = Sequence(request_id, prompt_ids, gen, loaded_tokens, produce_kv, priority)
         if self._timed:
-            self._waiting.append(seq)
+            if self._cfg.scheduling_policy == "priority":
+                # vLLM's priority policy: lower value first, arrival order within one
+                at = bisect.bisect_right(self._waiting, priority, key=lambda s: s.priority)
+                self._waiting.insert(at, seq)
+            else:
+                self._waiting.append(seq)
             self._wakeup.set()
         else:
             self._admit(seq)

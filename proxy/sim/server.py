@@ -7,12 +7,18 @@ consumer, whatever its ``role`` label says.
 
 Faithful to vLLM 0.32 as observed (tests/e2e/REAL_VLLM_FACTS.md; tests/protocol runs the same
 assertions against both): no ``X-Request-Id`` response header unless ``request_id_headers``;
-POST bodies must be ``application/json``; unknown paths answer FastAPI's ``{"detail": ...}``.
+POST bodies must be ``application/json``; unknown paths answer FastAPI's ``{"detail": ...}``;
+lists of prompts and ``n`` give choices i * n + j with usage counting each prompt once; ``seed``
+gives sample j the seed ``seed + j``; ``echo``, ``logprobs`` and ``prompt_logprobs`` (a request
+for them loads no remote KV: it recomputes the prompt and frees the producer's blocks);
+``priority`` is accepted, and orders the waiting queue with ``scheduling_policy="priority"``.
 Deliberately different: incomplete ``do_remote_prefill`` params answer 500 like the real
 decoder but the sim stays up (the real one exits); a failed pull fails at once rather than
 after vLLM's ~5 s; a read of KV blocks reused since their lease ended fails (NIXL would hand
-over another request's KV silently); ``return_token_ids`` fills full responses only; only
-``n=1``; ``/version`` says ``0.32.0+pdsim``.
+over another request's KV silently); ``return_token_ids`` fills full responses only; without
+a seed every sample is the greedy one; remote KV in a request with several prompts or n > 1
+is loaded once, for the first prompt; empty text chunks of a plain stream are skipped;
+``/version`` says ``0.32.0+pdsim``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -43,7 +50,9 @@ from proxy.sim.nixl import KvLoad, KvLoadFailed, NixlConsumer, incomplete, produ
 from proxy.sim.protocol import (
     DONE,
     ApiError,
+    Choice,
     ChunkWriter,
+    GenRequest,
     Kind,
     field_error,
     full_response,
@@ -51,7 +60,9 @@ from proxy.sim.protocol import (
     not_an_object,
     parse_generation,
     schema_error,
+    stream_usage,
 )
+from proxy.sim.render import ChoiceView, PromptView
 from proxy.sim.sidechannel import side_channel_app
 from proxy.sim.tokenizer import SimTokenizer
 
@@ -401,7 +412,14 @@ class SimServer:
             record.kv_failure = "incomplete_params"
             self.metrics.request_success["error"] += 1
             return _error(ApiError(ENGINE_DEAD, 500, "InternalServerError"))
-        if kv.get("do_remote_prefill"):
+        if kv.get("do_remote_prefill") and req.prompt_logprobs is not None:
+            # like vLLM (skip_reading_prefix_cache): a request for prompt logprobs loads no KV
+            # (the prompt's logits were never computed); it recomputes the prompt and tells the
+            # producer to free the blocks
+            assert self._consumer is not None
+            self._consumer.release_later(kv)
+            record.kv = "skipped"
+        elif kv.get("do_remote_prefill"):
             assert self._consumer is not None
             self.engine.pulling += 1
             try:
@@ -424,62 +442,97 @@ class SimServer:
             load = pushed
             record.kv, record.kv_failure = load.source, load.failure
 
-        seq = self.engine.submit(
-            engine_rid,
-            req.prompt_ids,
-            req.spec,
-            load.loaded_tokens,
-            produce_kv=bool(kv.get("do_remote_decode")),
-        )
+        seqs = self._submit(req, rid, engine_rid, load, bool(kv.get("do_remote_decode")))
         if self.lmcache is not None:
-            self.lmcache.on_submit(seq, kv)
+            self.lmcache.on_submit(seqs[0], kv)
         try:
             if req.stream:
-                return await self._stream(request, req.kind, rid, seq, req.include_usage,
-                                          record, faults)  # fmt: skip
-            ids = req.return_token_ids
-            return await self._full(req.kind, rid, seq, record, faults, request, ids)
+                return await self._stream(request, req, rid, seqs, record, faults)
+            return await self._full(req, rid, seqs, record, faults, request)
         finally:
-            if not seq.finished:
-                dropped = record.outcome == "dropped"
-                self.engine.abort(seq, count=not dropped)
-                if not dropped:
-                    record.outcome = "aborted"
+            dropped = record.outcome == "dropped"
+            for seq in seqs:
+                if not seq.finished:
+                    self.engine.abort(seq, count=not dropped)
+                    if not dropped:
+                        record.outcome = "aborted"
+
+    def _submit(
+        self, req: GenRequest, rid: str, engine_rid: str, load: KvLoad, produce_kv: bool
+    ) -> list[Sequence]:
+        """One sequence per choice: prompt i, sample j. Loaded KV is the first prompt's; only
+        the first choice offers its KV (the proxy sends one prompt and n=1 to a prefiller)."""
+        seqs: list[Sequence] = []
+        for i, prompt in enumerate(req.prompts):
+            parent = engine_rid if i == 0 else f"{rid}-{i}-{secrets.token_hex(4)}"
+            for j in range(req.n):
+                seqs.append(
+                    self.engine.submit(
+                        parent if req.n == 1 else f"{j}_{parent}",  # vLLM's child ids
+                        prompt.ids,
+                        req.spec(i, j),
+                        load.loaded_tokens if i == 0 else 0,
+                        produce_kv=produce_kv and not seqs,
+                        priority=req.priority,
+                    )
+                )
+        return seqs
+
+    async def _until_final(self, seq: Sequence) -> list[Step]:
+        steps: list[Step] = []
+        while not steps or steps[-1].finish_reason is None:
+            more = await self.engine.next_steps(seq)
+            if not more:
+                raise asyncio.CancelledError  # aborted under us
+            steps += more
+        return steps
 
     async def _full(
         self,
-        kind: Kind,
+        req: GenRequest,
         rid: str,
-        seq: Sequence,
+        seqs: list[Sequence],
         record: Record,
         faults: Faults | None,
         request: web.Request,
-        return_token_ids: bool = False,
     ) -> web.StreamResponse:
-        parts: list[str] = []
-        final: Step | None = None
-        while final is None:
-            steps = await self.engine.next_steps(seq)
-            for step in steps:
-                parts.append(step.text)
-                if step.finish_reason is not None:
-                    final = step
+        if len(seqs) == 1:
+            results = [await self._until_final(seqs[0])]
+        else:
+            results = await asyncio.gather(*(self._until_final(s) for s in seqs))
         if self.lmcache is not None:
-            self.lmcache.on_finished(seq)
+            self.lmcache.on_finished(seqs[0])
+        prompts = [PromptView(req, p, self.tokenizer) for p in req.prompts]
+        ids = req.return_token_ids
+        choices = []
+        for k, (seq, steps) in enumerate(zip(seqs, results, strict=True)):
+            prompt = prompts[k // req.n]
+            text, logprobs = ChoiceView(req, self.tokenizer, k, prompt).piece(steps)
+            completion = req.kind == "completion"
+            choices.append(
+                Choice(
+                    k,
+                    text,
+                    steps[-1],
+                    list(seq.gen.token_ids) if ids else None,
+                    logprobs,
+                    prompt.body if completion else None,
+                    seq.prompt_ids if ids and completion else None,
+                )
+            )
         body = full_response(
-            kind,
+            req.kind,
             rid,
             int(time.time()),
             self.config.model,
-            "".join(parts),
-            final,
-            len(seq.prompt_ids),
-            len(seq.gen.token_ids),
-            seq.kv_transfer_params,
+            choices,
+            sum(len(p.ids) for p in req.prompts),
+            sum(len(s.gen.token_ids) for s in seqs),
+            seqs[0].kv_transfer_params,
             self.system_fingerprint,
-            (seq.prompt_ids, list(seq.gen.token_ids)) if return_token_ids else None,
+            (req.prompt_ids if ids else None, prompts[0].body),
         )
-        self._finish_record(record, final, seq)
+        self._finish_record(record, results[0][-1], seqs[0])
         if faults is not None and (faults.garbage_body or faults.truncate_body):
             return await self._bad_body(request, body, faults, record)
         return web.Response(body=body, content_type="application/json")
@@ -511,19 +564,53 @@ class SimServer:
         record.finish_reason = final.finish_reason
         record.kv_transfer_params_returned = seq.kv_transfer_params is not None
 
+    async def _steps(self, seqs: list[Sequence]) -> AsyncGenerator[tuple[int, list[Step]]]:
+        """(choice, steps) as the sequences produce them, until every one has finished;
+        stops early when one was aborted."""
+        if len(seqs) == 1:
+            while True:
+                steps = await self.engine.next_steps(seqs[0])
+                if not steps:
+                    return
+                yield 0, steps
+                if steps[-1].finish_reason is not None:
+                    return
+        queue: asyncio.Queue[tuple[int, list[Step]]] = asyncio.Queue()
+
+        async def pump(k: int, seq: Sequence) -> None:
+            while True:
+                steps = await self.engine.next_steps(seq)
+                queue.put_nowait((k, steps))
+                if not steps or steps[-1].finish_reason is not None:
+                    return
+
+        tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(seqs)]
+        try:
+            left = len(seqs)
+            while left:
+                k, steps = await queue.get()
+                if not steps:
+                    return
+                left -= steps[-1].finish_reason is not None
+                yield k, steps
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def _stream(
         self,
         request: web.Request,
-        kind: Kind,
+        req: GenRequest,
         rid: str,
-        seq: Sequence,
-        include_usage: bool,
+        seqs: list[Sequence],
         record: Record,
         faults: Faults | None,
     ) -> web.StreamResponse:
+        kind = req.kind
         writer = ChunkWriter(
-            kind, rid, int(time.time()), self.config.model, self.system_fingerprint
-        )
+            kind, rid, int(time.time()), self.config.model, self.system_fingerprint,
+            req.include_usage,
+        )  # fmt: skip
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         record.status = 200
@@ -559,37 +646,77 @@ class SimServer:
                 await resp.write(writer.delta("partial")[:25])
                 self._drop(request)
             return resp
-        if kind == "chat" and not await send(writer.role()):
-            return resp
-        final: Step | None = None
-        coalesce = self.config.timing.enabled
-        while final is None:
-            # Like vLLM's output handler, the steps produced while the client lagged go out
-            # as one chunk (a chunk may carry several tokens). Untimed, every token is ready
-            # at once: one chunk per token then, so chunk-counting faults stay meaningful.
-            steps = await self.engine.next_steps(seq)
-            if not steps:  # ended without a final step (aborted)
-                return resp
-            groups = [steps] if coalesce else [[step] for step in steps]
-            for group in groups:
-                text = "".join(step.text for step in group)
-                if group[-1].finish_reason is not None:
-                    final = dataclasses.replace(group[-1], text=text)
-                    event = writer.final(final)
-                elif text:
-                    event = writer.delta(text)
-                else:
-                    continue
-                if not await send(event):
+        prompts = [PromptView(req, p, self.tokenizer) for p in req.prompts]
+        views = [ChoiceView(req, self.tokenizer, k, prompts[k // req.n]) for k in range(len(seqs))]
+        plain = len(seqs) == 1 and req.logprobs is None and req.echo is None
+        plain = plain and not req.continuous_usage
+
+        def usage_of(k: int) -> dict[str, int] | None:
+            if not req.continuous_usage:
+                return None
+            return stream_usage(len(prompts[k // req.n].prompt.ids), views[k].tokens)
+
+        if kind == "chat":
+            for k in range(len(seqs)):
+                if not await send(writer.role(k, usage_of(k))):
                     return resp
-        if include_usage and not await send(
-            writer.usage(len(seq.prompt_ids), len(seq.gen.token_ids))
+            if req.echo:  # vLLM: the echoed last message as a chunk of its own per choice
+                for k, view in enumerate(views):
+                    view.echo_pending = False
+                    if not await send(writer.event(k, req.echo, usage=usage_of(k))):
+                        return resp
+        finals: list[Step | None] = [None] * len(seqs)
+        coalesce = self.config.timing.enabled
+        async with contextlib.aclosing(self._steps(seqs)) as produced:
+            async for k, steps in produced:
+                # Like vLLM's output handler, the steps produced while the client lagged go
+                # out as one chunk (a chunk may carry several tokens). Untimed, every token is
+                # ready at once: one chunk per token then, so chunk-counting faults stay
+                # meaningful.
+                for group in [steps] if coalesce else [[step] for step in steps]:
+                    event = self._chunk(writer, req, views[k], group, plain, usage_of)
+                    if group[-1].finish_reason is not None:
+                        finals[k] = group[-1]
+                    if event and not await send(event):
+                        return resp
+        if any(final is None for final in finals):
+            return resp  # aborted
+        if req.include_usage and not await send(
+            writer.usage(
+                sum(len(p.ids) for p in req.prompts), sum(len(s.gen.token_ids) for s in seqs)
+            )
         ):
             return resp
         await resp.write(DONE)
-        self._finish_record(record, final, seq)
+        first = finals[0]
+        assert first is not None
+        self._finish_record(record, first, seqs[0])
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    def _chunk(
+        writer: ChunkWriter,
+        req: GenRequest,
+        view: ChoiceView,
+        group: list[Step],
+        plain: bool,
+        usage_of: Callable[[int], dict[str, int] | None],
+    ) -> bytes:
+        """The event for `group` of choice `view` (b"" when it carries nothing)."""
+        final = group[-1] if group[-1].finish_reason is not None else None
+        if plain:
+            text = "".join(step.text for step in group)
+            if final is not None:
+                return writer.final(dataclasses.replace(final, text=text))
+            return writer.delta(text) if text else b""
+        echo = view.echo_pending and req.kind == "completion"
+        text, logprobs = view.piece(group)
+        if final is None and not text and logprobs is None:
+            return b""
+        prompt_ids = view.prompt.prompt.ids if echo else None
+        usage = usage_of(view.index)
+        return writer.event(view.index, text, final, logprobs, prompt_ids, usage)
 
 
 async def start_sim(config: SimConfig | None = None) -> SimServer:

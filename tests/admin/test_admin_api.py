@@ -297,3 +297,31 @@ def test_a_joining_worker_is_scraped_before_load_aware_routes_to_it(
         assert resp.status_code == 201, resp.text
         load = resp.json()["engine_load"]  # scraped once already, though the next is in 60 s
         assert load is not None and load["running"] == 0 and load["waiting"] == 0
+
+
+def test_a_fanned_out_request_on_a_removed_decoder_ends_with_a_clear_error(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    """Its sub-requests run in tasks of their own; the drain ends the request they serve."""
+    p0, d0, d1 = clean_sims["p0"], clean_sims["d0"], clean_sims["d1"]
+    cfg = config_file(tmp_path, drain_timeout=0.5, decode_policy="round_robin")
+    with running(start_proxy(tmp_path, [p0], [d0, d1], "--config", cfg)) as proxy:
+        d1.faults(stall_seconds=30, stall_after_chunks=2)
+        body = {
+            "model": "pdsim/llama-8b",
+            "prompt": "fan",
+            "max_tokens": 50,
+            "n": 2,
+            "stream": True,
+        }
+        with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=30) as resp:
+            it = resp.iter_bytes()
+            assert next(it).startswith(b"data: ")
+            wait_for(lambda: workers(proxy)[2]["inflight"] == 1, 5)  # one sub-request on d1
+            assert httpx.delete(proxy.url + "/admin/workers/d1").status_code == 202
+            rest = b"".join(it)
+        assert b"was removed before the answer was complete" in rest
+        assert rest.endswith(b"data: [DONE]\n\n")
+        wait_for(lambda: len(workers(proxy)) == 2, 10)
+        timeline = httpx.get(proxy.url + "/admin/requests").json()["data"][-1]
+        assert timeline["decoder"] == "d0,d1" and "removed" in timeline["error"]

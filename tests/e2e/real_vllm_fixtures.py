@@ -95,6 +95,7 @@ def topology(
         "--prefill-port", str(PREFILL_PORT), "--decode-port", str(DECODE_PORT),
         "--side-channel-port", str(SIDE_CHANNEL_PORT),
         "--", "--served-model-name", Topology.model, "--max-model-len", "1024",
+        "--scheduling-policy", "priority",
     ]  # fmt: skip
     with output.open("wb") as out:
         proc = subprocess.Popen(

@@ -77,12 +77,15 @@ def post_stream(url: str, body: Body) -> list[Body]:
     return chunks
 
 
-def pulled_once(topo: Topology, call: Callable[[], T]) -> T:
-    """Run one proxied request and check that the decoder pulled its KV exactly once."""
+def pulled_once(topo: Topology, call: Callable[[], T], times: int = 1) -> T:
+    """Run one proxied request and check that the decoder pulled KV exactly `times` times (one
+    per prompt and sample of a fanned-out request)."""
     before = metric(topo.decode, XFER)
     result = call()
-    after = wait_metric(topo.decode, XFER, before + 1)
-    assert after == before + 1, f"decoder NIXL transfers went {before} -> {after}, expected +1"
+    after = wait_metric(topo.decode, XFER, before + times)
+    assert after == before + times, (
+        f"decoder NIXL transfers went {before} -> {after}, expected +{times}"
+    )
     return result
 
 
@@ -215,10 +218,114 @@ def test_openai_sdk(topology: Topology) -> None:
     assert pulled_once(topology, stream_chat) == choice_tokens(want_chat)[1]
 
 
-def run_bench(topo: Topology, base_url: str, out: Path, num_prompts: int) -> Body:
+PROMPTS = [SHORT, LONG, "hello, how are you today?"]
+
+
+def by_index(resp: Body) -> list[tuple[int, list[int], str]]:
+    return [(c["index"], *choice_tokens({"choices": [c]})) for c in resp["choices"]]
+
+
+def test_prompt_list_equals_direct(topology: Topology) -> None:
+    """Three prompts in one request: each one disaggregated (a pull each), the merged answer
+    equal to the decoder's own answer to the same batch."""
+    body = completion(topology, PROMPTS)
+    url = "/v1/completions"
+    want = direct(topology, lambda: post(topology.decode + url, body))
+    got = pulled_once(topology, lambda: post(topology.proxy + url, body), times=3)
+    assert by_index(got) == by_index(want) and [i for i, *_ in by_index(got)] == [0, 1, 2]
+    assert got["usage"] == want["usage"]
+
+
+def test_prompt_list_stream_with_usage_equals_direct(topology: Topology) -> None:
+    body = completion(topology, PROMPTS, stream=True, stream_options={"include_usage": True})
+    url = "/v1/completions"
+    want = direct(topology, lambda: post_stream(topology.decode + url, body))
+    got = pulled_once(topology, lambda: post_stream(topology.proxy + url, body), times=3)
+
+    def per_index(chunks: list[Body]) -> dict[int, tuple[list[int], str]]:
+        out: dict[int, tuple[list[int], str]] = {}
+        for chunk in chunks:
+            for c in chunk["choices"]:
+                tokens, text = out.get(c["index"], ([], ""))
+                out[c["index"]] = (tokens + (c.get("token_ids") or []), text + c["text"])
+        return out
+
+    assert per_index(got) == per_index(want) and sorted(per_index(got)) == [0, 1, 2]
+    assert got[-1]["choices"] == [] and got[-1]["usage"] == want[-1]["usage"]
+    assert sum(1 for c in got if c.get("usage")) == 1
+
+
+def test_chat_n2_with_a_seed_equals_direct(topology: Topology) -> None:
+    """vLLM refuses n > 1 with greedy sampling; with a seed its samples are reproducible: the
+    proxy's two disaggregated samples (seeds s and s + 1) equal vLLM's own n=2."""
+    body = chat(topology, n=2, seed=1234, temperature=1.0)
+    url = "/v1/chat/completions"
+    want = direct(topology, lambda: post(topology.decode + url, body))
+    got = pulled_once(topology, lambda: post(topology.proxy + url, body), times=2)
+    assert by_index(got) == by_index(want) and len(by_index(got)) == 2
+    assert got["usage"] == want["usage"]
+    greedy = httpx.post(topology.proxy + url, json=chat(topology, n=2), timeout=60)
+    assert greedy.status_code == 400 and "greedy" in greedy.json()["error"]["message"]
+
+
+def test_token_id_prompt_equals_direct(topology: Topology) -> None:
+    ids = post(topology.decode + "/tokenize", {"model": topology.model, "prompt": LONG})["tokens"]
+    body = completion(topology, ids)
+    want = direct(topology, lambda: post(topology.decode + "/v1/completions", body))
+    got = pulled_once(topology, lambda: post(topology.proxy + "/v1/completions", body))
+    assert by_index(got) == by_index(want) and got["usage"] == want["usage"]
+
+
+def test_echo_with_logprobs_is_served_by_the_decoder_alone(topology: Topology) -> None:
+    """A decoder that pulled the prompt's KV never computed its logits (REAL_VLLM_FACTS §10):
+    the proxy sends such a request to a decoder without a prefill leg, and says so."""
+    body = completion(topology, SHORT, echo=True, logprobs=2)
+    url = "/v1/completions"
+
+    def local() -> float:
+        text = httpx.get(topology.proxy + "/metrics", timeout=10).text
+        return metric("", 'pdproxy_disagg_decisions_total{decision="local",'
+                          'reason="prompt_logprobs"}', text)  # fmt: skip
+
+    want = direct(topology, lambda: post(topology.decode + url, body))
+    before = local()
+    got = direct(topology, lambda: post(topology.proxy + url, body))  # no pull either
+    assert local() == before + 1
+    assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+    assert got["choices"][0]["logprobs"]["token_logprobs"][0] is None
+
+
+def test_priority_reaches_both_engines(topology: Topology) -> None:
+    """The engines run `--scheduling-policy priority`; both legs carry the client's priority."""
+    body = completion(topology, SHORT, priority=-3)
+    want = direct(topology, lambda: post(topology.decode + "/v1/completions", body))
+    got = pulled_once(topology, lambda: post(topology.proxy + "/v1/completions", body))
+    assert choice_tokens(got) == choice_tokens(want)
+
+
+def test_passthrough_endpoints(topology: Topology) -> None:
+    for method, path, body in [
+        ("POST", "/tokenize", {"model": topology.model, "prompt": SHORT}),
+        ("POST", "/detokenize", {"model": topology.model, "tokens": [5, 6, 7]}),
+        ("GET", "/version", None),
+        ("POST", "/v1/embeddings", {"model": topology.model, "input": SHORT}),
+    ]:
+        got = httpx.request(method, topology.proxy + path, json=body, timeout=30)
+        want = httpx.request(method, topology.decode + path, json=body, timeout=30)
+        assert (got.status_code, got.content) == (want.status_code, want.content), path
+    resp = httpx.post(topology.proxy + "/v1/responses", json={"model": topology.model,
+                                                              "input": "hi"})  # fmt: skip
+    assert resp.status_code == 501 and "/v1/chat/completions" in resp.json()["error"]["message"]
+
+
+def run_bench(
+    topo: Topology, base_url: str, out: Path, num_prompts: int, chat_api: bool = False
+) -> Body:
+    api = ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions"] if chat_api else [
+        "--backend", "vllm", "--endpoint", "/v1/completions"]  # fmt: skip
     cmd = [
         topo.python, str(Path(__file__).parents[2] / "launchers" / "bench_serve.py"),
-        "--backend", "vllm", "--base-url", base_url, "--model", topo.model,
+        *api, "--base-url", base_url, "--model", topo.model,
         "--tokenizer", str(topo.model_dir), "--dataset-name", "random",
         "--random-input-len", "64", "--random-output-len", "16", "--ignore-eos",
         "--num-prompts", str(num_prompts), "--max-concurrency", "4", "--seed", "0",
@@ -253,6 +360,14 @@ def test_vllm_bench_serve(topology: Topology, tmp_path: Path) -> None:
     summary = {"proxy_1p1d": {k: data.get(k) for k in keys}}
     summary["decoder_alone"] = {k: alone.get(k) for k in keys}
     (topology.log_dir / "bench-summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def test_vllm_bench_serve_chat(topology: Topology, tmp_path: Path) -> None:
+    num_prompts = 10
+    before = metric(topology.decode, XFER)
+    data = run_bench(topology, topology.proxy, tmp_path / "chat.json", num_prompts, chat_api=True)
+    assert data["completed"] == num_prompts and data.get("failed", 0) == 0, data.get("errors")
+    assert wait_metric(topology.decode, XFER, before + num_prompts) == before + num_prompts
 
 
 @pytest.mark.stops_topology

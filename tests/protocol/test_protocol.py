@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import Any
 
@@ -249,6 +250,21 @@ ERRORS: list[tuple[str, str, Any, dict[str, str], int, str, str | None]] = [
      "stream_options"),
     ("prompt-over-context", "/v1/completions", {"prompt": "hello " * 1100}, {}, 400,
      "BadRequestError", "input_tokens"),
+    ("prompt-list-mixed", "/v1/completions", {"prompt": ["hi", [5, 6]]}, {}, 400,
+     "Bad Request", "body.prompt.0"),
+    ("prompt-list-empty", "/v1/completions", {"prompt": []}, {}, 400, "BadRequestError", None),
+    ("prompt-empty-in-list", "/v1/completions", {"prompt": ["hi", ""]}, {}, 400,
+     "BadRequestError", None),
+    ("n-0", "/v1/completions", {"prompt": "hi", "n": 0}, {}, 400, "BadRequestError", None),
+    ("n-greedy", "/v1/completions", {"prompt": "hi", "n": 2, "temperature": 0}, {}, 400,
+     "BadRequestError", None),
+    ("chat-n-greedy", "/v1/chat/completions",
+     {"messages": MESSAGES, "n": 2, "temperature": 0}, {}, 400, "BadRequestError", None),
+    ("priority-not-int", "/v1/completions", {"prompt": "hi", "priority": "high"}, {}, 400,
+     "Bad Request", "body.priority"),
+    ("stream-prompt-logprobs", "/v1/completions",
+     {"prompt": "hi", "stream": True, "prompt_logprobs": 1}, {}, 400, "BadRequestError",
+     "prompt_logprobs"),
 ]  # fmt: skip
 
 
@@ -280,6 +296,12 @@ def test_error_shapes(
 def test_unknown_path_is_fastapi_shaped(engines: Engines) -> None:
     resp = httpx.get(engines.decode + "/v1/nope", timeout=10)
     assert resp.status_code == 404 and resp.json() == {"detail": "Not Found"}
+    resp = httpx.get(engines.decode + f"/v1/models/{engines.model}", timeout=10)
+    assert resp.status_code == 404 and resp.json() == {"detail": "Not Found"}
+    # a generative model: vLLM mounts no pooling routes
+    for path in ("/v1/embeddings", "/pooling", "/score", "/rerank", "/classify"):
+        resp = httpx.post(engines.decode + path, json={"model": engines.model, "input": "hi"})
+        assert resp.status_code == 404 and resp.json() == {"detail": "Not Found"}, path
 
 
 def test_max_tokens_over_context_is_clamped(engines: Engines) -> None:
@@ -420,3 +442,153 @@ def test_metric_names_and_labels(engines: Engines, role: str) -> None:
     assert {"stop", "length", "abort", "error"} <= reasons
     waiting = set(re.findall(r'vllm:num_requests_waiting_by_reason\{[^}]*reason="(\w+)"', text))
     assert waiting == {"capacity", "deferred"}
+
+
+# -- several completions, logprobs, priority ------------------------------------------------
+
+PROMPTS = [PROMPT, "A proxy forwards the prompt", "hello, how are you"]
+
+
+def texts(r: Body) -> list[str]:
+    return [c["text"] if "text" in c else c["message"]["content"] for c in r["choices"]]
+
+
+def test_prompt_list_numbers_choices_and_sums_usage(engines: Engines) -> None:
+    url = engines.decode + "/v1/completions"
+    rid = _rid()
+    batch = post(url, completion(engines, PROMPTS, max_tokens=5, ignore_eos=True), rid)
+    singles = [post(url, completion(engines, p, max_tokens=5, ignore_eos=True)) for p in PROMPTS]
+    assert batch["id"] == f"cmpl-{rid}"
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2]
+    assert texts(batch) == [texts(r)[0] for r in singles]
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert batch["usage"][key] == sum(r["usage"][key] for r in singles)
+    assert batch["kv_transfer_params"] is None and batch["metrics"] is None
+
+
+def test_prompt_list_stream_interleaves_with_one_usage_chunk(engines: Engines) -> None:
+    url = engines.decode + "/v1/completions"
+    body = completion(engines, PROMPTS[:2], max_tokens=5, ignore_eos=True)
+    whole = post(url, body)
+    chunks = stream(url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    *content, last = chunks
+    assert last["choices"] == [] and last["usage"] == {
+        k: whole["usage"][k] for k in ("prompt_tokens", "total_tokens", "completion_tokens")
+    }
+    assert all(len(c["choices"]) == 1 for c in content)
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    got: dict[int, str] = {}
+    for c in content:
+        choice = c["choices"][0]
+        got[choice["index"]] = got.get(choice["index"], "") + choice["text"]
+    assert got == dict(enumerate(texts(whole)))
+    finished = [c for c in content if c["choices"][0]["finish_reason"]]
+    assert len(finished) == 2 and all("system_fingerprint" not in c for c in finished)
+    plain = stream(url, {**body, "stream": True})  # no usage chunk: the fingerprint on the ends
+    ends = [c for c in plain if c["choices"][0]["finish_reason"]]
+    assert len(ends) == 2 and all(c["system_fingerprint"].startswith("vllm-0.32.0") for c in ends)
+
+
+def test_token_id_prompts(engines: Engines) -> None:
+    url = engines.decode + "/v1/completions"
+    ids = post(engines.decode + "/tokenize", {"model": engines.model, "prompt": PROMPT})["tokens"]
+    text = post(url, completion(engines, PROMPT, max_tokens=4, return_token_ids=True))
+    one = post(url, completion(engines, ids, max_tokens=4, return_token_ids=True))
+    assert one["choices"][0]["token_ids"] == text["choices"][0]["token_ids"]
+    assert one["choices"][0]["prompt_token_ids"] == ids
+    two = post(url, completion(engines, [ids, ids[:3]], max_tokens=4, return_token_ids=True))
+    assert [c["prompt_token_ids"] for c in two["choices"]] == [ids, ids[:3]]
+    assert two["usage"]["prompt_tokens"] == len(ids) + 3
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_n_with_a_seed_is_seed_plus_j_per_sample(engines: Engines, path: str) -> None:
+    """vLLM samples the j-th of n choices with seed + j: what a proxy that fans n out into
+    n requests must send to get the same answer."""
+    url = engines.decode + path
+    base: Body = {"model": engines.model, "max_tokens": 6, "temperature": 1.0,
+                  "return_token_ids": True}  # fmt: skip
+    base.update({"prompt": PROMPT} if "chat" not in path else {"messages": MESSAGES})
+    both = post(url, {**base, "n": 2, "seed": 7})
+    first, second = (post(url, {**base, "seed": seed}) for seed in (7, 8))
+    tokens = [c["token_ids"] for c in both["choices"]]
+    assert tokens == [first["choices"][0]["token_ids"], second["choices"][0]["token_ids"]]
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]  # counted once
+    assert both["usage"]["completion_tokens"] == 12
+
+
+def test_chat_n_stream_opens_with_a_role_chunk_per_choice(engines: Engines) -> None:
+    body = {"model": engines.model, "messages": MESSAGES, "max_tokens": 3, "n": 2, "seed": 1,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    chunks = stream(engines.decode + "/v1/chat/completions", body)
+    roles = [c["choices"][0]["index"] for c in chunks[:2]]
+    assert roles == [0, 1] and all(c["choices"][0]["delta"]["role"] for c in chunks[:2])
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+    single = post(engines.decode + "/v1/chat/completions",
+                  {"model": engines.model, "messages": MESSAGES, "max_tokens": 1})  # fmt: skip
+    assert chunks[-1]["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+
+
+def test_echo_and_logprobs_shapes(engines: Engines) -> None:
+    url = engines.decode + "/v1/completions"
+    echo = post(url, completion(engines, PROMPT, max_tokens=3, echo=True))
+    assert texts(echo)[0].startswith(PROMPT)
+    r = post(url, completion(engines, PROMPT, max_tokens=3, echo=True, logprobs=2))
+    lp = r["choices"][0]["logprobs"]
+    assert set(lp) == {"text_offset", "token_logprobs", "tokens", "top_logprobs"}
+    n = r["usage"]["prompt_tokens"] + 3
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(1 <= len(t) <= 3 for t in lp["top_logprobs"][1:])
+    assert all(isinstance(v, float) and v <= 0 for v in lp["token_logprobs"][1:])
+    plp = r["choices"][0]["prompt_logprobs"]
+    assert len(plp) == r["usage"]["prompt_tokens"] and plp[0] is None
+    for entry in plp[1:]:
+        assert 1 <= len(entry) <= 3
+        assert all(set(v) == {"logprob", "rank", "decoded_token"} for v in entry.values())
+    chat = post(engines.decode + "/v1/chat/completions",
+                {"model": engines.model, "messages": MESSAGES, "max_tokens": 2, "logprobs": True,
+                 "top_logprobs": 2, "prompt_logprobs": 1})  # fmt: skip
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 2 and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_after_a_prefill_load_no_kv(engines: Engines, path: str) -> None:
+    """A decoder asked for prompt logprobs loads nothing from the prefiller (vLLM sets
+    skip_reading_prefix_cache for them): it recomputes the prompt, answers as if called
+    directly, and the prefiller's blocks are freed."""
+    chat = "chat" in path
+    body: Body = {"model": engines.model, "max_tokens": 3, "temperature": 0, "prompt_logprobs": 1}
+    body.update({"messages": MESSAGES} if chat else {"prompt": PROMPT, "echo": True,
+                                                     "logprobs": 1})  # fmt: skip
+    direct = post(engines.decode + path, body)
+    usage_before = metric(engines.prefill, "vllm:kv_cache_usage_perc")
+    leg = {k: v for k, v in body.items() if k not in ("prompt_logprobs", "echo", "logprobs")}
+    leg.update(max_tokens=1, ignore_eos=True, kv_transfer_params=KV0)
+    kv = post(engines.prefill + path, leg, _rid())["kv_transfer_params"]
+    assert metric(engines.prefill, "vllm:kv_cache_usage_perc") > usage_before
+    xfer = metric(engines.decode, XFER)
+    got = post(engines.decode + path, {**body, "kv_transfer_params": kv})
+    assert got["choices"] == direct["choices"] and got["usage"] == direct["usage"]
+    assert got.get("prompt_logprobs") == direct.get("prompt_logprobs")
+    deadline = time.monotonic() + 10
+    while metric(engines.prefill, "vllm:kv_cache_usage_perc") > usage_before:
+        assert time.monotonic() < deadline, "the prefiller kept the blocks"
+        time.sleep(0.2)
+    assert metric(engines.decode, XFER) == xfer
+
+
+def test_priority_and_best_of_are_accepted(engines: Engines) -> None:
+    """vLLM 0.32 takes `priority` whatever its scheduling policy, and ignores `best_of`."""
+    url = engines.decode + "/v1/completions"
+    r = post(url, completion(engines, PROMPT, max_tokens=2, priority=10))
+    assert len(r["choices"]) == 1
+    r = post(url, completion(engines, PROMPT, max_tokens=2, best_of=2))
+    assert len(r["choices"]) == 1
+    resp = httpx.post(url, json=completion(engines, PROMPT, max_tokens=2),
+                      headers={"X-Vllm-Priority": "3"}, timeout=TIMEOUT)  # fmt: skip
+    assert resp.status_code == 200

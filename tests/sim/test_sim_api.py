@@ -123,8 +123,10 @@ def test_errors_are_openai_shaped() -> None:
         assert st == 400 and r["error"]["param"] == "max_tokens"
         st, r = await post(s, url, {"prompt": "word " * 100})
         assert st == 400 and "maximum context length" in r["error"]["message"]
-        st, r = await post(s, url, {"prompt": "hi", "n": 2})
-        assert st == 400
+        st, r = await post(s, url, {"prompt": "hi", "n": 2, "temperature": 0})
+        assert st == 400 and "greedy sampling" in r["error"]["message"]
+        st, r = await post(s, url, {"prompt": "hi", "n": 0})
+        assert st == 400 and r["error"]["message"] == "n must be at least 1, got 0."
         st, r = await post(s, servers[0].url + "/v1/chat/completions", {"max_tokens": 3})
         assert st == 400 and r["error"]["param"] == "body.messages"
         assert r["error"]["type"] == "Bad Request"
