@@ -1,9 +1,20 @@
 """The simulated engine core: a continuous-batching step loop over running sequences.
 
-Each step costs ``decode_base_ms + decode_ms_per_seq * batch`` plus, when the step carries
-prefill work, ``prefill_overhead_ms + prefill_ms_per_token * tokens`` (chunked under
-``max_num_batched_tokens``). With timing disabled there is no loop: a sequence generates all its
-tokens as soon as it is read, which keeps overhead benchmarks free of simulated delay.
+Each step is planned as vLLM 0.32's scheduler plans one (``plan_step``): the running sequences
+in order, each decoding one token or taking the next chunk of its prompt, then waiting ones,
+all under one token budget of ``max_num_batched_tokens`` (a decode takes one token of it) and
+``max_num_seqs``. The step then costs ``decode_base_ms + decode_ms_per_seq * decodes`` plus,
+when it carries prefill work, ``prefill_overhead_ms + prefill_ms_per_token * tokens``
+(``step_ms``), and every sequence in it waits for the whole step: a long prompt chunk slows
+each decode beside it, whether the prompt is the engine's own request or a prefill for another
+engine's decode (its KV then held for the pull). With timing disabled there is no loop: a
+sequence generates all its tokens as soon as it is read, which keeps overhead benchmarks free
+of simulated delay.
+
+Steps are paced against a deadline, so the time the event loop spends streaming a step's tokens
+is taken out of the next step's sleep: a step lasts its modelled time unless the process is
+short of CPU: ``pdsim:engine_step_wall_seconds_total`` against
+``pdsim:engine_step_model_seconds_total`` says by how much.
 
 Invariants: a sequence is in exactly one of waiting, running or finished; its blocks are freed
 or put under lease exactly once, when it finishes or is aborted.
@@ -16,10 +27,10 @@ import bisect
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.sim.config import BLOCK_SIZE, SimConfig
+from proxy.sim.config import BLOCK_SIZE, SimConfig, Timing
 from proxy.sim.kvcache import BlockPool, block_contents, num_blocks_for
 from proxy.sim.metrics import Metrics
 from proxy.sim.model import Generation, SamplingSpec, Step
@@ -74,8 +85,13 @@ class Engine:
         tokenizer: SimTokenizer,
         metrics: Metrics,
         kv_params: Callable[[Sequence, int], dict[str, Any]],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._cfg = config
+        # the step's modelled time passing, and the time it is; tests pass a virtual clock
+        self._sleep = sleep
+        self._clock = clock or asyncio.get_running_loop().time
         self._tok = tokenizer
         self._metrics = metrics
         self._kv_params = kv_params
@@ -246,39 +262,41 @@ class Engine:
         cfg = self._cfg
         t = cfg.timing
         scale = t.speed_factor / 1000.0
+        clock = self._clock
+        deadline = began = clock()  # when the previous step was due to end, and did end
         while True:
             if not self._running and not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            budget = cfg.max_num_batched_tokens
-            chunks: dict[int, int] = {}
-            for seq in self._running:
-                if seq.prefill_left > 0 and budget > 0:
-                    chunks[id(seq)] = take = min(seq.prefill_left, budget)
-                    budget -= take
+                deadline = began = clock()
+            grants = plan_running(self._running, cfg.max_num_batched_tokens)
+            budget = cfg.max_num_batched_tokens - sum(grants)
             while self._waiting and len(self._running) < cfg.max_num_seqs and budget > 0:
                 seq = self._waiting.popleft()
                 self._admit(seq)
                 self._running.append(seq)
-                chunks[id(seq)] = take = min(seq.prefill_left, budget)
+                take = min(seq.prefill_left, budget)
+                grants.append(take)
                 budget -= take
-            prefill_tokens = sum(chunks.values())
-            decoding = len(self._running) - len(chunks)
-            ms = t.decode_base_ms + t.decode_ms_per_seq * decoding
-            if prefill_tokens:
-                ms += t.prefill_overhead_ms + t.prefill_ms_per_token * prefill_tokens
-            await asyncio.sleep(ms * scale)
-            for seq in list(self._running):
-                if seq.finished:
-                    continue
-                chunk = chunks.get(id(seq))
-                if chunk is not None:
-                    seq.prefill_left -= chunk
+            batch = list(zip(self._running, grants, strict=True))
+            decodes = sum(1 for seq, g in batch if g and seq.prefill_left <= 0)
+            prefill_tokens = sum(g for seq, g in batch if seq.prefill_left > 0)
+            model_s = step_ms(t, decodes, prefill_tokens) * scale
+            due = deadline + model_s
+            await self._sleep(max(0.0, due - clock()))
+            ended = clock()
+            # more than a step behind: start afresh rather than rush the next steps
+            deadline = ended if ended - due > model_s else due
+            self._metrics.record_step(model_s, ended - began)
+            began = ended
+            for seq, grant in batch:
+                if seq.finished or not grant:
+                    continue  # aborted meanwhile, or no budget left for it this step
+                if seq.prefill_left > 0:
+                    seq.prefill_left -= grant
                     if seq.prefill_left > 0:
                         continue
                     self._count_prefill(seq)
-                elif seq.prefill_left > 0:
-                    continue  # admitted but got no budget this step
                 step = self._generate(seq)
                 seq.push(step)
                 if seq.finished:
@@ -293,3 +311,24 @@ class Engine:
             expired = self.pool.reap_expired()
             if expired:
                 log.info("Released expired KV blocks of %d request(s)", expired)
+
+
+def plan_running(running: list[Sequence], budget: int) -> list[int]:
+    """Tokens each running sequence gets this step, in order, as vLLM's scheduler grants them:
+    a decoding sequence needs one, a sequence still in its prompt the rest of the prompt; what
+    the budget cannot cover waits (0) for a later step."""
+    grants = []
+    for seq in running:
+        take = min(seq.prefill_left if seq.prefill_left > 0 else 1, budget)
+        grants.append(take)
+        budget -= take
+    return grants
+
+
+def step_ms(t: Timing, decodes: int, prefill_tokens: int) -> float:
+    """Modelled milliseconds of one step with `decodes` decoding sequences and `prefill_tokens`
+    prompt tokens (before the speed factor); every sequence in the step waits for all of it."""
+    ms = t.decode_base_ms + t.decode_ms_per_seq * decodes
+    if prefill_tokens:
+        ms += t.prefill_overhead_ms + t.prefill_ms_per_token * prefill_tokens
+    return ms

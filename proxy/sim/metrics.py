@@ -63,6 +63,14 @@ class Metrics:
     recomputed_requests: int = 0
     kv_pulled_requests: int = 0
     aborted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ABORT_PHASES, 0))
+    steps: int = 0  # engine steps run (timed mode)
+    step_model_seconds: float = 0.0  # their modelled time, speed factor included
+    step_wall_seconds: float = 0.0  # the time they really took (more: short of CPU)
+
+    def record_step(self, model_seconds: float, wall_seconds: float) -> None:
+        self.steps += 1
+        self.step_model_seconds += model_seconds
+        self.step_wall_seconds += wall_seconds
 
     def render(
         self,
@@ -213,6 +221,20 @@ class Metrics:
             "counter",
             "Requests aborted by client disconnect.",
             [("_total", f'phase="{p}"', v) for p, v in self.aborted.items()],
+        )
+        metric("pdsim:engine_steps", "counter", "Engine steps run.", [("_total", "", self.steps)])
+        metric(
+            "pdsim:engine_step_model_seconds",
+            "counter",
+            "Modelled time of the engine steps (speed factor included).",
+            [("_total", "", self.step_model_seconds)],
+        )
+        metric(
+            "pdsim:engine_step_wall_seconds",
+            "counter",
+            "Time the engine steps really took, from the end of the one before (above the "
+            "modelled time: the process was short of CPU).",
+            [("_total", "", self.step_wall_seconds)],
         )
         out.append("")
         return "\n".join(out)
