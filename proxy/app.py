@@ -40,13 +40,15 @@ from proxy.errors import (
     ProxyError,
     UpstreamError,
 )
-from proxy.handler import CompletionEndpoint, Receive, Router, Scope, Send, Services
+from proxy.handler import CompletionEndpoint, Receive, Scope, Send, Services
 from proxy.kvhealth import KvHealth, KvHealthMonitor
 from proxy.lmcache_config import Receiver, resolve_receivers
 from proxy.metrics import ProxyMetrics
 from proxy.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
+from proxy.placement import Router
 from proxy.policies import PolicyOptions, make_policy
 from proxy.policies.conditional import ConditionalDisagg
+from proxy.pool.planner import PoolPlanner
 from proxy.registry import WorkerRegistry
 from proxy.request import CHAT, COMPLETIONS
 from proxy.scrape import MetricsScraper
@@ -76,8 +78,8 @@ class ProxyApp:
             self.registry = initial_workers(config, state)
         except StateError as exc:
             raise ConfigError(str(exc)) from None
-        prefill, decode = self.registry.pools["prefill"], self.registry.pools["decode"]
-        self.metrics = ProxyMetrics((prefill, decode))
+        prefill, decode, pool = (self.registry.pools[r] for r in ("prefill", "decode", "pool"))
+        self.metrics = ProxyMetrics((prefill, decode, pool))
         auth = config.auth
         try:
             authenticator = Authenticator(
@@ -97,17 +99,18 @@ class ProxyApp:
         )
         policies = {config.prefill_policy, config.decode_policy}
         # engine load from /metrics: for the policies that read it (prefix_aware bounds by it)
+        scraped = bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool)
         self.scraper = (
-            MetricsScraper(self.engine, (prefill, decode), routing.scrape_interval,
+            MetricsScraper(self.engine, (prefill, decode, pool), routing.scrape_interval,
                            routing.scrape_timeout)
-            if routing.scrape_interval > 0 and policies & {"load_aware", "prefix_aware"}
+            if routing.scrape_interval > 0 and scraped
             else None
         )  # fmt: skip
         kvh = config.kv_health
         self.kv_monitor = (
             KvHealthMonitor(
                 self.engine,
-                lambda: decode.members,  # draining decoders still pull
+                lambda: (*decode.members, *pool.members),  # draining ones still pull
                 KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval),
                 kvh.interval,
                 config.health.timeout,
@@ -115,13 +118,30 @@ class ProxyApp:
             if kvh.enabled and config.connector == "nixl"
             else None
         )
+        router = Router(
+            prefill,
+            decode,
+            make_policy(config.prefill_policy, options),
+            make_policy(config.decode_policy, options),
+            pool,
+        )
+        self.pool_planner = (
+            PoolPlanner(
+                router,
+                self.engine,
+                self.metrics,
+                config.pool_planner,
+                config.pool_mode,
+                routing.waiting_weight,
+                routing.kv_high,
+                routing.prefix_block_chars,
+            )
+            if config.pool
+            else None
+        )
         self.services = Services(
-            router=Router(
-                prefill,
-                decode,
-                make_policy(config.prefill_policy, options),
-                make_policy(config.decode_policy, options),
-            ),
+            router=router,
+            planner=self.pool_planner,
             connector=make_connector(config, self.engine, self.metrics.registry),
             engine=self.engine,
             metrics=self.metrics,
@@ -137,7 +157,7 @@ class ProxyApp:
             decode_first_byte_timeout=config.timeouts.decode_first_byte,
             decode_idle_timeout=config.timeouts.decode_idle,
             prefix_chars=routing.prefix_chars
-            if disagg.enabled or "prefix_aware" in policies
+            if disagg.enabled or "prefix_aware" in policies or config.pool_mode == "adaptive"
             else 0,
             disagg=DisaggPlanner(
                 ConditionalDisagg(disagg.min_prefill_tokens),
@@ -149,7 +169,7 @@ class ProxyApp:
             if disagg.enabled
             else None,
         )
-        self.registry.on_removed += [self.services.router.forget, self._forget]
+        self.registry.on_removed += [self.services.plans.forget, self._forget]
         self.hot_paths: dict[str, Any] = {
             CHAT: CompletionEndpoint(self.services, CHAT),
             COMPLETIONS: CompletionEndpoint(self.services, COMPLETIONS),
@@ -180,7 +200,10 @@ class ProxyApp:
             self.services.end_requests,
             state,
             self.scraper,
-            allowed or HostAllowList.default(w.url for w in (*config.prefill, *config.decode)),
+            allowed
+            or HostAllowList.default(
+                w.url for w in (*config.prefill, *config.decode, *config.pool)
+            ),
             self.metrics.registry,
         )
         if self.admin.refusal is not None:
@@ -197,12 +220,12 @@ class ProxyApp:
         self.engine.forget(worker.url)
         if worker.role == "decode" and self.services.disagg is not None:
             self.services.disagg.forget(worker)
-        if worker.role == "decode" and self.kv_monitor is not None:
+        if worker.role != "prefill" and self.kv_monitor is not None:
             self.kv_monitor.health.forget(worker.url)
 
     @property
-    def pools(self) -> tuple[WorkerPool, WorkerPool]:
-        return self.services.router.prefill, self.services.router.decode
+    def pools(self) -> tuple[WorkerPool, WorkerPool, WorkerPool]:
+        return self.services.router.pools
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -243,6 +266,8 @@ class ProxyApp:
             tasks.append(asyncio.create_task(self.scraper.run()))
         if self.kv_monitor is not None:
             tasks.append(asyncio.create_task(self.kv_monitor.run()))
+        if self.pool_planner is not None and self.config.pool_mode == "adaptive":
+            tasks.append(asyncio.create_task(self.pool_planner.run()))
         try:
             yield
         finally:
@@ -322,20 +347,19 @@ class ProxyApp:
         @api.get("/health")
         async def health() -> Response:
             await self.check_workers()
-            prefill, decode = self.pools
-            prefill.refresh()
-            decode.refresh()
-            ok = all(
-                any(w.health is Health.HEALTHY for w in pool.workers) for pool in (prefill, decode)
-            )
+            for pool in self.pools:
+                pool.refresh()
+
+            def healthy(*pools: WorkerPool) -> bool:
+                return any(w.health is Health.HEALTHY for p in pools for w in p.workers)
+
+            prefill, decode, pooled = self.pools
+            # a request needs an engine that answers and, without a pool, one that prefills
+            ok = healthy(decode, pooled) and (bool(self.config.pool) or healthy(prefill))
             status = "ok" if ok else "unavailable"
             if self.services.draining:
                 ok, status = False, "draining"
-            body = {
-                "status": status,
-                "prefill": [w.describe() for w in prefill.members],
-                "decode": [w.describe() for w in decode.members],
-            }
+            body = {"status": status, **self._members()}
             return _json(body, 200 if ok else 503)
 
         @api.get("/v1/models")
@@ -357,36 +381,30 @@ class ProxyApp:
         async def stats(request: Request) -> Response:
             self.services.auth.check_admin(request.scope["headers"])
             summaries = self.services.stats.summaries()
-            prefill, decode = self.pools
-            prefill.refresh()
-            decode.refresh()
+            for pool in self.pools:
+                pool.refresh()
             return _json(
                 {
                     "requests": self.services.stats.recorded,
                     "latency_seconds": {
                         name: None if s is None else s.__dict__ for name, s in summaries.items()
                     },
-                    "workers": {
-                        "prefill": [w.describe() for w in prefill.members],
-                        "decode": [w.describe() for w in decode.members],
-                    },
+                    "workers": self._members(),
                     "connector": self.services.connector.name,
                     "kv_transfer": {
                         w.url: w.kv_transfer.describe()
-                        for w in decode.members
+                        for pool in self.pools
+                        for w in pool.members
                         if w.kv_transfer is not None
                     },
+                    "pool": self._pool_info(),
                     "admission": {
                         "active": self.services.admission.active,
                         "queued": self.services.admission.queued,
                         "rejected": self.services.admission.rejected,
                     },
                     "draining": self.services.draining,
-                    "policies": {
-                        "prefill": self.services.router.prefill_policy.name,
-                        "decode": self.services.router.decode_policy.name,
-                        "conditional_disagg": self.config.conditional_disagg.enabled,
-                    },
+                    "policies": self._policies(),
                 }
             )
 
@@ -406,11 +424,8 @@ class ProxyApp:
         svc = self.services
         return {
             "connector": svc.connector.name,
-            "policies": {
-                "prefill": svc.router.prefill_policy.name,
-                "decode": svc.router.decode_policy.name,
-                "conditional_disagg": self.config.conditional_disagg.enabled,
-            },
+            "policies": self._policies(),
+            "pool": self._pool_info(),
             "admission": {
                 "active": svc.admission.active,
                 "queued": svc.admission.queued,
@@ -419,9 +434,25 @@ class ProxyApp:
             "draining": svc.draining,
         }
 
+    def _members(self) -> dict[str, list[dict[str, object]]]:
+        return {pool.role: [w.describe() for w in pool.members] for pool in self.pools}
+
+    def _policies(self) -> dict[str, object]:
+        router = self.services.router
+        return {
+            "planner": self.services.plans.name,
+            "prefill": router.prefill_policy.name,
+            "decode": router.decode_policy.name,
+            "conditional_disagg": self.config.conditional_disagg.enabled,
+        }
+
+    def _pool_info(self) -> dict[str, Any] | None:
+        return None if self.pool_planner is None else self.pool_planner.describe()
+
     async def _models(self) -> Response:
         """The union of the decoders' models (the ones that serve the answer)."""
-        decoders = self.pools[1].workers  # one snapshot: the pool may change while we wait
+        # one snapshot (the pools may change while we wait): every engine that answers
+        decoders = (*self.pools[1].workers, *self.pools[2].workers)
         results = await asyncio.gather(
             *(self.engine.get(w, "/v1/models", self.config.health.timeout) for w in decoders),
             return_exceptions=True,
@@ -475,6 +506,8 @@ def initial_workers(config: ProxyConfig, state: StateFile | None) -> WorkerRegis
         registry.add("prefill", spec.url)
     for spec, receiver in zip(config.decode, receivers, strict=True):
         registry.add("decode", spec.url, receiver)
+    for spec in config.pool:
+        registry.add("pool", spec.url)
     return registry
 
 

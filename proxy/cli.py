@@ -21,6 +21,18 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode", action="append", metavar="URL", help="decoder base URL (repeatable)"
     )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        metavar="URL",
+        help="base URL of an engine that prefills and decodes, NIXL kv_both (repeatable)",
+    )
+    parser.add_argument(
+        "--pool-mode",
+        choices=["adaptive", "colocated"],
+        help="adaptive (default): the planner splits requests into prefill and decode per "
+        "request; colocated: every request whole on one engine, no PD",
+    )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 9100)")
     parser.add_argument("--connector", help="KV-transfer protocol: nixl (default) | lmcache")
@@ -39,6 +51,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         args.config,
         prefill=args.prefill,
         decode=args.decode,
+        pool=args.pool,
+        pool_mode=args.pool_mode,
         host=args.host,
         port=args.port,
         connector=args.connector,
@@ -77,13 +91,16 @@ def run_server(config: ProxyConfig) -> int:
         print(f"pdproxy: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("pdproxy").info(
-        "pdproxy %s on http://%s:%d  connector=%s  prefill=%s  decode=%s",
+        "pdproxy %s on http://%s:%d  connector=%s  prefill=%s  decode=%s%s",
         __version__,
         config.host,
         config.port,
         config.connector,
         ",".join(w.url for w in config.prefill),
         ",".join(w.url for w in config.decode),
+        f"  pool={','.join(w.url for w in config.pool)} ({config.pool_mode})"
+        if config.pool
+        else "",
     )
     server = Server(
         uvicorn.Config(

@@ -18,6 +18,7 @@ from proxy.lmcache_config import LMCacheConfig, LMCacheReceiverConfig, resolve_r
 
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
 ConnectorName = Literal["nixl", "lmcache"]
+PoolMode = Literal["adaptive", "colocated"]
 
 
 class ConfigError(ValueError):
@@ -144,6 +145,35 @@ class DisaggConfig(_Model):
     tokenize_timeout: float = Field(2.0, gt=0, description="seconds for the decoder's /tokenize")
 
 
+class PoolPlannerConfig(_Model):
+    """The pool's planner and its ratio controller (see proxy.pool). Capacities are one engine's;
+    seconds are wall-clock seconds of the engines' time."""
+
+    min_prefill_tokens: int = Field(
+        512, ge=1, description="uncached prompt tokens below which one engine serves the request"
+    )
+    local_max_tokens: int = Field(
+        4, ge=0, description="max_tokens up to which a long prompt is answered where it is computed"
+    )
+    prefill_tokens_per_second: float = Field(
+        40000.0, gt=0, description="prompt tokens one engine computes per second"
+    )
+    decode_streams: int = Field(
+        256, ge=1, description="answers one engine generates at once (its --max-num-seqs)"
+    )
+    target_utilization: float = Field(
+        0.8, gt=0, le=1, description="share of an engine's capacity the controller plans to use"
+    )
+    window: float = Field(30.0, gt=0, description="seconds of load the controller weighs")
+    interval: float = Field(1.0, gt=0, description="seconds between the controller's decisions")
+    hysteresis: float = Field(
+        0.15, ge=0, description="relative gain a new ratio must promise before it is taken"
+    )
+    hold: int = Field(3, ge=1, description="decisions in a row that must agree before a change")
+    min_dwell: float = Field(5.0, ge=0, description="seconds an engine keeps its lean at least")
+    tokenize_timeout: float = Field(2.0, gt=0, description="seconds for an engine's /tokenize")
+
+
 class KvHealthConfig(_Model):
     """KV-transfer health from the decoders' own NIXL metrics (see proxy.kvhealth)."""
 
@@ -165,6 +195,10 @@ class ProxyConfig(_Model):
     connector: ConnectorName = "nixl"
     prefill: tuple[WorkerConfig, ...] = ()
     decode: tuple[WorkerConfig, ...] = ()
+    # engines that prefill and decode (NIXL kv_both), as the pool planner decides per request
+    pool: tuple[WorkerConfig, ...] = ()
+    pool_mode: PoolMode = "adaptive"  # colocated: every request whole on one engine, no PD
+    pool_planner: PoolPlannerConfig = Field(default_factory=PoolPlannerConfig)
     prefill_policy: PolicyName = "least_loaded"
     decode_policy: PolicyName = "least_loaded"
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
@@ -189,7 +223,7 @@ class ProxyConfig(_Model):
         None, description="the workers after each change, read back at start-up"
     )
 
-    @field_validator("prefill", "decode", mode="before")
+    @field_validator("prefill", "decode", "pool", mode="before")
     @classmethod
     def _urls_as_workers(cls, value: Any) -> Any:
         if isinstance(value, (list, tuple)):
@@ -198,14 +232,45 @@ class ProxyConfig(_Model):
 
     @model_validator(mode="after")
     def _check_workers(self) -> ProxyConfig:
-        for role in ("prefill", "decode"):
+        for role in ("prefill", "decode", "pool"):
             workers: tuple[WorkerConfig, ...] = getattr(self, role)
-            if not workers:
-                raise ValueError(f"no {role} workers: give --{role} URL or a '{role}:' list")
+            if not workers and not self.pool and role != "pool":
+                raise ValueError(
+                    f"no {role} workers: give --{role} URL or a '{role}:' list (or a pool)"
+                )
             urls = [w.url for w in workers]
             dupes = sorted({u for u in urls if urls.count(u) > 1})
             if dupes:
                 raise ValueError(f"{role} lists {', '.join(dupes)} more than once")
+        return self
+
+    # --- the pool ---
+    @model_validator(mode="after")
+    def _check_pool(self) -> ProxyConfig:
+        if not self.pool:
+            return self
+        dedicated = {w.url for w in (*self.prefill, *self.decode)}
+        shared = sorted(w.url for w in self.pool if w.url in dedicated)
+        if shared:
+            raise ValueError(
+                f"{', '.join(shared)} is in the pool and a prefill or decode list: an engine is "
+                "either dedicated or in the pool"
+            )
+        if self.connector != "nixl":
+            raise ValueError(
+                "a pool needs connector nixl: its engines swap prefill and decode per request "
+                "through the NixlConnector (kv_role kv_both)"
+            )
+        if self.pool_mode == "colocated" and self.prefill:
+            raise ValueError(
+                "pool_mode colocated serves every request whole on one engine: it has no use for "
+                "prefill workers (drop them, or use pool_mode adaptive)"
+            )
+        if self.conditional_disagg.enabled:
+            raise ValueError(
+                "with a pool, the pool planner decides which prompts are prefilled apart "
+                "(pool_planner.min_prefill_tokens); turn conditional_disagg off"
+            )
         return self
 
     # --- connector lmcache ---

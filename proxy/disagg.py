@@ -38,6 +38,25 @@ def tokenize_body(request: ClientRequest) -> bytes:
     return orjson.dumps({"model": body.get("model"), "prompt": body.get("prompt")})
 
 
+async def count_tokens(
+    engine: EngineClient, request: ClientRequest, worker: Worker, timeout: float
+) -> int | None:
+    """The prompt's exact token count from `worker`'s /tokenize (the chat template included);
+    a prompt of token ids is counted as it is; None when the engine cannot say."""
+    prompt = request.body.get("prompt") if request.path != CHAT else None
+    if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+        return len(prompt)
+    try:
+        raw = await engine.call(
+            worker, "/tokenize", tokenize_body(request), request.request_id, timeout, "tokenize"
+        )
+        count = orjson.loads(raw).get("count")
+    except (ProxyError, orjson.JSONDecodeError, AttributeError) as exc:
+        log.info("request %s: /tokenize on %s failed: %s", request.request_id, worker.url, exc)
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
 class DisaggPlanner:
     def __init__(
         self,
@@ -59,20 +78,7 @@ class DisaggPlanner:
         self.index.forget(decoder.url)
 
     async def count_tokens(self, request: ClientRequest, decoder: Worker) -> int | None:
-        try:
-            raw = await self.engine.call(
-                decoder,
-                "/tokenize",
-                tokenize_body(request),
-                request.request_id,
-                self.tokenize_timeout,
-                "tokenize",
-            )
-            count = orjson.loads(raw).get("count")
-        except (ProxyError, orjson.JSONDecodeError, AttributeError) as exc:
-            log.info("request %s: /tokenize on %s failed: %s", request.request_id, decoder.url, exc)
-            return None
-        return count if isinstance(count, int) and not isinstance(count, bool) else None
+        return await count_tokens(self.engine, request, decoder, self.tokenize_timeout)
 
     async def plan(self, request: ClientRequest, decoder: Worker, info: RequestInfo) -> Decision:
         """Whether this request on `decoder` gets a prefill leg; counted in the metrics."""

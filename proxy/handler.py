@@ -1,8 +1,8 @@
 """The request path for /v1/completions and /v1/chat/completions, as one ASGI endpoint.
 
     read body -> parse -> [fan out: one sub-request per completion, proxy.fanout]
-    -> admission -> choose prefiller and decoder (policies) -> prefill leg (connector)
-    -> decode leg (engine) -> relay -> record
+    -> admission -> plan: who decodes, who prefills (proxy.placement: the policies, or the
+    pool planner) -> prefill leg (connector) -> decode leg (engine) -> relay -> record
 
 The client's response starts only once the decoder has sent its first bytes, so every failure
 before that is a proper HTTP error; after it, a failure ends the stream with an SSE error event.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -38,7 +38,8 @@ from proxy.errors import (
 )
 from proxy.fanout import FanOut
 from proxy.metrics import ProxyMetrics
-from proxy.policies import Policy, RequestInfo
+from proxy.placement import Plan, Planner, Router, RouterPlanner
+from proxy.policies import RequestInfo
 from proxy.prefix import prompt_prefix
 from proxy.progress import Progress
 from proxy.relay import SSEScanner, sse_error_event
@@ -46,7 +47,7 @@ from proxy.request import ClientRequest, check_request_id, parse_request
 from proxy.sink import Sink
 from proxy.stats import LatencyStats, RequestTiming
 from proxy.timeline import TimelineRing
-from proxy.workers import Worker, WorkerPool, serving
+from proxy.workers import Lease, Worker, serving
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,36 +58,6 @@ log = logging.getLogger("pdproxy")
 
 JSON = b"application/json"
 SSE = b"text/event-stream"
-
-
-@dataclass
-class Router:
-    """Pairs each worker pool with its policy; the only place decisions meet worker state."""
-
-    prefill: WorkerPool
-    decode: WorkerPool
-    prefill_policy: Policy
-    decode_policy: Policy
-
-    def pick_prefill(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
-        return self._pick(self.prefill, self.prefill_policy, info, exclude)
-
-    def pick_decode(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
-        return self._pick(self.decode, self.decode_policy, info, exclude)
-
-    def forget(self, worker: Worker) -> None:
-        """`worker` left its pool: its policy drops what it kept about it."""
-        policy = self.prefill_policy if worker.role == "prefill" else self.decode_policy
-        policy.forget(worker.url)
-
-    @staticmethod
-    def _pick(
-        pool: WorkerPool, policy: Policy, info: RequestInfo, exclude: Sequence[Worker]
-    ) -> Worker | None:
-        pool.refresh()
-        workers = [w for w in pool.workers if w not in exclude] if exclude else pool.workers
-        index = policy.select(workers, info)
-        return None if index is None else workers[index]
 
 
 @dataclass
@@ -108,9 +79,19 @@ class Services:
     disagg: DisaggPlanner | None = None  # conditional disaggregation, when enabled
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     timelines: TimelineRing = field(default_factory=TimelineRing)  # recent requests, bounded
+    planner: Planner | None = None  # who prefills and who decodes; None: the router's policies
     draining: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     ended: dict[asyncio.Task[Any], str] = field(default_factory=dict)  # task -> why, until it ends
+
+    def __post_init__(self) -> None:
+        if self.planner is None:
+            self.planner = RouterPlanner(self.router)
+
+    @property
+    def plans(self) -> Planner:
+        assert self.planner is not None
+        return self.planner
 
     def end_requests(self, tasks: Iterable[asyncio.Task[Any]], reason: str) -> None:
         """End these requests now; each client gets an error saying `reason`."""
@@ -332,23 +313,24 @@ class CompletionEndpoint:
     async def _proxy(
         self, request: ClientRequest, out: Sink, timing: RequestTiming, progress: Progress
     ) -> None:
-        """Prefill (with failover), then decode (retried on another decoder before any byte
-        reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
+        """Plan, prefill (with failover), then decode (retried on another decoder before any
+        byte reached the client). Nothing is retried after a 4xx: that is the client's to fix."""
         svc = self.services
         prefix = (
             prompt_prefix(request.path, request.body, svc.prefix_chars) if svc.prefix_chars else ""
         )
         info = RequestInfo(request.request_id, request.prompt_chars, prefix)
-        decoder = svc.router.pick_decode(info)
-        if decoder is None:
-            raise NoWorkerAvailable("no decode worker is available")
+        plan = await svc.plans.plan(request, info)
+        timing.plan = plan
+        decoder = plan.decoder
+        local_tokens = (plan.tokens or 0) if plan.prefill == "local" else 0
         tried: list[Worker] = []
         handoff: Handoff | None = None
         body = b""
         while True:
-            with svc.router.decode.track(decoder, request.prompt_chars):
+            with svc.router.track(decoder, request.prompt_chars, local_tokens, True) as lease:
                 if handoff is None:
-                    handoff = await self._plan_prefill(request, decoder, info, timing)
+                    handoff = await self._plan_prefill(request, plan, info, timing)
                     body = svc.connector.decode_body(request, handoff)
                     timing.kv = handoff.outcome
                     # KV now waits on the prefiller for the decoder: a client that leaves before
@@ -357,17 +339,19 @@ class CompletionEndpoint:
                     progress.phase = "handoff" if handoff.kv_transfer_params else "decode"
                 timing.decoder = decoder.id
                 try:
-                    await self._decode(request, decoder, body, out, timing, progress)
+                    await self._decode(request, decoder, body, out, timing, progress, lease)
                 except (UpstreamError, UpstreamTimeout) as exc:
-                    self._failed(svc.router.decode, decoder, exc)
+                    self._failed(decoder, exc)
                     if out.started or len(tried) >= svc.failover.decode_retries:
                         raise
                     last = exc
                 else:
-                    svc.router.decode.record_success(decoder)
+                    svc.router.pool_of(decoder).record_success(decoder)
                     return
             tried.append(decoder)
-            replacement = svc.router.pick_decode(info, exclude=tried)
+            if plan.prefiller is not None:  # its KV is for another engine than its own
+                tried.append(plan.prefiller)
+            replacement = svc.plans.pick_decode(info, tried)
             if replacement is None:
                 raise last
             svc.metrics.retries.labels("decode").inc()
@@ -382,34 +366,47 @@ class CompletionEndpoint:
             decoder = replacement
 
     async def _plan_prefill(
-        self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
+        self, request: ClientRequest, plan: Plan, info: RequestInfo, timing: RequestTiming
     ) -> Handoff:
-        """The prefill leg, unless the decoder must or should prefill the prompt itself: a
-        request for prompt logprobs or a beam search (see ClientRequest.local_reason), or a
-        prompt that conditional disaggregation keeps local. Neither is a recompute."""
+        """The prefill leg, unless the decoder must or should prefill the prompt itself: the
+        plan says so (the pool planner), or, when the plan leaves it open, a request for prompt
+        logprobs or a beam search (see ClientRequest.local_reason), or a prompt that
+        conditional disaggregation keeps local. None of these is a recompute."""
         svc = self.services
-        if request.local_reason is not None:
-            svc.metrics.disagg_decisions.labels("local", request.local_reason).inc()
+        if plan.prefill == "local":
             return Handoff(None)
-        if (
-            svc.disagg is not None
-            and not (await svc.disagg.plan(request, decoder, info)).remote_prefill
-        ):
-            return Handoff(None)
-        return await self._prefill(request, decoder, info, timing)
+        if plan.prefill is None:
+            if request.local_reason is not None:
+                svc.metrics.disagg_decisions.labels("local", request.local_reason).inc()
+                timing.plan = Plan(plan.decoder, prefill="local", reason=request.local_reason)
+                return Handoff(None)
+            if svc.disagg is not None:
+                decision = await svc.disagg.plan(request, plan.decoder, info)
+                timing.plan = Plan(
+                    plan.decoder,
+                    prefill="remote" if decision.remote_prefill else "local",
+                    reason=decision.reason,
+                )
+                if not decision.remote_prefill:
+                    return Handoff(None)
+        return await self._prefill(request, plan, info, timing)
 
     async def _prefill(
-        self, request: ClientRequest, decoder: Worker, info: RequestInfo, timing: RequestTiming
+        self, request: ClientRequest, plan: Plan, info: RequestInfo, timing: RequestTiming
     ) -> Handoff:
-        """The prefill leg on the chosen prefiller, then on others if it fails; with none left,
-        a decoder-local prefill when allowed (counted as a fallback)."""
+        """The prefill leg on the planned prefiller (else the planner's choice), then on others
+        if it fails; with none left, a decoder-local prefill when allowed (counted as a
+        fallback)."""
         svc = self.services
-        pool = svc.router.prefill
-        tried: list[Worker] = []
+        decoder = plan.decoder
+        tried: list[Worker] = [decoder]  # a pool engine never prefills for itself
         last: ProxyError | None = None
         timing.prefill_start = perf_counter()
         for attempt in range(svc.failover.prefill_retries + 1):
-            prefiller = svc.router.pick_prefill(info, exclude=tried)
+            if attempt == 0 and plan.prefiller is not None:
+                prefiller: Worker | None = plan.prefiller
+            else:
+                prefiller = svc.plans.pick_prefill(info, tried)
             if prefiller is None:
                 break
             timing.prefiller = prefiller.id
@@ -422,15 +419,15 @@ class CompletionEndpoint:
                     prefiller.url,
                     last.message if last else "",
                 )
-            with pool.track(prefiller, request.prompt_chars):
+            with svc.router.track(prefiller, request.prompt_chars, plan.tokens or 0):
                 try:
                     handoff = await svc.connector.prefill(request, prefiller, decoder)
                 except (UpstreamError, UpstreamTimeout) as exc:
-                    self._failed(pool, prefiller, exc)
+                    self._failed(prefiller, exc)
                     tried.append(prefiller)
                     last = exc
                     continue
-            pool.record_success(prefiller)
+            svc.router.pool_of(prefiller).record_success(prefiller)
             timing.prefill_end = perf_counter()
             if handoff.recompute_reason is not None:
                 svc.metrics.recompute.labels(handoff.recompute_kind).inc()
@@ -463,10 +460,11 @@ class CompletionEndpoint:
         out: Sink,
         timing: RequestTiming,
         progress: Progress,
+        lease: Lease,
     ) -> None:
         svc = self.services
         if request.stream:
-            await self._stream(request, decoder, body, out, timing, progress)
+            await self._stream(request, decoder, body, out, timing, progress, lease)
             return
         raw = await svc.engine.call(
             decoder,
@@ -488,10 +486,10 @@ class CompletionEndpoint:
             timing.output_tokens = usage["completion_tokens"]
         await out.whole(200, raw)
 
-    def _failed(self, pool: WorkerPool, worker: Worker, exc: ProxyError) -> None:
-        pool.record_failure(worker, exc.message)
-        log.info("%s worker %s failed: %s", pool.role, worker.url, exc.message)
-        self.services.metrics.upstream_failures.labels(pool.role, exc.type).inc()
+    def _failed(self, worker: Worker, exc: ProxyError) -> None:
+        self.services.router.pool_of(worker).record_failure(worker, exc.message)
+        log.info("%s worker %s failed: %s", worker.role, worker.url, exc.message)
+        self.services.metrics.upstream_failures.labels(worker.role, exc.type).inc()
 
     async def _stream(
         self,
@@ -501,6 +499,7 @@ class CompletionEndpoint:
         out: Sink,
         timing: RequestTiming,
         progress: Progress,
+        lease: Lease,
     ) -> None:
         svc = self.services
         stream, data = await svc.engine.open_stream(
@@ -522,6 +521,7 @@ class CompletionEndpoint:
                             f"{(scanner.malformed or scanner.pending)[:80]!r}"
                         )
                     progress.phase = "decode"
+                    lease.prefilled()
                     await out.start_stream()
                     while not scanner.done:
                         if events:

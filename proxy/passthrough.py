@@ -94,15 +94,15 @@ class PassThrough:
 
     async def _forward(self, scope: Scope, body: bytes, out: Responder) -> None:
         svc = self.services
-        pool = svc.router.decode
         info = RequestInfo(out.request_id, len(body))
         content_type = request_header(scope, b"content-type") or JSON
         tried: list[Worker] = []
         last: ProxyError = NoWorkerAvailable("no decode worker is available")
         while True:
-            worker = svc.router.pick_decode(info, exclude=tried)
+            worker = svc.plans.pick_decode(info, tried)
             if worker is None:
                 raise last
+            pool = svc.router.pool_of(worker)
             with pool.track(worker, len(body)):
                 try:
                     await self._relay(worker, body, content_type, out)

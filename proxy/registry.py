@@ -1,10 +1,10 @@
 """Every worker the proxy knows, by stable id, and the only code that changes who is routed.
 
-Ids are the role's letter and a number (`p0`, `d3`), given in order and never reused by one
-registry: configured workers get theirs first, in config order; a worker added at run time gets
-the next one. The registry changes membership in three synchronous steps, each one swap of a
-pool's tuples (see proxy.workers), so a request between two awaits sees a worker either wholly
-in or wholly out:
+Ids are the role's letter and a number (`p0`, `d3`, `b1` for a pool engine), given in order and
+never reused by one registry: configured workers get theirs first, in config order; a worker
+added at run time gets the next one. The registry changes membership in three synchronous
+steps, each one swap of a pool's tuples (see proxy.workers), so a request between two awaits
+sees a worker either wholly in or wholly out:
 
     candidate (probing, not routed) -> activate (routed) -> drain (not routed, still serving)
     -> remove (gone; `on_removed` listeners forget it: policy state, connections, ...)
@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from proxy.lmcache_config import Receiver
-from proxy.workers import Lifecycle, Role, Worker, WorkerPool
+from proxy.workers import ID_PREFIX, Lifecycle, Role, Worker, WorkerPool
 
 log = logging.getLogger("pdproxy")
 
-ROLES: tuple[Role, ...] = ("prefill", "decode")
+ROLES: tuple[Role, ...] = ("prefill", "decode", "pool")
 EndRequests = Callable[[Iterable[asyncio.Task[Any]], str], None]
 
 
@@ -36,8 +36,16 @@ class RegistryError(ValueError):
 
 
 class WorkerRegistry:
-    def __init__(self, prefill: WorkerPool, decode: WorkerPool) -> None:
-        self.pools: dict[Role, WorkerPool] = {"prefill": prefill, "decode": decode}
+    def __init__(
+        self, prefill: WorkerPool, decode: WorkerPool, pool: WorkerPool | None = None
+    ) -> None:
+        self.pools: dict[Role, WorkerPool] = {
+            "prefill": prefill,
+            "decode": decode,
+            "pool": WorkerPool("pool", (), prefill.failure_threshold, prefill.cooldown)
+            if pool is None
+            else pool,
+        }
         self.candidates: dict[str, Worker] = {}  # probing: known, not routed
         self.on_removed: list[Callable[[Worker], None]] = []
         self._next = {role: 0 for role in ROLES}
@@ -47,10 +55,7 @@ class WorkerRegistry:
 
     @classmethod
     def empty(cls, failure_threshold: int = 3, cooldown: float = 10.0) -> WorkerRegistry:
-        return cls(
-            WorkerPool("prefill", (), failure_threshold, cooldown),
-            WorkerPool("decode", (), failure_threshold, cooldown),
-        )
+        return cls(*(WorkerPool(role, (), failure_threshold, cooldown) for role in ROLES))
 
     def __iter__(self) -> Iterator[Worker]:
         """Every worker the proxy knows: members of both pools, then candidates."""
@@ -59,11 +64,11 @@ class WorkerRegistry:
         yield from self.candidates.values()
 
     def __repr__(self) -> str:
-        return f"<WorkerRegistry {self.pools['prefill']!r} {self.pools['decode']!r}>"
+        return f"<WorkerRegistry {' '.join(repr(p) for p in self.pools.values())}>"
 
     def _claim(self, role: Role, worker_id: str) -> None:
         prefix, number = worker_id[:1], worker_id[1:]
-        if prefix == role[0] and number.isdigit():
+        if prefix == ID_PREFIX[role] and number.isdigit():
             self._next[role] = max(self._next[role], int(number) + 1)
 
     def find(self, key: str) -> Worker | None:
@@ -83,7 +88,7 @@ class WorkerRegistry:
         """A new worker in state `probing`: listed, never routed until `activate`."""
         url = url.rstrip("/")
         if role not in self.pools:
-            raise RegistryError(f"role must be 'prefill' or 'decode', not {role!r}")
+            raise RegistryError(f"role must be 'prefill', 'decode' or 'pool', not {role!r}")
         for other in self:
             if other.role == role and other.url == url:
                 raise RegistryError(
@@ -92,7 +97,7 @@ class WorkerRegistry:
             if worker_id is not None and other.id == worker_id:
                 raise RegistryError(f"worker id {worker_id} is taken by {other.url}")
         if worker_id is None:
-            worker_id = f"{role[0]}{self._next[role]}"
+            worker_id = f"{ID_PREFIX[role]}{self._next[role]}"
         self._claim(role, worker_id)
         worker = Worker(role, worker_id, url, lmcache=lmcache, state=Lifecycle.PROBING)
         self.candidates[worker.id] = worker

@@ -9,6 +9,8 @@ from the request's arrival:
     handoff     prefill answered -> the decoder's first token (KV pull, decoder queue), on `decoder`
     decode      first token -> last token
     end         the last byte sent to the client
+
+and where the planner put it (`plan`: prefill local or remote, on which workers, and why).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def describe(t: RequestTiming, seq: int, now: float | None = None) -> dict[str, 
         "prefiller": t.prefiller,
         "decoder": t.decoder,
         "kv": t.kv,
+        "plan": None if t.plan is None else t.plan.describe(),
         "retries": t.retries,
         "output_tokens": t.output_tokens,
         "ms": {

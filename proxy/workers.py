@@ -33,7 +33,11 @@ from typing import Any, Literal, Protocol
 
 from proxy.lmcache_config import Receiver
 
-Role = Literal["prefill", "decode"]
+# A pool engine (vLLM kv_role kv_both) prefills for others and decodes, request by request, as
+# the pool planner decides (proxy.pool); its ids are b0, b1, ... (b for kv_both)
+Role = Literal["prefill", "decode", "pool"]
+Lean = Literal["prefill", "decode"]
+ID_PREFIX: dict[Role, str] = {"prefill": "p", "decode": "d", "pool": "b"}
 
 
 # The client request a task serves: set by the request path in the request's own task, and
@@ -151,6 +155,9 @@ class Worker:
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
     kv_transfer: KvTransfer | None = None  # recent KV pulls (decoders; see proxy.kvhealth)
+    lean: Lean | None = None  # pool engines: the side the pool's controller leans it to now
+    prefill_tokens: int = 0  # prompt tokens the proxy sent it to compute, not computed yet
+    decode_streams: int = 0  # answers (decode legs) the proxy has it generating now
     model: str | None = None  # what its /v1/models serves, once asked (admission probes)
     last_probe: dict[str, Any] | None = None  # the result of its last admission probe
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
@@ -193,7 +200,25 @@ class Worker:
                 "kv_usage": self.engine_load.kv_usage,
             },
             "kv_transfer": None if self.kv_transfer is None else self.kv_transfer.describe(),
+            "lean": self.lean,
+            "prefill_tokens": self.prefill_tokens,
+            "decode_streams": self.decode_streams,
         }
+
+
+class Lease:
+    """One tracked request on a worker (see WorkerPool.track)."""
+
+    __slots__ = ("_tokens", "worker")
+
+    def __init__(self, worker: Worker, prefill_tokens: int) -> None:
+        self.worker = worker
+        self._tokens = prefill_tokens
+
+    def prefilled(self) -> None:
+        """The prompt is computed (its first token came): its tokens wait no more. Idempotent."""
+        self.worker.prefill_tokens -= self._tokens
+        self._tokens = 0
 
 
 @dataclass(eq=False)
@@ -212,7 +237,8 @@ class WorkerPool:
     def from_urls(
         cls, role: Role, urls: Sequence[str], failure_threshold: int = 3, cooldown: float = 10.0
     ) -> WorkerPool:
-        workers = tuple(Worker(role, f"{role[0]}{i}", url) for i, url in enumerate(urls))
+        prefix = ID_PREFIX[role]
+        workers = tuple(Worker(role, f"{prefix}{i}", url) for i, url in enumerate(urls))
         return cls(role, workers, failure_threshold, cooldown)
 
     def add(self, worker: Worker) -> None:
@@ -252,11 +278,18 @@ class WorkerPool:
         return bool(self.workers) and self.workers[0].health_ignored
 
     @contextmanager
-    def track(self, worker: Worker, chars: int) -> Iterator[Worker]:
+    def track(
+        self, worker: Worker, chars: int, prefill_tokens: int = 0, decode: bool = False
+    ) -> Iterator[Lease]:
         """Count one in-flight request of `chars` prompt characters on `worker` while inside,
-        and note the request's task on it (a drain that runs out of time ends those)."""
+        and note the request's task on it (a drain that runs out of time ends those). With
+        `prefill_tokens`, that many prompt tokens wait to be computed on it until
+        `Lease.prefilled` (or the end); with `decode`, it is one of the worker's decode streams."""
+        lease = Lease(worker, prefill_tokens)
         worker.inflight += 1
         worker.inflight_chars += chars
+        worker.prefill_tokens += prefill_tokens
+        worker.decode_streams += decode
         worker.requests_total += 1
         task = serving.get()
         if task is not None:
@@ -265,8 +298,10 @@ class WorkerPool:
         if trial:
             worker.trial_in_flight = True
         try:
-            yield worker
+            yield lease
         finally:
+            lease.prefilled()
+            worker.decode_streams -= decode
             worker.inflight -= 1
             worker.inflight_chars -= chars
             if task is not None:
