@@ -185,6 +185,7 @@ class ProxyApp:
             admin.probe_timeout,
             words,
             admin.probe_pull_wait,
+            pool_kv=config.pool_mode == "adaptive",
         )
         allowed = None
         if admin.allowed_worker_hosts is not None:
@@ -408,7 +409,7 @@ class ProxyApp:
                 }
             )
 
-        add_admin_routes(api, self.admin, self.services.timelines)
+        add_admin_routes(api, self.admin, self.services.timelines, self.pool_planner)
         feed = ConsoleFeed(
             self.admin,
             self.engine,

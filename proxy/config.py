@@ -164,6 +164,12 @@ class PoolPlannerConfig(_Model):
     target_utilization: float = Field(
         0.8, gt=0, le=1, description="share of an engine's capacity the controller plans to use"
     )
+    decode_prefill_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of a decode-side engine's time the controller lets prompts take",
+    )
     window: float = Field(30.0, gt=0, description="seconds of load the controller weighs")
     interval: float = Field(1.0, gt=0, description="seconds between the controller's decisions")
     hysteresis: float = Field(

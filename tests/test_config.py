@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,48 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid(name: str) -> None:
     cfg = load_config(Path(__file__).parent.parent / "configs" / name)
     assert cfg.prefill and cfg.decode
+
+
+def test_a_pool_alone_or_beside_dedicated_workers(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "pool: [http://a:1, 'http://b:2/']\n"))
+    assert [w.url for w in cfg.pool] == ["http://a:1", "http://b:2"]
+    assert cfg.prefill == () and cfg.decode == ()
+    assert cfg.pool_mode == "adaptive" and cfg.pool_planner.min_prefill_tokens == 512
+    cfg = load_config(None, pool=["http://a:1"], decode=["http://c:3"], pool_mode="colocated")
+    assert cfg.pool_mode == "colocated" and [w.url for w in cfg.decode] == ["http://c:3"]
+    cfg = load_config(None, pool=["http://a:1"], prefill=["http://p:1"])
+    assert [w.url for w in cfg.prefill] == ["http://p:1"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"prefill": ["http://p:1"]}, "no decode workers: give --decode URL or a 'decode:' list"),
+        ({"pool": ["http://a:1", "http://a:1"]}, "pool lists http://a:1 more than once"),
+        (
+            {"pool": ["http://a:1"], "decode": ["http://a:1"]},
+            "http://a:1 is in the pool and a prefill or decode list",
+        ),
+        ({"pool": ["http://a:1"], "connector": "lmcache"}, "a pool needs connector nixl"),
+        (
+            {"pool": ["http://a:1"], "prefill": ["http://p:1"], "pool_mode": "colocated"},
+            "pool_mode colocated serves every request whole",
+        ),
+        (
+            {"pool": ["http://a:1"], "conditional_disagg": {"enabled": True}},
+            "turn conditional_disagg off",
+        ),
+        ({"pool": ["http://a:1"], "pool_mode": "mixed"}, "pool_mode: Input should be"),
+        (
+            {"pool": ["http://a:1"], "pool_planner": {"decode_prefill_share": 0}},
+            "pool_planner.decode_prefill_share: Input should be greater than 0",
+        ),
+        (
+            {"pool": ["http://a:1"], "pool_planner": {"windw": 3}},
+            "pool_planner.windw: unknown key 'windw'",
+        ),
+    ],
+)
+def test_pool_config_errors_say_what_to_change(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, **overrides)

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true", help="the API's JSON, not a table")
     add = actions.add_parser("add", parents=[common], help="probe a worker, then route to it")
     add.add_argument("url", help="the engine's base URL, e.g. http://10.0.0.7:8200")
-    add.add_argument("--role", choices=("prefill", "decode"), required=True)
+    add.add_argument("--role", choices=("prefill", "decode", "pool"), required=True)
     add.add_argument("--force", action="store_true", help="skip the admission probes (logged)")
     add.add_argument("--lmcache-host", help="connector lmcache: the decoder's receiver host")
     add.add_argument(

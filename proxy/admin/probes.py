@@ -16,6 +16,10 @@ In order, each within `timeout` seconds:
                 LMCache: the probe's "transfer done" notification arrives (pushed from the
                   candidate prefiller into an active decoder, or from an active prefiller into
                   the candidate decoder, which then decodes it)
+                pool engine (kv_both): both of the above, with the other engines of the pool
+                  (or dedicated ones) as partners: it pulls a probe prefilled elsewhere, then
+                  prefills one that another engine decodes; the first engine of a pool, with no
+                  partner yet, and a colocated pool (no KV moves) are checked without it
 
 Probe requests go straight to the engines, never through the client path, so they count in no
 client statistic (latency windows, request counters, timelines); their X-Request-Id starts with
@@ -98,6 +102,7 @@ class Prober:
         timeout: float,
         words: int,
         pull_wait: float = 10.0,
+        pool_kv: bool = True,
     ) -> None:
         self.engine = engine
         self.connector = connector
@@ -105,6 +110,7 @@ class Prober:
         self.timeout = timeout
         self.words = words
         self.pull_wait = pull_wait  # how long a decoder's pull may take to show in /metrics
+        self.pool_kv = pool_kv  # False: the pool is colocated, its engines move no KV
 
     async def run(self, worker: Worker) -> list[Check]:
         """Every probe in order; raises ProbeFailed at the first that fails. The outcome is noted
@@ -226,11 +232,19 @@ class Prober:
         rid = f"{PROBE_ID_PREFIX}{uuid.uuid4().hex[:16]}"
         return ClientRequest(COMPLETIONS, body, rid, False, False, len(prompt))
 
-    def _partner(self, role: Role) -> Worker:
-        """The least loaded available active worker of `role`, for the other half of a probe."""
-        pool = self.registry.pools[role]
-        pool.refresh()
-        ready = [w for w in pool.workers if w.available]
+    def _ready(self, role: Role, candidate: Worker) -> list[Worker]:
+        """The available active workers that can do `role`'s half of a probe: that role's, and
+        the pool's (which do both), never the candidate itself."""
+        ready = []
+        for name in (role, "pool"):
+            pool = self.registry.pools[name]
+            pool.refresh()
+            ready += [w for w in pool.workers if w.available and w is not candidate]
+        return ready
+
+    def _partner(self, role: Role, candidate: Worker) -> Worker:
+        """The least loaded worker to run the other half of a probe as `role`."""
+        ready = self._ready(role, candidate)
         if not ready:
             raise ProbeFailed(
                 "kv",
@@ -240,10 +254,18 @@ class Prober:
         return min(ready, key=lambda w: (w.inflight, w.inflight_chars))
 
     async def _kv(self, worker: Worker, waiting: _Waiting) -> str:
-        request = self._request(worker)
         if worker.role == "prefill":
-            return await self._kv_prefiller(worker, request, waiting)
-        return await self._kv_decoder(worker, request, waiting)
+            return await self._kv_prefiller(worker, self._request(worker), waiting)
+        if worker.role == "decode":
+            return await self._kv_decoder(worker, self._request(worker), waiting)
+        if not self.pool_kv:
+            return "a colocated pool moves no KV: not checked"
+        done = []
+        if self._ready("prefill", worker):  # it pulls a probe prefilled elsewhere
+            done.append(await self._kv_decoder(worker, self._request(worker), waiting))
+        if self._ready("decode", worker):  # it prefills one that another engine pulls
+            done.append(await self._kv_prefiller(worker, self._request(worker), waiting))
+        return "; ".join(done) or "no other engine to move KV with yet: checked when one joins"
 
     async def _prefill(
         self,
@@ -278,13 +300,13 @@ class Prober:
             raise ProxyError(f"decode worker {decoder.url} answered the probe without choices")
 
     async def _kv_prefiller(self, worker: Worker, request: ClientRequest, waiting: _Waiting) -> str:
-        decoder = self._partner("decode")
+        decoder = self._partner("decode", worker)
         handoff = await self._prefill(
             request,
             worker,
             decoder,
             waiting,
-            f"prefill worker {worker.url} is not a KV producer (is it started with a "
+            f"{worker.role} worker {worker.url} is not a KV producer (is it started with a "
             f"{self.connector.name} kv-transfer-config, kv_producer or kv_both?)",
         )
         if self.connector.name == "lmcache":
@@ -313,10 +335,10 @@ class Prober:
         return sample_sums(raw, [XFER_COUNT]).get(XFER_COUNT, 0.0)
 
     async def _kv_decoder(self, worker: Worker, request: ClientRequest, waiting: _Waiting) -> str:
-        prefiller = self._partner("prefill")
+        prefiller = self._partner("prefill", worker)
         nixl = self.connector.name == "nixl"
         before = await self._xfers(worker) if nixl else 0.0
-        blame = f"the probe prefill on active prefill worker {prefiller.url}"
+        blame = f"the probe prefill on active {prefiller.role} worker {prefiller.url}"
         handoff = await self._prefill(request, prefiller, worker, waiting, blame)
         try:
             await self._decode(request, worker, handoff, waiting)

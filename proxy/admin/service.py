@@ -39,7 +39,7 @@ class AddWorker(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str
-    role: Literal["prefill", "decode"]
+    role: Literal["prefill", "decode", "pool"]
     lmcache: LMCacheReceiverConfig | None = None  # connector lmcache, decoders only
     force: bool = False  # join without probes (logged)
 
@@ -185,6 +185,11 @@ class Admin:
                 param="url",
             )
         receiver = None
+        if spec.role == "pool" and self.connector != "nixl":
+            raise BadRequest(
+                f"pool engines need connector nixl (kv_both); this proxy runs {self.connector}",
+                param="role",
+            )
         if spec.lmcache is not None and spec.role != "decode":
             raise BadRequest("'lmcache' ports belong to decode workers", param="lmcache")
         if self.connector == "lmcache" and spec.role == "decode":
@@ -268,7 +273,7 @@ class Admin:
         if not probe:
             return
         held = []
-        for role in ("prefill", "decode"):
+        for role in ("prefill", "decode", "pool"):
             for worker in self.registry.pools[role].workers:
                 try:
                     await self._probe(worker)

@@ -44,7 +44,7 @@ class ReceiverRecord(_Model):
 
 class WorkerRecord(_Model):
     id: str
-    role: Literal["prefill", "decode"]
+    role: Literal["prefill", "decode", "pool"]
     url: str
     lmcache: ReceiverRecord | None = None
 

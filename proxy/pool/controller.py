@@ -7,10 +7,16 @@ Every `interval` seconds it weighs the load of the last `window` seconds (`LoadW
     streams         answers being generated at once, on average
 
 against one engine's capacity (`Capacity`: prompt tokens per second, decode streams, the share
-of it to plan for). With x of the n available pool engines (plus the dedicated ones) on each
-side, the prefill side's utilization is long / (x + P) prefill capacities and the decode side's
-(streams / stream capacity + local / prefill capacity) / (n - x + D); `best_split` takes the x
-whose busier side is least busy (`split_costs`).
+of it to plan for, and the share of a decode-side engine's time that prompts may take). With x
+of the n available pool engines (plus P dedicated prefillers and D decoders) on the prefill
+side, the prefill side is at long / (x + P) prefill capacities, and the decode side at the
+larger of streams / (n - x + D) stream capacities and local / (n - x + D) of the prefill time
+it may spend: every prompt computed on a decode-side engine stalls each stream in its step, so
+a decode-side engine keeps at most `decode_prefill_share` of its time for prompts (mean
+inter-token latency grows by 1 / (1 - share)). With no prefill side (x + P = 0) the long
+prompts are computed on the decode side too. `best_split` takes the x whose busier side is
+least busy (`split_costs`): all engines decode when the long prompts fit in the decode side's
+share, and more lean to prefill as they outgrow it.
 
 Hysteresis (`RatioController.decide`): the best split replaces the current one only when it
 promises a cost lower by more than `hysteresis`, for `hold` decisions in a row, and at least
@@ -38,6 +44,7 @@ class Capacity:
     prefill_tokens_per_second: float
     decode_streams: int
     target_utilization: float = 0.8
+    decode_prefill_share: float = 0.5  # of a decode-side engine's time, prompts may take this
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,36 +55,31 @@ class Demand:
 
 
 class LoadWindow:
-    """Prompt tokens and stream counts of the last `window` seconds."""
+    """Prompt tokens and stream counts of the last `window` seconds (now - window, now],
+    measured from `start`."""
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, start: float = 0.0) -> None:
         self.window = window
         self._prompts: deque[tuple[float, int, bool]] = deque()
         self._streams: deque[tuple[float, int]] = deque()
-        self._start: float | None = None
+        self._start = start
 
     def prompt(self, now: float, tokens: int, long: bool) -> None:
-        self._begin(now)
         self._prompts.append((now, tokens, long))
 
     def streams(self, now: float, count: int) -> None:
-        self._begin(now)
         self._streams.append((now, count))
 
-    def _begin(self, now: float) -> None:
-        if self._start is None:
-            self._start = now
-
     def demand(self, now: float) -> Demand:
-        """The rates over the window (over the time since the first sample, while shorter)."""
+        """The rates over the window (over the time since `start`, while that is shorter)."""
         cutoff = now - self.window
-        while self._prompts and self._prompts[0][0] < cutoff:
+        while self._prompts and self._prompts[0][0] <= cutoff:
             self._prompts.popleft()
-        while self._streams and self._streams[0][0] < cutoff:
+        while self._streams and self._streams[0][0] <= cutoff:
             self._streams.popleft()
-        if self._start is None:
+        span = min(self.window, now - self._start)
+        if span <= 0:
             return Demand()
-        span = max(min(self.window, now - self._start), 1e-9)
         long = sum(t for _, t, is_long in self._prompts if is_long)
         local = sum(t for _, t, is_long in self._prompts if not is_long)
         streams = sum(c for _, c in self._streams) / len(self._streams) if self._streams else 0.0
@@ -92,6 +94,7 @@ def split_costs(
     against `target_utilization` of each engine's capacity (inf: no side to put the load on)."""
     per_prefill = capacity.prefill_tokens_per_second * capacity.target_utilization
     per_stream = capacity.decode_streams * capacity.target_utilization
+    per_local = per_prefill * capacity.decode_prefill_share
     costs = []
     for x in range(pool + 1):
         p, d = x + prefill, pool - x + decode
@@ -100,8 +103,10 @@ def split_costs(
         if p == 0:  # the long prompts are served where they are decoded
             local, long = local + long, 0.0
         rho_p = long / (per_prefill * p) if p else 0.0
-        load_d = demand.streams / per_stream + local / per_prefill
-        rho_d = load_d / d if d else (math.inf if pool or decode else 0.0)
+        if d:
+            rho_d = max(demand.streams / per_stream, local / per_local if per_local else 0.0) / d
+        else:
+            rho_d = math.inf if pool or decode else 0.0
         costs.append(max(rho_p, rho_d))
     return costs
 
@@ -139,9 +144,10 @@ class RatioController:
         hysteresis: float = 0.15,
         hold: int = 3,
         min_dwell: float = 5.0,
+        start: float = 0.0,
     ) -> None:
         self.capacity = capacity
-        self.load = LoadWindow(window)
+        self.load = LoadWindow(window, start)
         self.hysteresis = hysteresis
         self.hold = hold
         self.min_dwell = min_dwell

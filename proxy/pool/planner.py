@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from proxy.config import PoolPlannerConfig
 from proxy.disagg import count_tokens
 from proxy.engine import EngineClient
-from proxy.errors import NoWorkerAvailable
+from proxy.errors import NotFound, NoWorkerAvailable
 from proxy.metrics import ProxyMetrics
 from proxy.placement import Plan, PrefillWhere, Router
 from proxy.policies import RequestInfo
@@ -91,13 +91,16 @@ class PoolPlanner:
                 config.prefill_tokens_per_second,
                 config.decode_streams,
                 config.target_utilization,
+                config.decode_prefill_share,
             ),
             config.window,
             config.hysteresis,
             config.hold,
             config.min_dwell,
+            clock(),
         )
         self.changes: deque[dict[str, Any]] = deque(maxlen=50)
+        self.manual = False  # an operator set the leans (PUT /admin/pool): the controller waits
         self.lean_changes = Counter(
             "pdproxy_pool_lean_changes",
             "pool engines moved to lean to prefill or to decode by the controller",
@@ -208,10 +211,13 @@ class PoolPlanner:
     # --- the controller ---
 
     def step(self) -> Change | None:
-        """One controller decision, applied: sample the streams, decide, move one engine."""
+        """One controller decision, applied: sample the streams, decide, move one engine (in
+        manual mode: sample only)."""
         now = self.clock()
         routed = self.routed()
         self.controller.load.streams(now, sum(w.decode_streams for w in routed))
+        if self.manual:
+            return None
         dedicated = [w for w in routed if w.role != "pool" and w.available]
         engines = [
             EngineState(w.id, w.available, w.lean or "decode", w.decode_streams, w.prefill_tokens)
@@ -228,29 +234,51 @@ class PoolPlanner:
         if change is None:
             return None
         worker = next(w for w in self.pooled if w.id == change.id)
-        worker.lean = change.lean
-        self.lean_changes.labels(change.lean).inc()
+        self._lean(worker, change.lean, change.why)
+        return change
+
+    def _lean(self, worker: Worker, lean: Lean, why: str) -> None:
+        worker.lean = lean
+        self.lean_changes.labels(lean).inc()
+        up = [w for w in self.pooled if w.available]
+        prefill = sum(1 for w in up if w.lean == "prefill")
         self.changes.append(
             {
                 "at": round(time.time(), 3),
-                "id": change.id,
+                "id": worker.id,
                 "url": worker.url,
-                "lean": change.lean,
-                "prefill": change.prefill,
-                "decode": change.decode,
-                "why": change.why,
+                "lean": lean,
+                "prefill": prefill,
+                "decode": len(up) - prefill,
+                "why": why,
             }
         )
         log.info(
             "pool: %s (%s) now leans to %s; %d prefill, %d decode: %s",
-            change.id,
+            worker.id,
             worker.url,
-            change.lean,
-            change.prefill,
-            change.decode,
-            change.why,
+            lean,
+            prefill,
+            len(up) - prefill,
+            why,
         )
-        return change
+
+    def update(self, leans: dict[str, Lean], controller: str | None) -> None:
+        """An operator's change (PUT /admin/pool): set these engines' leans, and let the
+        controller go on deciding (`auto`) or not (`manual`). Unknown ids change nothing."""
+        by_id = {w.id: w for w in self.pooled}
+        unknown = sorted(set(leans) - set(by_id))
+        if unknown:
+            raise NotFound(
+                f"no active pool engine {', '.join(unknown)}; the pool has "
+                f"{', '.join(by_id) or 'none'}"
+            )
+        if controller is not None:
+            self.manual = controller == "manual"
+            log.info("pool: the controller is %s", "paused (manual leans)" if self.manual else "on")
+        for key, lean in leans.items():
+            if by_id[key].lean != lean:
+                self._lean(by_id[key], lean, "set through the admin API")
 
     async def run(self) -> None:
         """Decide every `interval` seconds (cancel the task to stop)."""
@@ -265,6 +293,11 @@ class PoolPlanner:
         up = [w for w in self.pooled if w.available]
         return {
             "mode": self.mode,
+            "controller": "off"
+            if self.mode == "colocated"
+            else "manual"
+            if self.manual
+            else "auto",
             "engines": engines,
             "prefill": sum(1 for w in up if (w.lean or "decode") == "prefill"),
             "decode": sum(1 for w in up if (w.lean or "decode") == "decode"),

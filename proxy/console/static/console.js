@@ -133,9 +133,11 @@ function workerCard(w, engine) {
   if (w.state === "active" || (w.state === "probing" && w.last_probe && !w.last_probe.passed)) {
     actions.append(el("button", { class: "remove", onclick: () => removeWorker(w) }, w.state === "active" ? "drain & remove" : "remove"));
   }
-  return el("div", { class: classes.join(" "), "data-id": w.id, "data-state": w.state },
+  const lean = w.role === "pool" && w.lean ? el("span", { class: "lean " + w.lean, title: "the side the pool's controller leans it to" }, "leans " + w.lean) : "";
+  return el("div", { class: classes.join(" "), "data-id": w.id, "data-state": w.state, "data-lean": w.lean || "" },
     el("div", { class: "head" },
       el("span", { class: "id" }, w.id),
+      lean,
       el("span", { class: "state" }, w.state)),
     el("div", { class: "url" }, w.url + (w.model ? "  ·  " + w.model : "")),
     el("div", { class: "facts" },
@@ -145,7 +147,9 @@ function workerCard(w, engine) {
       el("span", {}, "running ", el("b", {}, fmt(e.running, 0))),
       el("span", {}, "waiting ", el("b", {}, fmt(e.waiting, 0))),
       el("span", {}, "prefix hit ", el("b", {}, pct(hit))),
-      w.role === "decode" ? el("span", {}, "KV pulls ", el("b", {}, fmt(e.nixl_pulls, 0))) : el("span", {}, "requests ", el("b", {}, w.requests_total)),
+      w.role !== "prefill" ? el("span", {}, "KV pulls ", el("b", {}, fmt(e.nixl_pulls, 0))) : el("span", {}, "requests ", el("b", {}, w.requests_total)),
+      w.role === "pool" ? el("span", { title: "prompt tokens waiting to be computed, from this proxy" }, "prefill tok ", el("b", {}, w.prefill_tokens)) : "",
+      w.role === "pool" ? el("span", { title: "answers being generated, from this proxy" }, "streams ", el("b", {}, w.decode_streams)) : "",
       el("span", {}, "failures ", el("b", {}, w.failures_total)),
       el("span", { title: w.last_probe ? JSON.stringify(w.last_probe.checks.map((c) => c.name + ": " + c.detail)) : "" }, probe)),
     el("div", { title: "KV cache usage " + pct(e.kv_usage) }, el("div", { class: "bar" }, el("span", { style: `width:${Math.round((e.kv_usage || 0) * 100)}%` }))),
@@ -153,9 +157,18 @@ function workerCard(w, engine) {
 }
 
 function drawTopology(snap) {
-  for (const role of ["prefill", "decode"]) {
+  for (const role of ["prefill", "pool", "decode"]) {
     const box = $(`#${role}-workers`);
     box.replaceChildren(...snap.workers.filter((w) => w.role === role).map((w) => workerCard(w, snap.engines[w.id])));
+  }
+  const pool = snap.pool, shown = Boolean(pool) && snap.workers.some((w) => w.role === "pool");
+  $("#pool-role").hidden = !shown;
+  $("#pool-arrow").hidden = !shown;
+  if (shown) {
+    const d = pool.demand;
+    $("#pool-split").textContent = pool.mode === "colocated"
+      ? "· colocated (no PD)"
+      : `· ${pool.prefill} prefill : ${pool.decode} decode · ${fmt(d.long_tokens_per_second, 0)} long tok/s, ${fmt(d.streams, 1)} streams`;
   }
 }
 
@@ -286,6 +299,7 @@ function timelineBar(t, scale) {
 function hopText(t) {
   const m = t.ms;
   return [
+    `plan ${planText(t.plan)}`,
     `admission wait ${fmt(m.admission, 2)} ms`,
     `prefill ${fmt(m.prefill, 2)} ms on ${t.prefiller || "-"}`,
     `KV handoff to first token ${fmt(m.handoff, 2)} ms (${t.kv || "-"})`,
@@ -295,12 +309,18 @@ function hopText(t) {
   ].join("\n");
 }
 
+function planText(plan) {
+  if (!plan || !plan.prefill) return "-";
+  return `${plan.prefill}: ${plan.reason || "-"}` + (plan.tokens ? ` (${plan.tokens} tok)` : "");
+}
+
 function requestRow(t) {
   const bad = t.error || (t.status >= 400 && t.status !== 499);
   return el("tr", { class: bad ? "error" : "", "data-request-id": t.request_id, title: t.error || "" },
     el("td", {}, new Date(t.started_at * 1000).toLocaleTimeString()),
     el("td", {}, t.request_id.length > 22 ? t.request_id.slice(0, 22) + "…" : t.request_id),
     el("td", { class: bad ? "status-bad" : "" }, t.status),
+    el("td", { class: "plan" }, planText(t.plan)),
     el("td", {}, t.prefiller || "-"), el("td", {}, t.decoder || "-"), el("td", {}, t.kv || "-"),
     el("td", { class: "num" }, fmt(t.ms.ttft)), el("td", { class: "num" }, fmt(t.ms.total)),
     el("td", { class: "num" }, t.output_tokens || "-"),
@@ -320,7 +340,8 @@ let since = 0;
 function onSnapshot(snap) {
   since = snap.seq;
   const tick = snap.tick, per = tick.seconds > 0 ? tick.seconds : 1;
-  $("#summary").textContent = `${snap.connector} · prefill ${snap.policies.prefill} · decode ${snap.policies.decode} · in flight ${snap.admission.active} · queued ${snap.admission.queued}${snap.draining ? " · DRAINING" : ""}`;
+  const planner = snap.policies.planner === "pool" ? "pool planner" : `prefill ${snap.policies.prefill} · decode ${snap.policies.decode}`;
+  $("#summary").textContent = `${snap.connector} · ${planner} · in flight ${snap.admission.active} · queued ${snap.admission.queued}${snap.draining ? " · DRAINING" : ""}`;
   drawTopology(snap);
   drawCounters(snap);
   drawLatency(snap);
