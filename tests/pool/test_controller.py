@@ -3,6 +3,7 @@ loses an engine (a fake clock; one decision per simulated second)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -102,7 +103,7 @@ def test_a_step_up_in_prompt_load_moves_engines_to_prefill_one_at_a_time() -> No
     pool.run(60, lambda t: 25_000)  # 2.5 engines' worth of prompts
     assert pool.prefill == 3  # 3 prefilling, 1 decoding: prefill side at 83%
     times = [t for t, _, _ in pool.changes]
-    assert all(b - a >= 5.0 for a, b in zip(times, times[1:], strict=False))  # min_dwell
+    assert all(b - a >= 5.0 for a, b in itertools.pairwise(times))  # min_dwell
     assert all(lean == "prefill" for _, _, lean in pool.changes)
 
 
