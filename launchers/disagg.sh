@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start a disaggregated prefill/decode topology: N vLLM prefillers, M vLLM decoders and
-# pdproxy in front of them. One entry point for the NIXL and LMCache connectors, GPU or CPU.
+# Start a disaggregated prefill/decode topology: N vLLM prefillers, M vLLM decoders, K pool
+# engines (kv_both: either role, per request) and pdproxy in front of them. One entry point for the NIXL and LMCache connectors, GPU or CPU.
 # Ctrl+C, SIGTERM or any exit stops everything this script started.
 set -euo pipefail
 
@@ -14,14 +14,24 @@ usage() {
 Usage: launchers/disagg.sh --model PATH_OR_NAME [options] [-- extra vLLM engine args]
 
 Topology
-  --prefill N              prefill instances (default 1)
-  --decode M               decode instances (default 1)
+  --prefill N              prefill instances (default 1; 0 with --pool)
+  --decode M               decode instances (default 1; 0 with --pool)
+  --pool K                 pool engines: NixlConnector kv_role kv_both, each prefilling for
+                           others or decoding as the proxy's pool planner decides per request;
+                           alone or beside --prefill/--decode (default 0)
+  --pool-connector nixl|none  none: plain engines without a KV connector, for
+                           --pool-mode colocated (default nixl)
+  --pool-mode adaptive|colocated  the proxy's pool_mode (default adaptive; colocated with
+                           --pool-connector none): colocated serves every request whole on one
+                           engine, the no-PD baseline
   --connector nixl|lmcache KV-transfer connector (default nixl)
   --prefill-tp T           tensor-parallel size of each prefiller (default 1)
   --decode-tp T            tensor-parallel size of each decoder (default 1)
+  --pool-tp T              tensor-parallel size of each pool engine (default 1)
   --device cuda|cpu        cuda (default) or the vLLM CPU build (float32, eager, one core each)
   --prefill-gpus LIST      GPU ids for prefillers, TP-sized slices in order (e.g. 0,1)
   --decode-gpus LIST       GPU ids for decoders (default: the ids after the prefillers')
+  --pool-gpus LIST         GPU ids for pool engines (default: the ids after the decoders')
   --cpus N                 cores to spread CPU instances over (default: nproc)
   --cpu-kvcache-gib G      VLLM_CPU_KVCACHE_SPACE per CPU instance (default 1)
 
@@ -30,7 +40,9 @@ Ports and addresses
   --proxy-port P           proxy port (default 9100)
   --prefill-port P         first prefiller HTTP port, +i per instance (default 7100)
   --decode-port P          first decoder HTTP port, +i per instance (default 7200)
-  --side-channel-port P    NIXL side channel: prefiller i P+10i, decoder j P+100+10j (default 5600)
+  --pool-port P            first pool engine HTTP port, +i per instance (default 7600)
+  --side-channel-port P    NIXL side channel: prefiller i P+10i, decoder j P+100+10j, pool
+                           engine k P+200+10k (default 5600)
   --lmcache-init-port P    LMCache receiver init port of decoder rank 0 (default 7300)
   --lmcache-alloc-port P   LMCache receiver alloc port of decoder rank 0 (default 7400)
   --notify-port P          proxy's LMCache notification (ZMQ PULL) port (default 7500)
@@ -52,9 +64,11 @@ KV transfer
   --kv-buffer-device D     kv_buffer_device: cuda (default on GPUs) or cpu
   --kv-extra KEY=VALUE     add KEY to kv_connector_extra_config of every engine (repeatable;
                            VALUE is a number, true/false/null, or a string)
-  --prefill-kv-extra KEY=VALUE, --decode-kv-extra KEY=VALUE   the same for one role
+  --prefill-kv-extra KEY=VALUE, --decode-kv-extra KEY=VALUE, --pool-kv-extra KEY=VALUE
+                           the same for one role
   --prefill-args 'ARGS'    extra engine args for the prefillers (after the args after --)
   --decode-args 'ARGS'     extra engine args for the decoders
+  --pool-args 'ARGS'       extra engine args for the pool engines
 
 Running
   --python PATH            python with vLLM (default: $PDPROXY_VLLM_PYTHON or python3)
@@ -70,8 +84,10 @@ EOF
 }
 
 set_defaults() {
-  NUM_PREFILL=1 NUM_DECODE=1 CONNECTOR=nixl PREFILL_TP=1 DECODE_TP=1 DEVICE=cuda
+  NUM_PREFILL="" NUM_DECODE="" CONNECTOR=nixl PREFILL_TP=1 DECODE_TP=1 DEVICE=cuda
   PREFILL_GPUS="" DECODE_GPUS="" NUM_CPUS=$(nproc 2>/dev/null || echo 1) CPU_KVCACHE_GIB=1
+  NUM_POOL=0 POOL_TP=1 POOL_GPUS="" POOL_PORT=7600 POOL_CONNECTOR=nixl POOL_MODE=""
+  POOL_KV_EXTRA=() POOL_ARGS_STR=""
   HOST=127.0.0.1 PROXY_PORT=9100 PREFILL_PORT=7100 DECODE_PORT=7200 SIDE_CHANNEL_PORT=5600
   LMCACHE_INIT_PORT=7300 LMCACHE_ALLOC_PORT=7400 NOTIFY_PORT=7500 UCX_TLS_VALUE=""
   PYTHON=${PDPROXY_VLLM_PYTHON:-python3} MODEL="" LOG_DIR=logs/disagg HEALTH_TIMEOUT=600
@@ -90,6 +106,14 @@ parse_args() {
     case $1 in
       --prefill) need_value "$@"; NUM_PREFILL=$2; shift ;;
       --decode) need_value "$@"; NUM_DECODE=$2; shift ;;
+      --pool) need_value "$@"; NUM_POOL=$2; shift ;;
+      --pool-connector) need_value "$@"; POOL_CONNECTOR=$2; shift ;;
+      --pool-mode) need_value "$@"; POOL_MODE=$2; shift ;;
+      --pool-tp) need_value "$@"; POOL_TP=$2; shift ;;
+      --pool-gpus) need_value "$@"; POOL_GPUS=$2; shift ;;
+      --pool-port) need_value "$@"; POOL_PORT=$2; shift ;;
+      --pool-kv-extra) need_value "$@"; POOL_KV_EXTRA+=("$2"); shift ;;
+      --pool-args) need_value "$@"; POOL_ARGS_STR=$2; shift ;;
       --connector) need_value "$@"; CONNECTOR=$2; shift ;;
       --prefill-tp) need_value "$@"; PREFILL_TP=$2; shift ;;
       --decode-tp) need_value "$@"; DECODE_TP=$2; shift ;;
@@ -143,16 +167,34 @@ validate() {
   [[ -n $MODEL ]] || die "--model is required"
   [[ $CONNECTOR == nixl || $CONNECTOR == lmcache ]] || die "--connector must be nixl or lmcache, not '$CONNECTOR'"
   [[ $DEVICE == cuda || $DEVICE == cpu ]] || die "--device must be cuda or cpu, not '$DEVICE'"
-  local name
-  for name in NUM_PREFILL NUM_DECODE PREFILL_TP DECODE_TP NUM_CPUS PROXY_PORT PREFILL_PORT \
-    DECODE_PORT SIDE_CHANNEL_PORT LMCACHE_INIT_PORT LMCACHE_ALLOC_PORT NOTIFY_PORT HEALTH_TIMEOUT; do
+  local name dedicated=1
+  is_uint "$NUM_POOL" || die "NUM_POOL must be a non-negative integer, not '$NUM_POOL'"
+  ((NUM_POOL > 0)) && dedicated=0
+  NUM_PREFILL=${NUM_PREFILL:-$dedicated} NUM_DECODE=${NUM_DECODE:-$dedicated}
+  for name in NUM_PREFILL NUM_DECODE PREFILL_TP DECODE_TP POOL_TP NUM_CPUS PROXY_PORT PREFILL_PORT \
+    DECODE_PORT POOL_PORT SIDE_CHANNEL_PORT LMCACHE_INIT_PORT LMCACHE_ALLOC_PORT NOTIFY_PORT \
+    HEALTH_TIMEOUT; do
     is_uint "${!name}" || die "$name must be a non-negative integer, not '${!name}'"
   done
-  ((NUM_PREFILL >= 1 && NUM_DECODE >= 1)) || die "need at least one prefiller and one decoder"
-  ((PREFILL_TP >= 1 && DECODE_TP >= 1 && NUM_CPUS >= 1)) || die "TP sizes and --cpus must be >= 1"
-  ((NUM_PREFILL <= 10 && NUM_DECODE <= 10)) || die "at most 10 instances per role (side-channel port stride)"
+  ((NUM_POOL >= 1 || (NUM_PREFILL >= 1 && NUM_DECODE >= 1))) ||
+    die "need at least one prefiller and one decoder, or a pool (--pool K)"
+  ((PREFILL_TP >= 1 && DECODE_TP >= 1 && POOL_TP >= 1 && NUM_CPUS >= 1)) || die "TP sizes and --cpus must be >= 1"
+  ((NUM_PREFILL <= 10 && NUM_DECODE <= 10 && NUM_POOL <= 10)) || die "at most 10 instances per role (side-channel port stride)"
   validate_gpus prefill "$PREFILL_GPUS" $((NUM_PREFILL * PREFILL_TP))
   validate_gpus decode "$DECODE_GPUS" $((NUM_DECODE * DECODE_TP))
+  validate_gpus pool "$POOL_GPUS" $((NUM_POOL * POOL_TP))
+  [[ $POOL_CONNECTOR == nixl || $POOL_CONNECTOR == none ]] || die "--pool-connector must be nixl or none, not '$POOL_CONNECTOR'"
+  if [[ -z $POOL_MODE ]]; then
+    if [[ $POOL_CONNECTOR == none ]]; then POOL_MODE=colocated; else POOL_MODE=adaptive; fi
+  fi
+  [[ $POOL_MODE == adaptive || $POOL_MODE == colocated ]] || die "--pool-mode must be adaptive or colocated, not '$POOL_MODE'"
+  if ((NUM_POOL)); then
+    [[ $CONNECTOR == nixl ]] || die "--pool needs --connector nixl: pool engines swap roles through the NixlConnector (kv_both)"
+    [[ $POOL_MODE == colocated || $POOL_CONNECTOR == nixl ]] ||
+      die "--pool-connector none moves no KV: it needs --pool-mode colocated"
+    [[ $POOL_MODE == adaptive || $NUM_PREFILL == 0 ]] ||
+      die "--pool-mode colocated serves every request whole: it has no use for --prefill engines"
+  fi
   if [[ $DEVICE == cpu && $CONNECTOR == lmcache ]]; then
     log "warning: LMCache is a CUDA build; --device cpu with --connector lmcache will not start"
   fi
@@ -167,11 +209,12 @@ validate() {
   PREFILL_BLOCK_SIZE=${PREFILL_BLOCK_SIZE:-$BLOCK_SIZE} DECODE_BLOCK_SIZE=${DECODE_BLOCK_SIZE:-$BLOCK_SIZE}
   local pair
   for pair in ${KV_EXTRA[@]+"${KV_EXTRA[@]}"} ${PREFILL_KV_EXTRA[@]+"${PREFILL_KV_EXTRA[@]}"} \
-    ${DECODE_KV_EXTRA[@]+"${DECODE_KV_EXTRA[@]}"}; do
+    ${DECODE_KV_EXTRA[@]+"${DECODE_KV_EXTRA[@]}"} ${POOL_KV_EXTRA[@]+"${POOL_KV_EXTRA[@]}"}; do
     [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*=.+$ ]] || die "kv extra '$pair' is not KEY=VALUE"
   done
   read -r -a PREFILL_ARGS <<<"$PREFILL_ARGS_STR"
   read -r -a DECODE_ARGS <<<"$DECODE_ARGS_STR"
+  read -r -a POOL_ARGS <<<"$POOL_ARGS_STR"
   read -r -a PROXY_ARGS <<<"$PROXY_ARGS_STR"
   if ((CROSS_LAYER_BLOCKS)) && [[ $CONNECTOR == nixl && ${VLLM_USE_V2_MODEL_RUNNER:-} != 0 ]]; then
     log "warning: --cross-layer-blocks has no effect where vLLM runs the model on its V2 model runner" \
@@ -201,7 +244,7 @@ validate_gpus() {
 # The whole plan as shell: files to write, then one line per component.
 print_plan() {
   local role i
-  echo "# disagg plan: $NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), connector $CONNECTOR, device $DEVICE"
+  echo "# disagg plan: $NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), $NUM_POOL pool engine(s), connector $CONNECTOR, device $DEVICE"
   echo "mkdir -p $(quote_args "$LOG_DIR")"
   if [[ $CONNECTOR == lmcache ]]; then
     for role in prefill decode; do
@@ -213,7 +256,7 @@ print_plan() {
     done
     print_component proxy
   fi
-  for role in prefill decode; do
+  for role in prefill decode pool; do
     for ((i = 0; i < $(role_count "$role"); i++)); do print_component "$role" "$i"; done
   done
   if [[ $CONNECTOR == nixl ]]; then print_component proxy; fi
@@ -251,7 +294,7 @@ start_proxy() {
 
 start_engines() {
   local role i
-  for role in prefill decode; do
+  for role in prefill decode pool; do
     for ((i = 0; i < $(role_count "$role"); i++)); do
       start_component "$role-$i" "$(instance_env "$role" "$i")" "$(engine_cmd "$role" "$i")"
     done
@@ -260,7 +303,7 @@ start_engines() {
 
 wait_engines() {
   local role i
-  for role in prefill decode; do
+  for role in prefill decode pool; do
     for ((i = 0; i < $(role_count "$role"); i++)); do
       wait_healthy "$role-$i" "$(engine_url "$role" "$i")/health" "$HEALTH_TIMEOUT"
       check_alive
@@ -301,7 +344,7 @@ run() {
   start_engines
   wait_engines
   local model
-  model=$(served_model) || die "could not read the served model name from $(engine_url decode 0)/v1/models"
+  model=$(served_model) || die "could not read the served model name from $(first_engine_url)/v1/models"
   if [[ $CONNECTOR == nixl ]]; then
     start_proxy
     ((START_PROXY)) && wait_healthy proxy "http://$HOST:$PROXY_PORT/health" 60

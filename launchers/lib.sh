@@ -25,14 +25,31 @@ quote_args() {
 
 # ---------------------------------------------------------------- topology
 
-role_count() { if [[ $1 == prefill ]]; then echo "$NUM_PREFILL"; else echo "$NUM_DECODE"; fi; }
-role_tp() { if [[ $1 == prefill ]]; then echo "$PREFILL_TP"; else echo "$DECODE_TP"; fi; }
-http_port() { if [[ $1 == prefill ]]; then echo $((PREFILL_PORT + $2)); else echo $((DECODE_PORT + $2)); fi; }
+# Roles: prefill, decode, and pool (engines that do either, NixlConnector kv_both).
+role_count() {
+  case $1 in prefill) echo "$NUM_PREFILL" ;; decode) echo "$NUM_DECODE" ;; *) echo "$NUM_POOL" ;; esac
+}
+role_tp() { case $1 in prefill) echo "$PREFILL_TP" ;; decode) echo "$DECODE_TP" ;; *) echo "$POOL_TP" ;; esac; }
+http_port() {
+  case $1 in
+    prefill) echo $((PREFILL_PORT + $2)) ;; decode) echo $((DECODE_PORT + $2)) ;; *) echo $((POOL_PORT + $2)) ;;
+  esac
+}
 engine_url() { echo "http://$HOST:$(http_port "$1" "$2")"; }
+
+# An engine that answers /v1/models: the first decoder, else the first pool engine.
+first_engine_url() { if ((NUM_DECODE)); then engine_url decode 0; else engine_url pool 0; fi; }
+
+# Whether instances of role $1 run a KV connector (pool engines may run plain: colocated).
+has_kv() { [[ $1 != pool || $POOL_CONNECTOR != none ]]; }
 
 # One NIXL side-channel listener per instance; a stride of 10 leaves room for DP ranks.
 side_channel_port() {
-  if [[ $1 == prefill ]]; then echo $((SIDE_CHANNEL_PORT + 10 * $2)); else echo $((SIDE_CHANNEL_PORT + 100 + 10 * $2)); fi
+  case $1 in
+    prefill) echo $((SIDE_CHANNEL_PORT + 10 * $2)) ;;
+    decode) echo $((SIDE_CHANNEL_PORT + 100 + 10 * $2)) ;;
+    *) echo $((SIDE_CHANNEL_PORT + 200 + 10 * $2)) ;;
+  esac
 }
 
 # LMCache receiver ports of decoder $1, one per TP rank, comma-separated.
@@ -43,15 +60,29 @@ lmcache_ports() {
   echo "${ports[*]}"
 }
 
-# Position of an instance among all instances, prefillers first.
-instance_slot() { if [[ $1 == prefill ]]; then echo "$2"; else echo $((NUM_PREFILL + $2)); fi; }
+# Position of an instance among all instances: prefillers, then decoders, then pool engines.
+instance_slot() {
+  case $1 in
+    prefill) echo "$2" ;; decode) echo $((NUM_PREFILL + $2)) ;; *) echo $((NUM_PREFILL + NUM_DECODE + $2)) ;;
+  esac
+}
+
+# The first device (or core) of instance $2 of role $1 when none are given: the roles' slices
+# of the sequence 0,1,2,... in order, prefillers first.
+first_device() {
+  case $1 in
+    prefill) echo $(($2 * PREFILL_TP)) ;;
+    decode) echo $((NUM_PREFILL * PREFILL_TP + $2 * DECODE_TP)) ;;
+    *) echo $((NUM_PREFILL * PREFILL_TP + NUM_DECODE * DECODE_TP + $2 * POOL_TP)) ;;
+  esac
+}
 
 # Device ids (GPUs) of instance $2 of role $1: its TP-sized slice of --prefill-gpus /
-# --decode-gpus, or of the sequence 0,1,2,... (prefillers first) when not given.
+# --decode-gpus / --pool-gpus, or of the sequence 0,1,2,... (prefillers first) when not given.
 instance_gpus() {
   local role=$1 idx=$2 tp list ids=() i
   tp=$(role_tp "$role")
-  if [[ $role == prefill ]]; then list=$PREFILL_GPUS; else list=$DECODE_GPUS; fi
+  case $role in prefill) list=$PREFILL_GPUS ;; decode) list=$DECODE_GPUS ;; *) list=$POOL_GPUS ;; esac
   if [[ -n $list ]]; then
     IFS=, read -r -a ids <<<"$list"
     ((${#ids[@]} >= (idx + 1) * tp)) || die "--$role-gpus '$list' has too few ids for $(role_count "$role") instance(s) of TP $tp"
@@ -60,8 +91,8 @@ instance_gpus() {
     echo "${ids[*]}"
     return
   fi
-  local first=$((idx * tp))
-  [[ $role == decode ]] && first=$((NUM_PREFILL * PREFILL_TP + idx * tp))
+  local first
+  first=$(first_device "$role" "$idx")
   for ((i = first; i < first + tp; i++)); do ids+=("$i"); done
   local IFS=,
   echo "${ids[*]}"
@@ -72,7 +103,7 @@ instance_gpus() {
 instance_cores() {
   local role=$1 idx=$2 tp slot first r ranks=()
   tp=$(role_tp "$role")
-  if [[ $role == prefill ]]; then first=$((idx * tp)); else first=$((NUM_PREFILL * PREFILL_TP + idx * tp)); fi
+  first=$(first_device "$role" "$idx")
   for ((r = 0; r < tp; r++)); do ranks+=($(((first + r) % NUM_CPUS))); done
   local IFS='|'
   echo "${ranks[*]}"
@@ -110,11 +141,11 @@ kv_extra_pairs() {
   fi
   local pair
   for pair in ${KV_EXTRA[@]+"${KV_EXTRA[@]}"}; do echo "$pair"; done
-  if [[ $role == prefill ]]; then
-    for pair in ${PREFILL_KV_EXTRA[@]+"${PREFILL_KV_EXTRA[@]}"}; do echo "$pair"; done
-  else
-    for pair in ${DECODE_KV_EXTRA[@]+"${DECODE_KV_EXTRA[@]}"}; do echo "$pair"; done
-  fi
+  case $role in
+    prefill) for pair in ${PREFILL_KV_EXTRA[@]+"${PREFILL_KV_EXTRA[@]}"}; do echo "$pair"; done ;;
+    decode) for pair in ${DECODE_KV_EXTRA[@]+"${DECODE_KV_EXTRA[@]}"}; do echo "$pair"; done ;;
+    *) for pair in ${POOL_KV_EXTRA[@]+"${POOL_KV_EXTRA[@]}"}; do echo "$pair"; done ;;
+  esac
 }
 
 # The pairs above as a JSON object body (no braces), each key once, in first-seen order.
@@ -136,7 +167,7 @@ kv_extra_json() {
 
 kv_transfer_config() {
   local role=$1 idx=$2 kv_role extra
-  if [[ $role == prefill ]]; then kv_role=kv_producer; else kv_role=kv_consumer; fi
+  case $role in prefill) kv_role=kv_producer ;; decode) kv_role=kv_consumer ;; *) kv_role=kv_both ;; esac
   extra=$(kv_extra_json "$role" "$idx")
   if [[ $CONNECTOR == nixl ]]; then
     printf '{"kv_connector":"NixlConnector","kv_role":"%s","kv_buffer_device":"%s"' \
@@ -176,7 +207,9 @@ instance_env() {
     echo "VLLM_CPU_OMP_THREADS_BIND=$(instance_cores "$role" "$idx")"
     echo "VLLM_CPU_KVCACHE_SPACE=$CPU_KVCACHE_GIB"
   fi
-  if [[ $CONNECTOR == nixl ]]; then
+  if ! has_kv "$role"; then
+    : # a plain engine: no side channel
+  elif [[ $CONNECTOR == nixl ]]; then
     echo "VLLM_NIXL_SIDE_CHANNEL_HOST=$HOST"
     echo "VLLM_NIXL_SIDE_CHANNEL_PORT=$(side_channel_port "$role" "$idx")"
   else
@@ -192,12 +225,14 @@ engine_cmd() {
   local role=$1 idx=$2
   local cmd=("$PYTHON" -m vllm.entrypoints.openai.api_server
     --model "$MODEL" --host "$HOST" --port "$(http_port "$role" "$idx")"
-    --tensor-parallel-size "$(role_tp "$role")"
-    --kv-transfer-config "$(kv_transfer_config "$role" "$idx")")
+    --tensor-parallel-size "$(role_tp "$role")")
+  if has_kv "$role"; then cmd+=(--kv-transfer-config "$(kv_transfer_config "$role" "$idx")"); fi
   if [[ $DEVICE == cpu ]]; then cmd+=(--dtype float32 --enforce-eager); fi
   local block=$DECODE_BLOCK_SIZE role_args=(${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"})
   if [[ $role == prefill ]]; then
     block=$PREFILL_BLOCK_SIZE role_args=(${PREFILL_ARGS[@]+"${PREFILL_ARGS[@]}"})
+  elif [[ $role == pool ]]; then
+    block=$BLOCK_SIZE role_args=(${POOL_ARGS[@]+"${POOL_ARGS[@]}"})
   fi
   if [[ -n $block ]]; then cmd+=(--block-size "$block"); fi
   cmd+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} ${role_args[@]+"${role_args[@]}"})
@@ -208,6 +243,8 @@ proxy_cmd() {
   local cmd=("${PROXY_CMD[@]}" serve) i
   for ((i = 0; i < NUM_PREFILL; i++)); do cmd+=(--prefill "$(engine_url prefill "$i")"); done
   for ((i = 0; i < NUM_DECODE; i++)); do cmd+=(--decode "$(engine_url decode "$i")"); done
+  for ((i = 0; i < NUM_POOL; i++)); do cmd+=(--pool "$(engine_url pool "$i")"); done
+  if ((NUM_POOL)); then cmd+=(--pool-mode "$POOL_MODE"); fi
   cmd+=(--host "$HOST" --port "$PROXY_PORT" --connector "$CONNECTOR")
   cmd+=(${PROXY_ARGS[@]+"${PROXY_ARGS[@]}"})
   quote_args "${cmd[@]}"
@@ -217,10 +254,10 @@ proxy_cmd() {
 all_ports() {
   local role i
   echo "$PROXY_PORT"
-  for role in prefill decode; do
+  for role in prefill decode pool; do
     for ((i = 0; i < $(role_count "$role"); i++)); do
       http_port "$role" "$i"
-      if [[ $CONNECTOR == nixl ]]; then side_channel_port "$role" "$i"; fi
+      if [[ $CONNECTOR == nixl ]] && has_kv "$role"; then side_channel_port "$role" "$i"; fi
       if [[ $CONNECTOR == lmcache && $role == decode ]]; then
         lmcache_ports "$LMCACHE_INIT_PORT" "$i" | tr , '\n'
         lmcache_ports "$LMCACHE_ALLOC_PORT" "$i" | tr , '\n'
@@ -358,7 +395,7 @@ check_alive() {
 }
 
 served_model() {
-  curl -s -m 10 "$(engine_url decode 0)/v1/models" |
+  curl -s -m 10 "$(first_engine_url)/v1/models" |
     "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])'
 }
 
@@ -377,7 +414,7 @@ warm_up() {
 print_usage_hints() {
   local model=$1 url="http://$HOST:$PROXY_PORT"
   cat <<EOF
-[disagg] ready: proxy at $url ($NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), connector $CONNECTOR); logs in $LOG_DIR
+[disagg] ready: proxy at $url ($NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), $NUM_POOL pool engine(s), connector $CONNECTOR); logs in $LOG_DIR
 [disagg] try:
   curl -s $url/v1/completions -H 'Content-Type: application/json' \\
     -d '{"model":"$model","prompt":"San Francisco is a","max_tokens":32,"temperature":0}'

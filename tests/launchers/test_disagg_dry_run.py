@@ -297,6 +297,57 @@ def test_templates_are_valid_yaml() -> None:
         assert key in sender and key in receiver
 
 
+def test_a_pool_alone_kv_both_with_its_own_ports_and_gpus(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", "--pool", "3", "--proxy-cmd", "pdproxy", tmp_path=tmp_path)
+    assert plan.order == ["pool-0", "pool-1", "pool-2", "proxy"]
+    engines = plan.engines("pool")
+    assert [c.flag("--port") for c in engines] == ["7600", "7601", "7602"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in engines] == ["0", "1", "2"]
+    assert [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in engines] == ["5800", "5810", "5820"]
+    assert all(
+        c.kv_config
+        == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"}
+        for c in engines
+    )
+    proxy = plan.commands["proxy"]
+    assert proxy.flags("--pool") == [f"http://127.0.0.1:760{i}" for i in range(3)]
+    assert proxy.flags("--prefill") == [] and proxy.flags("--decode") == []
+    assert proxy.flag("--pool-mode") == "adaptive"
+
+
+def test_a_pool_beside_dedicated_engines_takes_the_next_gpus(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--prefill", "1", "--decode", "1", "--pool", "2", "--pool-tp", "2",
+        "--pool-port", "8600", "--pool-args", "--max-num-seqs 64",
+        "--pool-kv-extra", "num_threads=8", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert plan.order == ["prefill-0", "decode-0", "pool-0", "pool-1", "proxy"]
+    pool = plan.engines("pool")
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in pool] == ["2,3", "4,5"]
+    assert [c.flag("--port") for c in pool] == ["8600", "8601"]
+    assert all(c.flag("--tensor-parallel-size") == "2" for c in pool)
+    assert all(c.flag("--max-num-seqs") == "64" for c in pool)
+    assert all(c.kv_config["kv_connector_extra_config"] == {"num_threads": 8} for c in pool)
+    assert "--max-num-seqs" not in plan.commands["decode-0"].argv
+    side = [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in plan.commands.values() if c.env]
+    assert len(set(side)) == 4
+    proxy = plan.commands["proxy"]
+    assert proxy.flags("--prefill") == ["http://127.0.0.1:7100"]
+    assert proxy.flags("--pool") == ["http://127.0.0.1:8600", "http://127.0.0.1:8601"]
+
+
+def test_a_colocated_pool_of_plain_engines(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--pool", "2", "--pool-connector", "none", "--device", "cpu",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    for cmd in plan.engines("pool"):
+        assert "--kv-transfer-config" not in cmd.argv
+        assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in cmd.env
+    assert [c.env["VLLM_CPU_OMP_THREADS_BIND"] for c in plan.engines("pool")] == ["0", "1"]
+    assert plan.commands["proxy"].flag("--pool-mode") == "colocated"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -311,6 +362,22 @@ def test_templates_are_valid_yaml() -> None:
         (["--model", "m", "--block-size", "big"], "BLOCK_SIZE must be a positive integer"),
         (["--model", "m", "--kv-extra", "novalue"], "kv extra 'novalue' is not KEY=VALUE"),
         (["--model", "m", "--kv-buffer-device", "disk"], "--kv-buffer-device must be cuda"),
+        (["--model", "m", "--prefill", "0"], "need at least one prefiller and one decoder, or a"),
+        (
+            ["--model", "m", "--pool", "2", "--connector", "lmcache"],
+            "--pool needs --connector nixl",
+        ),
+        (["--model", "m", "--pool", "2", "--pool-connector", "ucx"], "--pool-connector must be"),
+        (
+            ["--model", "m", "--pool", "2", "--pool-connector", "none", "--pool-mode", "adaptive"],
+            "--pool-connector none moves no KV: it needs --pool-mode colocated",
+        ),
+        (
+            ["--model", "m", "--pool", "2", "--prefill", "1", "--pool-mode", "colocated"],
+            "it has no use for --prefill engines",
+        ),
+        (["--model", "m", "--pool", "2", "--pool-gpus", "0"], "--pool-gpus '0' has 1 id(s); 2"),
+        (["--model", "m", "--pool", "11"], "at most 10 instances per role"),
     ],
 )
 def test_bad_arguments_fail_clearly(args: list[str], message: str) -> None:
