@@ -144,12 +144,14 @@ def running(service: Service) -> Iterator[Service]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-vLLM tests run after the simulated ones (the CPU engines keep both cores busy while
-    they are up, which would slow every timing-sensitive sim test), and the tests that stop the
-    shared real-vLLM topology after every test that uses it."""
+    they are up, which would slow every timing-sensitive sim test), the tests that stop the
+    shared real-vLLM topology after every test that uses it, and those that start a topology
+    of their own after that (two CPU topologies at once would starve both)."""
     items.sort(
         key=lambda item: (
             item.get_closest_marker("real_vllm") is not None,
             item.get_closest_marker("stops_topology") is not None,
+            item.get_closest_marker("own_topology") is not None,
         )
     )
 
