@@ -114,3 +114,51 @@ async def drive(url: str, joining: Sim) -> None:
         await page.wait_for("document.querySelector('#counters').textContent.includes('KV pulled')")
         assert not [m for m in page.console if m.startswith("exception")], page.console
         await page.close()
+
+
+POOL_PROMPT = " ".join(["the river turned toward the sea before the city knew its water"] * 50)
+
+
+def test_console_shows_a_pool_its_leans_and_each_request_s_plan(
+    tmp_path: Path, slow: dict[str, Sim], logs: Path
+) -> None:
+    engines = [start_sim(logs, f"cb{i}", "--speed-factor", "1") for i in range(2)]
+    try:
+        cfg = config_file(tmp_path, pool=[e.url for e in engines])
+        with running(start_proxy(tmp_path, [], [], "--config", cfg)) as proxy:
+            body = {"leans": {"b0": "prefill", "b1": "decode"}, "controller": "manual"}
+            assert httpx.put(proxy.url + "/admin/pool", json=body).status_code == 200
+            asyncio.run(watch_pool(proxy.url))
+    finally:
+        for sim in engines:
+            sim.stop()
+
+
+async def watch_pool(url: str) -> None:
+    async with Browser() as browser:
+        page = await browser.page()
+        await page.navigate(url + "/console")
+        await page.wait_for("document.querySelector('#status').textContent === 'live'")
+        leans = await page.wait_for(
+            "(() => { const w = [...document.querySelectorAll('#pool-workers .worker')]"
+            ".map(e => e.dataset.id + ':' + e.dataset.lean); return w.length === 2 ? w : null })()"
+        )
+        assert leans == ["b0:prefill", "b1:decode"]
+        assert await page.evaluate("document.querySelector('#pool-role').hidden") is False
+        split = await page.evaluate("document.querySelector('#pool-split').textContent")
+        assert "1 prefill : 1 decode" in split
+        for prompt in ("hello", POOL_PROMPT):
+            resp = await asyncio.to_thread(
+                httpx.post,
+                url + "/v1/completions",
+                json={"model": MODEL, "prompt": prompt, "max_tokens": 8},
+                timeout=30,
+            )
+            assert resp.status_code == 200
+        plans = await page.wait_for(
+            "(() => { const p = [...document.querySelectorAll('#requests tbody td.plan')]"
+            ".map(e => e.textContent); return p.length >= 2 ? p : null })()"
+        )
+        assert plans[0].startswith("remote: long") and plans[1].startswith("local: short")
+        assert not [m for m in page.console if m.startswith("exception")], page.console
+        await page.close()
