@@ -1,7 +1,8 @@
 """HTTP helpers for benchmarks/gpu.py: one request to an engine or the proxy, streamed or not,
 with its timing, text, per-token logprobs and usage; Prometheus text parsing.
 
-Runs under the GPU host's python (aiohttp, no project imports), like the rest of gpu*.py.
+Runs under the GPU host's python (aiohttp, and the project's package, which the launcher needs
+anyway), like the rest of gpu*.py.
 """
 
 from __future__ import annotations
@@ -14,16 +15,11 @@ from typing import Any
 
 import aiohttp
 
+from proxy.connectors.nixl import REMOTE_DECODE_PARAMS
+
 # The prefill leg of a client-driven PD request, as the proxy sends it (README "What the proxy
 # sends"): the "floor" mode of the latency phase does this itself.
-REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
+REMOTE_DECODE = REMOTE_DECODE_PARAMS
 
 WORDS = [
     "alpha",

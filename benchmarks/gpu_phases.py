@@ -21,6 +21,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,20 @@ async def _stream_steps(s: aiohttp.ClientSession, url: str, body: dict[str, Any]
     return a.chunk_times
 
 
+def _short_streams(
+    s: aiohttp.ClientSession, url: str, t: Target, rnd: random.Random, n: int, steps: int
+) -> list[Coroutine[Any, Any, list[float]]]:
+    """`n` streams of a fresh 128-token prompt and `steps` tokens each, not yet started."""
+    return [
+        _stream_steps(
+            s,
+            url + COMPLETIONS,
+            _greedy(t, prompt=token_prompt(rnd, 128, t.vocab), max_tokens=steps),
+        )
+        for _ in range(n)
+    ]
+
+
 def _itls(times: list[float], lo: float, hi: float) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times) if lo <= a and b <= hi]
 
@@ -426,11 +441,7 @@ async def calibrate(
         rows = []
         steps = 96
         for b in batches:
-            bodies = [
-                _greedy(t, prompt=token_prompt(rnd, 128, t.vocab), max_tokens=steps)
-                for _ in range(b)
-            ]
-            runs = await asyncio.gather(*(_stream_steps(s, url + COMPLETIONS, x) for x in bodies))
+            runs = await asyncio.gather(*_short_streams(s, url, t, rnd, b, steps))
             lo = max(r[min(8, len(r) - 1)] for r in runs)  # every stream past its first tokens
             hi = min(r[-1] for r in runs)  # and none finished yet
             itl = [g for r in runs for g in _itls(r, lo, hi)]
@@ -451,10 +462,7 @@ async def calibrate(
         rows = []
         b = 16
         for n in mixed_lens:
-            bodies = [
-                _greedy(t, prompt=token_prompt(rnd, 128, t.vocab), max_tokens=160) for _ in range(b)
-            ]
-            tasks = [asyncio.create_task(_stream_steps(s, url + COMPLETIONS, x)) for x in bodies]
+            tasks = [asyncio.create_task(c) for c in _short_streams(s, url, t, rnd, b, 160)]
             await asyncio.sleep(0.6)
             t_in = time.perf_counter()
             long = await call(

@@ -302,7 +302,7 @@ def _serve(runs: dict[str, Any]) -> list[str]:
         *_table(head, rows),
         "Commands (`--base-url` is the proxy or the decoder):",
         "",
-        *[f"    {c}" for c in cmds[:4]],
+        *[f"    {c}" for c in cmds],
         "",
     ]
 

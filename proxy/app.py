@@ -41,7 +41,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.handler import CompletionEndpoint, Receive, Scope, Send, Services
-from proxy.kvhealth import KvHealth, KvHealthMonitor
+from proxy.kvhealth import KvHealth
 from proxy.lmcache_config import Receiver, resolve_receivers
 from proxy.metrics import ProxyMetrics
 from proxy.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
@@ -51,7 +51,7 @@ from proxy.policies.conditional import ConditionalDisagg
 from proxy.pool.planner import PoolPlanner
 from proxy.registry import WorkerRegistry
 from proxy.request import CHAT, COMPLETIONS
-from proxy.scrape import MetricsScraper
+from proxy.scrape import Scraper, observe_load
 from proxy.stats import LatencyStats
 from proxy.timeline import TimelineRing
 from proxy.workers import Health, Worker, WorkerPool
@@ -101,21 +101,26 @@ class ProxyApp:
         # engine load from /metrics: for the policies that read it (prefix_aware bounds by it)
         scraped = bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool)
         self.scraper = (
-            MetricsScraper(self.engine, (prefill, decode, pool), routing.scrape_interval,
-                           routing.scrape_timeout)
+            Scraper(self.engine, lambda: (*prefill.members, *decode.members, *pool.members),
+                    observe_load, routing.scrape_interval, routing.scrape_timeout)
             if routing.scrape_interval > 0 and scraped
             else None
         )  # fmt: skip
         kvh = config.kv_health
+        self.kv_health = (
+            KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval)
+            if kvh.enabled and config.connector == "nixl"
+            else None
+        )
         self.kv_monitor = (
-            KvHealthMonitor(
+            Scraper(
                 self.engine,
                 lambda: (*decode.members, *pool.members),  # draining ones still pull
-                KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval),
+                self.kv_health.observe_metrics,
                 kvh.interval,
                 config.health.timeout,
             )
-            if kvh.enabled and config.connector == "nixl"
+            if self.kv_health is not None
             else None
         )
         router = Router(
@@ -221,8 +226,8 @@ class ProxyApp:
         self.engine.forget(worker.url)
         if worker.role == "decode" and self.services.disagg is not None:
             self.services.disagg.forget(worker)
-        if worker.role != "prefill" and self.kv_monitor is not None:
-            self.kv_monitor.health.forget(worker.url)
+        if worker.role != "prefill" and self.kv_health is not None:
+            self.kv_health.forget(worker.url)
 
     @property
     def pools(self) -> tuple[WorkerPool, WorkerPool, WorkerPool]:

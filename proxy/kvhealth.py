@@ -2,33 +2,32 @@
 metrics, and a warning that names the decoder when the KV moves too slowly to be going GPU to
 GPU (the usual cause: UCX falling back to TCP).
 
-Every `interval` seconds each decoder's /metrics gives the running sums of vLLM's NIXL
-histograms: transfers (`vllm:nixl_xfer_time_seconds_count`), seconds spent in them (`_sum`)
-and bytes (`vllm:nixl_bytes_transferred_sum`). Their differences over the last `window` seconds
-give the recent bandwidth (bytes per second of transfer) and the time per transfer, stored on
-the worker (`Worker.kv_transfer`) for /stats, /metrics and conditional disaggregation. A decoder
-is *slow* once at least `min_bytes` moved in the window at less than `min_bandwidth`: a warning
-says so at most every `warn_interval` seconds while it lasts, and one line when it ends.
+Every `interval` seconds each decoder's /metrics (scraped by proxy.scrape.Scraper) gives the
+running sums of vLLM's NIXL histograms: transfers (`vllm:nixl_xfer_time_seconds_count`),
+seconds spent in them (`_sum`) and bytes (`vllm:nixl_bytes_transferred_sum`). Their differences
+over the last `window` seconds give the recent bandwidth (bytes per second of transfer) and the
+time per transfer, stored on the worker (`Worker.kv_transfer`) for /stats, /metrics and
+conditional disaggregation. A decoder is *slow* once at least `min_bytes` moved in the window at
+less than `min_bandwidth`: a warning says so at most every `warn_interval` seconds while it
+lasts, and one line when it ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
 
-from proxy.engine import EngineClient
-from proxy.errors import ProxyError
+from proxy.promtext import sample_sums
 from proxy.workers import KvTransfer, Worker
 
 log = logging.getLogger("pdproxy")
 
-COUNT = b"vllm:nixl_xfer_time_seconds_count"
-SECONDS = b"vllm:nixl_xfer_time_seconds_sum"
-BYTES = b"vllm:nixl_bytes_transferred_sum"
+COUNT = "vllm:nixl_xfer_time_seconds_count"
+SECONDS = "vllm:nixl_xfer_time_seconds_sum"
+BYTES = "vllm:nixl_bytes_transferred_sum"
 
 ADVICE = (
     "The KV is most likely moving over TCP instead of GPU to GPU. NIXL's UCX backend turns off "
@@ -51,18 +50,7 @@ class TransferTotals:
 def parse_transfer_totals(text: bytes) -> TransferTotals | None:
     """The three sums from a Prometheus text exposition, summed over label sets; None when the
     engine has no NIXL transfer metrics (no NixlConnector, or a build without them)."""
-    found: dict[bytes, float] = {}
-    for line in text.splitlines():
-        if not line.startswith(b"vllm:nixl_"):
-            continue
-        end = min((i for i in (line.find(b"{"), line.find(b" ")) if i >= 0), default=-1)
-        name = line[:end]
-        if name not in (COUNT, SECONDS, BYTES):
-            continue
-        try:
-            found[name] = found.get(name, 0.0) + float(line.rsplit(b" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
+    found = sample_sums(text, (COUNT, SECONDS, BYTES))
     if COUNT not in found or SECONDS not in found:
         return None
     return TransferTotals(found[COUNT], found[SECONDS], found.get(BYTES, 0.0))
@@ -120,6 +108,12 @@ class KvHealth:
         self._clock = clock
         self._watches: dict[str, _Watch] = {}
 
+    def observe_metrics(self, worker: Worker, raw: bytes | None) -> None:
+        """A scrape of the worker's /metrics (proxy.scrape.Scraper); an unreadable engine keeps
+        its last judgement, since the health checks report it."""
+        if raw is not None:
+            self.observe(worker, parse_transfer_totals(raw))
+
     def observe(self, worker: Worker, totals: TransferTotals | None) -> None:
         if totals is None:
             worker.kv_transfer = None
@@ -168,37 +162,3 @@ class KvHealth:
 
     def forget(self, url: str) -> None:
         self._watches.pop(url, None)
-
-
-class KvHealthMonitor:
-    """Scrapes the decoders' /metrics every `interval` seconds for `KvHealth`."""
-
-    def __init__(
-        self,
-        engine: EngineClient,
-        workers: Callable[[], Sequence[Worker]],
-        health: KvHealth,
-        interval: float,
-        timeout: float,
-    ) -> None:
-        self._engine = engine
-        self._workers = workers
-        self.health = health
-        self.interval = interval
-        self.timeout = timeout
-
-    async def scrape(self, worker: Worker) -> None:
-        try:
-            status, raw = await self._engine.get(worker, "/metrics", self.timeout)
-        except ProxyError:
-            return  # keep the last judgement; the health checks report an unreachable engine
-        self.health.observe(worker, parse_transfer_totals(raw) if status == 200 else None)
-
-    async def scrape_all(self) -> None:
-        await asyncio.gather(*(self.scrape(w) for w in self._workers()))
-
-    async def run(self) -> None:
-        """Scrape forever (cancel the task to stop)."""
-        while True:
-            await self.scrape_all()
-            await asyncio.sleep(self.interval)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 
 from proxy.engine import EngineClient
 from proxy.errors import ProxyError
-from proxy.workers import EngineLoad, Worker, WorkerPool
+from proxy.workers import EngineLoad, Worker
 
 log = logging.getLogger("pdproxy")
 
@@ -47,16 +47,21 @@ def parse_load(text: bytes, inflight: int) -> EngineLoad | None:
     return EngineLoad(found[RUNNING], found.get(WAITING, 0.0), found.get(KV_USAGE, 0.0), inflight)
 
 
-class MetricsScraper:
+class Scraper:
+    """Every `interval` seconds, GET each of `workers()`'s /metrics and hand the text to
+    `observe` (None when the engine could not be read), one worker at a time per call."""
+
     def __init__(
         self,
         engine: EngineClient,
-        pools: Sequence[WorkerPool],
+        workers: Callable[[], Iterable[Worker]],
+        observe: Callable[[Worker, bytes | None], None],
         interval: float,
         timeout: float,
     ) -> None:
         self._engine = engine
-        self._pools = pools
+        self._workers = workers
+        self._observe = observe
         self.interval = interval
         self.timeout = timeout
 
@@ -64,17 +69,24 @@ class MetricsScraper:
         try:
             status, raw = await self._engine.get(worker, "/metrics", self.timeout)
         except ProxyError as exc:
-            if worker.engine_load is not None:
-                log.info("%s worker %s: no load metrics: %s", worker.role, worker.url, exc)
-            worker.engine_load = None
+            log.debug("%s worker %s: /metrics unreadable: %s", worker.role, worker.url, exc)
+            self._observe(worker, None)
             return
-        worker.engine_load = parse_load(raw, worker.inflight) if status == 200 else None
+        self._observe(worker, raw if status == 200 else None)
 
     async def scrape_all(self) -> None:
-        await asyncio.gather(*(self.scrape(w) for pool in self._pools for w in pool.members))
+        await asyncio.gather(*(self.scrape(w) for w in self._workers()))
 
     async def run(self) -> None:
         """Scrape forever (cancel the task to stop)."""
         while True:
             await self.scrape_all()
             await asyncio.sleep(self.interval)
+
+
+def observe_load(worker: Worker, raw: bytes | None) -> None:
+    """The engine's load for the load-aware policies; cleared when unreadable, so that no policy
+    acts on a stale view."""
+    if raw is None and worker.engine_load is not None:
+        log.info("%s worker %s: no load metrics", worker.role, worker.url)
+    worker.engine_load = None if raw is None else parse_load(raw, worker.inflight)

@@ -27,7 +27,7 @@ from proxy.config import check_worker_url
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, ProxyError
 from proxy.lmcache_config import LMCacheReceiverConfig, receiver_for
 from proxy.registry import EndRequests, RegistryError, WorkerRegistry
-from proxy.scrape import MetricsScraper
+from proxy.scrape import Scraper
 from proxy.workers import Lifecycle, Worker
 
 log = logging.getLogger("pdproxy")
@@ -73,7 +73,7 @@ class Admin:
         drain_timeout: float,
         end_requests: EndRequests,
         state: StateFile | None = None,
-        scraper: MetricsScraper | None = None,
+        scraper: Scraper | None = None,
         allowed: HostAllowList | None = None,
         metrics: CollectorRegistry | None = None,
     ) -> None:
