@@ -8,6 +8,11 @@ python that runs it. One GPU: both engines share GPU 0 (`--gpus 0`); two: `--gpu
     # everything, for NIXL then LMCache, into benchmarks/results/gpu-<gpu>.{md,json}
     python benchmarks/gpu.py all --model /models/llama-8b
 
+    # PD (1P1D), colocated engines (no PD) and the adaptive pool on the same GPUs, one after
+    # the other, under the same workloads (the seed's, a rate sweep, a short-prompt/long-output
+    # mix); `report` adds their table and gpu-<gpu>-compare.png
+    python benchmarks/gpu.py compare --model M --gpus 0,1
+
     # or step by step: several topologies side by side (slots give each its own ports)
     python benchmarks/gpu.py up nixl --model M --slot 0 --launcher-args '--cross-layer-blocks'
     python benchmarks/gpu.py run nixl kv_bandwidth equality latency calibrate serve kv_health
@@ -43,7 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import gpu_phases as phases  # noqa: E402
-from benchmarks.gpu_report import render  # noqa: E402
+from benchmarks.gpu_report import plot_compare, render  # noqa: E402
 
 LAUNCHER = REPO / "launchers" / "disagg.sh"
 PHASES = ("kv_bandwidth", "equality", "latency", "calibrate", "serve", "kv_health")
@@ -59,11 +64,39 @@ def ports(slot: int) -> dict[str, int]:
         "proxy": 9100 + slot,
         "prefill": 7100 + 20 * slot,
         "decode": 7200 + 20 * slot,
-        "side_channel": 5600 + 200 * slot,
+        "side_channel": 20000 + 1000 * slot,  # the launcher's +10i, +100+10j, +200+10k
         "lmcache_init": 7300 + 20 * slot,
         "lmcache_alloc": 7400 + 20 * slot,
         "notify": 7500 + slot,
+        "pool": 7600 + 20 * slot,
     }
+
+
+LAYOUTS = ("pd", "colocated", "pool")
+
+
+def layout_options(layout: str, gpus: list[str], pool_size: int) -> dict[str, str]:
+    """launchers/disagg.sh options for a layout of the same engines and GPUs:
+    pd         one prefiller (first GPU) and one decoder (last GPU), NixlConnector
+    colocated  `pool_size` plain engines (no KV connector) serving whole requests, spread over
+               the GPUs; the proxy routes each request to the least loaded (no PD)
+    pool       `pool_size` kv_both engines; the proxy's pool planner decides per request"""
+    if layout == "pd":
+        return {"--prefill-gpus": gpus[0], "--decode-gpus": gpus[-1]} if gpus else {}
+    if layout not in LAYOUTS:
+        raise SystemExit(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    options = {"--prefill": "0", "--decode": "0", "--pool": str(pool_size)}
+    if gpus:
+        options["--pool-gpus"] = ",".join(gpus[i % len(gpus)] for i in range(pool_size))
+    if layout == "colocated":
+        options.update({"--pool-connector": "none", "--pool-mode": "colocated"})
+    return options
+
+
+def engine_urls(layout: str, host: str, p: dict[str, int], pool_size: int) -> list[str]:
+    if layout == "pd":
+        return [f"http://{host}:{p['prefill']}", f"http://{host}:{p['decode']}"]
+    return [f"http://{host}:{p['pool'] + i}" for i in range(pool_size)]
 
 
 # ------------------------------------------------------------------ facts about the host
@@ -185,8 +218,7 @@ def up(a: argparse.Namespace) -> int:
         "--health-timeout": str(a.timeout),
         **{f"--{k.replace('_', '-')}-port": str(v) for k, v in p.items()},
     }
-    if gpus:
-        options.update({"--prefill-gpus": gpus[0], "--decode-gpus": gpus[-1]})
+    options.update(layout_options(a.layout, gpus, a.pool_size))
     argv = ["bash", str(LAUNCHER), *(x for kv in options.items() for x in kv), *launcher_args]
     argv += ["--", *shlex.split(a.engine_args), "--dtype", a.dtype]
     env = dict(os.environ)
@@ -212,14 +244,17 @@ def up(a: argparse.Namespace) -> int:
         time.sleep(1)
     ready = round(time.monotonic() - started, 1)
     host = "127.0.0.1"
+    engines = engine_urls(a.layout, host, p, a.pool_size)
     topo = {
         "name": a.name,
-        "connector": a.connector,
+        "connector": a.connector if a.layout != "colocated" else "none",
+        "layout": a.layout,
         "slot": a.slot,
         "pid": proc.pid,
         "proxy": f"http://{host}:{p['proxy']}",
-        "prefill": f"http://{host}:{p['prefill']}",
-        "decode": f"http://{host}:{p['decode']}",
+        "prefill": engines[0],  # the pool's first and last engine stand in for the two roles
+        "decode": engines[-1],
+        "engines": engines,
         "model": a.served_name,
         "tokenizer": a.model,
         "dtype": a.dtype,
@@ -276,6 +311,7 @@ def _target(work: Path, name: str) -> phases.Target:
         t["dtype"],
         t["vocab"],
         Path(t["log_dir"]),
+        tuple(t.get("engines") or (t["prefill"], t["decode"])),
     )
 
 
@@ -298,19 +334,12 @@ def serve_plan(a: argparse.Namespace) -> list[tuple[str, str, int, int, int, flo
                     a.seed_rate,
                 )
             )
-    for rate in [float(x) for x in a.rates.split(",") if x]:
-        num = max(a.sweep_min_prompts, int(rate * a.sweep_seconds))
-        for where in targets:
-            plan.append(
-                (
-                    f"{a.sweep_input}/{a.sweep_output} @ {rate:g}/s",
-                    where,
-                    a.sweep_input,
-                    a.sweep_output,
-                    num,
-                    rate,
-                )
-            )
+    sweeps = ((a.sweep_input, a.sweep_output, a.rates), (a.mix_input, a.mix_output, a.mix_rates))
+    for n_in, n_out, rates in sweeps:
+        for rate in [float(x) for x in rates.split(",") if x]:
+            num = max(a.sweep_min_prompts, int(rate * a.sweep_seconds))
+            for where in targets:
+                plan.append((f"{n_in}/{n_out} @ {rate:g}/s", where, n_in, n_out, num, rate))
     return plan
 
 
@@ -377,6 +406,15 @@ def report(a: argparse.Namespace) -> int:
     md = a.md or a.results.with_suffix(".md")
     md.write_text(render(data, notes))
     print(f"[gpu] wrote {md}", flush=True)
+    png = a.results.with_name(a.results.stem + "-compare.png")
+    try:
+        if plot_compare(data, png):
+            print(f"[gpu] wrote {png}", flush=True)
+    except ImportError:
+        print(
+            "[gpu] no matplotlib here: `python benchmarks/gpu.py report` elsewhere plots",
+            flush=True,
+        )
     return 0
 
 
@@ -384,13 +422,31 @@ def all_steps(a: argparse.Namespace) -> int:
     """The whole benchmark for one host: NIXL, then LMCache, then the report."""
     rc = 0
     for connector in a.connectors.split(","):
-        a.name, a.connector, a.slot = connector, connector, 0
+        a.name, a.connector, a.slot, a.layout = connector, connector, 0, "pd"
         if up(a) != 0:
             rc = 1
             continue
         try:
             a.phases = [p for p in PHASES if not (connector == "lmcache" and p == "calibrate")]
             a.key = None
+            rc |= run(a)
+        finally:
+            down(a)
+    return rc | report(a)
+
+
+def compare(a: argparse.Namespace) -> int:
+    """The same GPUs and engines as PD (1P1D), as colocated engines (no PD) and as an adaptive
+    pool, one after the other, each under the same `vllm bench serve` workloads through the
+    proxy; rows stored under the key `compare` of each configuration."""
+    rc = 0
+    a.connector, a.proxy_only, a.key, a.phases = "nixl", True, "compare", ["serve"]
+    for layout in a.configs.split(","):
+        a.name, a.layout = f"{a.prefix}{layout}", layout
+        if up(a) != 0:
+            rc = 1
+            continue
+        try:
             rc |= run(a)
         finally:
             down(a)
@@ -423,6 +479,9 @@ def main() -> None:
         p.add_argument("--engine-args", default=ENGINE_ARGS, help="vLLM args of both engines")
         p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the engines")
         p.add_argument("--timeout", type=int, default=900, help="seconds for the engines to start")
+        p.add_argument(
+            "--pool-size", type=int, default=2, help="engines of a pool/colocated layout"
+        )
 
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--key", help="store under this name instead of the phase's")
@@ -448,6 +507,9 @@ def main() -> None:
         p.add_argument("--rates", default="2,4,8,16", help="sweep request rates")
         p.add_argument("--sweep-seconds", type=float, default=6.0, help="prompts = rate x this")
         p.add_argument("--sweep-min-prompts", type=int, default=30)
+        p.add_argument("--mix-input", type=int, default=256, help="short-prompt/long-output mix")
+        p.add_argument("--mix-output", type=int, default=1024)
+        p.add_argument("--mix-rates", default="", help="request rates of the mix ('': none)")
         p.add_argument("--proxy-only", action="store_true", help="serve: no direct runs")
         p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
         p.add_argument("--slo-tpot-ms", type=float, default=50.0)
@@ -457,6 +519,7 @@ def main() -> None:
     p.add_argument("name")
     p.add_argument("--connector", choices=["nixl", "lmcache"], default="nixl")
     p.add_argument("--slot", type=int, default=0, choices=range(5), help="port set (see ports)")
+    p.add_argument("--layout", choices=LAYOUTS, default="pd", help="see layout_options")
     topology_args(p)
     p = sub.add_parser("down", help="stop a topology")
     p.add_argument("name")
@@ -473,10 +536,28 @@ def main() -> None:
     p.add_argument("--notes")
     topology_args(p)
     run_args(p)
+    p = sub.add_parser(
+        "compare", help="PD, colocated and the adaptive pool on the same GPUs, then the report"
+    )
+    p.add_argument("--configs", default=",".join(LAYOUTS), help="layouts, in order")
+    p.add_argument("--prefix", default="cmp-", help="topology names: PREFIX + layout")
+    p.add_argument("--md", type=Path)
+    p.add_argument("--notes")
+    p.add_argument("--slot", type=int, default=0, choices=range(5))
+    topology_args(p)
+    run_args(p)
+    p.set_defaults(rates="2,4,6,8", sweep_input=7500, sweep_output=200, mix_rates="4,16")
     a = ap.parse_args()
     if a.results is None:
         a.results = REPO / "benchmarks" / "results" / f"gpu-{gpu_tag(host_facts())}.json"
-    handlers = {"up": up, "down": down, "run": run, "report": report, "all": all_steps}
+    handlers = {
+        "up": up,
+        "down": down,
+        "run": run,
+        "report": report,
+        "all": all_steps,
+        "compare": compare,
+    }
     sys.exit(handlers[a.cmd](a))
 
 

@@ -62,6 +62,10 @@ class Target:
     dtype: str
     vocab: int
     log_dir: Path
+    engines: tuple[str, ...] = ()  # every engine (a pool's decode on any of them)
+
+    def all_engines(self) -> tuple[str, ...]:
+        return self.engines or (self.prefill, self.decode)
 
 
 def _session() -> aiohttp.ClientSession:
@@ -69,6 +73,16 @@ def _session() -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=900),
     )
+
+
+async def engine_metrics(s: aiohttp.ClientSession, urls: tuple[str, ...]) -> dict[str, float]:
+    """Every engine's samples summed by name and labels: the topology's total (in a pool a
+    pull is counted on whichever engine decoded)."""
+    out: dict[str, float] = {}
+    for url in urls:
+        for k, v in (await metrics(s, url)).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 def _greedy(t: Target, **extra: Any) -> dict[str, Any]:
@@ -102,9 +116,11 @@ def nixl_transfer_stats(after: dict[str, float], before: dict[str, float]) -> di
 async def kv_bandwidth(t: Target, sizes: list[int], per_size: int) -> dict[str, Any]:
     rnd = random.Random(3)
     rows = []
+    # NIXL: the pull is counted where it decodes (any engine of a pool); LMCache: the decoder's
+    urls = t.all_engines() if t.connector == "nixl" else (t.decode,)
     async with _session() as s:
         for n_tokens in sizes:
-            before = await metrics(s, t.decode)
+            before = await engine_metrics(s, urls)
             lat = []
             for _ in range(per_size):
                 body = _greedy(t, prompt=token_prompt(rnd, n_tokens, t.vocab), max_tokens=2)
@@ -112,7 +128,7 @@ async def kv_bandwidth(t: Target, sizes: list[int], per_size: int) -> dict[str, 
                 if not a.ok:
                     raise RuntimeError(f"kv_bandwidth: proxy answered {a.status}: {a.error}")
                 lat.append(a.e2e)
-            after = await metrics(s, t.decode)
+            after = await engine_metrics(s, urls)
             row: dict[str, Any] = {"prompt_tokens": n_tokens, "requests": per_size}
             row["client_e2e_ms"] = summary_ms(lat)
             if t.connector == "nixl":
@@ -228,11 +244,11 @@ async def equality(t: Target, max_tokens: int, bound: float, max_prompt: int) ->
                     body.update(logprobs=True, top_logprobs=5, return_tokens_as_token_ids=True)
                 if stream:
                     body["stream_options"] = {"include_usage": True}
-                m0 = await metrics(s, t.decode)
+                m0 = await engine_metrics(s, t.all_engines())
                 via = await call(s, t.proxy + path, body)
-                m1 = await metrics(s, t.decode)
+                m1 = await engine_metrics(s, t.all_engines())
                 direct = await call(s, t.decode + path, body)
-                m2 = await metrics(s, t.decode)
+                m2 = await engine_metrics(s, t.all_engines())
                 row: dict[str, Any] = {"case": label, "endpoint": path, "stream": stream}
                 if not (via.ok and direct.ok):
                     row.update(ok=False, error=f"proxy {via.error} / direct {direct.error}")
@@ -556,6 +572,11 @@ async def _scrape(url: str) -> dict[str, float]:
         return await metrics(s, url)
 
 
+async def _scrape_sum(urls: tuple[str, ...]) -> dict[str, float]:
+    async with _session() as s:
+        return await engine_metrics(s, urls)
+
+
 def serve(
     t: Target,
     plan: list[tuple[str, str, int, int, int, float]],
@@ -598,11 +619,11 @@ def serve(
             f"ttft:{slo_ttft_ms}",
             f"tpot:{slo_tpot_ms}",
         ]
-        d0 = asyncio.run(_scrape(t.decode))
+        d0 = asyncio.run(_scrape_sum(t.all_engines()))
         p0 = asyncio.run(_scrape(t.proxy))
         started = time.time()
         result = bench_serve(argv, bench_cmd, log)
-        d1 = asyncio.run(_scrape(t.decode))
+        d1 = asyncio.run(_scrape_sum(t.all_engines()))
         p1 = asyncio.run(_scrape(t.proxy))
         row: dict[str, Any] = {
             "label": label,
@@ -618,6 +639,13 @@ def serve(
         if t.connector == "nixl":
             row["decoder_pulls"] = int(delta(d1, d0, NIXL_COUNT))
             row["kv"] = nixl_transfer_stats(d1, d0)
+        proxied = delta(p1, p0, "pdproxy_disagg_decisions_total")
+        if proxied:
+            row["disagg_decisions"] = {
+                k.partition("{")[2].rstrip("}"): int(v - p0.get(k, 0.0))
+                for k, v in p1.items()
+                if k.startswith("pdproxy_disagg_decisions_total{") and v != p0.get(k, 0.0)
+            }
         row["proxy_recomputes"] = delta(p1, p0, "pdproxy_kv_recompute_total")
         row["proxy_fallbacks"] = delta(p1, p0, "pdproxy_prefill_fallbacks_total")
         rows.append(row)

@@ -307,6 +307,126 @@ def _serve(runs: dict[str, Any]) -> list[str]:
     ]
 
 
+def _compare_rows(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(layout, row) of every `compare` run, in workload order: the seed's first, then each
+    shape by rate."""
+    topo = data.get("topologies", {})
+    out = []
+    for name, r in data.get("runs", {}).items():
+        for row in r.get("compare", {}).get("rows", []):
+            out.append((topo.get(name, {}).get("layout", name), row))
+    order = {"pd": 0, "colocated": 1, "pool": 2}
+    out.sort(
+        key=lambda lr: (
+            not lr[1]["label"].startswith("seed"),
+            lr[1]["input_len"] < lr[1]["output_len"],
+            lr[1]["request_rate"],
+            order.get(lr[0], 9),
+        )
+    )
+    return out
+
+
+def _compare(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for layout, row in _compare_rows(data):
+        kv = row.get("kv") or {}
+        decisions = row.get("disagg_decisions") or {}
+        local = sum(v for k, v in decisions.items() if 'decision="local"' in k)
+        rows.append(
+            [
+                row["label"],
+                f"**{layout}**",
+                f"{row['completed']}/{row['num_prompts']}",
+                row.get("median_ttft_ms"),
+                row.get("p99_ttft_ms"),
+                row.get("median_itl_ms"),
+                row.get("p99_itl_ms"),
+                row.get("median_tpot_ms"),
+                row.get("median_e2el_ms"),
+                _f(row.get("output_throughput"), 0),
+                _f(row.get("request_goodput"), 2),
+                kv.get("ms_per_transfer", "-"),
+                f"{local}/{sum(decisions.values())}" if decisions else "-",
+            ]
+        )
+    if not rows:
+        return []
+    slo: dict[str, Any] = next(
+        (r["compare"]["slo"] for r in data["runs"].values() if "compare" in r), {}
+    )
+    head = [
+        "workload",
+        "config",
+        "done",
+        "TTFT p50",
+        "p99",
+        "ITL p50",
+        "p99",
+        "TPOT p50",
+        "e2e p50",
+        "out tok/s",
+        "goodput",
+        "KV ms/pull",
+        "local",
+    ]
+    cmds = sorted({row["command"] for _, row in _compare_rows(data)})
+    return [
+        "## PD against colocated serving on the same GPUs (ms)",
+        "",
+        "pd: one prefiller, one decoder, NixlConnector; colocated: the same engines serving whole "
+        "requests, no PD (the proxy routes each to the least loaded); pool: kv_both engines, the "
+        "proxy's planner decides per request (local = served whole on one engine). goodput: "
+        f"requests/s with TTFT <= {slo.get('ttft_ms')} ms and TPOT (mean ITL) <= "
+        f"{slo.get('tpot_ms')} ms. KV ms/pull: the decoding engines' own "
+        "`vllm:nixl_xfer_time_seconds` over the run.",
+        "",
+        *_table(head, rows),
+        "Commands (`--base-url` is each configuration's proxy):",
+        "",
+        *[f"    {c}" for c in cmds],
+        "",
+    ]
+
+
+def plot_compare(data: dict[str, Any], path: Any) -> bool:
+    """Goodput and ITL p99 against request rate, one line per configuration and workload
+    shape; False when there is nothing to plot."""
+    series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for layout, row in _compare_rows(data):
+        shape = f"{row['input_len']}/{row['output_len']}"
+        series.setdefault((layout, shape), []).append(
+            (row["request_rate"], row.get("request_goodput") or 0.0, row.get("p99_itl_ms") or 0.0)
+        )
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shapes = sorted({s for _, s in series})
+    styles = ["-", "--", ":", "-."]
+    for (layout, shape), pts in sorted(series.items()):
+        pts.sort()
+        ls = styles[shapes.index(shape) % len(styles)]
+        label = f"{layout} {shape}"
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=label)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], ls, marker="o", label=label)
+    ax1.set(xlabel="request rate (1/s)", ylabel="goodput (requests/s)", title="goodput")
+    ax2.set(xlabel="request rate (1/s)", ylabel="ms", title="ITL p99", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    gpus = "; ".join(data.get("meta", {}).get("gpus", [])[:2])
+    fig.suptitle(f"PD against colocated on the same GPUs ({gpus})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _calibrate(runs: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for name, r in runs.items():
@@ -405,4 +525,5 @@ def render(data: dict[str, Any], notes: str = "") -> str:
     sections = (_kv_bandwidth, _equality, _latency, _serve, _calibrate, _kv_health, _failures)
     for section in sections:
         lines += section(runs)
+    lines += _compare(data)
     return "\n".join(lines).rstrip() + "\n"

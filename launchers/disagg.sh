@@ -62,6 +62,9 @@ KV transfer
                            (vLLM 0.24's V2 model runner ignores it: VLLM_USE_V2_MODEL_RUNNER=0)
   --no-cross-layer-blocks  per-layer regions (vLLM's own default)
   --kv-buffer-device D     kv_buffer_device: cuda (default on GPUs) or cpu
+  --lmcache-buffer-size B  LMCache pd_buffer_size of each decoder in bytes (a number, or with a
+                           K/M/G suffix, powers of 1024): its receive buffer must hold the prompts in
+                           flight (default the YAML's 2 GiB: ~8 prompts of 2000 tokens of an 8B model)
   --kv-extra KEY=VALUE     add KEY to kv_connector_extra_config of every engine (repeatable;
                            VALUE is a number, true/false/null, or a string)
   --prefill-kv-extra KEY=VALUE, --decode-kv-extra KEY=VALUE, --pool-kv-extra KEY=VALUE
@@ -94,7 +97,7 @@ set_defaults() {
   PROXY_CMD_STR="" START_PROXY=1 WARMUP=1 DRY_RUN=0 STOP_GRACE=20 WARMUP_TIMEOUT=300
   CONFIG_DIR=$REPO_DIR/configs EXTRA_ARGS=()
   UCX_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y} BLOCK_SIZE="" PREFILL_BLOCK_SIZE=""
-  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS=0 KV_BUFFER_DEVICE=""
+  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS=0 KV_BUFFER_DEVICE="" LMCACHE_BUFFER_SIZE=""
   KV_EXTRA=() PREFILL_KV_EXTRA=() DECODE_KV_EXTRA=() PREFILL_ARGS_STR="" DECODE_ARGS_STR=""
   PROXY_ARGS_STR=""
 }
@@ -139,6 +142,7 @@ parse_args() {
       --cross-layer-blocks) CROSS_LAYER_BLOCKS=1 ;;
       --no-cross-layer-blocks) CROSS_LAYER_BLOCKS=0 ;;
       --kv-buffer-device) need_value "$@"; KV_BUFFER_DEVICE=$2; shift ;;
+      --lmcache-buffer-size) need_value "$@"; LMCACHE_BUFFER_SIZE=$(byte_count "$2") || die "--lmcache-buffer-size: '$2' is not a size (e.g. 8589934592 or 8G)"; shift ;;
       --kv-extra) need_value "$@"; KV_EXTRA+=("$2"); shift ;;
       --prefill-kv-extra) need_value "$@"; PREFILL_KV_EXTRA+=("$2"); shift ;;
       --decode-kv-extra) need_value "$@"; DECODE_KV_EXTRA+=("$2"); shift ;;

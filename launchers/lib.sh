@@ -181,12 +181,25 @@ kv_transfer_config() {
 
 lmcache_yaml_path() { echo "$LOG_DIR/lmcache-$1-$2.yaml"; }
 
+# Bytes of a size given as digits with an optional K, M or G (powers of 1024) suffix.
+byte_count() {
+  local n=${1%[KkMmGg]} unit=${1: -1} mult=1
+  [[ $n =~ ^[0-9]+$ ]] || return 1
+  case $unit in [Kk]) mult=1024 ;; [Mm]) mult=1048576 ;; [Gg]) mult=1073741824 ;; esac
+  ((n * mult > 0)) || return 1
+  echo $((n * mult))
+}
+
 # The instance's LMCache YAML: the commented template from configs/ with the keys that
 # differ per instance rewritten.
 lmcache_yaml() {
   local role=$1 idx=$2 template
   if [[ $role == prefill ]]; then template=$CONFIG_DIR/lmcache-prefiller.yaml; else template=$CONFIG_DIR/lmcache-decoder.yaml; fi
   [[ -r $template ]] || die "LMCache template $template is missing"
+  local buffer="s|^pd_buffer_size:.*|&|"  # the receive buffer: decoders' only
+  if [[ $role != prefill && -n $LMCACHE_BUFFER_SIZE ]]; then
+    buffer="s|^pd_buffer_size:.*|pd_buffer_size: $LMCACHE_BUFFER_SIZE|"
+  fi
   sed -E \
     -e "s|^pd_buffer_device:.*|pd_buffer_device: \"$KV_BUFFER_DEVICE\"|" \
     -e "s|^pd_proxy_host:.*|pd_proxy_host: \"$HOST\"|" \
@@ -194,7 +207,7 @@ lmcache_yaml() {
     -e "s|^pd_peer_host:.*|pd_peer_host: \"$HOST\"|" \
     -e "s|^pd_peer_init_port:.*|pd_peer_init_port: [$(lmcache_ports "$LMCACHE_INIT_PORT" "$idx")]|" \
     -e "s|^pd_peer_alloc_port:.*|pd_peer_alloc_port: [$(lmcache_ports "$LMCACHE_ALLOC_PORT" "$idx")]|" \
-    "$template"
+    -e "$buffer" "$template"
 }
 
 # KEY=VALUE lines of the environment the launcher sets for one engine instance.

@@ -209,6 +209,23 @@ def test_1p1d_lmcache_starts_proxy_first(tmp_path: Path) -> None:
     assert plan.commands["proxy"].flag("--connector") == "lmcache"
 
 
+@pytest.mark.parametrize(
+    ("size", "expected"), [("8G", 8 << 30), ("512M", 512 << 20), ("3000", 3000)]
+)
+def test_lmcache_buffer_size_sets_the_receivers_buffer_only(
+    tmp_path: Path, size: str, expected: int
+) -> None:
+    plan = dry_run(
+        "--model", "m", "--connector", "lmcache", "--decode", "2",
+        "--lmcache-buffer-size", size, tmp_path=tmp_path,
+    )  # fmt: skip
+    sender = yaml.safe_load(plan.files[plan.commands["prefill-0"].env["LMCACHE_CONFIG_FILE"]])
+    assert sender["pd_buffer_size"] == 1 << 30  # the template's: a sender stages, not receives
+    for decode in plan.engines("decode"):
+        receiver = yaml.safe_load(plan.files[decode.env["LMCACHE_CONFIG_FILE"]])
+        assert receiver["pd_buffer_size"] == expected
+
+
 def test_2p2d_lmcache_unique_ports_and_rpc_names(tmp_path: Path) -> None:
     plan = dry_run(
         "--model", "m", "--connector", "lmcache", "--prefill", "2", "--decode", "2",
@@ -378,6 +395,8 @@ def test_a_colocated_pool_of_plain_engines(tmp_path: Path) -> None:
         ),
         (["--model", "m", "--pool", "2", "--pool-gpus", "0"], "--pool-gpus '0' has 1 id(s); 2"),
         (["--model", "m", "--pool", "11"], "at most 10 instances per role"),
+        (["--model", "m", "--lmcache-buffer-size", "8X"], "'8X' is not a size"),
+        (["--model", "m", "--lmcache-buffer-size", "0"], "'0' is not a size"),
     ],
 )
 def test_bad_arguments_fail_clearly(args: list[str], message: str) -> None:
