@@ -587,7 +587,7 @@ def serve(
     """plan: (label, 'proxy'|'direct', input_len, output_len, num_prompts, rate)."""
     rows = []
     log = t.log_dir / "bench-serve.log"
-    for label, where, n_in, n_out, num, rate in plan:
+    for i, (label, where, n_in, n_out, num, rate) in enumerate(plan):
         base = t.proxy if where == "proxy" else t.decode
         argv = [
             "--backend",
@@ -610,7 +610,7 @@ def serve(
             str(rate),
             "--ignore-eos",
             "--seed",
-            "0",
+            str(i // 2 if plan[0][1] != plan[-1][1] else i),  # proxy and direct: same prompts
             "--percentile-metrics",
             "ttft,tpot,itl,e2el",
             "--metric-percentiles",

@@ -379,7 +379,8 @@ def _compare(data: dict[str, Any]) -> list[str]:
         "proxy's planner decides per request (local = served whole on one engine). goodput: "
         f"requests/s with TTFT <= {slo.get('ttft_ms')} ms and TPOT (mean ITL) <= "
         f"{slo.get('tpot_ms')} ms. KV ms/pull: the decoding engines' own "
-        "`vllm:nixl_xfer_time_seconds` over the run.",
+        "`vllm:nixl_xfer_time_seconds` over the run. Goodput and ITL p99 against rate: "
+        "`*-compare.png` beside this file.",
         "",
         *_table(head, rows),
         "Commands (`--base-url` is each configuration's proxy):",

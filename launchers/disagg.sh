@@ -57,10 +57,12 @@ KV transfer
   --prefill-block-size N   ... of the prefillers only
   --decode-block-size N    ... of the decoders only
   --nixl-threads N         NixlConnector num_threads (kv_connector_extra_config; vLLM's default 4)
-  --cross-layer-blocks     NixlConnector enable_cross_layers_blocks: one contiguous region per
-                           block for all layers, so a pull moves far fewer, larger pieces
-                           (vLLM 0.24's V2 model runner ignores it: VLLM_USE_V2_MODEL_RUNNER=0)
-  --no-cross-layer-blocks  per-layer regions (vLLM's own default)
+  --cross-layer-blocks     NixlConnector enable_cross_layers_blocks: one region per block for all
+                           layers, so a pull moves ~64x fewer, larger pieces (default on cuda). vLLM
+                           allocates them on its V1 model runner only, so the launcher also sets
+                           VLLM_USE_V2_MODEL_RUNNER=0 for KV engines unless it is set already
+                           (H200, 8B: a 2000-token pull 2.2 ms instead of 39 ms; README)
+  --no-cross-layer-blocks  per-layer regions and vLLM's own choice of model runner (default on cpu)
   --kv-buffer-device D     kv_buffer_device: cuda (default on GPUs) or cpu
   --lmcache-buffer-size B  LMCache pd_buffer_size of each decoder in bytes (a number, or with a
                            K/M/G suffix, powers of 1024): its receive buffer must hold the prompts in
@@ -97,7 +99,7 @@ set_defaults() {
   PROXY_CMD_STR="" START_PROXY=1 WARMUP=1 DRY_RUN=0 STOP_GRACE=20 WARMUP_TIMEOUT=300
   CONFIG_DIR=$REPO_DIR/configs EXTRA_ARGS=()
   UCX_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y} BLOCK_SIZE="" PREFILL_BLOCK_SIZE=""
-  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS=0 KV_BUFFER_DEVICE="" LMCACHE_BUFFER_SIZE=""
+  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS="" KV_BUFFER_DEVICE="" LMCACHE_BUFFER_SIZE=""
   KV_EXTRA=() PREFILL_KV_EXTRA=() DECODE_KV_EXTRA=() PREFILL_ARGS_STR="" DECODE_ARGS_STR=""
   PROXY_ARGS_STR=""
 }
@@ -220,10 +222,14 @@ validate() {
   read -r -a DECODE_ARGS <<<"$DECODE_ARGS_STR"
   read -r -a POOL_ARGS <<<"$POOL_ARGS_STR"
   read -r -a PROXY_ARGS <<<"$PROXY_ARGS_STR"
-  if ((CROSS_LAYER_BLOCKS)) && [[ $CONNECTOR == nixl && ${VLLM_USE_V2_MODEL_RUNNER:-} != 0 ]]; then
-    log "warning: --cross-layer-blocks has no effect where vLLM runs the model on its V2 model runner" \
-      "(the default for Llama in vLLM 0.24: the pull still moves one descriptor per layer);" \
-      "export VLLM_USE_V2_MODEL_RUNNER=0 for the V1 runner, which allocates cross-layer blocks"
+  if [[ -z $CROSS_LAYER_BLOCKS ]]; then  # default: on where vLLM can use them (CUDA attention)
+    if [[ $DEVICE == cuda ]]; then CROSS_LAYER_BLOCKS=1; else CROSS_LAYER_BLOCKS=0; fi
+  fi
+  if ((CROSS_LAYER_BLOCKS)) && [[ $CONNECTOR == nixl && -n ${VLLM_USE_V2_MODEL_RUNNER:-} &&
+    ${VLLM_USE_V2_MODEL_RUNNER,,} =~ ^(1|true|yes)$ ]]; then
+    log "warning: cross-layer blocks have no effect on vLLM's V2 model runner" \
+      "(VLLM_USE_V2_MODEL_RUNNER=$VLLM_USE_V2_MODEL_RUNNER: the pull still moves one descriptor per" \
+      "layer and block); unset it to let the launcher pick the V1 runner, which allocates them"
   fi
   LOG_DIR=$(realpath -m "$LOG_DIR")
   if [[ -n $PROXY_CMD_STR ]]; then

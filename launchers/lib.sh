@@ -232,6 +232,12 @@ instance_env() {
   # NIXL moves the KV through UCX; without this, UCX allows cuda_ipc reads (the decoder's
   # pull) only where NVML reports NVLink, and pulls go through TCP (README "KV transfer").
   if [[ $DEVICE == cuda ]]; then echo "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=$UCX_GET_ZCOPY"; fi
+  # Cross-layer KV blocks exist only on vLLM's V1 model runner (0.24 runs Llama on V2, whose
+  # connector glue does not register them); the user's own VLLM_USE_V2_MODEL_RUNNER wins.
+  if has_kv "$role" && [[ $CONNECTOR == nixl ]] && ((CROSS_LAYER_BLOCKS)) &&
+    [[ -z ${VLLM_USE_V2_MODEL_RUNNER+set} ]]; then
+    echo "VLLM_USE_V2_MODEL_RUNNER=0"
+  fi
 }
 
 engine_cmd() {

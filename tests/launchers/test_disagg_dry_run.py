@@ -107,8 +107,11 @@ def test_1p1d_nixl_cuda(tmp_path: Path) -> None:
         "kv_connector": "NixlConnector",
         "kv_role": "kv_producer",
         "kv_buffer_device": "cuda",
+        "kv_connector_extra_config": {"enable_cross_layers_blocks": True},
     }
     assert decode.kv_config == dict(prefill.kv_config, kv_role="kv_consumer")
+    # cross-layer blocks exist on vLLM's V1 model runner only
+    assert prefill.env["VLLM_USE_V2_MODEL_RUNNER"] == decode.env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     assert prefill.env["CUDA_VISIBLE_DEVICES"] == "0"
     assert decode.env["CUDA_VISIBLE_DEVICES"] == "1"
     assert prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
@@ -260,6 +263,33 @@ def test_ucx_get_zcopy_from_the_environment_or_the_flag(tmp_path: Path) -> None:
     assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("prefill")} == {"n"}
 
 
+def test_cross_layer_blocks_and_the_model_runner(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_USE_V2_MODEL_RUNNER"}
+    plan = dry_run("--model", "m", "--no-cross-layer-blocks", tmp_path=tmp_path, env=env)
+    for cmd in plan.engines("prefill") + plan.engines("decode"):
+        assert "kv_connector_extra_config" not in cmd.kv_config
+        assert "VLLM_USE_V2_MODEL_RUNNER" not in cmd.env  # vLLM's own choice
+    plan = dry_run("--model", "m", "--device", "cpu", tmp_path=tmp_path, env=env)
+    for cmd in plan.engines("prefill") + plan.engines("decode"):
+        assert "kv_connector_extra_config" not in cmd.kv_config
+        assert "VLLM_USE_V2_MODEL_RUNNER" not in cmd.env
+    plan = dry_run("--model", "m", "--pool", "2", "--prefill", "0", "--decode", "0",
+                   tmp_path=tmp_path, env=env)  # fmt: skip
+    for cmd in plan.engines("pool"):
+        assert cmd.kv_config["kv_connector_extra_config"] == {"enable_cross_layers_blocks": True}
+        assert cmd.env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    # the user's own choice of runner is kept, with a warning where it defeats the layout
+    result = subprocess.run(
+        ["bash", str(LAUNCHER), "--dry-run", "--python", PY, "--log-dir", str(tmp_path),
+         "--model", "m"],
+        capture_output=True, text=True, timeout=120,
+        env={**env, "VLLM_USE_V2_MODEL_RUNNER": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" not in result.stdout
+    assert "cross-layer blocks have no effect on vLLM's V2 model runner" in result.stderr
+
+
 def test_per_role_kv_and_engine_options(tmp_path: Path) -> None:
     plan = dry_run(
         "--model", "m", "--block-size", "64", "--decode-block-size", "16",
@@ -323,7 +353,12 @@ def test_a_pool_alone_kv_both_with_its_own_ports_and_gpus(tmp_path: Path) -> Non
     assert [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in engines] == ["5800", "5810", "5820"]
     assert all(
         c.kv_config
-        == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"}
+        == {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_both",
+            "kv_buffer_device": "cuda",
+            "kv_connector_extra_config": {"enable_cross_layers_blocks": True},
+        }
         for c in engines
     )
     proxy = plan.commands["proxy"]
@@ -344,7 +379,11 @@ def test_a_pool_beside_dedicated_engines_takes_the_next_gpus(tmp_path: Path) -> 
     assert [c.flag("--port") for c in pool] == ["8600", "8601"]
     assert all(c.flag("--tensor-parallel-size") == "2" for c in pool)
     assert all(c.flag("--max-num-seqs") == "64" for c in pool)
-    assert all(c.kv_config["kv_connector_extra_config"] == {"num_threads": 8} for c in pool)
+    assert all(
+        c.kv_config["kv_connector_extra_config"]
+        == {"num_threads": 8, "enable_cross_layers_blocks": True}
+        for c in pool
+    )
     assert "--max-num-seqs" not in plan.commands["decode-0"].argv
     side = [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in plan.commands.values() if c.env]
     assert len(set(side)) == 4
