@@ -36,6 +36,16 @@ def test_shipped_h200_profile_differs_from_the_defaults() -> None:
     assert timing.xfer_overhead_ms > default.xfer_overhead_ms
 
 
+def test_the_cross_layer_profile_pulls_faster_with_the_same_compute() -> None:
+    xl, v2 = load_profile(H200 + "-xl"), load_profile(H200)
+    assert H200 + "-xl" in shipped() and "nixl-v1-xl" in xl.source
+    same = ("prefill_ms_per_token", "decode_base_ms", "decode_ms_per_seq")
+    assert all(xl.timing[k] == v2.timing[k] for k in same)
+    pull = {p.name: Timing(**p.timing) for p in (xl, v2)}  # 2000 tokens: 125 blocks of 16
+    ms = {n: t.xfer_overhead_ms + 125 * t.xfer_ms_per_block for n, t in pull.items()}
+    assert ms[xl.name] < 5.0 < ms[v2.name]  # measured 2.2 against 36.4 ms
+
+
 def test_flags_override_the_profile_and_defaults_fill_the_rest(tmp_path: Path) -> None:
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"timing": {"decode_base_ms": 3.0, "prefill_ms_per_token": 0.01}}))
