@@ -98,8 +98,12 @@ class ProxyApp:
             routing.kv_high,
         )
         policies = {config.prefill_policy, config.decode_policy}
-        # engine load from /metrics: for the policies that read it (prefix_aware bounds by it)
-        scraped = bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool)
+        # engine load from /metrics: for the policies that read it (prefix_aware bounds by it),
+        # and whether an engine caches prefixes, for the estimates of conditional disaggregation
+        # and the pool's planner
+        scraped = (
+            bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool) or disagg.enabled
+        )
         self.scraper = (
             Scraper(self.engine, lambda: (*prefill.members, *decode.members, *pool.members),
                     observe_load, routing.scrape_interval, routing.scrape_timeout)

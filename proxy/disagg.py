@@ -84,6 +84,8 @@ class DisaggPlanner:
         """Whether this request on `decoder` gets a prefill leg; counted in the metrics."""
         blocks = prefix_blocks(info.prefix, self.block_chars)
         cached_chars = self.index.matched(blocks).get(decoder.url, 0) * self.block_chars
+        if not decoder.caches_prefixes:
+            cached_chars = 0  # it serves the same prefix again from scratch
         self.index.record(blocks, decoder.url)  # it will hold this prefix either way
         decision = Decision(True, "long")
         if decoder.kv_transfer is not None and decoder.kv_transfer.slow:

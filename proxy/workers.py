@@ -82,6 +82,8 @@ class EngineLoad:
     waiting: float
     kv_usage: float
     inflight_at_scrape: int
+    # vllm:cache_config_info's enable_prefix_caching; None where the engine does not say
+    prefix_caching: bool | None = None
 
 
 @dataclass(slots=True)
@@ -155,6 +157,8 @@ class Worker:
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
     kv_transfer: KvTransfer | None = None  # recent KV pulls (decoders; see proxy.kvhealth)
+    # whether it keeps a prefix cache, as its metrics last said (kept across failed scrapes)
+    prefix_caching: bool | None = None
     lean: Lean | None = None  # pool engines: the side the pool's controller leans it to now
     prefill_tokens: int = 0  # prompt tokens the proxy sent it to compute, not computed yet
     decode_streams: int = 0  # answers (decode legs) the proxy has it generating now
@@ -162,6 +166,11 @@ class Worker:
     last_probe: dict[str, Any] | None = None  # the result of its last admission probe
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
     idle: asyncio.Event | None = field(default=None, repr=False)  # set when a drain finds 0 left
+
+    @property
+    def caches_prefixes(self) -> bool:
+        """vLLM's default (on) unless the engine's metrics said otherwise."""
+        return self.prefix_caching is not False
 
     @property
     def breaker_allows(self) -> bool:
@@ -200,6 +209,7 @@ class Worker:
                 "kv_usage": self.engine_load.kv_usage,
             },
             "kv_transfer": None if self.kv_transfer is None else self.kv_transfer.describe(),
+            "prefix_caching": self.prefix_caching,
             "lean": self.lean,
             "prefill_tokens": self.prefill_tokens,
             "decode_streams": self.decode_streams,

@@ -80,10 +80,22 @@ class Metrics:
         kv_usage: float,
         held_blocks: int,
         deferred: int = 0,
+        cache_config: dict[str, str] | None = None,
     ) -> str:
-        """The text exposition; ``deferred`` of the ``waiting`` requests wait for a KV pull."""
+        """The text exposition; ``deferred`` of the ``waiting`` requests wait for a KV pull;
+        ``cache_config`` the labels of ``vllm:cache_config_info`` (vLLM: every CacheConfig field
+        as a string, and ``engine``, no ``model_name``)."""
         lbl = f'engine="0",model_name="{_escape(model)}"'
         out: list[str] = []
+        if cache_config is not None:
+            info = ",".join(
+                f'{k}="{_escape(v)}"' for k, v in {**cache_config, "engine": "0"}.items()
+            )
+            out += [
+                "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+                "# TYPE vllm:cache_config_info gauge",
+                f"vllm:cache_config_info{{{info}}} 1.0",
+            ]
 
         def metric(name: str, kind: str, doc: str, samples: list[tuple[str, str, float]]) -> None:
             out.append(f"# HELP {name} {doc}")

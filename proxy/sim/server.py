@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.sim.config import SimConfig
+from proxy.sim.config import BLOCK_SIZE, SimConfig
 from proxy.sim.control import Record, Records, add_control_routes
 from proxy.sim.engine import Engine, Sequence
 from proxy.sim.faults import Faults, FaultState
@@ -282,6 +282,11 @@ class SimServer:
             engine.pool.usage,
             engine.pool.held_blocks,
             engine.pulling,
+            {
+                "block_size": str(BLOCK_SIZE),
+                "enable_prefix_caching": str(self.config.prefix_caching),
+                "num_gpu_blocks": str(self.config.num_gpu_blocks),
+            },
         )
         if self.lmcache is not None:
             text += self.lmcache.render()

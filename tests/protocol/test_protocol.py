@@ -430,6 +430,21 @@ METRICS = [
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_cache_config_info_says_whether_the_engine_caches_prefixes(
+    engines: Engines, role: str
+) -> None:
+    """The proxy's prefix estimates (conditional disaggregation, the pool) count cached
+    tokens only on engines whose vllm:cache_config_info says enable_prefix_caching="True"."""
+    info = [ln for ln in metrics(getattr(engines, role)).splitlines()
+            if ln.startswith("vllm:cache_config_info{")]  # fmt: skip
+    assert len(info) == 1 and info[0].endswith(" 1.0")
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info[0].split("{", 1)[1].rsplit("}", 1)[0]))
+    assert labels["enable_prefix_caching"] in ("True", "False")
+    assert labels["engine"] == "0" and labels["block_size"].isdigit()
+    assert "model_name" not in labels
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_metric_names_and_labels(engines: Engines, role: str) -> None:
     text = metrics(getattr(engines, role))
     samples = [line for line in text.splitlines() if line.startswith("vllm:")]
