@@ -307,21 +307,22 @@ def _serve(runs: dict[str, Any]) -> list[str]:
     ]
 
 
-def _compare_rows(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(layout, row) of every `compare` run, in workload order: the seed's first, then each
-    shape by rate."""
+def _compare_rows(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(layout, topology, row) of every `compare` run, in workload order: the seed's first,
+    then each shape by rate."""
     topo = data.get("topologies", {})
     out = []
     for name, r in data.get("runs", {}).items():
         for row in r.get("compare", {}).get("rows", []):
-            out.append((topo.get(name, {}).get("layout", name), row))
+            out.append((topo.get(name, {}).get("layout", name), name, row))
     order = {"pd": 0, "colocated": 1, "pool": 2}
     out.sort(
         key=lambda lr: (
-            not lr[1]["label"].startswith("seed"),
-            lr[1]["input_len"] < lr[1]["output_len"],
-            lr[1]["request_rate"],
+            not lr[2]["label"].startswith("seed"),
+            lr[2]["input_len"] < lr[2]["output_len"],
+            lr[2]["request_rate"],
             order.get(lr[0], 9),
+            lr[1],
         )
     )
     return out
@@ -329,14 +330,14 @@ def _compare_rows(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _compare(data: dict[str, Any]) -> list[str]:
     rows = []
-    for layout, row in _compare_rows(data):
+    for layout, name, row in _compare_rows(data):
         kv = row.get("kv") or {}
         decisions = row.get("disagg_decisions") or {}
         local = sum(v for k, v in decisions.items() if 'decision="local"' in k)
         rows.append(
             [
                 row["label"],
-                f"**{layout}**",
+                f"**{layout}** `{name}`",
                 f"{row['completed']}/{row['num_prompts']}",
                 row.get("median_ttft_ms"),
                 row.get("p99_ttft_ms"),
@@ -370,7 +371,7 @@ def _compare(data: dict[str, Any]) -> list[str]:
         "KV ms/pull",
         "local",
     ]
-    cmds = sorted({row["command"] for _, row in _compare_rows(data)})
+    cmds = sorted({row["command"] for _, _, row in _compare_rows(data)})
     return [
         "## PD against colocated serving on the same GPUs (ms)",
         "",
@@ -394,9 +395,9 @@ def plot_compare(data: dict[str, Any], path: Any) -> bool:
     """Goodput and ITL p99 against request rate, one line per configuration and workload
     shape; False when there is nothing to plot."""
     series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    for layout, row in _compare_rows(data):
+    for _, name, row in _compare_rows(data):
         shape = f"{row['input_len']}/{row['output_len']}"
-        series.setdefault((layout, shape), []).append(
+        series.setdefault((name, shape), []).append(
             (row["request_rate"], row.get("request_goodput") or 0.0, row.get("p99_itl_ms") or 0.0)
         )
     if not series:
