@@ -1,7 +1,7 @@
 """Adaptive disaggregation: a pool of 4 engines placed per request against every fixed split.
 
 Four simulated engines with the H200 timing profile (`--timing-profile h200-llama-8b-bf16`:
-prefill 0.0245 ms per token, decode step 4.73 ms + 0.020 ms per sequence, pull 13.8 ms + 0.18 ms
+prefill 0.0231 ms per token, decode step 4.73 ms + 0.020 ms per sequence, pull 13.6 ms + 0.18 ms
 per 16-token block; chunked prefill of 8192 tokens, a decode taking one token of the budget),
 `--max-num-seqs` 16 each (so that decode capacity runs out at rates this 2-core machine can
 drive), all delays slowed by `--speed-factor` (5: the client, the proxy and four engines share
@@ -69,6 +69,7 @@ from benchmarks.harness import (
     provenance_lines,
     stream_once,
 )
+from proxy.sim.profile import load_profile
 from proxy.sim.tokenizer import WORDS
 
 COMPLETIONS = "/v1/completions"
@@ -175,7 +176,9 @@ def proxy_config(name: str, engines: list[Proc], args: argparse.Namespace) -> di
     s = args.speed_factor
     planner = {
         # the engines' capacity, in wall seconds of these slowed-down engines
-        "prefill_tokens_per_second": 1000.0 / 0.02452 / s,
+        "prefill_tokens_per_second": 1000.0
+        / load_profile(PROFILE).timing["prefill_ms_per_token"]
+        / s,
         "decode_streams": args.max_num_seqs,
         # the controller's time constants, in engine seconds, scaled
         "window": args.window * s,
