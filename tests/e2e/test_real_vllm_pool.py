@@ -104,7 +104,8 @@ def handshake(proxy: str, decoder: str) -> None:
     handshake between two engines can time out (the decoder answers 500 once)."""
     for i in range(5):
         before = metric(decoder, XFER)
-        body = {"model": Topology.model, "prompt": f"warm {i}: {LONG}", "max_tokens": 2}
+        # more tokens than pool_planner.local_max_tokens, or it is answered where computed
+        body = {"model": Topology.model, "prompt": f"warm {i}: {LONG}", "max_tokens": 8}
         ok = httpx.post(proxy + "/v1/completions", json=body, timeout=300).status_code == 200
         if ok and wait_metric(decoder, XFER, before + 1, timeout=30) > before:
             return
