@@ -184,6 +184,7 @@ def proxy_config(name: str, engines: list[Proc], args: argparse.Namespace) -> di
         "window": args.window * s,
         "interval": 0.5 * s,
         "min_dwell": 1.5 * s,
+        "max_prefill_wait": 0.5 * s,
         "hold": 2,
     }
     mode = "colocated" if name == "colocated" else "adaptive"

@@ -48,7 +48,7 @@ log = logging.getLogger("pdproxy")
 CHARS_PER_TOKEN = 4  # a prompt's size when no engine counted it (English text, roughly)
 # plans whose prompt wants computing on the prefill side (where one leans so)
 PREFILL_SIDE_REASONS = frozenset(
-    {"long", "no_prefiller", "slow_kv", "single_engine", "short_output"}
+    {"long", "no_prefiller", "slow_kv", "single_engine", "short_output", "prefill_busy"}
 )
 
 
@@ -80,7 +80,13 @@ class PoolPlanner:
         self.metrics = metrics
         self.config = config
         self.mode = mode
-        self.rules = Rules(mode, config.min_prefill_tokens, config.local_max_tokens)
+        self.rules = Rules(
+            mode,
+            config.min_prefill_tokens,
+            config.local_max_tokens,
+            config.prefill_tokens_per_second,
+            config.max_prefill_wait,
+        )
         self.waiting_weight = waiting_weight
         self.kv_high = kv_high
         self.block_chars = block_chars
