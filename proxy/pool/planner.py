@@ -7,7 +7,7 @@ in `pdproxy_disagg_decisions_total{decision,reason}` and hands the request path 
 proxy.placement.Plan. Nothing is awaited after the snapshot.
 
 `run` is the controller's loop (proxy.pool.controller): every `interval` seconds it samples the
-decode streams, decides, moves at most one engine's lean, and logs why. Its state is in /stats
+decode streams, decides, moves the leans it decided, and logs why. Its state is in /stats
 (`pool`) and /metrics (`pdproxy_pool_engines{lean}`, `pdproxy_pool_engine_lean{id,url,lean}`,
 `pdproxy_pool_lean_changes_total{lean}`, the measured demand).
 
@@ -216,20 +216,20 @@ class PoolPlanner:
 
     # --- the controller ---
 
-    def step(self) -> Change | None:
-        """One controller decision, applied: sample the streams, decide, move one engine (in
-        manual mode: sample only)."""
+    def step(self) -> list[Change]:
+        """One controller decision, applied: sample the streams, decide, move the engines it
+        names (in manual mode: sample only)."""
         now = self.clock()
         routed = self.routed()
         self.controller.load.streams(now, sum(w.decode_streams for w in routed))
         if self.manual:
-            return None
+            return []
         dedicated = [w for w in routed if w.role != "pool" and w.available]
         engines = [
             EngineState(w.id, w.available, w.lean or "decode", w.decode_streams, w.prefill_tokens)
             for w in self.pooled
         ]
-        change = self.controller.decide(
+        changes = self.controller.decide(
             now,
             engines,
             sum(1 for w in dedicated if w.role == "prefill"),
@@ -237,11 +237,10 @@ class PoolPlanner:
         )
         for worker in self.pooled:
             worker.lean = worker.lean or "decode"
-        if change is None:
-            return None
-        worker = next(w for w in self.pooled if w.id == change.id)
-        self._lean(worker, change.lean, change.why)
-        return change
+        by_id = {w.id: w for w in self.pooled}
+        for change in changes:
+            self._lean(by_id[change.id], change.lean, change.why)
+        return changes
 
     def _lean(self, worker: Worker, lean: Lean, why: str) -> None:
         worker.lean = lean

@@ -90,21 +90,34 @@ class Pool:
             self.ctl.load.prompt(self.now, int(long_tps(self.now)), True)
             self.ctl.load.streams(self.now, round(streams))
             engines = [EngineState(k, k not in self.down, v) for k, v in self.leans.items()]
-            change = self.ctl.decide(self.now, engines)
-            if change is not None:
+            for change in self.ctl.decide(self.now, engines):
                 self.leans[change.id] = change.lean
                 self.changes.append((self.now, change.id, change.lean))
 
 
-def test_a_step_up_in_prompt_load_moves_engines_to_prefill_one_at_a_time() -> None:
+def test_a_step_up_beyond_the_decode_sides_capacity_moves_straight_to_the_best_split() -> None:
     pool = Pool()
     pool.run(20, lambda t: 0)
     assert pool.prefill == 0 and not pool.changes
-    pool.run(60, lambda t: 25_000)  # 2.5 engines' worth of prompts
+    # 2.5 engines' worth of prompts: all decoding, they would need 125% of their time
+    pool.run(60, lambda t: 25_000)
     assert pool.prefill == 3  # 3 prefilling, 1 decoding: prefill side at 83%
+    assert [lean for _, _, lean in pool.changes] == ["prefill"] * 3
+    # the window fills over 10 s: a first move while the measured load is still within
+    # capacity, then the rest at once, without waiting out min_dwell (5 s) between them
     times = [t for t, _, _ in pool.changes]
-    assert all(b - a >= 5.0 for a, b in itertools.pairwise(times))  # min_dwell
-    assert all(lean == "prefill" for _, _, lean in pool.changes)
+    assert times == [24.0, 27.0, 27.0]
+
+
+def test_within_capacity_engines_move_one_at_a_time_min_dwell_apart() -> None:
+    pool = Pool()
+    pool.run(60, lambda t: 25_000)
+    moved = len(pool.changes)
+    pool.run(60, lambda t: 0, streams=8)  # no more long prompts, fewer streams than 1 engine
+    assert pool.prefill == 0
+    back = pool.changes[moved:]
+    assert [lean for _, _, lean in back] == ["decode"] * 3
+    assert all(b[0] - a[0] >= 5.0 for a, b in itertools.pairwise(back))  # min_dwell
 
 
 def test_a_step_down_moves_them_back_and_then_holds_still() -> None:
@@ -136,7 +149,7 @@ def test_a_gain_below_the_hysteresis_is_not_taken() -> None:
     for t in range(1, 31):
         ctl.load.prompt(float(t), 12_000, True)
         ctl.load.streams(float(t), 5 + t % 2)  # 5.5 on average
-        assert ctl.decide(float(t), engines) is None
+        assert ctl.decide(float(t), engines) == []
     # 3 prefilling would be best (55% against 60% busy), but not by 15%
     assert ctl.target == 3
     assert ctl.last_costs[2] == pytest.approx(0.6)
@@ -149,7 +162,7 @@ def test_a_change_waits_for_hold_decisions_in_a_row() -> None:
     moved = []
     for t in range(1, 6):
         ctl.load.prompt(float(t), 30_000, True)
-        moved.append(ctl.decide(float(t), engines) is not None)
+        moved.append(ctl.decide(float(t), engines) != [])
     assert moved == [False, False, True, False, False]  # 3 in a row; then the count starts over
 
 
