@@ -58,9 +58,9 @@ def start_pool_proxy(tmp: Path, engines: list[Sim], **keys: Any) -> Proxy:
 
 
 def complete(
-    proxy: Proxy, prompt: str, max_tokens: int = 8, stream: bool = False
+    proxy: Proxy, prompt: str, max_tokens: int = 8, stream: bool = False, **extra: Any
 ) -> httpx.Response:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream, **extra}
     resp = httpx.post(proxy.url + "/v1/completions", json=body, timeout=30)
     assert resp.status_code == 200, resp.text
     return resp
@@ -206,8 +206,12 @@ def test_colocated_serves_every_request_whole_without_tokenize(
     tmp_path: Path, pool: list[Sim]
 ) -> None:
     with running(start_pool_proxy(tmp_path, pool, pool_mode="colocated")) as proxy:
-        with ThreadPoolExecutor(6) as threads:  # all in flight at once
-            list(threads.map(lambda i: complete(proxy, f"{i} {LONG}", 300, i % 2 == 0), range(6)))
+
+        def one(i: int) -> httpx.Response:  # ~100 ms each: all in flight at once
+            return complete(proxy, f"{i} {LONG}", 300, i % 2 == 0, ignore_eos=True)
+
+        with ThreadPoolExecutor(6) as threads:
+            list(threads.map(one, range(6)))
         for sim in pool:
             assert all("kv_transfer_params" not in r["body"] for r in legs(sim))
             assert [r for r in sim.records() if r["path"] == "/tokenize"] == []
