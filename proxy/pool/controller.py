@@ -4,7 +4,9 @@ Every `interval` seconds it weighs the load of the last `window` seconds (`LoadW
 
     long tokens/s   prompt tokens of requests that want a prefill apart (the plan's long ones)
     local tokens/s  prompt tokens computed where they are answered (short ones)
-    streams         answers being generated at once, on average
+    streams         answers being generated at once: on average, or now when more (streams
+                    that pile up on too few decode engines are counted as they come, not a
+                    window later; fewer are believed only as the window forgets)
 
 against one engine's capacity (`Capacity`: prompt tokens per second, decode streams, the share
 of it to plan for, and the share of a decode-side engine's time that prompts may take). With x
@@ -73,7 +75,8 @@ class LoadWindow:
         self._streams.append((now, count))
 
     def demand(self, now: float) -> Demand:
-        """The rates over the window (over the time since `start`, while that is shorter)."""
+        """The rates over the window (over the time since `start`, while that is shorter); the
+        streams' mean, or the last sample when that is higher."""
         cutoff = now - self.window
         while self._prompts and self._prompts[0][0] <= cutoff:
             self._prompts.popleft()
@@ -84,7 +87,10 @@ class LoadWindow:
             return Demand()
         long = sum(t for _, t, is_long in self._prompts if is_long)
         local = sum(t for _, t, is_long in self._prompts if not is_long)
-        streams = sum(c for _, c in self._streams) / len(self._streams) if self._streams else 0.0
+        streams = 0.0
+        if self._streams:
+            mean = sum(c for _, c in self._streams) / len(self._streams)
+            streams = max(mean, float(self._streams[-1][1]))
         return Demand(long / span, local / span, streams)
 
 

@@ -24,19 +24,23 @@ CAP = Capacity(prefill_tokens_per_second=10_000, decode_streams=10, target_utili
 assert CAP.decode_prefill_share == 0.5
 
 
-def test_load_window_rates_and_mean_streams() -> None:
+def test_load_window_rates_and_streams_mean_or_rising() -> None:
     w = LoadWindow(10.0, start=0.0)
     assert w.demand(0.0) == Demand()
     w.prompt(0.0, 1000, True)
     w.prompt(1.0, 300, False)
     w.streams(1.0, 4)
-    w.streams(2.0, 8)
+    w.streams(2.0, 2)
     d = w.demand(2.0)  # two seconds of history so far
-    assert d == Demand(500.0, 150.0, 6.0)
+    assert d == Demand(500.0, 150.0, 3.0)  # falling streams: their mean
+    w.streams(2.5, 15)
+    assert w.demand(2.5).streams == 15.0  # rising: counted as they come
+    w.streams(3.0, 0)
+    assert w.demand(3.0).streams == pytest.approx(21 / 4)
     w.prompt(11.5, 2000, True)
-    d = w.demand(12.0)  # the first prompt and samples fell out of the window
+    d = w.demand(13.0)  # the first prompts and samples fell out of the window
     assert d.long_tokens_per_second == pytest.approx(200.0)
-    assert d.local_tokens_per_second == 0.0 and d.streams == 0.0  # (2, 12]: none left
+    assert d.local_tokens_per_second == 0.0 and d.streams == 0.0  # (3, 13]: none left
 
 
 @pytest.mark.parametrize(
