@@ -26,9 +26,9 @@ promises a cost lower by more than `hysteresis`, for `hold` decisions in a row, 
 fewest streams to stall, or the prefill-side engine with the least prompt work left). When the
 current split is over capacity (its busier side needs more than all of its engines: a queue
 grows every second it stays), the move does not wait for `min_dwell` and goes straight to the
-best split, as many engines as that takes. A split with no decode side at all is fixed at once. Engines that are unavailable are left out of n and
-keep their lean for when they return. Nothing here touches a request: a lean steers only the
-plans made after it.
+best split, as many engines as that takes. A split with no decode side at all is fixed at once.
+Engines that are unavailable are left out of n and keep their lean for when they return.
+Nothing here touches a request: a lean steers only the plans made after it.
 """
 
 from __future__ import annotations
