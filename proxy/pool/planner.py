@@ -195,20 +195,21 @@ class PoolPlanner:
 
     def pick_prefill(self, info: RequestInfo, exclude: Sequence[Worker]) -> Worker | None:
         """Another engine on the prefill side (then any that can prefill), least busy first."""
-        workers = [w for w in self.routed() if w not in exclude]
-        views = [self.view(w) for w in workers]
-        capable = [i for i, v in enumerate(views) if v.can_prefill]
-        side = [i for i in capable if views[i].lean == "prefill"] or capable
-        index = best_prefiller(views, side)
-        return None if index is None else workers[index]
+        return self._another(exclude, "prefill")
 
     def pick_decode(self, info: RequestInfo, exclude: Sequence[Worker]) -> Worker | None:
         """Another engine on the decode side (then any that can decode), least loaded first."""
+        return self._another(exclude, "decode")
+
+    def _another(self, exclude: Sequence[Worker], lean: Lean) -> Worker | None:
         workers = [w for w in self.routed() if w not in exclude]
         views = [self.view(w) for w in workers]
-        capable = [i for i, v in enumerate(views) if v.can_decode]
-        side = [i for i in capable if views[i].lean == "decode"] or capable
-        index = best_decoder(views, side)
+        capable = [
+            i for i, v in enumerate(views) if (v.can_prefill if lean == "prefill" else v.can_decode)
+        ]
+        side = [i for i in capable if views[i].lean == lean] or capable
+        best = best_prefiller if lean == "prefill" else best_decoder
+        index = best(views, side)
         return None if index is None else workers[index]
 
     def forget(self, worker: Worker) -> None:
