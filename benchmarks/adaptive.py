@@ -1,7 +1,7 @@
 """Adaptive disaggregation: a pool of 4 engines placed per request against every fixed split.
 
 Four simulated engines with the H200 timing profile (`--timing-profile h200-llama-8b-bf16`:
-prefill 0.0245 ms per token, decode step 4.73 ms + 0.020 ms per sequence, pull 13.8 ms + 0.18 ms
+prefill 0.0231 ms per token, decode step 4.73 ms + 0.020 ms per sequence, pull 13.6 ms + 0.18 ms
 per 16-token block; chunked prefill of 8192 tokens, a decode taking one token of the budget),
 `--max-num-seqs` 16 each (so that decode capacity runs out at rates this 2-core machine can
 drive), all delays slowed by `--speed-factor` (5: the client, the proxy and four engines share
@@ -31,8 +31,9 @@ latency <= --itl-slo (engine seconds); goodput = such requests per second of arr
 (--sensitivity). The engines' own step counters measure how much CPU contention stretched their
 modelled time (pdsim:engine_step_wall_seconds_total against ..._model_seconds_total).
 
-    python benchmarks/adaptive.py             # ~40 min on 2 cores
-    python benchmarks/adaptive.py --quick     # ~15 min: 12 s phases
+    python benchmarks/adaptive.py             # ~45 min on 2 cores
+    python benchmarks/adaptive.py --quick     # ~20 min: 12 s phases
+    python benchmarks/adaptive.py --render benchmarks/results/adaptive.json   # .md, .png again
 
 Results: benchmarks/results/adaptive.{md,json} and adaptive.png.
 """
@@ -69,6 +70,7 @@ from benchmarks.harness import (
     provenance_lines,
     stream_once,
 )
+from proxy.sim.profile import load_profile
 from proxy.sim.tokenizer import WORDS
 
 COMPLETIONS = "/v1/completions"
@@ -175,12 +177,15 @@ def proxy_config(name: str, engines: list[Proc], args: argparse.Namespace) -> di
     s = args.speed_factor
     planner = {
         # the engines' capacity, in wall seconds of these slowed-down engines
-        "prefill_tokens_per_second": 1000.0 / 0.02452 / s,
+        "prefill_tokens_per_second": 1000.0
+        / load_profile(PROFILE).timing["prefill_ms_per_token"]
+        / s,
         "decode_streams": args.max_num_seqs,
         # the controller's time constants, in engine seconds, scaled
         "window": args.window * s,
         "interval": 0.5 * s,
         "min_dwell": 1.5 * s,
+        "max_prefill_wait": 0.5 * s,
         "hold": 2,
     }
     mode = "colocated" if name == "colocated" else "adaptive"
@@ -406,6 +411,18 @@ def render(result: dict[str, Any]) -> str:
             "Pool over the whole run against each fixed configuration (goal: >= 1.2x): "
             + ", ".join(over),
         ]
+        # no configuration can have more goodput than requests arrived
+        seconds_total = result["phase_seconds"] * len(phases)
+        arrived = len(result["configs"]["pool"]["records"]) / seconds_total
+        best_all = max(fixed, key=lambda n: table[n]["overall"]["goodput"])
+        b = table[best_all]["overall"]["goodput"]
+        if b:
+            lines += [
+                "",
+                f"Upper bound: {arrived:.2f} requests/s arrived over the {seconds_total:g} s; "
+                f"{best_all} served {b / arrived:.0%} of them in SLO, so no configuration can "
+                f"reach more than {arrived / b:.2f}x of its goodput over this run.",
+            ]
     lines += [
         "",
         "## TTFT and ITL, p50 / p99 (ms), share in SLO, failed",
@@ -534,6 +551,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="12 s phases")
     p.add_argument("--out", default=str(RESULTS / "adaptive"), help="results path stem")
+    p.add_argument(
+        "--render", metavar="JSON", help="write the .md and .png of a results file again; run none"
+    )
     args = p.parse_args(argv)
     if len(args.rates) != len(args.phases):
         p.error("give one rate per phase")
@@ -546,6 +566,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_term)  # so `finally` stops every process started
     args = parse_args(argv)
+    if args.render:
+        stem = Path(args.render).with_suffix("")
+        result = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".md").write_text(render(result) + "\n")
+        plot(result, stem.with_suffix(".png"))
+        print(f"wrote {stem}.md, {stem}.png")
+        return 0
     logdir = Path(tempfile.mkdtemp(prefix="pdproxy-adaptive-"))
     arrivals = workload(args.phases, args.rates, args.phase_seconds, args.seed)
     print(f"{len(arrivals)} requests over {len(args.phases)} phases; logs in {logdir}", flush=True)

@@ -158,6 +158,12 @@ class PoolPlannerConfig(_Model):
     prefill_tokens_per_second: float = Field(
         40000.0, gt=0, description="prompt tokens one engine computes per second"
     )
+    max_prefill_wait: float = Field(
+        0.5,
+        gt=0,
+        description="seconds of prompt work queued on the best prefill engine beyond which a "
+        "long prompt is computed on its decoder (when that one has less queued)",
+    )
     decode_streams: int = Field(
         256, ge=1, description="answers one engine generates at once (its --max-num-seqs)"
     )

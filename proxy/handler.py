@@ -328,7 +328,7 @@ class CompletionEndpoint:
         handoff: Handoff | None = None
         body = b""
         while True:
-            with svc.router.track(decoder, request.prompt_chars, local_tokens, True) as lease:
+            with svc.router.track(decoder, request.prompt_chars, local_tokens) as lease:
                 if handoff is None:
                     handoff = await self._plan_prefill(request, plan, info, timing)
                     body = svc.connector.decode_body(request, handoff)
@@ -338,6 +338,7 @@ class CompletionEndpoint:
                     # the prefiller's blocks (vLLM; see README "Cancellation")
                     progress.phase = "handoff" if handoff.kv_transfer_params else "decode"
                 timing.decoder = decoder.id
+                lease.decoding()
                 try:
                     await self._decode(request, decoder, body, out, timing, progress, lease)
                 except (UpstreamError, UpstreamTimeout) as exc:

@@ -99,10 +99,10 @@ class Router:
         return next(p for p in self.pools if p.role == worker.role)
 
     def track(
-        self, worker: Worker, chars: int, prefill_tokens: int = 0, decode: bool = False
+        self, worker: Worker, chars: int, prefill_tokens: int = 0
     ) -> AbstractContextManager[Lease]:
         """WorkerPool.track on the worker's own pool (a context manager giving a Lease)."""
-        return self.pool_of(worker).track(worker, chars, prefill_tokens, decode)
+        return self.pool_of(worker).track(worker, chars, prefill_tokens)
 
     def pick_prefill(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
         return self._pick(self.prefill, self.prefill_policy, info, exclude)

@@ -219,16 +219,31 @@ class Worker:
 class Lease:
     """One tracked request on a worker (see WorkerPool.track)."""
 
-    __slots__ = ("_tokens", "worker")
+    __slots__ = ("_decoding", "_tokens", "worker")
 
     def __init__(self, worker: Worker, prefill_tokens: int) -> None:
         self.worker = worker
         self._tokens = prefill_tokens
+        self._decoding = False
 
     def prefilled(self) -> None:
         """The prompt is computed (its first token came): its tokens wait no more. Idempotent."""
         self.worker.prefill_tokens -= self._tokens
         self._tokens = 0
+
+    def decoding(self) -> None:
+        """The request's decode leg starts on the worker: one of its decode streams until the
+        lease ends. Not before: a request still waiting for its prompt on another engine
+        generates nothing here yet. Idempotent."""
+        if not self._decoding:
+            self._decoding = True
+            self.worker.decode_streams += 1
+
+    def _end(self) -> None:
+        self.prefilled()
+        if self._decoding:
+            self._decoding = False
+            self.worker.decode_streams -= 1
 
 
 @dataclass(eq=False)
@@ -288,18 +303,16 @@ class WorkerPool:
         return bool(self.workers) and self.workers[0].health_ignored
 
     @contextmanager
-    def track(
-        self, worker: Worker, chars: int, prefill_tokens: int = 0, decode: bool = False
-    ) -> Iterator[Lease]:
+    def track(self, worker: Worker, chars: int, prefill_tokens: int = 0) -> Iterator[Lease]:
         """Count one in-flight request of `chars` prompt characters on `worker` while inside,
         and note the request's task on it (a drain that runs out of time ends those). With
         `prefill_tokens`, that many prompt tokens wait to be computed on it until
-        `Lease.prefilled` (or the end); with `decode`, it is one of the worker's decode streams."""
+        `Lease.prefilled` (or the end); from `Lease.decoding` on, it is one of the worker's
+        decode streams."""
         lease = Lease(worker, prefill_tokens)
         worker.inflight += 1
         worker.inflight_chars += chars
         worker.prefill_tokens += prefill_tokens
-        worker.decode_streams += decode
         worker.requests_total += 1
         task = serving.get()
         if task is not None:
@@ -310,8 +323,7 @@ class WorkerPool:
         try:
             yield lease
         finally:
-            lease.prefilled()
-            worker.decode_streams -= decode
+            lease._end()
             worker.inflight -= 1
             worker.inflight_chars -= chars
             if task is not None:

@@ -14,6 +14,24 @@ def test_track_releases_on_success_and_error() -> None:
     assert "http://b:0" in repr(pool)
 
 
+def test_a_decode_stream_counts_from_its_decode_leg_to_the_end() -> None:
+    pool = WorkerPool.from_urls("pool", ["http://a"])
+    worker = pool.workers[0]
+    with pool.track(worker, 10, prefill_tokens=300) as lease:
+        # waiting for its prompt (here or on another engine): in flight, not yet a stream
+        assert (worker.inflight, worker.prefill_tokens, worker.decode_streams) == (1, 300, 0)
+        lease.decoding()
+        lease.decoding()
+        assert worker.decode_streams == 1
+        lease.prefilled()
+        assert (worker.prefill_tokens, worker.decode_streams) == (0, 1)
+    assert (worker.inflight, worker.prefill_tokens, worker.decode_streams) == (0, 0, 0)
+    with pytest.raises(RuntimeError), pool.track(worker, 10, prefill_tokens=50) as lease:
+        lease.decoding()
+        raise RuntimeError
+    assert (worker.inflight, worker.prefill_tokens, worker.decode_streams) == (0, 0, 0)
+
+
 def test_breaker_opens_after_threshold_and_recovers_through_one_trial() -> None:
     pool = WorkerPool.from_urls("decode", ["http://a"], failure_threshold=2, cooldown=10.0)
     w = pool.workers[0]

@@ -4,7 +4,9 @@ Every `interval` seconds it weighs the load of the last `window` seconds (`LoadW
 
     long tokens/s   prompt tokens of requests that want a prefill apart (the plan's long ones)
     local tokens/s  prompt tokens computed where they are answered (short ones)
-    streams         answers being generated at once, on average
+    streams         answers being generated at once: on average, or now when more (streams
+                    that pile up on too few decode engines are counted as they come, not a
+                    window later; fewer are believed only as the window forgets)
 
 against one engine's capacity (`Capacity`: prompt tokens per second, decode streams, the share
 of it to plan for, and the share of a decode-side engine's time that prompts may take). With x
@@ -21,10 +23,12 @@ share, and more lean to prefill as they outgrow it.
 Hysteresis (`RatioController.decide`): the best split replaces the current one only when it
 promises a cost lower by more than `hysteresis`, for `hold` decisions in a row, and at least
 `min_dwell` seconds after the last change; then one engine moves (the decode-side engine with the
-fewest streams to stall, or the prefill-side engine with the least prompt work left). A split
-with no decode side at all is fixed at once. Engines that are unavailable are left out of n and
-keep their lean for when they return. Nothing here touches a request: a lean steers only the
-plans made after it.
+fewest streams to stall, or the prefill-side engine with the least prompt work left). When the
+current split is over capacity (its busier side needs more than all of its engines: a queue
+grows every second it stays), the move does not wait for `min_dwell` and goes straight to the
+best split, as many engines as that takes. A split with no decode side at all is fixed at once.
+Engines that are unavailable are left out of n and keep their lean for when they return.
+Nothing here touches a request: a lean steers only the plans made after it.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ class LoadWindow:
         self._streams.append((now, count))
 
     def demand(self, now: float) -> Demand:
-        """The rates over the window (over the time since `start`, while that is shorter)."""
+        """The rates over the window (over the time since `start`, while that is shorter); the
+        streams' mean, or the last sample when that is higher."""
         cutoff = now - self.window
         while self._prompts and self._prompts[0][0] <= cutoff:
             self._prompts.popleft()
@@ -82,7 +87,10 @@ class LoadWindow:
             return Demand()
         long = sum(t for _, t, is_long in self._prompts if is_long)
         local = sum(t for _, t, is_long in self._prompts if not is_long)
-        streams = sum(c for _, c in self._streams) / len(self._streams) if self._streams else 0.0
+        streams = 0.0
+        if self._streams:
+            mean = sum(c for _, c in self._streams) / len(self._streams)
+            streams = max(mean, float(self._streams[-1][1]))
         return Demand(long / span, local / span, streams)
 
 
@@ -164,9 +172,10 @@ class RatioController:
         engines: Sequence[EngineState],
         prefill: int = 0,
         decode: int = 0,
-    ) -> Change | None:
+    ) -> list[Change]:
         """One decision over the available pool `engines` (with `prefill`/`decode` dedicated
-        ones beside): the one engine to move, or None."""
+        ones beside): the engines to move (none, one, or, over capacity, as many as the best
+        split takes)."""
         up = [e for e in engines if e.available]
         demand = self.load.demand(now)
         self.last_demand = demand
@@ -175,40 +184,46 @@ class RatioController:
         self.last_costs = costs
         if not up:
             self.target = None
-            return None
+            return []
         best = best_split(costs, current)
         self.target = best
         if best == current:
             self._agree, self._wanted = 0, None
-            return None
+            return []
         infeasible = math.isinf(costs[current])
+        over = costs[current] * self.capacity.target_utilization > 1.0
         gain = costs[current] > costs[best] * (1 + self.hysteresis)
         if not (infeasible or gain):
             self._agree, self._wanted = 0, None
-            return None
+            return []
         self._agree = self._agree + 1 if self._wanted == best else 1
         self._wanted = best
-        if not infeasible and (self._agree < self.hold or now - self.last_change < self.min_dwell):
-            return None
-        if best > current:  # one more to prefill: the decode-side engine with fewest streams
-            mover = min(
-                (e for e in up if e.lean == "decode"),
-                key=lambda e: (e.decode_streams, e.prefill_tokens, e.id),
-            )
-            lean: Lean = "prefill"
-        else:
-            mover = min(
-                (e for e in up if e.lean == "prefill"),
-                key=lambda e: (e.prefill_tokens, e.decode_streams, e.id),
-            )
-            lean = "decode"
+        dwelling = now - self.last_change < self.min_dwell and not over
+        if not infeasible and (self._agree < self.hold or dwelling):
+            return []
         self.last_change = now
         self._agree, self._wanted = 0, None
-        after = current + (1 if lean == "prefill" else -1)
         why = (
             f"over the last {self.load.window:g}s: {demand.long_tokens_per_second:.0f} long "
             f"prompt tokens/s, {demand.local_tokens_per_second:.0f} local, "
             f"{demand.streams:.1f} streams; busier side at {costs[current]:.0%} of capacity "
             f"with {current} prefilling, {costs[best]:.0%} with {best}"
         )
-        return Change(mover.id, lean, after, len(up) - after, why)
+        moves = abs(best - current) if over and not infeasible else 1
+        if best > current:  # more to prefill: the decode-side engines with fewest streams
+            movers = sorted(
+                (e for e in up if e.lean == "decode"),
+                key=lambda e: (e.decode_streams, e.prefill_tokens, e.id),
+            )
+            lean: Lean = "prefill"
+        else:
+            movers = sorted(
+                (e for e in up if e.lean == "prefill"),
+                key=lambda e: (e.prefill_tokens, e.decode_streams, e.id),
+            )
+            lean = "decode"
+        step = 1 if lean == "prefill" else -1
+        return [
+            Change(e.id, lean, current + step * (i + 1), len(up) - current - step * (i + 1), why)
+            for i, e in enumerate(movers[:moves])
+        ]

@@ -13,6 +13,11 @@ adaptive mode, in order:
     short_output   a long prompt for at most `local_max_tokens` tokens: answered where it is
                    computed, on the best prefill-side pool engine (nothing worth moving)
     slow_kv        the chosen decoder's recent pulls are slow (KV-transfer health): local there
+    prefill_busy   the prefill side is backed up: the prompt would wait behind more than
+                   `max_prefill_wait` seconds of prompt work on the best prefill engine (at
+                   `prefill_tokens_per_second`) and its decoder has less queued: local there,
+                   so that a burst, or a prefill side the controller has not grown yet, costs
+                   the decode side some inter-token latency instead of every prompt its TTFT
     single_engine  no second engine to decode on: local on the prefill engine
     long           disaggregated: prefill on the prefill-side engine with the least prompt work
                    waiting, decode on the decode-side engine with the least load
@@ -26,6 +31,7 @@ decode-capable engine with the least load (load_aware's measure), the fair no-PD
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -72,6 +78,8 @@ class Rules:
     mode: PoolMode = "adaptive"
     min_prefill_tokens: int = 512
     local_max_tokens: int = 4
+    prefill_tokens_per_second: float = 40000.0  # one engine's
+    max_prefill_wait: float = math.inf  # seconds of prompt work queued before a prompt spills
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +157,17 @@ def plan(engines: Sequence[EngineView], job: Job, rules: Rules) -> Choice | None
     decoder = _best(engines, decoders)
     if engines[decoder].slow_kv:
         return Choice(decoder, None, "slow_kv")
+    if _spills(engines[prefiller], engines[decoder], job, rules):
+        return Choice(decoder, None, "prefill_busy")
     return Choice(decoder, prefiller, "long")
+
+
+def _spills(prefiller: EngineView, decoder: EngineView, job: Job, rules: Rules) -> bool:
+    """The prompt would wait longer for the prefill engine than `max_prefill_wait`, and less
+    on its decoder (both at one engine's prefill rate)."""
+    remote = (prefiller.prefill_tokens + job.tokens) / rules.prefill_tokens_per_second
+    local = (decoder.prefill_tokens + job.tokens) / rules.prefill_tokens_per_second
+    return remote > rules.max_prefill_wait and local < remote
 
 
 def _best(engines: Sequence[EngineView], among: Sequence[int]) -> int:

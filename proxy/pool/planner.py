@@ -7,7 +7,7 @@ in `pdproxy_disagg_decisions_total{decision,reason}` and hands the request path 
 proxy.placement.Plan. Nothing is awaited after the snapshot.
 
 `run` is the controller's loop (proxy.pool.controller): every `interval` seconds it samples the
-decode streams, decides, moves at most one engine's lean, and logs why. Its state is in /stats
+decode streams, decides, moves the leans it decided, and logs why. Its state is in /stats
 (`pool`) and /metrics (`pdproxy_pool_engines{lean}`, `pdproxy_pool_engine_lean{id,url,lean}`,
 `pdproxy_pool_lean_changes_total{lean}`, the measured demand).
 
@@ -48,7 +48,7 @@ log = logging.getLogger("pdproxy")
 CHARS_PER_TOKEN = 4  # a prompt's size when no engine counted it (English text, roughly)
 # plans whose prompt wants computing on the prefill side (where one leans so)
 PREFILL_SIDE_REASONS = frozenset(
-    {"long", "no_prefiller", "slow_kv", "single_engine", "short_output"}
+    {"long", "no_prefiller", "slow_kv", "single_engine", "short_output", "prefill_busy"}
 )
 
 
@@ -80,7 +80,13 @@ class PoolPlanner:
         self.metrics = metrics
         self.config = config
         self.mode = mode
-        self.rules = Rules(mode, config.min_prefill_tokens, config.local_max_tokens)
+        self.rules = Rules(
+            mode,
+            config.min_prefill_tokens,
+            config.local_max_tokens,
+            config.prefill_tokens_per_second,
+            config.max_prefill_wait,
+        )
         self.waiting_weight = waiting_weight
         self.kv_high = kv_high
         self.block_chars = block_chars
@@ -165,8 +171,10 @@ class PoolPlanner:
         matched = self.index.matched(blocks) if blocks else {}
         size = max(request.prompt_chars, len(info.prefix), 1)
         workers = self.routed()  # the snapshot: nothing is awaited from here on
-        views = [
+        views = [  # an engine without a prefix cache holds none of it (vllm:cache_config_info)
             self.view(w, int(tokens * min(1.0, matched.get(w.url, 0) * self.block_chars / size)))
+            if w.caches_prefixes
+            else self.view(w)
             for w in workers
         ]
         job = Job(tokens, max_tokens(request.body), request.local_reason)
@@ -189,20 +197,21 @@ class PoolPlanner:
 
     def pick_prefill(self, info: RequestInfo, exclude: Sequence[Worker]) -> Worker | None:
         """Another engine on the prefill side (then any that can prefill), least busy first."""
-        workers = [w for w in self.routed() if w not in exclude]
-        views = [self.view(w) for w in workers]
-        capable = [i for i, v in enumerate(views) if v.can_prefill]
-        side = [i for i in capable if views[i].lean == "prefill"] or capable
-        index = best_prefiller(views, side)
-        return None if index is None else workers[index]
+        return self._another(exclude, "prefill")
 
     def pick_decode(self, info: RequestInfo, exclude: Sequence[Worker]) -> Worker | None:
         """Another engine on the decode side (then any that can decode), least loaded first."""
+        return self._another(exclude, "decode")
+
+    def _another(self, exclude: Sequence[Worker], lean: Lean) -> Worker | None:
         workers = [w for w in self.routed() if w not in exclude]
         views = [self.view(w) for w in workers]
-        capable = [i for i, v in enumerate(views) if v.can_decode]
-        side = [i for i in capable if views[i].lean == "decode"] or capable
-        index = best_decoder(views, side)
+        capable = [
+            i for i, v in enumerate(views) if (v.can_prefill if lean == "prefill" else v.can_decode)
+        ]
+        side = [i for i in capable if views[i].lean == lean] or capable
+        best = best_prefiller if lean == "prefill" else best_decoder
+        index = best(views, side)
         return None if index is None else workers[index]
 
     def forget(self, worker: Worker) -> None:
@@ -210,20 +219,20 @@ class PoolPlanner:
 
     # --- the controller ---
 
-    def step(self) -> Change | None:
-        """One controller decision, applied: sample the streams, decide, move one engine (in
-        manual mode: sample only)."""
+    def step(self) -> list[Change]:
+        """One controller decision, applied: sample the streams, decide, move the engines it
+        names (in manual mode: sample only)."""
         now = self.clock()
         routed = self.routed()
         self.controller.load.streams(now, sum(w.decode_streams for w in routed))
         if self.manual:
-            return None
+            return []
         dedicated = [w for w in routed if w.role != "pool" and w.available]
         engines = [
             EngineState(w.id, w.available, w.lean or "decode", w.decode_streams, w.prefill_tokens)
             for w in self.pooled
         ]
-        change = self.controller.decide(
+        changes = self.controller.decide(
             now,
             engines,
             sum(1 for w in dedicated if w.role == "prefill"),
@@ -231,11 +240,10 @@ class PoolPlanner:
         )
         for worker in self.pooled:
             worker.lean = worker.lean or "decode"
-        if change is None:
-            return None
-        worker = next(w for w in self.pooled if w.id == change.id)
-        self._lean(worker, change.lean, change.why)
-        return change
+        by_id = {w.id: w for w in self.pooled}
+        for change in changes:
+            self._lean(by_id[change.id], change.lean, change.why)
+        return changes
 
     def _lean(self, worker: Worker, lean: Lean, why: str) -> None:
         worker.lean = lean

@@ -77,6 +77,18 @@ def _wait_ready(topo: Topology) -> None:
     raise RuntimeError(f"topology not ready in {START_TIMEOUT_S}s:\n{text[-6000:]}")
 
 
+def start_logged(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """`args` in a session of their own (stopped as a group), offline, output into `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+
+
 def _pdproxy_cmd() -> str:
     beside = Path(sys.executable).with_name("pdproxy")
     return str(beside) if beside.exists() else "pdproxy"
@@ -97,14 +109,7 @@ def topology(
         "--", "--served-model-name", Topology.model, "--max-model-len", "1024",
         "--scheduling-policy", "priority",
     ]  # fmt: skip
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        )
+    proc = start_logged(args, output)
     topo = Topology(proc, log_dir, output, tiny_model, vllm_python)
     try:
         _wait_ready(topo)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from real_vllm_fixtures import start_logged
 from vllm_helpers import DECODE_PORT, PREFILL_PORT, SIDE_CHANNEL_PORT, Topology
 
 from proxy.connectors.nixl import prefill_body
@@ -47,14 +48,7 @@ def second_decoder(topology: Topology) -> Iterator[str]:
     url = f"http://127.0.0.1:{DECODE_PORT + 1}"
     assert f"--port {DECODE_PORT + 1}" in command  # not a port of the session topology
     log = topology.log_dir / "decode-1-joined.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["bash", "-c", "exec " + command],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        )
+    proc = start_logged(["bash", "-c", "exec " + command], log)
     try:
         deadline = time.monotonic() + 600
         while True:

@@ -13,8 +13,6 @@ defers freeing blocks a load might still write).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from real_vllm_fixtures import LAUNCHER, _pdproxy_cmd, _wait_ready
+from real_vllm_fixtures import LAUNCHER, _pdproxy_cmd, _wait_ready, start_logged
 from vllm_helpers import Topology, metric, wait_metric
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.own_topology]
@@ -59,14 +57,7 @@ def pool(
         "--side-channel-port", str(SIDE_CHANNEL_PORT), "--proxy-args", f"--config {config}",
         "--", "--served-model-name", Topology.model, "--max-model-len", "1024",
     ]  # fmt: skip
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        )
+    proc = start_logged(args, output)
     topo = Topology(
         proc, log_dir, output, tiny_model, vllm_python, f"http://127.0.0.1:{PROXY_PORT}"
     )
@@ -104,7 +95,8 @@ def handshake(proxy: str, decoder: str) -> None:
     handshake between two engines can time out (the decoder answers 500 once)."""
     for i in range(5):
         before = metric(decoder, XFER)
-        body = {"model": Topology.model, "prompt": f"warm {i}: {LONG}", "max_tokens": 2}
+        # more tokens than pool_planner.local_max_tokens, or it is answered where computed
+        body = {"model": Topology.model, "prompt": f"warm {i}: {LONG}", "max_tokens": 8}
         ok = httpx.post(proxy + "/v1/completions", json=body, timeout=300).status_code == 200
         if ok and wait_metric(decoder, XFER, before + 1, timeout=30) > before:
             return

@@ -24,19 +24,23 @@ CAP = Capacity(prefill_tokens_per_second=10_000, decode_streams=10, target_utili
 assert CAP.decode_prefill_share == 0.5
 
 
-def test_load_window_rates_and_mean_streams() -> None:
+def test_load_window_rates_and_streams_mean_or_rising() -> None:
     w = LoadWindow(10.0, start=0.0)
     assert w.demand(0.0) == Demand()
     w.prompt(0.0, 1000, True)
     w.prompt(1.0, 300, False)
     w.streams(1.0, 4)
-    w.streams(2.0, 8)
+    w.streams(2.0, 2)
     d = w.demand(2.0)  # two seconds of history so far
-    assert d == Demand(500.0, 150.0, 6.0)
+    assert d == Demand(500.0, 150.0, 3.0)  # falling streams: their mean
+    w.streams(2.5, 15)
+    assert w.demand(2.5).streams == 15.0  # rising: counted as they come
+    w.streams(3.0, 0)
+    assert w.demand(3.0).streams == pytest.approx(21 / 4)
     w.prompt(11.5, 2000, True)
-    d = w.demand(12.0)  # the first prompt and samples fell out of the window
+    d = w.demand(13.0)  # the first prompts and samples fell out of the window
     assert d.long_tokens_per_second == pytest.approx(200.0)
-    assert d.local_tokens_per_second == 0.0 and d.streams == 0.0  # (2, 12]: none left
+    assert d.local_tokens_per_second == 0.0 and d.streams == 0.0  # (3, 13]: none left
 
 
 @pytest.mark.parametrize(
@@ -90,21 +94,34 @@ class Pool:
             self.ctl.load.prompt(self.now, int(long_tps(self.now)), True)
             self.ctl.load.streams(self.now, round(streams))
             engines = [EngineState(k, k not in self.down, v) for k, v in self.leans.items()]
-            change = self.ctl.decide(self.now, engines)
-            if change is not None:
+            for change in self.ctl.decide(self.now, engines):
                 self.leans[change.id] = change.lean
                 self.changes.append((self.now, change.id, change.lean))
 
 
-def test_a_step_up_in_prompt_load_moves_engines_to_prefill_one_at_a_time() -> None:
+def test_a_step_up_beyond_the_decode_sides_capacity_moves_straight_to_the_best_split() -> None:
     pool = Pool()
     pool.run(20, lambda t: 0)
     assert pool.prefill == 0 and not pool.changes
-    pool.run(60, lambda t: 25_000)  # 2.5 engines' worth of prompts
+    # 2.5 engines' worth of prompts: all decoding, they would need 125% of their time
+    pool.run(60, lambda t: 25_000)
     assert pool.prefill == 3  # 3 prefilling, 1 decoding: prefill side at 83%
+    assert [lean for _, _, lean in pool.changes] == ["prefill"] * 3
+    # the window fills over 10 s: a first move while the measured load is still within
+    # capacity, then the rest at once, without waiting out min_dwell (5 s) between them
     times = [t for t, _, _ in pool.changes]
-    assert all(b - a >= 5.0 for a, b in itertools.pairwise(times))  # min_dwell
-    assert all(lean == "prefill" for _, _, lean in pool.changes)
+    assert times == [24.0, 27.0, 27.0]
+
+
+def test_within_capacity_engines_move_one_at_a_time_min_dwell_apart() -> None:
+    pool = Pool()
+    pool.run(60, lambda t: 25_000)
+    moved = len(pool.changes)
+    pool.run(60, lambda t: 0, streams=8)  # no more long prompts, fewer streams than 1 engine
+    assert pool.prefill == 0
+    back = pool.changes[moved:]
+    assert [lean for _, _, lean in back] == ["decode"] * 3
+    assert all(b[0] - a[0] >= 5.0 for a, b in itertools.pairwise(back))  # min_dwell
 
 
 def test_a_step_down_moves_them_back_and_then_holds_still() -> None:
@@ -136,7 +153,7 @@ def test_a_gain_below_the_hysteresis_is_not_taken() -> None:
     for t in range(1, 31):
         ctl.load.prompt(float(t), 12_000, True)
         ctl.load.streams(float(t), 5 + t % 2)  # 5.5 on average
-        assert ctl.decide(float(t), engines) is None
+        assert ctl.decide(float(t), engines) == []
     # 3 prefilling would be best (55% against 60% busy), but not by 15%
     assert ctl.target == 3
     assert ctl.last_costs[2] == pytest.approx(0.6)
@@ -149,7 +166,7 @@ def test_a_change_waits_for_hold_decisions_in_a_row() -> None:
     moved = []
     for t in range(1, 6):
         ctl.load.prompt(float(t), 30_000, True)
-        moved.append(ctl.decide(float(t), engines) is not None)
+        moved.append(ctl.decide(float(t), engines) != [])
     assert moved == [False, False, True, False, False]  # 3 in a row; then the count starts over
 
 

@@ -8,7 +8,14 @@ from proxy.pool.plan import Choice, EngineView, Job, Rules, plan
 
 P = EngineView("pool", "prefill")
 D = EngineView("pool", "decode")
-RULES = Rules("adaptive", min_prefill_tokens=512, local_max_tokens=4)
+# one engine computes 10000 prompt tokens/s; a prompt may wait 0.8 s of them on a prefill engine
+RULES = Rules(
+    "adaptive",
+    min_prefill_tokens=512,
+    local_max_tokens=4,
+    prefill_tokens_per_second=10000,
+    max_prefill_wait=0.8,
+)
 
 
 def pool(*engines: EngineView) -> list[EngineView]:
@@ -112,6 +119,24 @@ CASES = [
     (
         "every engine leans to prefill: one prefills, another decodes",
         pool(P, with_(P, prefill_tokens=50)),
+        Job(4000),
+        Choice(1, 0, "long"),
+    ),
+    (
+        "the prefill side is backed up beyond max_prefill_wait: computed on the decoder",
+        pool(with_(P, prefill_tokens=5000), D),
+        Job(4000),
+        Choice(1, None, "prefill_busy"),
+    ),
+    (
+        "... not when the wait stays within it",
+        pool(with_(P, prefill_tokens=3000), D),
+        Job(4000),
+        Choice(1, 0, "long"),
+    ),
+    (
+        "... nor when the decoder has as much queued itself",
+        pool(with_(P, prefill_tokens=5000), with_(D, prefill_tokens=5000)),
         Job(4000),
         Choice(1, 0, "long"),
     ),

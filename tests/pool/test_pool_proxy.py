@@ -58,9 +58,9 @@ def start_pool_proxy(tmp: Path, engines: list[Sim], **keys: Any) -> Proxy:
 
 
 def complete(
-    proxy: Proxy, prompt: str, max_tokens: int = 8, stream: bool = False
+    proxy: Proxy, prompt: str, max_tokens: int = 8, stream: bool = False, **extra: Any
 ) -> httpx.Response:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream, **extra}
     resp = httpx.post(proxy.url + "/v1/completions", json=body, timeout=30)
     assert resp.status_code == 200, resp.text
     return resp
@@ -135,6 +135,25 @@ def test_either_engine_prefills_for_the_other(tmp_path: Path, pool: list[Sim]) -
         assert [r["body"]["max_tokens"] for r in legs(b1)] == [8, 1]
 
 
+def test_no_prompt_counts_as_cached_on_engines_without_a_prefix_cache(
+    tmp_path: Path, pool: list[Sim]
+) -> None:
+    b0, b1, _ = pool  # sims keep no prefix cache unless --enable-prefix-caching, and say so
+    with running(start_pool_proxy(tmp_path, pool[:2])) as proxy:
+        set_leans(proxy, {"b0": "prefill", "b1": "decode"})
+        deadline = time.monotonic() + 10
+        while any(w["prefix_caching"] is not False for w in proxy.stats()["workers"]["pool"]):
+            assert time.monotonic() < deadline, "the engines' cache_config_info was never read"
+            time.sleep(0.05)
+        complete(proxy, LONG)
+        complete(proxy, LONG)  # the same prompt: nothing of it is kept on b1
+        assert b1.metric(PULLS) == 2 and len(legs(b0)) == 2
+        reasons = [
+            t["plan"]["reason"] for t in httpx.get(proxy.url + "/admin/requests").json()["data"]
+        ]
+        assert reasons == ["long", "long"]
+
+
 def test_the_controller_moves_an_engine_to_prefill_under_long_prompts(
     tmp_path: Path, pool: list[Sim]
 ) -> None:
@@ -206,8 +225,12 @@ def test_colocated_serves_every_request_whole_without_tokenize(
     tmp_path: Path, pool: list[Sim]
 ) -> None:
     with running(start_pool_proxy(tmp_path, pool, pool_mode="colocated")) as proxy:
-        with ThreadPoolExecutor(6) as threads:  # all in flight at once
-            list(threads.map(lambda i: complete(proxy, f"{i} {LONG}", 300, i % 2 == 0), range(6)))
+
+        def one(i: int) -> httpx.Response:  # ~100 ms each: all in flight at once
+            return complete(proxy, f"{i} {LONG}", 300, i % 2 == 0, ignore_eos=True)
+
+        with ThreadPoolExecutor(6) as threads:
+            list(threads.map(one, range(6)))
         for sim in pool:
             assert all("kv_transfer_params" not in r["body"] for r in legs(sim))
             assert [r for r in sim.records() if r["path"] == "/tokenize"] == []

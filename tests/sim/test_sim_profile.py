@@ -1,5 +1,6 @@
-"""Timing profiles: the shipped H200 profile loads, the flags override it, a bad file is
-refused with a message naming it, and a sim started with one runs with its delays."""
+"""Timing profiles: the shipped H200 profile loads and is the fit of the GPU results, the flags
+override it, a bad file is refused with a message naming it, and a sim started with one runs
+with its delays."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.sim_profile import PROFILE, RESULTS, profile
 from proxy.sim import cli
 from proxy.sim.config import Timing
 from proxy.sim.launch import start_sim
@@ -36,7 +38,16 @@ def test_shipped_h200_profile_differs_from_the_defaults() -> None:
     assert timing.xfer_overhead_ms > default.xfer_overhead_ms
 
 
+def test_shipped_h200_profile_is_the_fit_of_the_gpu_results() -> None:
+    """The profile is made from the results file (benchmarks/sim_profile.py), not by hand."""
+    shipped_data = json.loads(PROFILE.read_text())
+    assert shipped_data == profile(RESULTS, "nixl")
+    assert PROFILE.stem == H200
+
+
 def test_the_cross_layer_profile_pulls_faster_with_the_same_compute() -> None:
+    xl_file = PROFILE.with_name(H200 + "-xl.json")
+    assert json.loads(xl_file.read_text()) == profile(RESULTS, "nixl", "nixl-v1-xl")
     xl, v2 = load_profile(H200 + "-xl"), load_profile(H200)
     assert H200 + "-xl" in shipped() and "nixl-v1-xl" in xl.source
     same = ("prefill_ms_per_token", "decode_base_ms", "decode_ms_per_seq")
