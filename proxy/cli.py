@@ -80,8 +80,10 @@ def run_server(config: ProxyConfig) -> int:
         def __init__(self, uv_config: uvicorn.Config, proxy: ProxyApp) -> None:
             super().__init__(uv_config)
             self.proxy = proxy
+            self.stopped_by: int | None = None  # the first signal that stopped it
 
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            self.stopped_by = self.stopped_by or sig
             self.proxy.begin_drain()
             super().handle_exit(sig, frame)
 
@@ -130,7 +132,9 @@ def run_server(config: ProxyConfig) -> int:
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
+    # uvicorn re-raises the signal once it has shut down, but asyncio's runner can swallow a
+    # re-raised SIGINT when its task is already ending: the exit status still says what stopped it
+    return 0 if server.stopped_by is None else 128 + server.stopped_by
 
 
 class _Terminated(Exception):
