@@ -567,12 +567,8 @@ def bench_row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-async def _scrape(url: str) -> dict[str, float]:
-    async with _session() as s:
-        return await metrics(s, url)
-
-
-async def _scrape_sum(urls: tuple[str, ...]) -> dict[str, float]:
+async def _scrape(*urls: str) -> dict[str, float]:
+    """The samples of these /metrics, summed (see engine_metrics), in a session of their own."""
     async with _session() as s:
         return await engine_metrics(s, urls)
 
@@ -587,7 +583,9 @@ def serve(
     """plan: (label, 'proxy'|'direct', input_len, output_len, num_prompts, rate)."""
     rows = []
     log = t.log_dir / "bench-serve.log"
-    for i, (label, where, n_in, n_out, num, rate) in enumerate(plan):
+    # one seed per workload: its proxy and direct runs get the same prompts, no two workloads do
+    seeds = {label: n for n, label in enumerate(dict.fromkeys(row[0] for row in plan))}
+    for label, where, n_in, n_out, num, rate in plan:
         base = t.proxy if where == "proxy" else t.decode
         argv = [
             "--backend",
@@ -610,7 +608,7 @@ def serve(
             str(rate),
             "--ignore-eos",
             "--seed",
-            str(i // 2 if plan[0][1] != plan[-1][1] else i),  # proxy and direct: same prompts
+            str(seeds[label]),
             "--percentile-metrics",
             "ttft,tpot,itl,e2el",
             "--metric-percentiles",
@@ -619,11 +617,11 @@ def serve(
             f"ttft:{slo_ttft_ms}",
             f"tpot:{slo_tpot_ms}",
         ]
-        d0 = asyncio.run(_scrape_sum(t.all_engines()))
+        d0 = asyncio.run(_scrape(*t.all_engines()))
         p0 = asyncio.run(_scrape(t.proxy))
         started = time.time()
         result = bench_serve(argv, bench_cmd, log)
-        d1 = asyncio.run(_scrape_sum(t.all_engines()))
+        d1 = asyncio.run(_scrape(*t.all_engines()))
         p1 = asyncio.run(_scrape(t.proxy))
         row: dict[str, Any] = {
             "label": label,
