@@ -203,11 +203,8 @@ def _topology_file(work: Path, name: str) -> Path:
     return work / name / "topology.json"
 
 
-def up(a: argparse.Namespace) -> int:
-    p = ports(a.slot)
-    log_dir = (a.work / a.name).resolve()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    launcher_args = shlex.split(a.launcher_args)
+def launcher_argv(a: argparse.Namespace, log_dir: Path) -> list[str]:
+    """The launchers/disagg.sh command line of `up`: the layout's engines on the slot's ports."""
     gpus = a.gpus.split(",") if a.gpus else []
     options = {
         "--model": a.model,
@@ -216,11 +213,19 @@ def up(a: argparse.Namespace) -> int:
         "--proxy-cmd": a.proxy_cmd,
         "--log-dir": str(log_dir),
         "--health-timeout": str(a.timeout),
-        **{f"--{k.replace('_', '-')}-port": str(v) for k, v in p.items()},
+        **{f"--{k.replace('_', '-')}-port": str(v) for k, v in ports(a.slot).items()},
     }
     options.update(layout_options(a.layout, gpus, a.pool_size))
-    argv = ["bash", str(LAUNCHER), *(x for kv in options.items() for x in kv), *launcher_args]
-    argv += ["--", *shlex.split(a.engine_args), "--dtype", a.dtype]
+    argv = ["bash", str(LAUNCHER), *(x for kv in options.items() for x in kv)]
+    argv += shlex.split(a.launcher_args)
+    return [*argv, "--", *shlex.split(a.engine_args), "--dtype", a.dtype]
+
+
+def up(a: argparse.Namespace) -> int:
+    p = ports(a.slot)
+    log_dir = (a.work / a.name).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv = launcher_argv(a, log_dir)
     env = dict(os.environ)
     for pair in a.env:
         key, _, value = pair.partition("=")
@@ -453,7 +458,7 @@ def compare(a: argparse.Namespace) -> int:
     return rc | report(a)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -547,7 +552,11 @@ def main() -> None:
     topology_args(p)
     run_args(p)
     p.set_defaults(rates="2,4,6,8", sweep_input=7500, sweep_output=200, mix_rates="4,16")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
     if a.results is None:
         a.results = REPO / "benchmarks" / "results" / f"gpu-{gpu_tag(host_facts())}.json"
     handlers = {
