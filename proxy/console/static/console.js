@@ -427,6 +427,18 @@ $("#keys").addEventListener("submit", (ev) => {
 
 // --- the prompt box ---------------------------------------------------------------------------
 
+// The proxy keeps a request's timeline once it has finished with the request, which can be a
+// moment after the last byte reached the page: while it answers 404, ask again for a while.
+async function finishedTimeline(id, tries = 50, pauseMs = 100) {
+  for (let i = 0; i < tries; i++) {
+    const t = await fetch(`/admin/requests/${encodeURIComponent(id)}`, { headers: headers(keys.admin) });
+    if (t.ok) return t.json();
+    if (t.status !== 404) return null;
+    await new Promise((done) => setTimeout(done, pauseMs));
+  }
+  return null;
+}
+
 $("#prompt-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const out = $("#answer"), where = $("#answer-timeline");
@@ -460,11 +472,8 @@ $("#prompt-form").addEventListener("submit", async (ev) => {
       }
     });
     if (out.dataset.state === "streaming") out.dataset.state = "done";
-    const t = await fetch(`/admin/requests/${encodeURIComponent(id)}`, { headers: headers(keys.admin) });
-    if (t.ok) {
-      const timeline = await t.json();
-      where.replaceChildren(timelineBar(timeline), el("pre", { class: "hops" }, hopText(timeline)));
-    }
+    const timeline = await finishedTimeline(id);
+    if (timeline) where.replaceChildren(timelineBar(timeline), el("pre", { class: "hops" }, hopText(timeline)));
   } finally {
     $("#send").disabled = false;
   }
