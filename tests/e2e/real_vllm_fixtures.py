@@ -25,6 +25,10 @@ from vllm_helpers import DECODE_PORT, PREFILL_PORT, PROXY_PORT, SIDE_CHANNEL_POR
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launchers" / "disagg.sh"
 START_TIMEOUT_S = 600
+# Two CPU cores for two or three vLLM engines, the proxy and the tests: an engine can take
+# seconds to accept a connection (a CI run saw a decoder miss the default 5 s), so the proxies
+# in front of real engines wait longer for one.
+STARVED_BOX_TIMEOUTS = "timeouts: {connect: 30}\n"
 
 
 def _unavailable(reason: str) -> NoReturn:
@@ -100,9 +104,12 @@ def topology(
 ) -> Iterator[Topology]:
     log_dir = tmp_path_factory.mktemp("disagg-logs")
     output = log_dir / "launcher.out"
+    config = log_dir / "proxy.yaml"
+    config.write_text(STARVED_BOX_TIMEOUTS)
     args = [
         "bash", str(LAUNCHER), "--device", "cpu", "--connector", "nixl",
         "--model", str(tiny_model), "--python", vllm_python, "--proxy-cmd", _pdproxy_cmd(),
+        "--proxy-args", f"--config {config}",
         "--log-dir", str(log_dir), "--proxy-port", str(PROXY_PORT),
         "--prefill-port", str(PREFILL_PORT), "--decode-port", str(DECODE_PORT),
         "--side-channel-port", str(SIDE_CHANNEL_PORT),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from real_vllm_fixtures import start_logged
+from real_vllm_fixtures import STARVED_BOX_TIMEOUTS, start_logged
 from vllm_helpers import DECODE_PORT, PREFILL_PORT, SIDE_CHANNEL_PORT, Topology
 
 from proxy.connectors.nixl import prefill_body
@@ -110,6 +110,8 @@ def proxy(topology: Topology, tmp_path: Path) -> Iterator[str]:
         "admin: {probe_timeout: 120, probe_pull_wait: 30}\n"
         "health: {timeout: 10}\n"
         "stats: {interval: 0}\n"
+        "drain_timeout: 150\n"  # a request on the starved box can outlast the default 30 s
+        + STARVED_BOX_TIMEOUTS
     )
     started = start_proxy(
         [topology.prefill], [topology.decode], "--config", str(config),

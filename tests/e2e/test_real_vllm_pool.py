@@ -52,7 +52,7 @@ def pool(
         "pool_planner: {min_prefill_tokens: 32}\n"
         "health: {interval: 0}\n"
         "stats: {interval: 0}\n"
-        "timeouts: {prefill: 300, decode_first_byte: 300}\n"
+        "timeouts: {connect: 30, prefill: 300, decode_first_byte: 300}\n"
     )
     output = log_dir / "launcher.out"
     args = [
