@@ -329,8 +329,9 @@ def _compare_rows(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]
 
 
 def _compare(data: dict[str, Any]) -> list[str]:
+    compared = _compare_rows(data)
     rows = []
-    for layout, name, row in _compare_rows(data):
+    for layout, name, row in compared:
         kv = row.get("kv") or {}
         decisions = row.get("disagg_decisions") or {}
         local = sum(v for k, v in decisions.items() if 'decision="local"' in k)
@@ -371,7 +372,7 @@ def _compare(data: dict[str, Any]) -> list[str]:
         "KV ms/pull",
         "local",
     ]
-    cmds = sorted({row["command"] for _, _, row in _compare_rows(data)})
+    cmds = sorted({row["command"] for _, _, row in compared})
     return [
         "## PD against colocated serving on the same GPUs (ms)",
         "",
