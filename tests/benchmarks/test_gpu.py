@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks import gpu
 from benchmarks.gpu_report import render
-from tests.launchers.plan import Command, Plan, parse_plan
+from tests.launchers.plan import LAUNCHER, Command, Plan, dry_run_plan
 
 RESULTS = Path(gpu.REPO, "benchmarks", "results")
 UP = (
@@ -34,12 +33,8 @@ def args(*argv: str) -> argparse.Namespace:
 
 def planned(a: argparse.Namespace, log_dir: Path) -> Plan:
     argv = gpu.launcher_argv(a, log_dir)
-    assert argv[:2] == ["bash", str(gpu.LAUNCHER)]
-    out = subprocess.run(
-        [*argv[:2], "--dry-run", *argv[2:]], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    return parse_plan(out.stdout)
+    assert argv[:2] == ["bash", str(LAUNCHER)]
+    return dry_run_plan(argv[2:])
 
 
 def engines(plan: Plan) -> list[Command]:

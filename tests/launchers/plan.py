@@ -1,13 +1,17 @@
 """What launchers/disagg.sh --dry-run prints, parsed: each command (its name, environment and
-argv) in start order, and the files it writes."""
+argv) in start order, and the files it writes; `dry_run_plan` runs it and parses."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "launchers" / "disagg.sh"
 
 
 @dataclass
@@ -61,3 +65,16 @@ def parse_plan(text: str) -> Plan:
             plan.commands[name] = Command(name, env, words)
             plan.order.append(name)
     return plan
+
+
+def dry_run_plan(args: list[str], env: dict[str, str] | None = None) -> Plan:
+    """The plan of `launchers/disagg.sh --dry-run ARGS`; the launcher must accept ARGS."""
+    out = subprocess.run(
+        ["bash", str(LAUNCHER), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a loaded CI machine forks slowly
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    return parse_plan(out.stdout)

@@ -9,23 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.launchers.plan import Plan, parse_plan
+from tests.launchers.plan import LAUNCHER, Plan, dry_run_plan
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCHER = REPO / "launchers" / "disagg.sh"
+REPO = LAUNCHER.parents[1]
 PY = "/opt/vllm/bin/python"
 
 
 def dry_run(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> Plan:
-    out = subprocess.run(
-        ["bash", str(LAUNCHER), "--dry-run", "--python", PY, "--log-dir", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,  # a loaded CI machine forks slowly
-        env=env,
-    )
-    return parse_plan(out.stdout)
+    return dry_run_plan(["--python", PY, "--log-dir", str(tmp_path), *args], env)
 
 
 def run_launcher(*args: str) -> subprocess.CompletedProcess[str]:
