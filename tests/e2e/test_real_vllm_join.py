@@ -107,7 +107,7 @@ def proxy(topology: Topology, tmp_path: Path) -> Iterator[str]:
     decoder, with probe deadlines for a 2-core box running three CPU engines."""
     config = tmp_path / "proxy.yaml"
     config.write_text(
-        "admin: {probe_timeout: 120, probe_pull_wait: 30}\n"
+        "admin: {probe_timeout: 300, probe_pull_wait: 30}\n"  # a CI run saw 120 s pass
         "health: {timeout: 10}\n"
         "stats: {interval: 0}\n"
         "drain_timeout: 150\n"  # a request on the starved box can outlast the default 30 s
