@@ -70,8 +70,8 @@ from benchmarks.harness import (
     provenance_lines,
     stream_once,
 )
-from proxy.sim.profile import load_profile
-from proxy.sim.tokenizer import WORDS
+from pdsim.profile import load_profile
+from pdsim.tokenizer import WORDS
 
 COMPLETIONS = "/v1/completions"
 PROFILE = "h200-llama-8b-bf16"

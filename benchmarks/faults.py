@@ -34,8 +34,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from pdsim.launch import Process, SimProcess, start_proxy, start_sim
 from proxy import __version__
-from proxy.sim.launch import Process, SimProcess, start_proxy, start_sim
 
 MODEL = "pdsim/llama-8b"
 RESULTS = Path(__file__).parent / "results"

@@ -60,7 +60,7 @@ from benchmarks.harness import (
     provenance,
     vllm_router_argv,
 )
-from proxy.sim.tokenizer import WORDS
+from pdsim.tokenizer import WORDS
 
 CHAT = "/v1/chat/completions"
 CONFIGS: dict[str, dict[str, Any]] = {

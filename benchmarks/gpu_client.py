@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.connectors.nixl import REMOTE_DECODE_PARAMS
+from proxy.engines.connectors.nixl import REMOTE_DECODE_PARAMS
 
 # The prefill leg of a client-driven PD request, as the proxy sends it (README "What the proxy
 # sends"): the "floor" mode of the latency phase does this itself.

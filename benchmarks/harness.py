@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 
+from pdsim.launch import Process, free_port, wait_ready
 from proxy import __version__
-from proxy.sim.launch import Process, free_port, wait_ready
 
 MODEL = "pdsim/llama-8b"
 RESULTS = Path(__file__).resolve().parent / "results"

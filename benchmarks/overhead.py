@@ -67,7 +67,7 @@ from benchmarks.harness import (
     vllm_router_argv,
     worktree,
 )
-from proxy.connectors.nixl import prefill_body
+from proxy.engines.connectors.nixl import prefill_body
 
 CHAT = "/v1/chat/completions"
 PROXY_CPU = "0"

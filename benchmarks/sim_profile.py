@@ -1,7 +1,7 @@
 """The simulator's timing profile, fitted to the engine measurements of a GPU run.
 
 Reads the `calibrate` and `kv_bandwidth` runs of one topology in a results file of
-`benchmarks/gpu.py` and writes a profile for `pdproxy sim --timing-profile` (proxy/sim/profile.py)
+`benchmarks/gpu.py` and writes a profile for `pdproxy sim --timing-profile` (pdsim/profile.py)
 that holds the fitted delays, where they come from and the measurements themselves:
 
   decode step     least squares of the step time (p50 inter-token latency of B streams)
@@ -16,7 +16,7 @@ that holds the fitted delays, where they come from and the measurements themselv
     python benchmarks/sim_profile.py                 # benchmarks/results/gpu-h200.json, nixl
     python benchmarks/sim_profile.py --check         # say how far the shipped profile is off
     python benchmarks/sim_profile.py --kv-topology nixl-v1-xl \
-        --out proxy/sim/profiles/h200-llama-8b-bf16-xl.json   # the pull of another KV layout
+        --out pdsim/profiles/h200-llama-8b-bf16-xl.json   # the pull of another KV layout
 
 The fit's residuals are printed: the step model is linear in the prompt tokens of a step, and
 how far each measured step is from it says what the simulator gets wrong.

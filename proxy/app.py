@@ -20,19 +20,21 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from proxy import __version__
-from proxy.admin.hosts import HostAllowList
-from proxy.admin.probes import Prober
-from proxy.admin.routes import add_admin_routes
-from proxy.admin.service import Admin
-from proxy.admin.state import StateError, StateFile
-from proxy.admission import Admission
-from proxy.auth import Authenticator, load_keys
 from proxy.config import ConfigError, ProxyConfig
-from proxy.connectors import make_connector
-from proxy.console import add_console_routes
-from proxy.console.feed import ConsoleFeed
-from proxy.disagg import DisaggPlanner
-from proxy.engine import EngineClient
+from proxy.control.admin.hosts import HostAllowList
+from proxy.control.admin.probes import Prober
+from proxy.control.admin.routes import add_admin_routes
+from proxy.control.admin.service import Admin
+from proxy.control.admin.state import StateError, StateFile
+from proxy.control.console import add_console_routes
+from proxy.control.console.feed import ConsoleFeed
+from proxy.control.kvhealth import KvHealth
+from proxy.control.registry import WorkerRegistry
+from proxy.control.workers import Health, Worker, WorkerPool
+from proxy.engines.client import EngineClient
+from proxy.engines.connectors import make_connector
+from proxy.engines.connectors.lmcache_config import Receiver, resolve_receivers
+from proxy.engines.scrape import Scraper, observe_load
 from proxy.errors import (
     MethodNotAllowed,
     NotFound,
@@ -40,21 +42,19 @@ from proxy.errors import (
     ProxyError,
     UpstreamError,
 )
-from proxy.handler import CompletionEndpoint, Receive, Scope, Send, Services
-from proxy.kvhealth import KvHealth
-from proxy.lmcache_config import Receiver, resolve_receivers
-from proxy.metrics import ProxyMetrics
-from proxy.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
-from proxy.placement import Router
-from proxy.policies import PolicyOptions, make_policy
-from proxy.policies.conditional import ConditionalDisagg
-from proxy.pool.planner import PoolPlanner
-from proxy.registry import WorkerRegistry
+from proxy.observe.metrics import ProxyMetrics
+from proxy.observe.stats import LatencyStats
+from proxy.observe.timeline import TimelineRing
+from proxy.place.disagg import DisaggPlanner
+from proxy.place.plan import Router
+from proxy.place.policies import PolicyOptions, make_policy
+from proxy.place.policies.conditional import ConditionalDisagg
+from proxy.place.pool_planner import PoolPlanner
 from proxy.request import CHAT, COMPLETIONS
-from proxy.scrape import Scraper, observe_load
-from proxy.stats import LatencyStats
-from proxy.timeline import TimelineRing
-from proxy.workers import Health, Worker, WorkerPool
+from proxy.serve.admission import Admission
+from proxy.serve.auth import Authenticator, load_keys
+from proxy.serve.endpoint import CompletionEndpoint, Receive, Scope, Send, Services
+from proxy.serve.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
 
 log = logging.getLogger("pdproxy")
 

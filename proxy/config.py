@@ -13,8 +13,12 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from proxy.admin.config import AdminConfig
-from proxy.lmcache_config import LMCacheConfig, LMCacheReceiverConfig, resolve_receivers
+from proxy.control.admin.config import AdminConfig
+from proxy.engines.connectors.lmcache_config import (
+    LMCacheConfig,
+    LMCacheReceiverConfig,
+    resolve_receivers,
+)
 
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
 ConnectorName = Literal["nixl", "lmcache"]

@@ -1,7 +1,7 @@
 """The proxy's error tree, rendered once as OpenAI-shaped JSON.
 
-Engine-side failures are translated into these at the engine boundary (`proxy.engine`); everything
-above it only raises and catches `ProxyError`.
+Engine-side failures are translated into these at the engine boundary
+(`proxy.engines.client`); everything above it only raises and catches `ProxyError`.
 """
 
 from __future__ import annotations

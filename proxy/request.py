@@ -3,7 +3,7 @@
 Full validation is the engine's job (its 4xx is passed through); here we reject only what would
 make the legs misbehave, or what vLLM would reject but fanning out would hide (`n > 1` with greedy
 sampling), with a message that says what to change. A request for several completions (a list of
-prompts, `n > 1`) is noted here and split by `proxy.fanout`.
+prompts, `n > 1`) is noted here and split by `proxy.flow.fanout`.
 """
 
 from __future__ import annotations

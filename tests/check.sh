@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-"$PY" -m ruff format --check proxy tests benchmarks
-"$PY" -m ruff check proxy tests benchmarks
+"$PY" -m ruff format --check proxy pdsim tests benchmarks
+"$PY" -m ruff check proxy pdsim tests benchmarks
 "$PY" -m mypy
 "$PY" -m pytest "$@"

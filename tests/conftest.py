@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 
-from proxy.sim import launch
-from proxy.sim.launch import Process, SimProcess, free_port
+from pdsim import launch
+from pdsim.launch import Process, SimProcess, free_port
 from tests.e2e.real_vllm_fixtures import tiny_model, topology, vllm_python
 
 __all__ = ["free_port", "tiny_model", "topology", "vllm_python"]

@@ -18,9 +18,9 @@ import pytest
 from real_vllm_fixtures import STARVED_BOX_TIMEOUTS, start_logged
 from vllm_helpers import DECODE_PORT, PREFILL_PORT, SIDE_CHANNEL_PORT, Topology
 
-from proxy.connectors.nixl import prefill_body
-from proxy.sim.launch import start_proxy
-from tests.admin.helpers import Load
+from pdsim.launch import start_proxy
+from proxy.engines.connectors.nixl import prefill_body
+from tests.control.admin.helpers import Load
 
 pytestmark = pytest.mark.real_vllm
 

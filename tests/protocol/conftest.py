@@ -14,7 +14,7 @@ if str(Path(__file__).parent) not in sys.path:  # pytest runs in importlib mode
 
 from protocol_engines import MAX_MODEL_LEN, MODEL, Engines
 
-from proxy.sim import launch
+from pdsim import launch
 
 
 @pytest.fixture(scope="session")

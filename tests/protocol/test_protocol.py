@@ -17,7 +17,7 @@ import httpx
 import pytest
 from protocol_engines import Engines
 
-from proxy.sim.launch import free_port
+from pdsim.launch import free_port
 from tests.e2e.vllm_helpers import metric, metrics, wait_metric
 
 Body = dict[str, Any]

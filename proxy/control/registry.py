@@ -1,0 +1,195 @@
+"""Every worker the proxy knows, by stable id, and the only code that changes who is routed.
+
+Ids are the role's letter and a number (`p0`, `d3`, `b1` for a pool engine), given in order and
+never reused by one registry: configured workers get theirs first, in config order; a worker
+added at run time gets the next one. The registry changes membership in three synchronous
+steps, each one swap of a pool's tuples (see proxy.workers), so a request between two awaits
+sees a worker either wholly in or wholly out:
+
+    candidate (probing, not routed) -> activate (routed) -> drain (not routed, still serving)
+    -> remove (gone; `on_removed` listeners forget it: policy state, connections, ...)
+
+and `hold` puts an idle active worker back to candidate (one that failed a start-up probe).
+
+`retire` runs drain -> wait for the worker's in-flight requests (at most `timeout` seconds; then
+`end_requests` ends those left, as the shutdown drain does) -> remove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from proxy.control.workers import ID_PREFIX, Lifecycle, Role, Worker, WorkerPool
+from proxy.engines.connectors.lmcache_config import Receiver
+
+log = logging.getLogger("pdproxy")
+
+ROLES: tuple[Role, ...] = ("prefill", "decode", "pool")
+EndRequests = Callable[[Iterable[asyncio.Task[Any]], str], None]
+
+
+class RegistryError(ValueError):
+    """A membership change that cannot be made; the message says why."""
+
+
+class WorkerRegistry:
+    def __init__(
+        self, prefill: WorkerPool, decode: WorkerPool, pool: WorkerPool | None = None
+    ) -> None:
+        self.pools: dict[Role, WorkerPool] = {
+            "prefill": prefill,
+            "decode": decode,
+            "pool": WorkerPool("pool", (), prefill.failure_threshold, prefill.cooldown)
+            if pool is None
+            else pool,
+        }
+        self.candidates: dict[str, Worker] = {}  # probing: known, not routed
+        self.on_removed: list[Callable[[Worker], None]] = []
+        self._next = {role: 0 for role in ROLES}
+        for pool in self.pools.values():
+            for worker in pool.members:
+                self._claim(worker.role, worker.id)
+
+    @classmethod
+    def empty(cls, failure_threshold: int = 3, cooldown: float = 10.0) -> WorkerRegistry:
+        return cls(*(WorkerPool(role, (), failure_threshold, cooldown) for role in ROLES))
+
+    def __iter__(self) -> Iterator[Worker]:
+        """Every worker the proxy knows: members of both pools, then candidates."""
+        for pool in self.pools.values():
+            yield from pool.members
+        yield from self.candidates.values()
+
+    def __repr__(self) -> str:
+        return f"<WorkerRegistry {' '.join(repr(p) for p in self.pools.values())}>"
+
+    def _claim(self, role: Role, worker_id: str) -> None:
+        prefix, number = worker_id[:1], worker_id[1:]
+        if prefix == ID_PREFIX[role] and number.isdigit():
+            self._next[role] = max(self._next[role], int(number) + 1)
+
+    def find(self, key: str) -> Worker | None:
+        """The worker with this id, or else the one with this URL (base URL, any trailing /)."""
+        key = key.rstrip("/")
+        by_url = None
+        for worker in self:
+            if worker.id == key:
+                return worker
+            if worker.url == key and by_url is None:
+                by_url = worker
+        return by_url
+
+    def candidate(
+        self, role: Role, url: str, lmcache: Receiver | None = None, worker_id: str | None = None
+    ) -> Worker:
+        """A new worker in state `probing`: listed, never routed until `activate`."""
+        url = url.rstrip("/")
+        if role not in self.pools:
+            raise RegistryError(f"role must be 'prefill', 'decode' or 'pool', not {role!r}")
+        for other in self:
+            if other.role == role and other.url == url:
+                raise RegistryError(
+                    f"{role} worker {url} is already known as {other.id} ({other.state.value})"
+                )
+            if worker_id is not None and other.id == worker_id:
+                raise RegistryError(f"worker id {worker_id} is taken by {other.url}")
+        if worker_id is None:
+            worker_id = f"{ID_PREFIX[role]}{self._next[role]}"
+        self._claim(role, worker_id)
+        worker = Worker(role, worker_id, url, lmcache=lmcache, state=Lifecycle.PROBING)
+        self.candidates[worker.id] = worker
+        return worker
+
+    def discard(self, worker: Worker) -> None:
+        """A candidate that will not join (its probe failed)."""
+        if self.candidates.pop(worker.id, None) is not None:
+            worker.state = Lifecycle.REMOVED
+            self._removed(worker)
+
+    def activate(self, worker: Worker) -> None:
+        """Route to a candidate from now on."""
+        if self.candidates.pop(worker.id, None) is None:
+            raise RegistryError(f"worker {worker.id} is not a candidate ({worker.state.value})")
+        self.pools[worker.role].add(worker)
+        log.info("%s worker %s (%s) joined", worker.role, worker.id, worker.url)
+
+    def add(
+        self, role: Role, url: str, lmcache: Receiver | None = None, worker_id: str | None = None
+    ) -> Worker:
+        """A worker routed at once, without probing (configured workers, forced additions)."""
+        worker = self.candidate(role, url, lmcache, worker_id)
+        del self.candidates[worker.id]
+        self.pools[role].add(worker)
+        return worker
+
+    def hold(self, worker: Worker) -> None:
+        """Take an active worker that has no request in flight out of routing, back to a
+        candidate (a configured worker that failed its start-up probe)."""
+        if worker.state is not Lifecycle.ACTIVE or worker.inflight:
+            raise RegistryError(f"worker {worker.id} is {worker.state.value} with requests")
+        self.pools[worker.role].remove(worker, Lifecycle.PROBING)
+        self.candidates[worker.id] = worker
+
+    def drain(self, worker: Worker) -> None:
+        """No new request for `worker`; those in flight on it go on."""
+        if worker.state is not Lifecycle.ACTIVE:
+            raise RegistryError(f"worker {worker.id} is {worker.state.value}, not active")
+        self.pools[worker.role].drain(worker)
+        log.info(
+            "%s worker %s (%s) draining: %d request(s) in flight",
+            worker.role,
+            worker.id,
+            worker.url,
+            worker.inflight,
+        )
+
+    def remove(self, worker: Worker) -> None:
+        """Gone: from routing, health, stats and metrics; listeners forget what they kept."""
+        if worker.state is Lifecycle.REMOVED:
+            return
+        self.pools[worker.role].remove(worker)
+        self._removed(worker)
+        log.info("%s worker %s (%s) removed", worker.role, worker.id, worker.url)
+
+    def _removed(self, worker: Worker) -> None:
+        for listener in self.on_removed:
+            listener(worker)
+
+    async def retire(
+        self, worker: Worker, timeout: float, end_requests: EndRequests, settle: float = 5.0
+    ) -> None:
+        """Drain `worker`, wait for its requests (at most `timeout` s), end those still running
+        after that (then give them `settle` s to unwind), and remove it."""
+        if worker.state is Lifecycle.ACTIVE:
+            self.drain(worker)
+        if not await _idle(worker, timeout):
+            log.warning(
+                "%s worker %s: %d request(s) still running after %gs of drain: ending them",
+                worker.role,
+                worker.id,
+                worker.inflight,
+                timeout,
+            )
+            end_requests(
+                list(worker.tasks),
+                f"{worker.role} worker {worker.url} was removed before the answer was complete",
+            )
+            await _idle(worker, settle)
+        self.remove(worker)
+
+
+async def _idle(worker: Worker, timeout: float) -> bool:
+    """Whether `worker` has no request in flight within `timeout` seconds."""
+    if worker.inflight:
+        worker.idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await worker.idle.wait()
+        except TimeoutError:
+            return False
+        finally:
+            worker.idle = None
+    return True

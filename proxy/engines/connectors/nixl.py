@@ -1,0 +1,97 @@
+"""vLLM NixlConnector: the decoder pulls the prompt's KV blocks from the prefiller.
+
+Prefill leg: the client's request, capped at one token, unable to stop early (vLLM returns
+`kv_transfer_params` only for a request that finished by length), with `do_remote_decode`.
+Decode leg: the client's request plus the prefiller's `kv_transfer_params`, verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.control.workers import Worker
+from proxy.engines.client import EngineClient
+from proxy.engines.connectors import Handoff, prefill_response
+from proxy.request import ClientRequest
+
+# Fields that would let the one-token prefill end before the length cap, or stream it.
+_PREFILL_DROP = (
+    "stream_options",
+    "stop",
+    "stop_token_ids",
+    "min_tokens",
+    "min_completion_tokens",
+    "kv_transfer_params",
+)
+
+REMOTE_DECODE_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    leg = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
+    leg["stream"] = False
+    leg["max_tokens"] = 1
+    if "max_completion_tokens" in body:
+        leg["max_completion_tokens"] = 1
+    leg["ignore_eos"] = True
+    leg["n"] = 1
+    leg["kv_transfer_params"] = dict(REMOTE_DECODE_PARAMS)
+    return leg
+
+
+def handoff_from_response(raw: bytes, prefiller: Worker) -> Handoff:
+    response = prefill_response(raw, prefiller)
+    params = response.get("kv_transfer_params")
+    if isinstance(params, dict) and params:
+        return Handoff(params)
+    finish = None
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        finish = choices[0].get("finish_reason")
+    if "kv_transfer_params" not in response:
+        reason = "prefiller returned no kv_transfer_params (is its kv-transfer-config set?)"
+        return Handoff(None, reason, "missing_params")
+    reason = f"prefiller returned kv_transfer_params=null (finish_reason={finish})"
+    return Handoff(None, reason, "null_params")
+
+
+class NixlConnector:
+    name = "nixl"
+
+    def __init__(self, engine: EngineClient, prefill_timeout: float) -> None:
+        self._engine = engine
+        self._timeout = prefill_timeout
+
+    async def start(self) -> None:
+        return None
+
+    async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
+        raw = await self._engine.call(
+            prefiller,
+            request.path,
+            orjson.dumps(prefill_body(request.body)),
+            request.request_id,
+            self._timeout,
+            "prefill",
+        )
+        return handoff_from_response(raw, prefiller)
+
+    def decode_body(self, request: ClientRequest, handoff: Handoff) -> bytes:
+        body = request.body
+        if handoff.kv_transfer_params is not None:
+            body = {**body, "kv_transfer_params": handoff.kv_transfer_params}
+        elif "kv_transfer_params" in body:
+            body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+        return orjson.dumps(body)
+
+    async def close(self) -> None:
+        return None

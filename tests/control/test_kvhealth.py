@@ -1,0 +1,175 @@
+"""KV-transfer health: parsing the engines' NIXL sums, the window, the judgement and its log
+lines (tables), and a proxy that sees a simulated decoder pull slowly (real sockets)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.control.kvhealth import KvHealth, TransferTotals, TransferWindow, parse_transfer_totals
+from proxy.control.workers import Worker
+from tests.conftest import MODEL, Sim, running, start_proxy, wait_for
+
+REAL = b"""# HELP vllm:nixl_xfer_time_seconds Histogram of transfer duration.
+vllm:nixl_xfer_time_seconds_bucket{engine="0",le="0.005",model_name="m"} 3.0
+vllm:nixl_xfer_time_seconds_count{engine="0",model_name="m"} 4.0
+vllm:nixl_xfer_time_seconds_sum{engine="0",model_name="m"} 0.5
+vllm:nixl_bytes_transferred_sum{engine="0",model_name="m"} 1.0e9
+vllm:nixl_xfer_time_seconds_count{engine="1",model_name="m"} 1.0
+vllm:nixl_xfer_time_seconds_sum{engine="1",model_name="m"} 0.25
+vllm:nixl_bytes_transferred_sum{engine="1",model_name="m"} 5.0e8
+vllm:nixl_post_time_seconds_sum{engine="0",model_name="m"} 0.01
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (REAL, TransferTotals(5.0, 0.75, 1.5e9)),  # summed over engines (DP ranks)
+        (
+            b"vllm:nixl_xfer_time_seconds_count 2\nvllm:nixl_xfer_time_seconds_sum 1\n",
+            TransferTotals(2.0, 1.0, 0.0),
+        ),
+        (b"vllm:num_requests_running 1\n", None),  # no NIXL connector
+        (b"vllm:nixl_xfer_time_seconds_count x\nvllm:nixl_xfer_time_seconds_sum 1\n", None),
+        (b"", None),
+    ],
+)
+def test_parse_transfer_totals(text: bytes, expected: TransferTotals | None) -> None:
+    assert parse_transfer_totals(text) == expected
+
+
+def test_window_compares_the_oldest_sample_inside_with_the_newest() -> None:
+    w = TransferWindow(10.0)
+    assert w.rate() is None
+    w.add(0.0, TransferTotals(0, 0.0, 0))
+    w.add(5.0, TransferTotals(10, 1.0, 4e9))
+    rate = w.rate()
+    assert rate is not None
+    assert (rate.transfers, rate.bandwidth, rate.seconds_per_transfer) == (10, 4e9, 0.1)
+    w.add(20.0, TransferTotals(12, 1.5, 5e9))  # the base moves to t=5
+    rate = w.rate()
+    assert rate is not None and (rate.transfers, rate.nbytes, rate.window_s) == (2, 1e9, 15.0)
+    w.add(25.0, TransferTotals(12, 1.5, 5e9))
+    w.add(40.0, TransferTotals(12, 1.5, 5e9))
+    assert w.rate() is None  # no transfer in the window
+    w.add(41.0, TransferTotals(1, 0.1, 1e8))  # counters went back: the engine restarted
+    assert w.rate() is None
+    w.add(42.0, TransferTotals(3, 0.2, 3e8))
+    rate = w.rate()
+    assert rate is not None and rate.transfers == 2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_slow_decoder_warned_with_the_fix_then_recovery(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    health = KvHealth(2e9, window=30, min_bytes=1e8, warn_interval=60, clock=clock)
+    w = Worker("decode", "d0", "http://d0:8000")
+    caplog.set_level(logging.INFO, logger="pdproxy")
+
+    def scrape(at: float, transfers: int, seconds: float, nbytes: float) -> None:
+        clock.now = at
+        health.observe(w, TransferTotals(transfers, seconds, nbytes))
+
+    scrape(0, 0, 0.0, 0)
+    scrape(5, 1, 0.01, 5e7)  # 5 GB/s but too few bytes to judge
+    assert w.kv_transfer is not None and not w.kv_transfer.slow
+    scrape(10, 4, 1.4, 5.5e8)  # 0.39 GB/s: slow
+    assert w.kv_transfer is not None and w.kv_transfer.slow
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "http://d0:8000" in warnings[0] and "is slow: 0.39 GB/s" in warnings[0]
+    assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" in warnings[0] and "TCP" in warnings[0]
+    scrape(20, 5, 1.8, 6.9e8)  # still slow: no second warning within warn_interval
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    scrape(80, 6, 2.2, 8e8)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+    scrape(120, 16, 2.3, 3.4e9)  # the window now holds only fast transfers (26 GB/s)
+    assert w.kv_transfer is not None and not w.kv_transfer.slow
+    assert "is fast again" in caplog.records[-1].getMessage()
+    health.observe(w, None)  # the engine stopped exposing the metrics
+    assert w.kv_transfer is None
+
+
+def completion(words: int) -> dict[str, object]:
+    prompt = " ".join(f"w{i}" for i in range(words))
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+
+
+def test_proxy_reports_a_slowly_pulling_decoder(tmp_path: Path, clean_sims: dict[str, Sim]) -> None:
+    p0, d0 = clean_sims["p0"], clean_sims["d0"]
+    cfg = tmp_path / "kv.yaml"
+    cfg.write_text(json.dumps({"kv_health": {
+        "interval": 0.2, "window": 2.0, "min_bandwidth": 1e8, "min_bytes": 1e6,
+    }}))  # fmt: skip
+    d0.faults(kv_xfer_gbps=0.05)  # 50 MB/s, as a bad TCP path
+    try:
+        with running(start_proxy(tmp_path, [p0], [d0], "--config", str(cfg))) as proxy:
+            for _ in range(3):
+                r = httpx.post(proxy.url + "/v1/completions", json=completion(200), timeout=30)
+                assert r.status_code == 200
+            assert d0.metric("vllm:nixl_xfer_time_seconds_count") == 3
+
+            def slow() -> bool:
+                kv = proxy.stats()["kv_transfer"].get(d0.url)
+                return bool(kv and kv["slow"])
+
+            wait_for(slow, timeout=10)
+            kv = proxy.stats()["kv_transfer"][d0.url]
+            assert kv["bandwidth_bytes_per_second"] < 1e8 and kv["transfers"] >= 1
+            worker = proxy.stats()["workers"]["decode"][0]
+            assert worker["kv_transfer"]["slow"] is True
+            m = proxy.metrics()
+            assert 0 < m.total("pdproxy_kv_transfer_bandwidth_bytes_per_second", url=d0.url) < 1e8
+            assert m.total("pdproxy_kv_transfer_slow", role="decode", url=d0.url) == 1
+            assert m.total("pdproxy_kv_transfer_seconds", url=d0.url) > 0.05
+            wait_for(lambda: "is slow" in proxy.log.read_text(), timeout=5)
+            line = next(x for x in proxy.log.read_text().splitlines() if "is slow" in x)
+            assert d0.url in line and "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" in line
+
+            d0.faults()  # the link is fixed; once the window holds only fast pulls, say so
+            wait_for(lambda: not slow() and proxy.stats()["kv_transfer"] == {}, timeout=10)
+            for _ in range(3):
+                r = httpx.post(proxy.url + "/v1/completions", json=completion(200), timeout=30)
+                assert r.status_code == 200
+            wait_for(lambda: "is fast again" in proxy.log.read_text(), timeout=10)
+            assert proxy.metrics().total("pdproxy_kv_transfer_slow", url=d0.url) == 0
+    finally:
+        d0.faults()
+
+
+def test_conditional_disaggregation_keeps_prompts_off_a_slow_kv_path(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    p0, d0 = clean_sims["p0"], clean_sims["d0"]
+    cfg = tmp_path / "cd.yaml"
+    cfg.write_text(json.dumps({
+        "kv_health": {"interval": 0.2, "window": 30, "min_bandwidth": 1e8, "min_bytes": 1e6},
+        "conditional_disagg": {"enabled": True, "min_prefill_tokens": 16},
+    }))  # fmt: skip
+    d0.faults(kv_xfer_gbps=0.05)
+    try:
+        with running(start_proxy(tmp_path, [p0], [d0], "--config", str(cfg))) as proxy:
+            url = proxy.url + "/v1/completions"
+            assert httpx.post(url, json=completion(200), timeout=30).status_code == 200
+            assert len(p0.generation_records()) == 1  # long: prefilled remotely, pulled slowly
+            wait_for(lambda: proxy.stats()["kv_transfer"].get(d0.url, {}).get("slow"), 10)
+            assert httpx.post(url, json=completion(201), timeout=30).status_code == 200
+            assert len(p0.generation_records()) == 1  # now the decoder prefills it itself
+            assert "kv_transfer_params" not in d0.generation_records()[-1]["body"]
+            total = proxy.metrics().total
+            assert total("pdproxy_disagg_decisions_total", decision="remote", reason="long") == 1
+            assert total("pdproxy_disagg_decisions_total", decision="local", reason="slow_kv") == 1
+    finally:
+        d0.faults()
