@@ -32,7 +32,7 @@ from proxy.control.kvhealth import KvHealth
 from proxy.control.registry import WorkerRegistry
 from proxy.control.workers import Health, Worker, WorkerPool
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors import make_connector
+from proxy.engines.connectors.base import make_connector
 from proxy.engines.connectors.lmcache_config import Receiver, resolve_receivers
 from proxy.engines.scrape import Scraper, observe_load
 from proxy.errors import (

@@ -24,7 +24,7 @@ import orjson
 from proxy.config import FailoverConfig, FanoutConfig
 from proxy.control.workers import Lease, Worker, serving
 from proxy.engines.client import EngineClient, IdleTimeout, engine_errors
-from proxy.engines.connectors import Connector, Handoff
+from proxy.engines.connectors.base import Connector, Handoff
 from proxy.errors import (
     MethodNotAllowed,
     NoWorkerAvailable,

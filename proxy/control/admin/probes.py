@@ -43,7 +43,7 @@ import orjson
 from proxy.control.registry import WorkerRegistry
 from proxy.control.workers import Role, Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors import Connector, Handoff
+from proxy.engines.connectors.base import Connector, Handoff
 from proxy.engines.promtext import sample_sums
 from proxy.errors import ProxyError
 from proxy.request import COMPLETIONS, ClientRequest

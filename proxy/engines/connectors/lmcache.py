@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors import Handoff, prefill_response
+from proxy.engines.connectors.base import Handoff, prefill_response
 from proxy.engines.connectors.lmcache_config import LMCacheConfig, Receiver
 from proxy.engines.connectors.lmcache_notify import Notifications
 from proxy.errors import KVTransferTimeout, ProxyError

@@ -13,7 +13,7 @@ import orjson
 
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors import Handoff, prefill_response
+from proxy.engines.connectors.base import Handoff, prefill_response
 from proxy.request import ClientRequest
 
 # Fields that would let the one-token prefill end before the length cap, or stream it.

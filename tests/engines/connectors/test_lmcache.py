@@ -16,7 +16,7 @@ import zmq.asyncio
 from proxy.config import ConfigError, load_config
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors import Handoff
+from proxy.engines.connectors.base import Handoff
 from proxy.engines.connectors.lmcache import (
     LMCacheConnector,
     disagg_spec,

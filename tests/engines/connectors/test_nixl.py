@@ -2,7 +2,7 @@ import orjson
 import pytest
 
 from proxy.control.workers import Worker
-from proxy.engines.connectors import Handoff
+from proxy.engines.connectors.base import Handoff
 from proxy.engines.connectors.nixl import NixlConnector, handoff_from_response, prefill_body
 from proxy.errors import UpstreamError
 from proxy.request import CHAT, ClientRequest
