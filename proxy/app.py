@@ -29,6 +29,7 @@ from proxy.control.admin.state import StateError, StateFile
 from proxy.control.console import add_console_routes
 from proxy.control.console.feed import ConsoleFeed
 from proxy.control.kvhealth import KvHealth
+from proxy.control.pool import PoolController
 from proxy.control.registry import WorkerRegistry
 from proxy.control.workers import Health, Worker, WorkerPool
 from proxy.engines.client import EngineClient
@@ -43,18 +44,10 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.observe.metrics import ProxyMetrics
-from proxy.observe.stats import LatencyStats
-from proxy.observe.timeline import TimelineRing
-from proxy.place.disagg import DisaggPlanner
-from proxy.place.plan import Router
-from proxy.place.policies import PolicyOptions, make_policy
-from proxy.place.policies.conditional import ConditionalDisagg
-from proxy.place.pool_planner import PoolPlanner
-from proxy.request import CHAT, COMPLETIONS
-from proxy.serve.admission import Admission
 from proxy.serve.auth import Authenticator, load_keys
-from proxy.serve.endpoint import CompletionEndpoint, Receive, Scope, Send, Services
-from proxy.serve.passthrough import RESPONSES_UNSUPPORTED, ROUTES, PassThrough
+from proxy.serve.passthrough import RESPONSES_UNSUPPORTED
+from proxy.serve.plane import build_data_plane
+from proxy.serve.responder import Receive, Scope, Send
 
 log = logging.getLogger("pdproxy")
 
@@ -78,8 +71,13 @@ class ProxyApp:
             self.registry = initial_workers(config, state)
         except StateError as exc:
             raise ConfigError(str(exc)) from None
-        prefill, decode, pool = (self.registry.pools[r] for r in ("prefill", "decode", "pool"))
-        self.metrics = ProxyMetrics((prefill, decode, pool))
+        pools = (
+            self.registry.pools["prefill"],
+            self.registry.pools["decode"],
+            self.registry.pools["pool"],
+        )
+        prefill, decode, pooled = pools
+        self.metrics = ProxyMetrics(pools)
         auth = config.auth
         try:
             authenticator = Authenticator(
@@ -88,15 +86,7 @@ class ProxyApp:
             )
         except ValueError as exc:
             raise ConfigError(f"auth: {exc}") from None
-        admission = config.admission
         routing, disagg = config.routing, config.conditional_disagg
-        options = PolicyOptions(
-            routing.prefix_block_chars,
-            routing.balance_abs,
-            routing.balance_rel,
-            routing.waiting_weight,
-            routing.kv_high,
-        )
         policies = {config.prefill_policy, config.decode_policy}
         # engine load from /metrics: for the policies that read it (prefix_aware bounds by it),
         # and whether an engine caches prefixes, for the estimates of conditional disaggregation
@@ -105,7 +95,7 @@ class ProxyApp:
             bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool) or disagg.enabled
         )
         self.scraper = (
-            Scraper(self.engine, lambda: (*prefill.members, *decode.members, *pool.members),
+            Scraper(self.engine, lambda: (*prefill.members, *decode.members, *pooled.members),
                     observe_load, routing.scrape_interval, routing.scrape_timeout)
             if routing.scrape_interval > 0 and scraped
             else None
@@ -119,7 +109,7 @@ class ProxyApp:
         self.kv_monitor = (
             Scraper(
                 self.engine,
-                lambda: (*decode.members, *pool.members),  # draining ones still pull
+                lambda: (*decode.members, *pooled.members),  # draining ones still pull
                 self.kv_health.observe_metrics,
                 kvh.interval,
                 config.health.timeout,
@@ -127,69 +117,28 @@ class ProxyApp:
             if self.kv_health is not None
             else None
         )
-        router = Router(
-            prefill,
-            decode,
-            make_policy(config.prefill_policy, options),
-            make_policy(config.decode_policy, options),
-            pool,
-        )
-        self.pool_planner = (
-            PoolPlanner(
-                router,
-                self.engine,
-                self.metrics,
-                config.pool_planner,
-                config.pool_mode,
-                routing.waiting_weight,
-                routing.kv_high,
-                routing.prefix_block_chars,
-            )
+        self.pool = (
+            PoolController(pools, config.pool_planner, config.pool_mode, self.metrics.registry)
             if config.pool
             else None
         )
-        self.services = Services(
-            router=router,
-            planner=self.pool_planner,
-            connector=make_connector(config, self.engine, self.metrics.registry),
-            engine=self.engine,
-            metrics=self.metrics,
-            stats=LatencyStats(config.stats.window, self.metrics.registry),
-            timelines=TimelineRing(config.stats.timelines),
-            admission=Admission(
-                admission.max_concurrent, admission.max_queue, admission.queue_timeout
-            ),
-            auth=authenticator,
-            failover=config.failover,
-            fanout=config.fanout,
-            max_body_bytes=config.max_body_bytes,
-            decode_first_byte_timeout=config.timeouts.decode_first_byte,
-            decode_idle_timeout=config.timeouts.decode_idle,
-            prefix_chars=routing.prefix_chars
-            if disagg.enabled or "prefix_aware" in policies or config.pool_mode == "adaptive"
-            else 0,
-            disagg=DisaggPlanner(
-                ConditionalDisagg(disagg.min_prefill_tokens),
-                self.engine,
-                self.metrics,
-                routing.prefix_block_chars,
-                disagg.tokenize_timeout,
-            )
-            if disagg.enabled
-            else None,
+        self.plane = build_data_plane(
+            config,
+            pools,
+            self.engine,
+            make_connector(config, self.engine, self.metrics.registry),
+            self.metrics,
+            authenticator,
+            self.pool,
         )
-        self.registry.on_removed += [self.services.plans.forget, self._forget]
-        self.hot_paths: dict[str, Any] = {
-            CHAT: CompletionEndpoint(self.services, CHAT),
-            COMPLETIONS: CompletionEndpoint(self.services, COMPLETIONS),
-        }
-        for path, method in ROUTES.items():  # vLLM's other endpoints, to a decoder as they are
-            self.hot_paths[path] = PassThrough(self.services, path, method)
+        self.services = self.plane.services
+        self.connector = self.services.flow.connector
+        self.registry.on_removed += [self.plane.planner.forget, self._forget]
         admin = config.admin
         words = admin.probe_words or (400 if config.connector == "lmcache" else 48)
         prober = Prober(
             self.engine,
-            self.services.connector,
+            self.connector,
             self.registry,
             admin.probe_timeout,
             words,
@@ -228,18 +177,16 @@ class ProxyApp:
     def _forget(self, worker: Worker) -> None:
         """What the app keeps per worker beyond the policies: connections, decoder caches."""
         self.engine.forget(worker.url)
-        if worker.role == "decode" and self.services.disagg is not None:
-            self.services.disagg.forget(worker)
         if worker.role != "prefill" and self.kv_health is not None:
             self.kv_health.forget(worker.url)
 
     @property
     def pools(self) -> tuple[WorkerPool, WorkerPool, WorkerPool]:
-        return self.services.router.pools
+        return self.plane.router.pools
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            endpoint = self.hot_paths.get(scope["path"])
+            endpoint = self.plane.endpoints.get(scope["path"])
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
@@ -258,7 +205,7 @@ class ProxyApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        await self.services.connector.start()  # first: nothing to undo if its bind fails
+        await self.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
         health = self.config.health
         await self.admin.start(health.probe_on_start, health.interval or 5.0)
@@ -276,15 +223,15 @@ class ProxyApp:
             tasks.append(asyncio.create_task(self.scraper.run()))
         if self.kv_monitor is not None:
             tasks.append(asyncio.create_task(self.kv_monitor.run()))
-        if self.pool_planner is not None and self.config.pool_mode == "adaptive":
-            tasks.append(asyncio.create_task(self.pool_planner.run()))
+        if self.pool is not None and self.config.pool_mode == "adaptive":
+            tasks.append(asyncio.create_task(self.pool.run()))
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
             await self.admin.close()
-            await self.services.connector.close()
+            await self.connector.close()
             await self.engine.close()
 
     async def _report_stats(self, interval: float) -> None:
@@ -400,7 +347,7 @@ class ProxyApp:
                         name: None if s is None else s.__dict__ for name, s in summaries.items()
                     },
                     "workers": self._members(),
-                    "connector": self.services.connector.name,
+                    "connector": self.connector.name,
                     "kv_transfer": {
                         w.url: w.kv_transfer.describe()
                         for pool in self.pools
@@ -418,7 +365,7 @@ class ProxyApp:
                 }
             )
 
-        add_admin_routes(api, self.admin, self.services.timelines, self.pool_planner)
+        add_admin_routes(api, self.admin, self.services.timelines, self.pool)
         feed = ConsoleFeed(
             self.admin,
             self.engine,
@@ -433,7 +380,7 @@ class ProxyApp:
     def _console_info(self) -> dict[str, Any]:
         svc = self.services
         return {
-            "connector": svc.connector.name,
+            "connector": self.connector.name,
             "policies": self._policies(),
             "pool": self._pool_info(),
             "admission": {
@@ -448,16 +395,16 @@ class ProxyApp:
         return {pool.role: [w.describe() for w in pool.members] for pool in self.pools}
 
     def _policies(self) -> dict[str, object]:
-        router = self.services.router
+        router = self.plane.router
         return {
-            "planner": self.services.plans.name,
+            "planner": self.plane.planner.name,
             "prefill": router.prefill_policy.name,
             "decode": router.decode_policy.name,
             "conditional_disagg": self.config.conditional_disagg.enabled,
         }
 
     def _pool_info(self) -> dict[str, Any] | None:
-        return None if self.pool_planner is None else self.pool_planner.describe()
+        return None if self.pool is None else self.pool.describe()
 
     async def _models(self) -> Response:
         """The union of the decoders' models (the ones that serve the answer)."""

@@ -35,6 +35,7 @@ class ClientRequest:
     priority: int = 0  # vLLM's `priority`: lower is served first (also in the proxy's queue)
     prompts: list[Any] | None = None  # completions with two or more prompts: each str or ids
     n: int = 1  # completions asked for per prompt
+    max_tokens: int | None = None  # the client's cap on the answer (max_completion_tokens first)
     # why this request must be served by a decoder alone, without a prefill leg: "prompt_logprobs"
     # (a decoder given the prompt's KV never computed the prompt's logits), "beam_search" (its
     # beams are engine requests of their own, which must not pull one prefill's blocks)
@@ -174,8 +175,8 @@ def parse_request(
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")
     echo_only = path == COMPLETIONS and bool(body.get("echo"))  # max_tokens 0: the prompt alone
-    _whole_number(body, "max_tokens", 0 if echo_only else 1, MAX_TOKENS)
-    _whole_number(body, "max_completion_tokens", 1, MAX_TOKENS)
+    max_tokens = _whole_number(body, "max_tokens", 0 if echo_only else 1, MAX_TOKENS)
+    max_completion_tokens = _whole_number(body, "max_completion_tokens", 1, MAX_TOKENS)
     n = _whole_number(body, "n", 1, MAX_TOKENS) or 1
     local_reason = _local_reason(path, body)
     temperature = body.get("temperature")
@@ -202,5 +203,6 @@ def parse_request(
         priority=_priority(body, priority_header),
         prompts=prompts if prompts is not None and len(prompts) > 1 else None,
         n=n,
+        max_tokens=max_tokens if max_completion_tokens is None else max_completion_tokens,
         local_reason=local_reason,
     )

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from time import monotonic
@@ -34,17 +33,10 @@ from typing import Any, Literal, Protocol
 from proxy.engines.connectors.lmcache_config import Receiver
 
 # A pool engine (vLLM kv_role kv_both) prefills for others and decodes, request by request, as
-# the pool planner decides (proxy.pool); its ids are b0, b1, ... (b for kv_both)
+# the planner decides (proxy.place.pooled); its ids are b0, b1, ... (b for kv_both)
 Role = Literal["prefill", "decode", "pool"]
 Lean = Literal["prefill", "decode"]
 ID_PREFIX: dict[Role, str] = {"prefill": "p", "decode": "d", "pool": "b"}
-
-
-# The client request a task serves: set by the request path in the request's own task, and
-# inherited by the tasks it starts (the sub-requests of a fanned-out request), so that `track`
-# notes on a worker the request to end when a drain runs out of time. A context variable is
-# per task, not shared state.
-serving: ContextVar[asyncio.Task[Any] | None] = ContextVar("pdproxy_serving", default=None)
 
 
 class Health(StrEnum):
@@ -303,9 +295,16 @@ class WorkerPool:
         return bool(self.workers) and self.workers[0].health_ignored
 
     @contextmanager
-    def track(self, worker: Worker, chars: int, prefill_tokens: int = 0) -> Iterator[Lease]:
+    def track(
+        self,
+        worker: Worker,
+        chars: int,
+        prefill_tokens: int = 0,
+        owner: asyncio.Task[Any] | None = None,
+    ) -> Iterator[Lease]:
         """Count one in-flight request of `chars` prompt characters on `worker` while inside,
-        and note the request's task on it (a drain that runs out of time ends those). With
+        and note `owner`, the client's request task, on it (a drain that runs out of time ends
+        those; a fanned-out request's parts all name their request's task). With
         `prefill_tokens`, that many prompt tokens wait to be computed on it until
         `Lease.prefilled` (or the end); from `Lease.decoding` on, it is one of the worker's
         decode streams."""
@@ -314,7 +313,7 @@ class WorkerPool:
         worker.inflight_chars += chars
         worker.prefill_tokens += prefill_tokens
         worker.requests_total += 1
-        task = serving.get()
+        task = owner
         if task is not None:
             worker.tasks.add(task)
         trial = worker.breaker is Breaker.HALF_OPEN

@@ -42,7 +42,11 @@ from proxy.request import ClientRequest, one_prompt_chars
 
 log = logging.getLogger("pdproxy")
 
-RunOne = Callable[[ClientRequest, Sink, RequestTiming, Progress], Awaitable[None]]
+# one (sub-)request through the single-request path; the last argument is the client's
+# request task, which a worker's drain ends
+RunOne = Callable[
+    [ClientRequest, Sink, RequestTiming, Progress, "asyncio.Task[Any] | None"], Awaitable[None]
+]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -110,6 +114,7 @@ def split(request: ClientRequest, max_parts: int) -> list[Part]:
                 prompt_chars=chars,
                 priority=request.priority,
                 n=request.n if request.local_reason == "beam_search" else 1,
+                max_tokens=request.max_tokens,
                 local_reason=request.local_reason,
             )
             parts.append(Part(k, i * request.n + j, i, j, part_request))
@@ -313,7 +318,12 @@ class FanOut:
         self.max_parallel = max_parallel
 
     async def serve(
-        self, request: ClientRequest, out: Sink, timing: RequestTiming, progress: Progress
+        self,
+        request: ClientRequest,
+        out: Sink,
+        timing: RequestTiming,
+        progress: Progress,
+        owner: asyncio.Task[Any] | None = None,
     ) -> None:
         """Raises the first sub-request's ProxyError (the others cancelled by then)."""
         parts = split(request, self.max_batch_prompts)
@@ -328,7 +338,7 @@ class FanOut:
                 part = parts[k]
                 try:
                     await self.run_one(
-                        part.request, PartSink(merger, part), timings[k], progress.parts[k]
+                        part.request, PartSink(merger, part), timings[k], progress.parts[k], owner
                     )
                 except ProxyError as exc:
                     if not failures:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.control.workers import Lean, Role
+from proxy.place.conditional import mostly_cached, short
 
 PoolMode = Literal["adaptive", "colocated"]
 
@@ -136,9 +137,10 @@ def plan(engines: Sequence[EngineView], job: Job, rules: Rules) -> Choice | None
     side = decode_side(engines)
     if job.local_reason is not None:
         return Choice(_best(engines, side), None, job.local_reason)
-    if job.tokens < rules.min_prefill_tokens:
+    if short(job.tokens, rules.min_prefill_tokens):
         return Choice(_best(engines, side), None, "short")
-    cached = [i for i in side if job.tokens - engines[i].cached_tokens < rules.min_prefill_tokens]
+    minimum = rules.min_prefill_tokens
+    cached = [i for i in side if mostly_cached(job.tokens, engines[i].cached_tokens, minimum)]
     if cached:
         return Choice(max(cached, key=lambda i: (engines[i].cached_tokens, -i)), None, "cached")
     prefillers = prefill_side(engines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 CHAT = "/v1/chat/completions"
@@ -52,6 +53,12 @@ def prefix_blocks(prefix: str, block_chars: int) -> list[int]:
     return out
 
 
+def cached_tokens(tokens: int, blocks: int, block_chars: int, prompt_chars: int) -> int:
+    """Of a prompt of `tokens` tokens and `prompt_chars` characters, the tokens in `blocks`
+    leading blocks an engine holds (proportionally: blocks are counted in characters)."""
+    return int(tokens * min(1.0, blocks * block_chars / max(prompt_chars, 1)))
+
+
 class PrefixIndex:
     """Which workers (by URL) recently served each prefix block; forgets the least recently used
     blocks beyond `capacity`. Keeps at most `owners` workers per block, most recent first."""
@@ -64,7 +71,7 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def matched(self, blocks: list[int]) -> dict[str, int]:
+    def matched(self, blocks: Sequence[int]) -> dict[str, int]:
         """For each worker that holds the first block: how many leading blocks it holds."""
         lengths: dict[str, int] = {}
         for depth, block in enumerate(blocks):
@@ -80,7 +87,7 @@ class PrefixIndex:
                 break
         return lengths
 
-    def record(self, blocks: list[int], url: str) -> None:
+    def record(self, blocks: Sequence[int], url: str) -> None:
         """`url` has just been given a prompt with these blocks."""
         for block in blocks:
             owners = self._blocks.pop(block, ())

@@ -28,16 +28,8 @@ from proxy.errors import (
 from proxy.observe.stats import RequestTiming
 from proxy.place.policies import RequestInfo
 from proxy.request import check_request_id
-from proxy.serve.endpoint import (
-    JSON,
-    Receive,
-    Responder,
-    Scope,
-    Send,
-    Services,
-    read_body,
-    request_header,
-)
+from proxy.serve.endpoint import Services
+from proxy.serve.responder import JSON, Receive, Responder, Scope, Send, read_body, request_header
 
 log = logging.getLogger("pdproxy")
 
@@ -90,26 +82,26 @@ class PassThrough:
             await out.error(exc)
         finally:
             timing.end = perf_counter()
-            svc.metrics.requests.labels(self.path, str(out.status or 499)).inc()
+            svc.flow.metrics.requests.labels(self.path, str(out.status or 499)).inc()
 
     async def _forward(self, scope: Scope, body: bytes, out: Responder) -> None:
-        svc = self.services
+        flow = self.services.flow
         info = RequestInfo(out.request_id, len(body))
         content_type = request_header(scope, b"content-type") or JSON
         tried: list[Worker] = []
         last: ProxyError = NoWorkerAvailable("no decode worker is available")
         while True:
-            worker = svc.plans.pick_decode(info, tried)
+            worker = flow.planner.another("decode", info, tried)
             if worker is None:
                 raise last
-            pool = svc.router.pool_of(worker)
+            pool = flow.router.pool_of(worker)
             with pool.track(worker, len(body)):
                 try:
                     await self._relay(worker, body, content_type, out)
                 except (UpstreamError, UpstreamTimeout) as exc:
                     pool.record_failure(worker, exc.message)
-                    svc.metrics.upstream_failures.labels(pool.role, exc.type).inc()
-                    if out.started or len(tried) >= svc.failover.decode_retries:
+                    flow.metrics.upstream_failures.labels(pool.role, exc.type).inc()
+                    if out.started or len(tried) >= flow.failover.decode_retries:
                         raise
                     last = exc
                     tried.append(worker)
@@ -120,21 +112,21 @@ class PassThrough:
     async def _relay(
         self, worker: Worker, body: bytes, content_type: bytes, out: Responder
     ) -> None:
-        svc = self.services
-        stream, status, engine_type, length = await svc.engine.forward(
+        flow = self.services.flow
+        stream, status, engine_type, length = await flow.engine.forward(
             worker,
             self.method,
             self.path,
             body,
             content_type,
             out.request_id,
-            svc.decode_first_byte_timeout,
+            flow.first_byte_timeout,
         )
         try:
             size = int(length) if length is not None and length.isdigit() else None
             await out.start(status, engine_type or JSON, size)
             with engine_errors(worker, f"{self.method.decode()} {self.path}"):
-                async with IdleTimeout(svc.decode_idle_timeout) as idle:
+                async with IdleTimeout(flow.idle_timeout) as idle:
                     while data := await stream.read():
                         idle.last = perf_counter()
                         await out.chunk(data)

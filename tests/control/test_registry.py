@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from proxy.control.registry import RegistryError, WorkerRegistry
-from proxy.control.workers import Health, Lifecycle, serving
+from proxy.control.workers import Health, Lifecycle
 from proxy.observe.metrics import ProxyMetrics
 from proxy.place.policies import RequestInfo, make_policy
 from proxy.place.prefix import prefix_blocks
@@ -83,7 +83,7 @@ def test_removal_tells_listeners_and_prefix_ownership_is_forgotten() -> None:
     policy = make_policy("prefix_aware")
     reg.on_removed.append(lambda w: policy.forget(w.url))
     prompt = "system prompt shared by a tenant " * 20
-    info = RequestInfo("r", len(prompt), prompt)
+    info = RequestInfo("r", len(prompt), prompt, tuple(prefix_blocks(prompt, 256)))
     first = pool.workers[policy.select(pool.workers, info) or 0]
     assert policy.index.matched(prefix_blocks(prompt, 256)) == {first.url: 2}
     reg.remove(first)
@@ -153,8 +153,7 @@ def test_retire_ends_what_outlives_the_drain_timeout() -> None:
         ended: list[tuple[int, str]] = []
 
         async def request() -> None:
-            serving.set(asyncio.current_task())  # as the request path does
-            with pool.track(d0, 1):
+            with pool.track(d0, 1, owner=asyncio.current_task()):  # as the request path does
                 await asyncio.sleep(60)
 
         task = asyncio.create_task(request())

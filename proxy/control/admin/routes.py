@@ -24,10 +24,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.control.admin.service import AddWorker, Admin
+from proxy.control.pool import PoolController
 from proxy.control.workers import Lean
 from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.observe.timeline import TimelineRing
-from proxy.place.pool_planner import PoolPlanner
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -51,7 +51,7 @@ async def _body(request: Request) -> Any:
 
 
 def add_admin_routes(
-    api: FastAPI, admin: Admin, timelines: TimelineRing, pool: PoolPlanner | None = None
+    api: FastAPI, admin: Admin, timelines: TimelineRing, pool: PoolController | None = None
 ) -> None:
     @api.get("/admin/workers")
     async def list_workers(request: Request) -> Response:
@@ -88,7 +88,7 @@ def add_admin_routes(
             raise NotFound(f"request {request_id!r} is not among the recent ones kept")
         return _json(found)
 
-    def _pool() -> PoolPlanner:
+    def _pool() -> PoolController:
         if pool is None:
             raise NotFound("this proxy has no pool (configure 'pool: [urls]')")
         return pool

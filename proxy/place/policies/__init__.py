@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.control.workers import WorkerState
+from proxy.place.prefix import PrefixIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,8 @@ class RequestInfo:
 
     request_id: str
     prompt_chars: int
-    prefix: str = ""  # the prompt's first characters as rendered (proxy.prefix.prompt_prefix)
+    prefix: str = ""  # the prompt's first characters as rendered (proxy.place.prefix)
+    blocks: tuple[int, ...] = ()  # the prefix's chained block hashes (prefix_blocks), once
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,10 @@ class Policy(Protocol):
         ...
 
 
-def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
+def make_policy(
+    name: str, options: PolicyOptions | None = None, index: PrefixIndex | None = None
+) -> Policy:
+    """The policy `name`; `index`: the proxy's one prefix index, which prefix_aware shares."""
     from proxy.place.policies.least_loaded import LeastLoaded
     from proxy.place.policies.load_aware import LoadAware
     from proxy.place.policies.prefix_aware import PrefixAware
@@ -59,7 +64,7 @@ def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
         "least_loaded": LeastLoaded,
         "load_aware": lambda: LoadAware(opts.waiting_weight, opts.kv_high),
         "prefix_aware": lambda: PrefixAware(
-            opts.prefix_block_chars, opts.balance_abs, opts.balance_rel, opts.waiting_weight
+            opts.balance_abs, opts.balance_rel, opts.waiting_weight, index
         ),
     }
     try:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from proxy.control.workers import WorkerState
 from proxy.place.policies import RequestInfo
 from proxy.place.policies.load_aware import estimated_load
-from proxy.place.prefix import PrefixIndex, prefix_blocks
+from proxy.place.prefix import PrefixIndex
 
 
 def _rendezvous(key: int, url: str) -> int:
@@ -16,7 +16,8 @@ def _rendezvous(key: int, url: str) -> int:
 class PrefixAware:
     """Send a prompt where its prefix was last computed, so the engine's prefix cache hits.
 
-    The prompt's first characters are cut into chained-hash blocks (proxy.prefix); an index
+    The prompt's first characters are cut into chained-hash blocks (proxy.place.prefix,
+    `RequestInfo.blocks`); an index, shared with the planner,
     remembers which workers recently got each block. The worker with the longest match wins if
     its load (in-flight requests, or the engine's own count when scraped: see load_aware) is
     within `balance_abs` of, or `balance_rel` times, the least loaded one's; otherwise, and for
@@ -30,16 +31,15 @@ class PrefixAware:
 
     def __init__(
         self,
-        block_chars: int = 256,
         balance_abs: int = 4,
         balance_rel: float = 1.5,
         waiting_weight: float = 2.0,
+        index: PrefixIndex | None = None,
     ) -> None:
-        self.block_chars = block_chars
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
         self.waiting_weight = waiting_weight
-        self.index = PrefixIndex()
+        self.index = PrefixIndex() if index is None else index
 
     def _within_bound(self, load: float, least: float) -> bool:
         """Balanced enough, as sglang's cache-aware router judges it: imbalance needs both the
@@ -53,7 +53,7 @@ class PrefixAware:
         if not loads:
             return None
         least = min(loads.values())
-        blocks = prefix_blocks(request.prefix, self.block_chars)
+        blocks = request.blocks
         if not blocks:
             return min(loads, key=lambda i: (loads[i], workers[i].inflight_chars))
         matched = self.index.matched(blocks)

@@ -2,13 +2,14 @@ import pytest
 
 from proxy.control.workers import Health, Worker
 from proxy.place.policies import PolicyOptions, RequestInfo, make_policy
+from proxy.place.prefix import prefix_blocks
 
 SYSTEM_A = "You are a pirate. " * 40  # 720 characters: two full 256-byte blocks and more
 SYSTEM_B = "You are a lawyer. " * 40
 
 
 def info(prefix: str) -> RequestInfo:
-    return RequestInfo("r", len(prefix), prefix)
+    return RequestInfo("r", len(prefix), prefix, tuple(prefix_blocks(prefix, 256)))
 
 
 def pool(*inflight: int, health: Health = Health.HEALTHY) -> list[Worker]:
@@ -37,8 +38,6 @@ def test_longest_match_wins() -> None:
 
 
 def policy_blocks(text: str) -> list[int]:
-    from proxy.place.prefix import prefix_blocks
-
     return prefix_blocks(text, PolicyOptions().prefix_block_chars)
 
 

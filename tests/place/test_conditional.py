@@ -1,6 +1,6 @@
 import pytest
 
-from proxy.place.policies.conditional import ConditionalDisagg, Decision
+from proxy.place.conditional import ConditionalDisagg, Decision
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,52 @@
+"""A prompt's exact token count from an engine's /tokenize (the chat template included), for
+the planner's decisions that depend on it (proxy.place.planner)."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from proxy.control.workers import Worker
+from proxy.engines.client import EngineClient
+from proxy.errors import ProxyError
+from proxy.request import CHAT, ClientRequest
+
+log = logging.getLogger("pdproxy")
+
+
+def tokenize_body(request: ClientRequest) -> bytes:
+    body = request.body
+    if request.path == CHAT:
+        wanted = {"model": body.get("model"), "messages": body.get("messages")}
+        wanted["add_generation_prompt"] = body.get("add_generation_prompt", True)
+        for key in ("chat_template", "chat_template_kwargs", "tools"):
+            if key in body:
+                wanted[key] = body[key]
+        return orjson.dumps(wanted)
+    return orjson.dumps({"model": body.get("model"), "prompt": body.get("prompt")})
+
+
+class TokenCounter:
+    """Counts prompts on the engine the planner names, within `timeout` seconds."""
+
+    def __init__(self, engine: EngineClient, timeout: float) -> None:
+        self.engine = engine
+        self.timeout = timeout
+
+    async def __call__(self, request: ClientRequest, worker: Worker) -> int | None:
+        """The prompt's token count; a prompt of token ids is counted as it is; None when the
+        engine cannot say."""
+        prompt = request.body.get("prompt") if request.path != CHAT else None
+        if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+            return len(prompt)
+        try:
+            raw = await self.engine.call(
+                worker, "/tokenize", tokenize_body(request), request.request_id, self.timeout,
+                "tokenize",
+            )  # fmt: skip
+            count = orjson.loads(raw).get("count")
+        except (ProxyError, orjson.JSONDecodeError, AttributeError) as exc:
+            log.info("request %s: /tokenize on %s failed: %s", request.request_id, worker.url, exc)
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None

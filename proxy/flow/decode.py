@@ -1,0 +1,99 @@
+"""The decode leg on one decoder: the answer read whole, or its stream relayed event by event.
+
+The client's response starts only once the decoder's first whole event arrived, so a failure
+before it is still an ordinary error response (and can be retried on another decoder); after
+it, a failure ends the stream (the caller sends the SSE error event).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import perf_counter
+
+import orjson
+
+from proxy.control.workers import Worker
+from proxy.engines.client import EngineClient, EngineStream, IdleTimeout, engine_errors
+from proxy.errors import UpstreamError
+from proxy.flow.relay import SSEScanner
+from proxy.flow.sink import Sink
+from proxy.observe.stats import RequestTiming
+from proxy.request import ClientRequest
+
+
+async def decode_whole(
+    engine: EngineClient,
+    request: ClientRequest,
+    decoder: Worker,
+    body: bytes,
+    out: Sink,
+    timing: RequestTiming,
+    timeout: float,
+) -> None:
+    raw = await engine.call(decoder, request.path, body, request.request_id, timeout, "decode")
+    timing.first_token = timing.last_token = perf_counter()
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(
+            f"decode: decode worker {decoder.url} answered with a body that is not JSON"
+        ) from None
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        timing.output_tokens = usage["completion_tokens"]
+    await out.whole(200, raw)
+
+
+async def relay_stream(
+    stream: EngineStream,
+    data: bytes,
+    decoder: Worker,
+    out: Sink,
+    timing: RequestTiming,
+    idle_timeout: float,
+    on_first_event: Callable[[], None],
+) -> None:
+    """Relay `stream` (whose first bytes are `data`) to `out` until `data: [DONE]`; closes the
+    stream. `on_first_event` runs once the first whole event is in, before the client's
+    response starts."""
+    scanner = SSEScanner()
+    try:
+        with engine_errors(decoder, "decode"):
+            async with IdleTimeout(idle_timeout) as idle:
+                read = stream.read
+                events = scanner.feed(data, perf_counter())
+                while not events and data:  # the first whole event decides how we answer
+                    data = await read()
+                    idle.last = now = perf_counter()
+                    events = scanner.feed(data, now)
+                if scanner.malformed is not None or not events:
+                    raise UpstreamError(
+                        f"decode: decode worker {decoder.url} sent a malformed stream: "
+                        f"{(scanner.malformed or scanner.pending)[:80]!r}"
+                    )
+                on_first_event()
+                await out.start_stream()
+                while not scanner.done:
+                    if events:
+                        await out.chunk(events)
+                    data = await read()
+                    if not data:
+                        break
+                    idle.last = now = perf_counter()
+                    events = scanner.feed(data, now)
+                if scanner.done:
+                    await out.end(events)  # the last events and the end: one write
+                    while await read():  # to the end, so the connection is reused
+                        idle.last = perf_counter()
+        if not scanner.done:
+            raise UpstreamError(
+                f"decode: decode worker {decoder.url} ended the stream without [DONE]"
+            )
+    finally:
+        timing.first_token = scanner.first_token
+        timing.last_token = scanner.last_token
+        timing.token_events = scanner.token_events
+        usage = scanner.usage
+        tokens = usage.get("completion_tokens") if usage is not None else None
+        timing.output_tokens = tokens if isinstance(tokens, int) else scanner.token_events
+        stream.close()

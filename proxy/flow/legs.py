@@ -1,0 +1,215 @@
+"""One request's legs, carried out: the plan from the planner, the prefill leg through the
+connector (with failover), the hand-off, the decode leg (retried on another decoder before any
+byte reached the client), and the relay. Nothing is retried after a 4xx: that is the client's
+to fix. Every retry asks the planner again (`Planner.retry`); the plan is never completed or
+rewritten here.
+
+`Flow` holds what every request's legs share (built once by the app factory); `Legs` is one
+request's (or one sub-request's) trip through the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+from proxy.config import FailoverConfig
+from proxy.control.workers import Lease, Worker
+from proxy.engines.client import EngineClient
+from proxy.engines.connectors.base import Connector, Handoff
+from proxy.errors import NoWorkerAvailable, ProxyError, UpstreamError, UpstreamTimeout
+from proxy.flow.decode import decode_whole, relay_stream
+from proxy.flow.progress import Progress
+from proxy.flow.sink import Sink
+from proxy.observe.metrics import ProxyMetrics
+from proxy.observe.stats import RequestTiming
+from proxy.place.plan import Plan
+from proxy.place.planner import Planner
+from proxy.place.router import Router
+from proxy.request import ClientRequest
+
+log = logging.getLogger("pdproxy")
+
+Retryable = (UpstreamError, UpstreamTimeout)
+
+
+@dataclass
+class Flow:
+    """What the legs of every request share."""
+
+    planner: Planner
+    router: Router
+    connector: Connector
+    engine: EngineClient
+    metrics: ProxyMetrics
+    failover: FailoverConfig
+    first_byte_timeout: float  # decode: until the decoder's first bytes
+    idle_timeout: float  # decode: longest silence of a stream
+
+    def failed(self, worker: Worker, exc: ProxyError) -> None:
+        self.router.pool_of(worker).record_failure(worker, exc.message)
+        log.info("%s worker %s failed: %s", worker.role, worker.url, exc.message)
+        self.metrics.upstream_failures.labels(worker.role, exc.type).inc()
+
+    async def carry(
+        self,
+        request: ClientRequest,
+        out: Sink,
+        timing: RequestTiming,
+        progress: Progress,
+        owner: asyncio.Task[Any] | None,
+    ) -> None:
+        """Serve one request (or sub-request) on the engines; raises ProxyError."""
+        await Legs(self, request, out, timing, progress, owner).run()
+
+
+class Legs:
+    """One request's trip: `owner` is the client's request task, which a worker's drain ends."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        request: ClientRequest,
+        out: Sink,
+        timing: RequestTiming,
+        progress: Progress,
+        owner: asyncio.Task[Any] | None,
+    ) -> None:
+        self.flow = flow
+        self.request = request
+        self.out = out
+        self.timing = timing
+        self.progress = progress
+        self.owner = owner
+        self.info = flow.planner.info(request)
+        self.prefiller: Worker | None = None  # the one whose prefill leg succeeded
+
+    async def run(self) -> None:
+        flow, request, timing = self.flow, self.request, self.timing
+        plan = await flow.planner.plan(request, self.info)
+        timing.plan = plan
+        local_tokens = (plan.tokens or 0) if plan.local else 0
+        tried: list[Worker] = []
+        handoff: Handoff | None = None
+        body = b""
+        while True:
+            decoder = plan.decoder
+            with flow.router.track(
+                decoder, request.prompt_chars, local_tokens, self.owner
+            ) as lease:
+                if handoff is None:
+                    handoff = Handoff(None) if plan.local else await self.prefill(plan)
+                    body = flow.connector.decode_body(request, handoff)
+                    timing.kv = handoff.outcome
+                    # KV now waits on the prefiller for the decoder: a client that leaves before
+                    # the first decoded byte closes the decode leg, and the decoder's abort frees
+                    # the prefiller's blocks (vLLM; see README "Cancellation")
+                    self.progress.phase = "handoff" if handoff.kv_transfer_params else "decode"
+                timing.decoder = decoder.id
+                lease.decoding()
+                try:
+                    await self.decode(decoder, body, lease)
+                except Retryable as exc:
+                    flow.failed(decoder, exc)
+                    if self.out.started or len(tried) >= flow.failover.decode_retries:
+                        raise
+                    last = exc
+                else:
+                    flow.router.pool_of(decoder).record_success(decoder)
+                    return
+            tried.append(decoder)
+            if self.prefiller is not None:  # its KV is for another engine than its own
+                tried.append(self.prefiller)
+            replacement = flow.planner.retry(plan, "decode", self.info, tried)
+            if replacement is None:
+                raise last
+            flow.metrics.retries.labels("decode").inc()
+            timing.retries += 1
+            log.warning(
+                "request %s: decode on %s failed (%s); retrying on %s",
+                *(request.request_id, decoder.url, last.message, replacement.decoder.url),
+            )
+            plan = replacement
+
+    async def prefill(self, plan: Plan) -> Handoff:
+        """The prefill leg on the planned prefiller, then on the planner's replacements if it
+        fails; with none left, a decoder-local prefill when allowed (counted as a fallback)."""
+        flow, request, timing = self.flow, self.request, self.timing
+        tried: list[Worker] = [plan.decoder]  # a pool engine never prefills for itself
+        last: ProxyError | None = None
+        timing.prefill_start = perf_counter()
+        for attempt in range(flow.failover.prefill_retries + 1):
+            if attempt:
+                retry = flow.planner.retry(plan, "prefill", self.info, tried)
+                if retry is None:
+                    break
+                plan = retry
+                flow.metrics.retries.labels("prefill").inc()
+                timing.retries += 1
+            prefiller = plan.prefiller
+            if prefiller is None:
+                break
+            timing.prefiller = prefiller.id
+            if attempt:
+                log.warning(
+                    "request %s: retrying prefill on %s after: %s",
+                    *(request.request_id, prefiller.url, last.message if last else ""),
+                )
+            with flow.router.track(prefiller, request.prompt_chars, plan.tokens or 0, self.owner):
+                try:
+                    handoff = await flow.connector.prefill(request, prefiller, plan.decoder)
+                except Retryable as exc:
+                    flow.failed(prefiller, exc)
+                    tried.append(prefiller)
+                    last = exc
+                    continue
+            flow.router.pool_of(prefiller).record_success(prefiller)
+            self.prefiller = prefiller
+            timing.prefill_end = perf_counter()
+            self._note_recompute(handoff, plan.decoder)
+            return handoff
+        return self._fallback(plan.decoder, last)
+
+    def _note_recompute(self, handoff: Handoff, decoder: Worker) -> None:
+        if handoff.recompute_reason is not None:
+            self.flow.metrics.recompute.labels(handoff.recompute_kind).inc()
+            log.warning(
+                "request %s: KV not handed over, decoder %s will recompute the prompt: %s",
+                *(self.request.request_id, decoder.url, handoff.recompute_reason),
+            )
+
+    def _fallback(self, decoder: Worker, last: ProxyError | None) -> Handoff:
+        """No prefiller could: the decoder computes the prompt, where the config allows it."""
+        if not self.flow.failover.fallback_local_prefill:
+            raise last or NoWorkerAvailable("no prefill worker is available")
+        reason = "prefill_failed" if last else "no_prefiller"
+        why = last.message if last else "no prefill worker is available"
+        self.flow.metrics.fallbacks.labels(reason).inc()
+        log.warning(
+            "request %s: falling back to prefill on decoder %s: %s",
+            *(self.request.request_id, decoder.url, why),
+        )
+        self.timing.prefill_start = None
+        return Handoff(None, why, reason)
+
+    async def decode(self, decoder: Worker, body: bytes, lease: Lease) -> None:
+        flow, request = self.flow, self.request
+        if not request.stream:
+            await decode_whole(
+                flow.engine, request, decoder, body, self.out, self.timing, flow.first_byte_timeout
+            )
+            return
+        stream, data = await flow.engine.open_stream(
+            decoder, request.path, body, request.request_id, flow.first_byte_timeout
+        )
+
+        def first_event() -> None:
+            self.progress.phase = "decode"
+            lease.prefilled()
+
+        await relay_stream(
+            stream, data, decoder, self.out, self.timing, flow.idle_timeout, first_event
+        )

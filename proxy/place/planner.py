@@ -1,0 +1,92 @@
+"""The one planner: every request's whole plan, in every topology, counted with its reason.
+
+    info   the request as the policies see it: its prefix and the prefix's block hashes, once
+    plan   the placement names the engine that counts the prompt's tokens, if the decision
+           needs the exact count (the only await); then, from a snapshot and with nothing
+           awaited, the placement decides the whole plan; the prefix index notes where the
+           prompt goes, and `pdproxy_disagg_decisions_total{decision,reason}` counts it
+    retry  after a failed leg: the same plan with another worker for that leg, or None
+
+Nothing is awaited between the snapshot and the return, so the request path tracks the chosen
+workers before any other request is placed. Token counts go through `count`, which the app
+factory wires to the engines' /tokenize (proxy.engines.tokenize).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+
+from prometheus_client import Counter
+
+from proxy.control.workers import Worker
+from proxy.place.plan import Leg, Placement, Plan
+from proxy.place.policies import RequestInfo
+from proxy.place.prefix import PrefixIndex, prefix_blocks, prompt_prefix
+from proxy.request import ClientRequest
+
+TokenCount = Callable[[ClientRequest, Worker], Awaitable[int | None]]
+
+
+class Planner:
+    def __init__(
+        self,
+        placement: Placement,
+        count: TokenCount,
+        index: PrefixIndex,
+        decisions: Counter,
+        prefix_chars: int = 0,
+        block_chars: int = 256,
+    ) -> None:
+        self.placement = placement
+        self.count = count
+        self.index = index
+        self.decisions = decisions
+        self.prefix_chars = prefix_chars  # prompt characters hashed (0: nothing reads them)
+        self.block_chars = block_chars
+
+    @property
+    def name(self) -> str:
+        return self.placement.name
+
+    def info(self, request: ClientRequest) -> RequestInfo:
+        if not self.prefix_chars:
+            return RequestInfo(request.request_id, request.prompt_chars)
+        prefix = prompt_prefix(request.path, request.body, self.prefix_chars)
+        blocks = tuple(prefix_blocks(prefix, self.block_chars))
+        return RequestInfo(request.request_id, request.prompt_chars, prefix, blocks)
+
+    async def plan(self, request: ClientRequest, info: RequestInfo) -> Plan:
+        """The whole plan; NoWorkerAvailable when no worker can answer."""
+        matched = self.index.matched(info.blocks) if info.blocks else {}
+        counter = self.placement.tokenizer(request, info, matched)
+        tokens = None if counter is None else await self.count(request, counter)
+        if counter is not None and info.blocks:  # the index may have moved meanwhile
+            matched = self.index.matched(info.blocks)
+        plan = self.placement.place(request, info, matched, tokens)
+        if info.blocks:  # where the prompt's prefix will be cached
+            self.index.record(info.blocks, plan.decoder.url)
+            if plan.prefiller is not None:
+                self.index.record(info.blocks, plan.prefiller.url)
+        self.decisions.labels(plan.prefill, plan.reason).inc()
+        return plan
+
+    def retry(
+        self, plan: Plan, leg: Leg, info: RequestInfo, exclude: Sequence[Worker]
+    ) -> Plan | None:
+        """`plan` with another worker for `leg` (none of `exclude`), or None when none is left."""
+        worker = self.placement.another(leg, info, exclude)
+        if worker is None:
+            return None
+        if leg == "prefill":
+            return dataclasses.replace(plan, prefiller=worker)
+        return dataclasses.replace(plan, decoder=worker)
+
+    def another(self, leg: Leg, info: RequestInfo, exclude: Sequence[Worker]) -> Worker | None:
+        """A worker for `leg` outside any plan (vLLM's other endpoints, passed through)."""
+        return self.placement.another(leg, info, exclude)
+
+    def forget(self, worker: Worker) -> None:
+        """`worker` left: its prefix ownership and whatever the placement kept go with it."""
+        self.index.forget(worker.url)
+        self.placement.forget(worker)
