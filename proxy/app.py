@@ -31,6 +31,7 @@ from proxy.control.console.feed import ConsoleFeed
 from proxy.control.kvhealth import KvHealth
 from proxy.control.pool import PoolController
 from proxy.control.registry import WorkerRegistry
+from proxy.control.stall import StallWatch
 from proxy.control.workers import Health, Worker, WorkerPool
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.base import make_connector
@@ -219,6 +220,9 @@ class ProxyApp:
             tasks.append(asyncio.create_task(self._report_stats(self.config.stats.interval)))
         if self.config.health.interval > 0:
             tasks.append(asyncio.create_task(self._check_health(self.config.health.interval)))
+        if health.stall_timeout > 0:
+            watch = StallWatch(lambda: self.pools, health.stall_timeout)
+            tasks.append(asyncio.create_task(watch.run(min(1.0, health.stall_timeout / 4))))
         if self.scraper is not None:
             tasks.append(asyncio.create_task(self.scraper.run()))
         if self.kv_monitor is not None:

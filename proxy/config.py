@@ -74,6 +74,12 @@ class HealthConfig(_Model):
     timeout: float = Field(5.0, gt=0, description="seconds one /health check may take")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
     cooldown: float = Field(10.0, gt=0, description="seconds an open breaker waits before a trial")
+    stall_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="seconds a worker with legs waiting on it may complete nothing before it is "
+        "taken out of rotation, whatever its /health says; 0 = off",
+    )
     probe_on_start: bool = Field(
         False, description="run the admission probes on the configured workers at start-up"
     )

@@ -30,6 +30,7 @@ from enum import StrEnum
 from time import monotonic
 from typing import Any, Literal, Protocol
 
+from proxy.control.waits import Wait
 from proxy.engines.connectors.lmcache_config import Receiver
 
 # A pool engine (vLLM kv_role kv_both) prefills for others and decodes, request by request, as
@@ -157,6 +158,9 @@ class Worker:
     model: str | None = None  # what its /v1/models serves, once asked (admission probes)
     last_probe: dict[str, Any] | None = None  # the result of its last admission probe
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
+    waiting: set[Wait] = field(default_factory=set, repr=False)  # legs it has yet to complete
+    last_progress: float = 0.0  # perf_counter() of its last completed leg or streamed bytes
+    stalls_total: int = 0  # times the stall watch took it out of rotation
     idle: asyncio.Event | None = field(default=None, repr=False)  # set when a drain finds 0 left
 
     @property
@@ -205,6 +209,8 @@ class Worker:
             "lean": self.lean,
             "prefill_tokens": self.prefill_tokens,
             "decode_streams": self.decode_streams,
+            "waiting_legs": len(self.waiting),
+            "stalls_total": self.stalls_total,
         }
 
 
@@ -222,6 +228,11 @@ class Lease:
         """The prompt is computed (its first token came): its tokens wait no more. Idempotent."""
         self.worker.prefill_tokens -= self._tokens
         self._tokens = 0
+
+    def wait(self) -> Wait:
+        """The context of a leg that waits for the worker to complete something (see
+        proxy.control.waits): what the stall watch looks at, and ends if the worker stalls."""
+        return Wait(self.worker)
 
     def decoding(self) -> None:
         """The request's decode leg starts on the worker: one of its decode streams until the
@@ -347,6 +358,14 @@ class WorkerPool:
         ):
             worker.breaker = Breaker.OPEN
             worker.opened_at = monotonic() if now is None else now
+
+    def trip(self, worker: Worker, reason: str, now: float | None = None) -> None:
+        """Open `worker`'s breaker now, whatever its failure count (the stall watch's verdict);
+        it comes back only through a trial request, after `cooldown`."""
+        worker.last_error = reason
+        worker.stalls_total += 1
+        worker.breaker = Breaker.OPEN
+        worker.opened_at = monotonic() if now is None else now
 
     def record_check(self, worker: Worker, healthy: bool, reason: str | None = None) -> None:
         """The result of an active health check."""

@@ -79,7 +79,7 @@ async def relay_stream(
                     data = await read()
                     if not data:
                         break
-                    idle.last = now = perf_counter()
+                    idle.last = decoder.last_progress = now = perf_counter()
                     events = scanner.feed(data, now)
                 if scanner.done:
                     await out.end(events)  # the last events and the end: one write

@@ -158,9 +158,11 @@ class Legs:
                     "request %s: retrying prefill on %s after: %s",
                     *(request.request_id, prefiller.url, last.message if last else ""),
                 )
-            with flow.router.track(prefiller, request.prompt_chars, plan.tokens or 0, self.owner):
+            chars = request.prompt_chars
+            with flow.router.track(prefiller, chars, plan.tokens or 0, self.owner) as lease:
                 try:
-                    handoff = await flow.connector.prefill(request, prefiller, plan.decoder)
+                    async with lease.wait():
+                        handoff = await flow.connector.prefill(request, prefiller, plan.decoder)
                 except Retryable as exc:
                     flow.failed(prefiller, exc)
                     tried.append(prefiller)
@@ -202,9 +204,10 @@ class Legs:
                 flow.engine, request, decoder, body, self.out, self.timing, flow.first_byte_timeout
             )
             return
-        stream, data = await flow.engine.open_stream(
-            decoder, request.path, body, request.request_id, flow.first_byte_timeout
-        )
+        async with lease.wait():
+            stream, data = await flow.engine.open_stream(
+                decoder, request.path, body, request.request_id, flow.first_byte_timeout
+            )
 
         def first_event() -> None:
             self.progress.phase = "decode"

@@ -1,0 +1,91 @@
+"""The stall watch: an engine that has legs waiting on it and has completed nothing for
+`stall_timeout` seconds is taken out of rotation, whatever its /health says.
+
+A wedged engine can keep answering /health while it completes no request (LMCache PD with a
+full receive buffer blocks the prefiller's save: README, "LMCache PD"); the health checks then
+keep it in rotation and every request sent to it waits out its deadline. The watch looks at
+what the request path reports (proxy.control.waits): each waiting leg (a prefill leg, a
+streamed decode leg before its first bytes) and each worker's last progress (a completed leg,
+streamed bytes). When the oldest waiting leg and the last progress are both older than the
+timeout, it opens the worker's breaker (a trial request after `health.cooldown` brings it back
+once one succeeds), warns once with the likely cause, and ends the waiting legs with an
+UpstreamTimeout: each request's failover takes it to another prefiller, to the decoder's own
+prefill where `failover.fallback_local_prefill` allows, or to a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from time import perf_counter
+
+from proxy.control.workers import Breaker, Worker, WorkerPool
+
+log = logging.getLogger("pdproxy")
+
+CAUSES = {
+    "prefill": "the engine is likely wedged: with LMCache PD, a decoder's receive buffer "
+    "(pd_buffer_size) full of chunks it never loads blocks the prefiller's save (see README, "
+    "LMCache PD); otherwise see the engine's log",
+    "decode": "the engine is likely wedged; see its log",
+    "pool": "the engine is likely wedged; see its log",
+}
+
+
+class StallWatch:
+    def __init__(
+        self,
+        pools: Callable[[], Iterable[WorkerPool]],
+        timeout: float,
+        clock: Callable[[], float] = perf_counter,
+    ) -> None:
+        self.pools = pools
+        self.timeout = timeout
+        self.clock = clock
+
+    def quiet(self, worker: Worker, now: float) -> float:
+        """Seconds the worker has had legs waiting on it and completed nothing (0: none)."""
+        if not worker.waiting:
+            return 0.0
+        oldest = min(wait.started for wait in worker.waiting)
+        return now - max(oldest, worker.last_progress)
+
+    def check(self, now: float | None = None) -> list[Worker]:
+        """Trip every worker quiet for `timeout` seconds; the ones tripped."""
+        now = self.clock() if now is None else now
+        tripped = []
+        for pool in self.pools():
+            for worker in pool.members:
+                quiet = self.quiet(worker, now)
+                if quiet >= self.timeout:
+                    self.trip(pool, worker, quiet)
+                    tripped.append(worker)
+        return tripped
+
+    def trip(self, pool: WorkerPool, worker: Worker, quiet: float) -> None:
+        waits = list(worker.waiting)
+        reason = (
+            f"{worker.role} worker {worker.url} stopped completing requests: {len(waits)} "
+            f"waiting on it, none completed for {quiet:.0f}s (health.stall_timeout "
+            f"{self.timeout:g}s)"
+        )
+        if worker.breaker is Breaker.CLOSED:  # once per stall; a failed trial says less
+            log.warning(
+                "%s, whatever its /health says; %s. It is out of rotation until a trial "
+                "request succeeds.",
+                reason,
+                CAUSES.get(worker.role, CAUSES["decode"]),
+            )
+        else:
+            log.info("%s: still stalled, out of rotation", reason)
+        pool.trip(worker, reason)
+        worker.last_progress = self.clock()  # a trial's wait starts the clock again
+        for wait in waits:
+            wait.abort(reason)
+
+    async def run(self, interval: float) -> None:
+        """Check every `interval` seconds (cancel the task to stop)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check()
