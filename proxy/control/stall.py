@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from time import perf_counter
 
 from proxy.control.workers import Breaker, Worker, WorkerPool
@@ -33,16 +34,11 @@ CAUSES = {
 }
 
 
+@dataclass
 class StallWatch:
-    def __init__(
-        self,
-        pools: Callable[[], Iterable[WorkerPool]],
-        timeout: float,
-        clock: Callable[[], float] = perf_counter,
-    ) -> None:
-        self.pools = pools
-        self.timeout = timeout
-        self.clock = clock
+    pools: Callable[[], Iterable[WorkerPool]]
+    timeout: float
+    clock: Callable[[], float] = perf_counter
 
     def quiet(self, worker: Worker, now: float) -> float:
         """Seconds the worker has had legs waiting on it and completed nothing (0: none)."""

@@ -4,6 +4,7 @@ the planner's decisions that depend on it (proxy.place.planner)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import orjson
 
@@ -27,12 +28,12 @@ def tokenize_body(request: ClientRequest) -> bytes:
     return orjson.dumps({"model": body.get("model"), "prompt": body.get("prompt")})
 
 
+@dataclass
 class TokenCounter:
     """Counts prompts on the engine the planner names, within `timeout` seconds."""
 
-    def __init__(self, engine: EngineClient, timeout: float) -> None:
-        self.engine = engine
-        self.timeout = timeout
+    engine: EngineClient
+    timeout: float
 
     async def __call__(self, request: ClientRequest, worker: Worker) -> int | None:
         """The prompt's token count; a prompt of token ids is counted as it is; None when the

@@ -54,17 +54,6 @@ class Flow:
         log.info("%s worker %s failed: %s", worker.role, worker.url, exc.message)
         self.metrics.upstream_failures.labels(worker.role, exc.type).inc()
 
-    async def carry(
-        self,
-        request: ClientRequest,
-        out: Sink,
-        timing: RequestTiming,
-        progress: Progress,
-        owner: asyncio.Task[Any] | None,
-    ) -> None:
-        """Serve one request (or sub-request) on the engines; raises ProxyError."""
-        await Legs(self, request, out, timing, progress, owner).run()
-
 
 class Legs:
     """One request's trip: `owner` is the client's request task, which a worker's drain ends."""
@@ -97,9 +86,8 @@ class Legs:
         body = b""
         while True:
             decoder = plan.decoder
-            with flow.router.track(
-                decoder, request.prompt_chars, local_tokens, self.owner
-            ) as lease:
+            pool = flow.router.pool_of(decoder)
+            with pool.track(decoder, request.prompt_chars, local_tokens, self.owner) as lease:
                 if handoff is None:
                     handoff = Handoff(None) if plan.local else await self.prefill(plan)
                     body = flow.connector.decode_body(request, handoff)
@@ -159,7 +147,8 @@ class Legs:
                     *(request.request_id, prefiller.url, last.message if last else ""),
                 )
             chars = request.prompt_chars
-            with flow.router.track(prefiller, chars, plan.tokens or 0, self.owner) as lease:
+            pool = flow.router.pool_of(prefiller)
+            with pool.track(prefiller, chars, plan.tokens or 0, self.owner) as lease:
                 try:
                     async with lease.wait():
                         handoff = await flow.connector.prefill(request, prefiller, plan.decoder)

@@ -16,6 +16,8 @@ no prefix cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.control.workers import Worker
 from proxy.errors import NoWorkerAvailable
@@ -27,15 +29,12 @@ from proxy.place.router import Router
 from proxy.request import ClientRequest
 
 
+@dataclass
 class DedicatedPlacement:
-    name = "router"
-
-    def __init__(
-        self, router: Router, block_chars: int, conditional: ConditionalDisagg | None = None
-    ) -> None:
-        self.router = router
-        self.block_chars = block_chars
-        self.conditional = conditional
+    router: Router
+    block_chars: int
+    conditional: ConditionalDisagg | None = None  # conditional disaggregation, when on
+    name: ClassVar[str] = "router"
 
     def _cached_chars(self, worker: Worker, matched: Matched) -> int:
         if not worker.caches_prefixes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from proxy.control.workers import Worker
 from proxy.place.policies import RequestInfo
@@ -55,7 +55,7 @@ class Placement(Protocol):
     """How one kind of topology places requests: dedicated roles (proxy.place.dedicated) or a
     pool beside them (proxy.place.pooled). Every method is synchronous and does no I/O."""
 
-    name: str
+    name: ClassVar[str]
 
     def tokenizer(
         self, request: ClientRequest, info: RequestInfo, matched: Matched

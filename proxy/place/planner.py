@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
@@ -28,22 +29,14 @@ from proxy.request import ClientRequest
 TokenCount = Callable[[ClientRequest, Worker], Awaitable[int | None]]
 
 
+@dataclass
 class Planner:
-    def __init__(
-        self,
-        placement: Placement,
-        count: TokenCount,
-        index: PrefixIndex,
-        decisions: Counter,
-        prefix_chars: int = 0,
-        block_chars: int = 256,
-    ) -> None:
-        self.placement = placement
-        self.count = count
-        self.index = index
-        self.decisions = decisions
-        self.prefix_chars = prefix_chars  # prompt characters hashed (0: nothing reads them)
-        self.block_chars = block_chars
+    placement: Placement
+    count: TokenCount
+    index: PrefixIndex
+    decisions: Counter  # pdproxy_disagg_decisions_total
+    prefix_chars: int = 0  # prompt characters hashed (0: nothing reads them)
+    block_chars: int = 256
 
     @property
     def name(self) -> str:

@@ -10,6 +10,8 @@ decode-capable engine with the least load, its size estimated from its character
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.control.workers import Lean, Worker
 from proxy.errors import NoWorkerAvailable
@@ -33,24 +35,15 @@ PREFILL_SIDE_REASONS = frozenset(
 PromptSink = Callable[[int, bool], None]
 
 
+@dataclass
 class PoolPlacement:
-    name = "pool"
-
-    def __init__(
-        self,
-        router: Router,
-        block_chars: int,
-        rules: Rules,
-        waiting_weight: float = 2.0,
-        kv_high: float = 0.95,
-        prompts: PromptSink | None = None,
-    ) -> None:
-        self.router = router
-        self.block_chars = block_chars
-        self.rules = rules
-        self.waiting_weight = waiting_weight
-        self.kv_high = kv_high
-        self.prompts = prompts
+    router: Router
+    block_chars: int
+    rules: Rules
+    waiting_weight: float = 2.0
+    kv_high: float = 0.95
+    prompts: PromptSink | None = None  # the pool controller's measure of placed prompts
+    name: ClassVar[str] = "pool"
 
     @property
     def mode(self) -> PoolMode:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
 
-from proxy.control.workers import Lease, Worker, WorkerPool
+from proxy.control.workers import Worker, WorkerPool
 from proxy.place.policies import Policy, RequestInfo
 
 
@@ -29,16 +26,6 @@ class Router:
 
     def pool_of(self, worker: Worker) -> WorkerPool:
         return next(p for p in self.pools if p.role == worker.role)
-
-    def track(
-        self,
-        worker: Worker,
-        chars: int,
-        prefill_tokens: int = 0,
-        owner: asyncio.Task[Any] | None = None,
-    ) -> AbstractContextManager[Lease]:
-        """WorkerPool.track on the worker's own pool (a context manager giving a Lease)."""
-        return self.pool_of(worker).track(worker, chars, prefill_tokens, owner)
 
     def pick_prefill(self, info: RequestInfo, exclude: Sequence[Worker] = ()) -> Worker | None:
         return self._pick(self.prefill, self.prefill_policy, info, exclude)

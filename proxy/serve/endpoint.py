@@ -22,7 +22,7 @@ from typing import Any
 from proxy.config import FanoutConfig
 from proxy.errors import MethodNotAllowed, NoWorkerAvailable, ProxyError, UpstreamError
 from proxy.flow.fanout import FanOut
-from proxy.flow.legs import Flow
+from proxy.flow.legs import Flow, Legs
 from proxy.flow.progress import Progress
 from proxy.flow.sink import Sink
 from proxy.observe.stats import LatencyStats, RequestTiming
@@ -176,4 +176,4 @@ class CompletionEndpoint:
         priority) and its legs; raises ProxyError."""
         async with self.services.admission.slot(request.priority):
             timing.admitted = perf_counter()
-            await self.services.flow.carry(request, out, timing, progress, owner)
+            await Legs(self.services.flow, request, out, timing, progress, owner).run()
