@@ -14,7 +14,7 @@ from proxy.control.console import static_files
 from tests.conftest import Proxy, Sim, running, start_proxy
 from tests.control.admin.helpers import config_file
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_the_page_and_its_files_are_served_from_the_package(proxy: Proxy) -> None:
@@ -78,5 +78,5 @@ def test_an_install_ships_the_console(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
-    shipped = {p.name for p in (tmp_path / "proxy" / "console" / "static").iterdir()}
+    shipped = {p.name for p in (tmp_path / "proxy" / "control" / "console" / "static").iterdir()}
     assert shipped == {"index.html", "console.js", "console.css"}
