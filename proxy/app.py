@@ -21,20 +21,13 @@ from starlette.exceptions import HTTPException
 
 from proxy import __version__
 from proxy.config import ConfigError, ProxyConfig
-from proxy.control.admin.hosts import HostAllowList
-from proxy.control.admin.probes import Prober
 from proxy.control.admin.routes import add_admin_routes
-from proxy.control.admin.service import Admin
-from proxy.control.admin.state import StateError, StateFile
 from proxy.control.console import add_console_routes
 from proxy.control.console.feed import ConsoleFeed
-from proxy.control.kvhealth import KvHealth
-from proxy.control.registry import WorkerRegistry
+from proxy.control.plane import ControlPlane, initial_workers
 from proxy.control.workers import Health, Worker, WorkerPool
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors.base import make_connector
-from proxy.engines.connectors.lmcache_config import Receiver, resolve_receivers
-from proxy.engines.scrape import Scraper, observe_load
+from proxy.engines.connectors.factory import make_connector
 from proxy.errors import (
     MethodNotAllowed,
     NotFound,
@@ -73,11 +66,7 @@ class ProxyApp:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
-        state = StateFile(config.workers_state_file) if config.workers_state_file else None
-        try:
-            self.registry = initial_workers(config, state)
-        except StateError as exc:
-            raise ConfigError(str(exc)) from None
+        self.registry = initial_workers(config)
         prefill, decode, pool = (self.registry.pools[r] for r in ("prefill", "decode", "pool"))
         self.metrics = ProxyMetrics((prefill, decode, pool))
         auth = config.auth
@@ -98,35 +87,6 @@ class ProxyApp:
             routing.kv_high,
         )
         policies = {config.prefill_policy, config.decode_policy}
-        # engine load from /metrics: for the policies that read it (prefix_aware bounds by it),
-        # and whether an engine caches prefixes, for the estimates of conditional disaggregation
-        # and the pool's planner
-        scraped = (
-            bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool) or disagg.enabled
-        )
-        self.scraper = (
-            Scraper(self.engine, lambda: (*prefill.members, *decode.members, *pool.members),
-                    observe_load, routing.scrape_interval, routing.scrape_timeout)
-            if routing.scrape_interval > 0 and scraped
-            else None
-        )  # fmt: skip
-        kvh = config.kv_health
-        self.kv_health = (
-            KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval)
-            if kvh.enabled and config.connector == "nixl"
-            else None
-        )
-        self.kv_monitor = (
-            Scraper(
-                self.engine,
-                lambda: (*decode.members, *pool.members),  # draining ones still pull
-                self.kv_health.observe_metrics,
-                kvh.interval,
-                config.health.timeout,
-            )
-            if self.kv_health is not None
-            else None
-        )
         router = Router(
             prefill,
             decode,
@@ -185,53 +145,22 @@ class ProxyApp:
         }
         for path, method in ROUTES.items():  # vLLM's other endpoints, to a decoder as they are
             self.hot_paths[path] = PassThrough(self.services, path, method)
-        admin = config.admin
-        words = admin.probe_words or (400 if config.connector == "lmcache" else 48)
-        prober = Prober(
+        self.control = ControlPlane(
+            config,
             self.engine,
+            self.registry,
             self.services.connector,
-            self.registry,
-            admin.probe_timeout,
-            words,
-            admin.probe_pull_wait,
-            pool_kv=config.pool_mode == "adaptive",
-        )
-        allowed = None
-        if admin.allowed_worker_hosts is not None:
-            allowed = HostAllowList(admin.allowed_worker_hosts)
-        self.admin = Admin(
-            admin,
-            self.registry,
-            prober,
             authenticator,
-            config.host,
-            config.connector,
-            config.drain_timeout,
-            self.services.end_requests,
-            state,
-            self.scraper,
-            allowed
-            or HostAllowList.default(
-                w.url for w in (*config.prefill, *config.decode, *config.pool)
-            ),
             self.metrics.registry,
+            self.services.end_requests,
         )
-        if self.admin.refusal is not None:
-            log.warning("%s", self.admin.refusal)
-        try:
-            self.admin.save()  # the file names the workers the proxy starts with
-        except ProxyError as exc:
-            raise ConfigError(exc.message) from None
         self.api = self._build_api()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _forget(self, worker: Worker) -> None:
-        """What the app keeps per worker beyond the policies: connections, decoder caches."""
-        self.engine.forget(worker.url)
+        """What the app keeps per worker beyond the policies: decoder caches."""
         if worker.role == "decode" and self.services.disagg is not None:
             self.services.disagg.forget(worker)
-        if worker.role != "prefill" and self.kv_health is not None:
-            self.kv_health.forget(worker.url)
 
     @property
     def pools(self) -> tuple[WorkerPool, WorkerPool, WorkerPool]:
@@ -260,8 +189,7 @@ class ProxyApp:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.services.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
-        health = self.config.health
-        await self.admin.start(health.probe_on_start, health.interval or 5.0)
+        await self.control.start()
         self._loop = asyncio.get_running_loop()
         # everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes over it stall the loop for milliseconds (p99 TTFT)
@@ -270,12 +198,6 @@ class ProxyApp:
         tasks = []
         if self.config.stats.interval > 0:
             tasks.append(asyncio.create_task(self._report_stats(self.config.stats.interval)))
-        if self.config.health.interval > 0:
-            tasks.append(asyncio.create_task(self._check_health(self.config.health.interval)))
-        if self.scraper is not None:
-            tasks.append(asyncio.create_task(self.scraper.run()))
-        if self.kv_monitor is not None:
-            tasks.append(asyncio.create_task(self.kv_monitor.run()))
         if self.pool_planner is not None and self.config.pool_mode == "adaptive":
             tasks.append(asyncio.create_task(self.pool_planner.run()))
         try:
@@ -283,7 +205,7 @@ class ProxyApp:
         finally:
             for task in tasks:
                 task.cancel()
-            await self.admin.close()
+            await self.control.close()
             await self.services.connector.close()
             await self.engine.close()
 
@@ -295,39 +217,6 @@ class ProxyApp:
             if stats.recorded != logged:
                 logged = stats.recorded
                 log.info("%s", stats.report())
-
-    async def _check_health(self, interval: float) -> None:
-        while True:
-            await self.check_workers()
-            await asyncio.sleep(interval)
-
-    async def check_workers(self) -> None:
-        """Probe every worker's /health now and note the result on the worker."""
-        timeout = self.config.health.timeout
-
-        async def probe(pool: WorkerPool, worker: Worker) -> None:
-            was = worker.health
-            try:
-                status, _ = await self.engine.get(worker, "/health", timeout)
-            except ProxyError as exc:
-                pool.record_check(worker, False, exc.message)
-            else:
-                pool.record_check(worker, status == 200, f"/health answered {status}")
-            if worker.health is not was and was is not Health.UNKNOWN:
-                log.warning("%s worker %s is now %s", pool.role, worker.url, worker.health.value)
-
-        await asyncio.gather(*(probe(pool, w) for pool in self.pools for w in pool.members))
-        for pool in self.pools:
-            was = pool.panic
-            pool.refresh()
-            if pool.panic and not was:
-                log.warning(
-                    "every %s worker fails its health check: routing to them anyway", pool.role
-                )
-            elif was and not pool.panic:
-                log.warning(
-                    "a %s worker passes its health check again: panic routing off", pool.role
-                )
 
     def _build_api(self) -> FastAPI:
         api = FastAPI(
@@ -356,7 +245,7 @@ class ProxyApp:
 
         @api.get("/health")
         async def health() -> Response:
-            await self.check_workers()
+            await self.control.health.check()
             for pool in self.pools:
                 pool.refresh()
 
@@ -418,9 +307,9 @@ class ProxyApp:
                 }
             )
 
-        add_admin_routes(api, self.admin, self.services.timelines, self.pool_planner)
+        add_admin_routes(api, self.control.admin, self.services.timelines, self.pool_planner)
         feed = ConsoleFeed(
-            self.admin,
+            self.control.admin,
             self.engine,
             self.services.stats,
             self.services.timelines,
@@ -487,38 +376,6 @@ class ProxyApp:
         if not seen:
             return _error(UpstreamError("no decoder listed its models: " + "; ".join(errors)))
         return _json({"object": "list", "data": list(seen.values())})
-
-
-def initial_workers(config: ProxyConfig, state: StateFile | None) -> WorkerRegistry:
-    """The workers recorded in the state file when there is one (the set after the last change
-    at run time), else the configured ones, ids in config order (p0, p1, ..., d0, ...)."""
-    registry = WorkerRegistry.empty(config.health.failure_threshold, config.health.cooldown)
-    records = state.read() if state is not None else None
-    if records is not None:
-        for record in records:
-            receiver = record.receiver()
-            if config.connector == "lmcache" and record.role == "decode" and receiver is None:
-                raise StateError(
-                    f"workers state file {state.path if state else ''}: decoder {record.id} has "
-                    "no lmcache receiver, which connector lmcache needs"
-                )
-            registry.add(record.role, record.url, receiver, record.id)
-        log.info(
-            "workers from %s (the configured lists are not used while it exists): %s",
-            state.path if state is not None else "",
-            ", ".join(f"{r.id}={r.url}" for r in records) or "none",
-        )
-        return registry
-    receivers: list[Receiver | None] = [None] * len(config.decode)
-    if config.connector == "lmcache":
-        receivers = list(resolve_receivers([(w.url, w.lmcache) for w in config.decode]))
-    for spec in config.prefill:
-        registry.add("prefill", spec.url)
-    for spec, receiver in zip(config.decode, receivers, strict=True):
-        registry.add("decode", spec.url, receiver)
-    for spec in config.pool:
-        registry.add("pool", spec.url)
-    return registry
 
 
 def build_app(config: ProxyConfig) -> ProxyApp:

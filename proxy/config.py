@@ -14,14 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.control.admin.config import AdminConfig
-from proxy.engines.connectors.lmcache_config import (
-    LMCacheConfig,
-    LMCacheReceiverConfig,
-    resolve_receivers,
-)
+from proxy.engines.connectors.lmcache_config import LMCacheConfig, LMCacheReceiverConfig
+from proxy.engines.connectors.registry import connector_class, pool_connectors
 
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
-ConnectorName = Literal["nixl", "lmcache"]
 PoolMode = Literal["adaptive", "colocated"]
 
 
@@ -208,7 +204,9 @@ class KvHealthConfig(_Model):
 class ProxyConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9100, ge=0, le=65535)
-    connector: ConnectorName = "nixl"
+    connector: str = Field(
+        "nixl", description="KV-transfer protocol (see proxy.engines.connectors)"
+    )
     prefill: tuple[WorkerConfig, ...] = ()
     decode: tuple[WorkerConfig, ...] = ()
     # engines that prefill and decode (NIXL kv_both), as the pool planner decides per request
@@ -238,6 +236,12 @@ class ProxyConfig(_Model):
     workers_state_file: str | None = Field(
         None, description="the workers after each change, read back at start-up"
     )
+
+    @field_validator("connector")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        connector_class(value)  # raises ValueError naming the known ones
+        return value
 
     @field_validator("prefill", "decode", "pool", mode="before")
     @classmethod
@@ -272,10 +276,10 @@ class ProxyConfig(_Model):
                 f"{', '.join(shared)} is in the pool and a prefill or decode list: an engine is "
                 "either dedicated or in the pool"
             )
-        if self.connector != "nixl":
+        if not connector_class(self.connector).pool_engines:
             raise ValueError(
-                "a pool needs connector nixl: its engines swap prefill and decode per request "
-                "through the NixlConnector (kv_role kv_both)"
+                f"a pool needs connector {' or '.join(pool_connectors())}: its engines swap "
+                "prefill and decode per request (kv_role kv_both)"
             )
         if self.pool_mode == "colocated" and self.prefill:
             raise ValueError(
@@ -289,13 +293,12 @@ class ProxyConfig(_Model):
             )
         return self
 
-    # --- connector lmcache ---
+    # --- the decoders' receivers (connector lmcache) ---
     @model_validator(mode="after")
-    def _check_lmcache(self) -> ProxyConfig:
+    def _check_receivers(self) -> ProxyConfig:
         if any(w.lmcache is not None for w in self.prefill):
             raise ValueError("'lmcache' ports belong to decode workers, not prefill workers")
-        if self.connector == "lmcache":
-            resolve_receivers([(w.url, w.lmcache) for w in self.decode])
+        connector_class(self.connector).receivers([(w.url, w.lmcache) for w in self.decode])
         return self
 
 

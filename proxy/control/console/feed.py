@@ -21,8 +21,7 @@ from prometheus_client import CollectorRegistry
 from proxy.control.admin.service import Admin
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.promtext import sample_sums
-from proxy.errors import ProxyError
+from proxy.engines.scrape import read_metrics
 from proxy.observe.stats import LatencyStats
 from proxy.observe.timeline import TimelineRing
 
@@ -87,13 +86,11 @@ class ConsoleFeed:
         self._lock = asyncio.Lock()
 
     async def _scrape(self, worker: Worker) -> tuple[str, dict[str, float] | None]:
-        try:
-            status, raw = await self.engine.get(worker, "/metrics", self.scrape_timeout)
-        except ProxyError:
+        names = ENGINE_METRICS.values()
+        samples = await read_metrics(self.engine, worker, names, self.scrape_timeout)
+        if samples is None:
             return worker.id, None
-        if status != 200:
-            return worker.id, None
-        sums = sample_sums(raw, ENGINE_METRICS.values())
+        sums = samples.sums(names)
         return worker.id, {key: sums[name] for key, name in ENGINE_METRICS.items() if name in sums}
 
     async def engines(self) -> dict[str, dict[str, float]]:
