@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic
 
 from proxy.control.workers import KvTransfer, Worker
@@ -82,25 +82,17 @@ class _Watch:
     warned_at: float | None = None
 
 
+@dataclass(eq=False)
 class KvHealth:
     """Judges each decoder's recent transfers; logs when one is slow and when it recovers."""
 
-    def __init__(
-        self,
-        source: TransferMetrics,
-        min_bandwidth: float,
-        window: float,
-        min_bytes: float,
-        warn_interval: float,
-        clock: Callable[[], float] = monotonic,
-    ) -> None:
-        self.source = source
-        self.min_bandwidth = min_bandwidth
-        self.window = window
-        self.min_bytes = min_bytes
-        self.warn_interval = warn_interval
-        self._clock = clock
-        self._watches: dict[str, _Watch] = {}
+    source: TransferMetrics  # the connector's names of the decoders' transfer metrics
+    min_bandwidth: float  # bytes per second under which a decoder's transfers are slow
+    window: float  # seconds of transfers judged together
+    min_bytes: float  # that must move in the window before judging
+    warn_interval: float  # seconds between repeated warnings
+    clock: Callable[[], float] = monotonic
+    _watches: dict[str, _Watch] = field(default_factory=dict, init=False)
 
     def watch(self, interval: float, timeout: float) -> Watch:
         """What the scraper reads for it: the decoders' transfer metrics, and the pool
@@ -118,7 +110,7 @@ class KvHealth:
         if totals is None:
             worker.kv_transfer = None
             return
-        now = self._clock()
+        now = self.clock()
         watch = self._watches.get(worker.url)
         if watch is None:
             watch = self._watches[worker.url] = _Watch(TransferWindow(self.window))

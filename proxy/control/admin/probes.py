@@ -91,24 +91,15 @@ class _Waiting:
         self.health_status = 0
 
 
+@dataclass(eq=False)
 class Prober:
-    def __init__(
-        self,
-        engine: EngineClient,
-        connector: Connector,
-        registry: WorkerRegistry,
-        timeout: float,
-        words: int,
-        pull_wait: float = 10.0,
-        pool_kv: bool = True,
-    ) -> None:
-        self.engine = engine
-        self.connector = connector
-        self.registry = registry
-        self.timeout = timeout
-        self.words = words
-        self.pull_wait = pull_wait  # how long a decoder's pull may take to show in /metrics
-        self.pool_kv = pool_kv  # False: the pool is colocated, its engines move no KV
+    engine: EngineClient
+    connector: Connector
+    registry: WorkerRegistry
+    timeout: float  # seconds each probe may take
+    words: int  # in the probe prompt
+    pull_wait: float = 10.0  # how long a decoder's pull may take to show in /metrics
+    pool_kv: bool = True  # False: the pool is colocated, its engines move no KV
 
     async def run(self, worker: Worker) -> list[Check]:
         """Every probe in order; raises ProbeFailed at the first that fails. The outcome is noted

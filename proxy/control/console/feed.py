@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -60,30 +61,20 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     return {"p50": at(0.5), "p99": at(0.99)}
 
 
+@dataclass(eq=False)
 class ConsoleFeed:
-    def __init__(
-        self,
-        admin: Admin,
-        engine: EngineClient,
-        stats: LatencyStats,
-        timelines: TimelineRing,
-        metrics: CollectorRegistry,
-        info: Callable[[], dict[str, Any]],
-        interval: float = 1.0,
-        scrape_timeout: float = 1.0,
-    ) -> None:
-        self.admin = admin
-        self.engine = engine
-        self.stats = stats
-        self.timelines = timelines
-        self.metrics = metrics
-        self.info = info  # connector, policies, admission, draining
-        self.interval = interval
-        self.scrape_timeout = scrape_timeout
-        self.watchers = 0
-        self._engines: dict[str, dict[str, float]] = {}
-        self._scraped_at = 0.0
-        self._lock = asyncio.Lock()
+    admin: Admin
+    engine: EngineClient
+    stats: LatencyStats
+    timelines: TimelineRing
+    metrics: CollectorRegistry
+    info: Callable[[], dict[str, Any]]  # connector, policies, admission, draining
+    interval: float = 1.0
+    scrape_timeout: float = 1.0
+    watchers: int = field(default=0, init=False)
+    _engines: dict[str, dict[str, float]] = field(default_factory=dict, init=False)
+    _scraped_at: float = field(default=0.0, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     async def _scrape(self, worker: Worker) -> tuple[str, dict[str, float] | None]:
         names = ENGINE_METRICS.values()
