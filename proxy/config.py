@@ -33,7 +33,8 @@ class WorkerConfig(_Model):
     """One vLLM instance, addressed by its OpenAI server's base URL."""
 
     url: str
-    # connector lmcache: this decoder's LMCache receiver host and ports (see proxy.lmcache_config)
+    # connector lmcache: this decoder's LMCache receiver host and ports
+    # (see proxy.engines.connectors.lmcache_config)
     lmcache: LMCacheReceiverConfig | None = None
 
     @field_validator("url")
@@ -91,7 +92,7 @@ class AdmissionConfig(_Model):
 
 class FanoutConfig(_Model):
     """Requests for several completions (a list of prompts, n > 1): one disaggregated
-    sub-request per completion (see proxy.fanout)."""
+    sub-request per completion (see proxy.flow.fanout)."""
 
     max_batch_prompts: int = Field(
         1024, ge=1, description="completions one request may ask for (prompts x n); beyond: 400"
@@ -119,7 +120,7 @@ class StatsConfig(_Model):
 
 
 class RoutingConfig(_Model):
-    """Tuning of the load- and cache-aware policies (see proxy.policies)."""
+    """Tuning of the load- and cache-aware policies (see proxy.place.policies)."""
 
     prefix_chars: int = Field(32768, ge=0, description="prompt characters hashed for routing")
     prefix_block_chars: int = Field(256, ge=16, description="prefix_aware: bytes per block")
@@ -146,8 +147,9 @@ class DisaggConfig(_Model):
 
 
 class PoolPlannerConfig(_Model):
-    """The pool's planner and its ratio controller (see proxy.pool). Capacities are one engine's;
-    seconds are wall-clock seconds of the engines' time."""
+    """The pool's planner and its ratio controller (see proxy.place.pool_planner and
+    proxy.control.ratio). Capacities are one engine's; seconds are wall-clock seconds of the
+    engines' time."""
 
     min_prefill_tokens: int = Field(
         512, ge=1, description="uncached prompt tokens below which one engine serves the request"
@@ -187,7 +189,7 @@ class PoolPlannerConfig(_Model):
 
 
 class KvHealthConfig(_Model):
-    """KV-transfer health from the decoders' own NIXL metrics (see proxy.kvhealth)."""
+    """KV-transfer health from the decoders' own transfer metrics (see proxy.control.kvhealth)."""
 
     enabled: bool = True
     interval: float = Field(5.0, gt=0, description="seconds between the decoders' scrapes")
@@ -229,9 +231,10 @@ class ProxyConfig(_Model):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     engine_api_key: str | None = Field(None, description="sent to the engines as a Bearer token")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # connector lmcache: the notification socket and its deadline (see proxy.lmcache_config)
+    # connector lmcache: the notification socket and its deadline
+    # (see proxy.engines.connectors.lmcache_config)
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
-    # run-time workers: the admin API, its probes and allow-list (see proxy.admin.config)
+    # run-time workers: the admin API, its probes and allow-list (see proxy.control.admin.config)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     workers_state_file: str | None = Field(
         None, description="the workers after each change, read back at start-up"

@@ -143,7 +143,9 @@ class LMCacheConnector:
 
     async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
         receiver = decoder.lmcache
-        if receiver is None:  # every decoder gets one when it joins (proxy.lmcache_config)
+        if (
+            receiver is None
+        ):  # every decoder gets one when it joins (proxy.engines.connectors.lmcache_config)
             raise ProxyError(f"decode worker {decoder.url} has no LMCache receiver address")
         req_id = new_transfer_id()
         body = orjson.dumps(prefill_body(request.body, disagg_spec(req_id, receiver)))
