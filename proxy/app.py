@@ -1,7 +1,13 @@
 """The app factory: everything a proxy instance owns is built here and torn down in its lifespan.
 
-The two generation paths are served by `CompletionEndpoint` directly (a front dispatcher sends them
-there before any framework code runs); FastAPI serves the control endpoints and the OpenAPI schema.
+    control plane   proxy.control.plane: the workers, their health, scrapes, KV health, the
+                    admission probes and the admin service; the pool's controller; the stall watch
+    data plane      proxy.serve.plane: the router, the planner, the legs' services and the
+                    endpoints of the generation paths (and vLLM's other paths)
+    HTTP surface    proxy.serve.api: /health, /stats, /v1/models, /metrics, /admin, /console
+
+The two generation paths are served by their endpoints directly (a front dispatcher sends them
+there before any framework code runs); FastAPI serves everything else.
 """
 
 from __future__ import annotations
@@ -11,179 +17,70 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
 
-from proxy import __version__
 from proxy.config import ConfigError, ProxyConfig
-from proxy.control.admin.hosts import HostAllowList
-from proxy.control.admin.probes import Prober
-from proxy.control.admin.routes import add_admin_routes
-from proxy.control.admin.service import Admin
-from proxy.control.admin.state import StateError, StateFile
-from proxy.control.console import add_console_routes
-from proxy.control.console.feed import ConsoleFeed
-from proxy.control.kvhealth import KvHealth
+from proxy.control.plane import ControlPlane, initial_workers
 from proxy.control.pool import PoolController
-from proxy.control.registry import WorkerRegistry
-from proxy.control.stall import StallWatch
-from proxy.control.workers import Health, Worker, WorkerPool
+from proxy.control.registry import ROLES
+from proxy.control.workers import WorkerPool
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors.base import make_connector
-from proxy.engines.connectors.lmcache_config import Receiver, resolve_receivers
-from proxy.engines.scrape import Scraper, observe_load
-from proxy.errors import (
-    MethodNotAllowed,
-    NotFound,
-    NotImplementedByProxy,
-    ProxyError,
-    UpstreamError,
-)
+from proxy.engines.connectors.factory import make_connector
 from proxy.observe.metrics import ProxyMetrics
+from proxy.serve.api import build_api
 from proxy.serve.auth import Authenticator, load_keys
-from proxy.serve.passthrough import RESPONSES_UNSUPPORTED
 from proxy.serve.plane import build_data_plane
 from proxy.serve.responder import Receive, Scope, Send
 
 log = logging.getLogger("pdproxy")
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
-
-def _error(exc: ProxyError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type="application/json")
+def authenticator(config: ProxyConfig) -> Authenticator:
+    auth = config.auth
+    try:
+        return Authenticator(
+            load_keys(auth.api_keys_env, auth.api_keys_file),
+            load_keys(auth.admin_keys_env, auth.admin_keys_file),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"auth: {exc}") from None
 
 
 class ProxyApp:
-    """One proxy instance: its config, workers, services, and the ASGI callable serving them."""
+    """One proxy instance: its config, both planes, and the ASGI callable serving them."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
-        state = StateFile(config.workers_state_file) if config.workers_state_file else None
-        try:
-            self.registry = initial_workers(config, state)
-        except StateError as exc:
-            raise ConfigError(str(exc)) from None
-        pools = (
-            self.registry.pools["prefill"],
-            self.registry.pools["decode"],
-            self.registry.pools["pool"],
-        )
-        prefill, decode, pooled = pools
-        self.metrics = ProxyMetrics(pools)
-        auth = config.auth
-        try:
-            authenticator = Authenticator(
-                load_keys(auth.api_keys_env, auth.api_keys_file),
-                load_keys(auth.admin_keys_env, auth.admin_keys_file),
-            )
-        except ValueError as exc:
-            raise ConfigError(f"auth: {exc}") from None
-        routing, disagg = config.routing, config.conditional_disagg
-        policies = {config.prefill_policy, config.decode_policy}
-        # engine load from /metrics: for the policies that read it (prefix_aware bounds by it),
-        # and whether an engine caches prefixes, for the estimates of conditional disaggregation
-        # and the pool's planner
-        scraped = (
-            bool(policies & {"load_aware", "prefix_aware"}) or bool(config.pool) or disagg.enabled
-        )
-        self.scraper = (
-            Scraper(self.engine, lambda: (*prefill.members, *decode.members, *pooled.members),
-                    observe_load, routing.scrape_interval, routing.scrape_timeout)
-            if routing.scrape_interval > 0 and scraped
-            else None
-        )  # fmt: skip
-        kvh = config.kv_health
-        self.kv_health = (
-            KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval)
-            if kvh.enabled and config.connector == "nixl"
-            else None
-        )
-        self.kv_monitor = (
-            Scraper(
-                self.engine,
-                lambda: (*decode.members, *pooled.members),  # draining ones still pull
-                self.kv_health.observe_metrics,
-                kvh.interval,
-                config.health.timeout,
-            )
-            if self.kv_health is not None
-            else None
-        )
+        self.registry = initial_workers(config)
+        prefill, decode, pooled = (self.registry.pools[role] for role in ROLES)
+        self.pools: tuple[WorkerPool, WorkerPool, WorkerPool] = (prefill, decode, pooled)
+        self.metrics = ProxyMetrics(self.pools)
+        auth = authenticator(config)
         self.pool = (
-            PoolController(pools, config.pool_planner, config.pool_mode, self.metrics.registry)
+            PoolController(self.pools, config.pool_planner, config.pool_mode, self.metrics.registry)
             if config.pool
             else None
         )
+        self.connector = make_connector(config, self.engine, self.metrics.registry)
         self.plane = build_data_plane(
-            config,
-            pools,
-            self.engine,
-            make_connector(config, self.engine, self.metrics.registry),
-            self.metrics,
-            authenticator,
-            self.pool,
+            config, self.pools, self.engine, self.connector, self.metrics, auth, self.pool
         )
         self.services = self.plane.services
-        self.connector = self.services.flow.connector
-        self.registry.on_removed += [self.plane.planner.forget, self._forget]
-        admin = config.admin
-        words = admin.probe_words or (400 if config.connector == "lmcache" else 48)
-        prober = Prober(
+        self.registry.on_removed.append(self.plane.planner.forget)
+        self.control = ControlPlane(
+            config,
             self.engine,
+            self.registry,
             self.connector,
-            self.registry,
-            admin.probe_timeout,
-            words,
-            admin.probe_pull_wait,
-            pool_kv=config.pool_mode == "adaptive",
-        )
-        allowed = None
-        if admin.allowed_worker_hosts is not None:
-            allowed = HostAllowList(admin.allowed_worker_hosts)
-        self.admin = Admin(
-            admin,
-            self.registry,
-            prober,
-            authenticator,
-            config.host,
-            config.connector,
-            config.drain_timeout,
-            self.services.end_requests,
-            state,
-            self.scraper,
-            allowed
-            or HostAllowList.default(
-                w.url for w in (*config.prefill, *config.decode, *config.pool)
-            ),
+            auth,
             self.metrics.registry,
+            self.services.end_requests,
+            self.pool,
         )
-        if self.admin.refusal is not None:
-            log.warning("%s", self.admin.refusal)
-        try:
-            self.admin.save()  # the file names the workers the proxy starts with
-        except ProxyError as exc:
-            raise ConfigError(exc.message) from None
-        self.api = self._build_api()
+        self.api = build_api(self, self.lifespan)
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _forget(self, worker: Worker) -> None:
-        """What the app keeps per worker beyond the policies: connections, decoder caches."""
-        self.engine.forget(worker.url)
-        if worker.role != "prefill" and self.kv_health is not None:
-            self.kv_health.forget(worker.url)
-
-    @property
-    def pools(self) -> tuple[WorkerPool, WorkerPool, WorkerPool]:
-        return self.plane.router.pools
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -208,33 +105,21 @@ class ProxyApp:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
-        health = self.config.health
-        await self.admin.start(health.probe_on_start, health.interval or 5.0)
+        await self.control.start()
         self._loop = asyncio.get_running_loop()
         # everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes over it stall the loop for milliseconds (p99 TTFT)
         gc.collect()
         gc.freeze()
-        tasks = []
+        report = None
         if self.config.stats.interval > 0:
-            tasks.append(asyncio.create_task(self._report_stats(self.config.stats.interval)))
-        if self.config.health.interval > 0:
-            tasks.append(asyncio.create_task(self._check_health(self.config.health.interval)))
-        if health.stall_timeout > 0:
-            watch = StallWatch(lambda: self.pools, health.stall_timeout)
-            tasks.append(asyncio.create_task(watch.run(min(1.0, health.stall_timeout / 4))))
-        if self.scraper is not None:
-            tasks.append(asyncio.create_task(self.scraper.run()))
-        if self.kv_monitor is not None:
-            tasks.append(asyncio.create_task(self.kv_monitor.run()))
-        if self.pool is not None and self.config.pool_mode == "adaptive":
-            tasks.append(asyncio.create_task(self.pool.run()))
+            report = asyncio.create_task(self._report_stats(self.config.stats.interval))
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await self.admin.close()
+            if report is not None:
+                report.cancel()
+            await self.control.close()
             await self.connector.close()
             await self.engine.close()
 
@@ -246,230 +131,6 @@ class ProxyApp:
             if stats.recorded != logged:
                 logged = stats.recorded
                 log.info("%s", stats.report())
-
-    async def _check_health(self, interval: float) -> None:
-        while True:
-            await self.check_workers()
-            await asyncio.sleep(interval)
-
-    async def check_workers(self) -> None:
-        """Probe every worker's /health now and note the result on the worker."""
-        timeout = self.config.health.timeout
-
-        async def probe(pool: WorkerPool, worker: Worker) -> None:
-            was = worker.health
-            try:
-                status, _ = await self.engine.get(worker, "/health", timeout)
-            except ProxyError as exc:
-                pool.record_check(worker, False, exc.message)
-            else:
-                pool.record_check(worker, status == 200, f"/health answered {status}")
-            if worker.health is not was and was is not Health.UNKNOWN:
-                log.warning("%s worker %s is now %s", pool.role, worker.url, worker.health.value)
-
-        await asyncio.gather(*(probe(pool, w) for pool in self.pools for w in pool.members))
-        for pool in self.pools:
-            was = pool.panic
-            pool.refresh()
-            if pool.panic and not was:
-                log.warning(
-                    "every %s worker fails its health check: routing to them anyway", pool.role
-                )
-            elif was and not pool.panic:
-                log.warning(
-                    "a %s worker passes its health check again: panic routing off", pool.role
-                )
-
-    def _build_api(self) -> FastAPI:
-        api = FastAPI(
-            title="pdproxy",
-            version=__version__,
-            lifespan=self.lifespan,
-            docs_url=None,
-            redoc_url=None,
-        )
-
-        @api.exception_handler(HTTPException)
-        async def http_error(_: Request, exc: HTTPException) -> Response:
-            if exc.status_code == 405:
-                return _error(MethodNotAllowed("method not allowed on this path"))
-            if exc.status_code == 404:
-                return _error(NotFound("no such path; see /v1/models, /v1/completions, ..."))
-            return _error(ProxyError(str(exc.detail)))
-
-        @api.exception_handler(ProxyError)
-        async def proxy_error(_: Request, exc: ProxyError) -> Response:
-            return _error(exc)
-
-        @api.exception_handler(RequestValidationError)
-        async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-            return _error(ProxyError(str(exc)))
-
-        @api.get("/health")
-        async def health() -> Response:
-            await self.check_workers()
-            for pool in self.pools:
-                pool.refresh()
-
-            def healthy(*pools: WorkerPool) -> bool:
-                return any(w.health is Health.HEALTHY for p in pools for w in p.workers)
-
-            prefill, decode, pooled = self.pools
-            # a request needs an engine that answers and, without a pool, one that prefills
-            ok = healthy(decode, pooled) and (bool(self.config.pool) or healthy(prefill))
-            status = "ok" if ok else "unavailable"
-            if self.services.draining:
-                ok, status = False, "draining"
-            body = {"status": status, **self._members()}
-            return _json(body, 200 if ok else 503)
-
-        @api.get("/v1/models")
-        async def models(request: Request) -> Response:
-            self.services.auth.check_api(request.scope["headers"])
-            return await self._models()
-
-        @api.api_route("/v1/responses", methods=["GET", "POST", "DELETE"])
-        @api.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
-        async def responses(request: Request) -> Response:
-            self.services.auth.check_api(request.scope["headers"])
-            raise NotImplementedByProxy(RESPONSES_UNSUPPORTED, code="responses_api_not_supported")
-
-        @api.get("/metrics")
-        async def metrics() -> Response:
-            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-        @api.get("/stats")
-        async def stats(request: Request) -> Response:
-            self.services.auth.check_admin(request.scope["headers"])
-            summaries = self.services.stats.summaries()
-            for pool in self.pools:
-                pool.refresh()
-            return _json(
-                {
-                    "requests": self.services.stats.recorded,
-                    "latency_seconds": {
-                        name: None if s is None else s.__dict__ for name, s in summaries.items()
-                    },
-                    "workers": self._members(),
-                    "connector": self.connector.name,
-                    "kv_transfer": {
-                        w.url: w.kv_transfer.describe()
-                        for pool in self.pools
-                        for w in pool.members
-                        if w.kv_transfer is not None
-                    },
-                    "pool": self._pool_info(),
-                    "admission": {
-                        "active": self.services.admission.active,
-                        "queued": self.services.admission.queued,
-                        "rejected": self.services.admission.rejected,
-                    },
-                    "draining": self.services.draining,
-                    "policies": self._policies(),
-                }
-            )
-
-        add_admin_routes(api, self.admin, self.services.timelines, self.pool)
-        feed = ConsoleFeed(
-            self.admin,
-            self.engine,
-            self.services.stats,
-            self.services.timelines,
-            self.metrics.registry,
-            self._console_info,
-        )
-        add_console_routes(api, feed, lambda: self.services.draining)
-        return api
-
-    def _console_info(self) -> dict[str, Any]:
-        svc = self.services
-        return {
-            "connector": self.connector.name,
-            "policies": self._policies(),
-            "pool": self._pool_info(),
-            "admission": {
-                "active": svc.admission.active,
-                "queued": svc.admission.queued,
-                "rejected": svc.admission.rejected,
-            },
-            "draining": svc.draining,
-        }
-
-    def _members(self) -> dict[str, list[dict[str, object]]]:
-        return {pool.role: [w.describe() for w in pool.members] for pool in self.pools}
-
-    def _policies(self) -> dict[str, object]:
-        router = self.plane.router
-        return {
-            "planner": self.plane.planner.name,
-            "prefill": router.prefill_policy.name,
-            "decode": router.decode_policy.name,
-            "conditional_disagg": self.config.conditional_disagg.enabled,
-        }
-
-    def _pool_info(self) -> dict[str, Any] | None:
-        return None if self.pool is None else self.pool.describe()
-
-    async def _models(self) -> Response:
-        """The union of the decoders' models (the ones that serve the answer)."""
-        # one snapshot (the pools may change while we wait): every engine that answers
-        decoders = (*self.pools[1].workers, *self.pools[2].workers)
-        results = await asyncio.gather(
-            *(self.engine.get(w, "/v1/models", self.config.health.timeout) for w in decoders),
-            return_exceptions=True,
-        )
-        seen: dict[str, Any] = {}
-        errors = []
-        for worker, result in zip(decoders, results, strict=True):
-            if isinstance(result, BaseException):
-                errors.append(str(result))
-                continue
-            status, raw = result
-            try:
-                data = orjson.loads(raw)["data"] if status == 200 else None
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                data = None
-            if not isinstance(data, list):
-                errors.append(f"{worker.url}/v1/models answered {status}")
-                continue
-            for model in data:
-                if isinstance(model, dict) and "id" in model:
-                    seen.setdefault(model["id"], model)
-        if not seen:
-            return _error(UpstreamError("no decoder listed its models: " + "; ".join(errors)))
-        return _json({"object": "list", "data": list(seen.values())})
-
-
-def initial_workers(config: ProxyConfig, state: StateFile | None) -> WorkerRegistry:
-    """The workers recorded in the state file when there is one (the set after the last change
-    at run time), else the configured ones, ids in config order (p0, p1, ..., d0, ...)."""
-    registry = WorkerRegistry.empty(config.health.failure_threshold, config.health.cooldown)
-    records = state.read() if state is not None else None
-    if records is not None:
-        for record in records:
-            receiver = record.receiver()
-            if config.connector == "lmcache" and record.role == "decode" and receiver is None:
-                raise StateError(
-                    f"workers state file {state.path if state else ''}: decoder {record.id} has "
-                    "no lmcache receiver, which connector lmcache needs"
-                )
-            registry.add(record.role, record.url, receiver, record.id)
-        log.info(
-            "workers from %s (the configured lists are not used while it exists): %s",
-            state.path if state is not None else "",
-            ", ".join(f"{r.id}={r.url}" for r in records) or "none",
-        )
-        return registry
-    receivers: list[Receiver | None] = [None] * len(config.decode)
-    if config.connector == "lmcache":
-        receivers = list(resolve_receivers([(w.url, w.lmcache) for w in config.decode]))
-    for spec in config.prefill:
-        registry.add("prefill", spec.url)
-    for spec, receiver in zip(config.decode, receivers, strict=True):
-        registry.add("decode", spec.url, receiver)
-    for spec in config.pool:
-        registry.add("pool", spec.url)
-    return registry
 
 
 def build_app(config: ProxyConfig) -> ProxyApp:

@@ -14,14 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.control.admin.config import AdminConfig
-from proxy.engines.connectors.lmcache_config import (
-    LMCacheConfig,
-    LMCacheReceiverConfig,
-    resolve_receivers,
-)
+from proxy.engines.connectors.lmcache_config import LMCacheConfig, LMCacheReceiverConfig
+from proxy.engines.connectors.registry import connector_class, pool_connectors
 
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
-ConnectorName = Literal["nixl", "lmcache"]
 PoolMode = Literal["adaptive", "colocated"]
 
 
@@ -37,7 +33,8 @@ class WorkerConfig(_Model):
     """One vLLM instance, addressed by its OpenAI server's base URL."""
 
     url: str
-    # connector lmcache: this decoder's LMCache receiver host and ports (see proxy.lmcache_config)
+    # connector lmcache: this decoder's LMCache receiver host and ports
+    # (see proxy.engines.connectors.lmcache_config)
     lmcache: LMCacheReceiverConfig | None = None
 
     @field_validator("url")
@@ -101,7 +98,7 @@ class AdmissionConfig(_Model):
 
 class FanoutConfig(_Model):
     """Requests for several completions (a list of prompts, n > 1): one disaggregated
-    sub-request per completion (see proxy.fanout)."""
+    sub-request per completion (see proxy.flow.fanout)."""
 
     max_batch_prompts: int = Field(
         1024, ge=1, description="completions one request may ask for (prompts x n); beyond: 400"
@@ -129,7 +126,7 @@ class StatsConfig(_Model):
 
 
 class RoutingConfig(_Model):
-    """Tuning of the load- and cache-aware policies (see proxy.policies)."""
+    """Tuning of the load- and cache-aware policies (see proxy.place.policies)."""
 
     prefix_chars: int = Field(32768, ge=0, description="prompt characters hashed for routing")
     prefix_block_chars: int = Field(256, ge=16, description="prefix_aware: bytes per block")
@@ -156,8 +153,9 @@ class DisaggConfig(_Model):
 
 
 class PoolPlannerConfig(_Model):
-    """The pool's planner and its ratio controller (see proxy.pool). Capacities are one engine's;
-    seconds are wall-clock seconds of the engines' time."""
+    """The pool's planner and its ratio controller (see proxy.place.pool_planner and
+    proxy.control.ratio). Capacities are one engine's; seconds are wall-clock seconds of the
+    engines' time."""
 
     min_prefill_tokens: int = Field(
         512, ge=1, description="uncached prompt tokens below which one engine serves the request"
@@ -197,7 +195,7 @@ class PoolPlannerConfig(_Model):
 
 
 class KvHealthConfig(_Model):
-    """KV-transfer health from the decoders' own NIXL metrics (see proxy.kvhealth)."""
+    """KV-transfer health from the decoders' own transfer metrics (see proxy.control.kvhealth)."""
 
     enabled: bool = True
     interval: float = Field(5.0, gt=0, description="seconds between the decoders' scrapes")
@@ -214,7 +212,9 @@ class KvHealthConfig(_Model):
 class ProxyConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9100, ge=0, le=65535)
-    connector: ConnectorName = "nixl"
+    connector: str = Field(
+        "nixl", description="KV-transfer protocol (see proxy.engines.connectors)"
+    )
     prefill: tuple[WorkerConfig, ...] = ()
     decode: tuple[WorkerConfig, ...] = ()
     # engines that prefill and decode (NIXL kv_both), as the pool planner decides per request
@@ -237,13 +237,20 @@ class ProxyConfig(_Model):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     engine_api_key: str | None = Field(None, description="sent to the engines as a Bearer token")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # connector lmcache: the notification socket and its deadline (see proxy.lmcache_config)
+    # connector lmcache: the notification socket and its deadline
+    # (see proxy.engines.connectors.lmcache_config)
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
-    # run-time workers: the admin API, its probes and allow-list (see proxy.admin.config)
+    # run-time workers: the admin API, its probes and allow-list (see proxy.control.admin.config)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     workers_state_file: str | None = Field(
         None, description="the workers after each change, read back at start-up"
     )
+
+    @field_validator("connector")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        connector_class(value)  # raises ValueError naming the known ones
+        return value
 
     @field_validator("prefill", "decode", "pool", mode="before")
     @classmethod
@@ -278,10 +285,10 @@ class ProxyConfig(_Model):
                 f"{', '.join(shared)} is in the pool and a prefill or decode list: an engine is "
                 "either dedicated or in the pool"
             )
-        if self.connector != "nixl":
+        if not connector_class(self.connector).pool_engines:
             raise ValueError(
-                "a pool needs connector nixl: its engines swap prefill and decode per request "
-                "through the NixlConnector (kv_role kv_both)"
+                f"a pool needs connector {' or '.join(pool_connectors())}: its engines swap "
+                "prefill and decode per request (kv_role kv_both)"
             )
         if self.pool_mode == "colocated" and self.prefill:
             raise ValueError(
@@ -295,13 +302,12 @@ class ProxyConfig(_Model):
             )
         return self
 
-    # --- connector lmcache ---
+    # --- the decoders' receivers (connector lmcache) ---
     @model_validator(mode="after")
-    def _check_lmcache(self) -> ProxyConfig:
+    def _check_receivers(self) -> ProxyConfig:
         if any(w.lmcache is not None for w in self.prefill):
             raise ValueError("'lmcache' ports belong to decode workers, not prefill workers")
-        if self.connector == "lmcache":
-            resolve_receivers([(w.url, w.lmcache) for w in self.decode])
+        connector_class(self.connector).receivers([(w.url, w.lmcache) for w in self.decode])
         return self
 
 

@@ -7,7 +7,7 @@ import sys
 from contextlib import closing
 
 from pdsim.launch import SimProcess, start_sim
-from proxy.cli.main import run_server
+from proxy.cli.serve import run_server
 from proxy.config import load_config
 
 DEMO_MODEL = "pdsim/llama-8b"

@@ -1,10 +1,12 @@
-"""KV-transfer health: how fast each decoder really pulls its KV, from the engine's own NIXL
-metrics, and a warning that names the decoder when the KV moves too slowly to be going GPU to
-GPU (the usual cause: UCX falling back to TCP).
+"""KV-transfer health: how fast each decoder really receives its KV, from the engine's own
+transfer metrics, and a warning that names the decoder when the KV moves too slowly to be going
+GPU to GPU (with NIXL, the usual cause: UCX falling back to TCP).
 
-Every `interval` seconds each decoder's /metrics (scraped by proxy.scrape.Scraper) gives the
-running sums of vLLM's NIXL histograms: transfers (`vllm:nixl_xfer_time_seconds_count`),
-seconds spent in them (`_sum`) and bytes (`vllm:nixl_bytes_transferred_sum`). Their differences
+The connector names the metrics (`TransferMetrics`; NIXL: vLLM's histograms
+`vllm:nixl_xfer_time_seconds` and `vllm:nixl_bytes_transferred`); a connector without any has no
+KV health. Every `interval` seconds each decoder's /metrics (scraped by
+proxy.engines.scrape.Scraper) gives their running sums: transfers, seconds spent in them and
+bytes. Their differences
 over the last `window` seconds give the recent bandwidth (bytes per second of transfer) and the
 time per transfer, stored on the worker (`Worker.kv_transfer`) for /stats, /metrics and
 conditional disaggregation. A decoder is *slow* once at least `min_bytes` moved in the window at
@@ -17,43 +19,33 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic
 
 from proxy.control.workers import KvTransfer, Worker
-from proxy.engines.promtext import sample_sums
+from proxy.engines.connectors.base import TransferMetrics
+from proxy.engines.promtext import Samples
+from proxy.engines.scrape import Watch
 
 log = logging.getLogger("pdproxy")
-
-COUNT = "vllm:nixl_xfer_time_seconds_count"
-SECONDS = "vllm:nixl_xfer_time_seconds_sum"
-BYTES = "vllm:nixl_bytes_transferred_sum"
-
-ADVICE = (
-    "The KV is most likely moving over TCP instead of GPU to GPU. NIXL's UCX backend turns off "
-    "cuda_ipc reads (the decoder's pull) where NVML reports no NVLink, as on PCIe-only and "
-    "virtualised hosts: set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y in the environment of every engine "
-    "(launchers/disagg.sh does unless told otherwise) and restart them; between hosts, make "
-    "sure UCX_TLS allows an RDMA transport."
-)
 
 
 @dataclass(frozen=True, slots=True)
 class TransferTotals:
-    """Running sums of one engine's NIXL transfer histograms."""
+    """Running sums of one engine's transfer metrics."""
 
     transfers: float
     seconds: float
     nbytes: float
 
 
-def parse_transfer_totals(text: bytes) -> TransferTotals | None:
-    """The three sums from a Prometheus text exposition, summed over label sets; None when the
-    engine has no NIXL transfer metrics (no NixlConnector, or a build without them)."""
-    found = sample_sums(text, (COUNT, SECONDS, BYTES))
-    if COUNT not in found or SECONDS not in found:
+def transfer_totals(samples: Samples, source: TransferMetrics) -> TransferTotals | None:
+    """The three sums, each over its label sets; None when the engine has no transfer metrics
+    (with NIXL: no NixlConnector, or a build without them)."""
+    count, seconds = samples.sum(source.count), samples.sum(source.seconds)
+    if count is None or seconds is None:
         return None
-    return TransferTotals(found[COUNT], found[SECONDS], found.get(BYTES, 0.0))
+    return TransferTotals(count, seconds, samples.sum(source.nbytes) or 0.0)
 
 
 class TransferWindow:
@@ -90,35 +82,35 @@ class _Watch:
     warned_at: float | None = None
 
 
+@dataclass(eq=False)
 class KvHealth:
     """Judges each decoder's recent transfers; logs when one is slow and when it recovers."""
 
-    def __init__(
-        self,
-        min_bandwidth: float,
-        window: float,
-        min_bytes: float,
-        warn_interval: float,
-        clock: Callable[[], float] = monotonic,
-    ) -> None:
-        self.min_bandwidth = min_bandwidth
-        self.window = window
-        self.min_bytes = min_bytes
-        self.warn_interval = warn_interval
-        self._clock = clock
-        self._watches: dict[str, _Watch] = {}
+    source: TransferMetrics  # the connector's names of the decoders' transfer metrics
+    min_bandwidth: float  # bytes per second under which a decoder's transfers are slow
+    window: float  # seconds of transfers judged together
+    min_bytes: float  # that must move in the window before judging
+    warn_interval: float  # seconds between repeated warnings
+    clock: Callable[[], float] = monotonic
+    _watches: dict[str, _Watch] = field(default_factory=dict, init=False)
 
-    def observe_metrics(self, worker: Worker, raw: bytes | None) -> None:
-        """A scrape of the worker's /metrics (proxy.scrape.Scraper); an unreadable engine keeps
-        its last judgement, since the health checks report it."""
-        if raw is not None:
-            self.observe(worker, parse_transfer_totals(raw))
+    def watch(self, interval: float, timeout: float) -> Watch:
+        """What the scraper reads for it: the decoders' transfer metrics, and the pool
+        engines' (draining ones still receive)."""
+        names = (self.source.count, self.source.seconds, self.source.nbytes)
+        return Watch(names, self.observe_metrics, interval, timeout, frozenset(("decode", "pool")))
+
+    def observe_metrics(self, worker: Worker, samples: Samples | None) -> None:
+        """A scrape of the worker's /metrics; an unreadable engine keeps its last judgement,
+        since the health checks report it."""
+        if samples is not None:
+            self.observe(worker, transfer_totals(samples, self.source))
 
     def observe(self, worker: Worker, totals: TransferTotals | None) -> None:
         if totals is None:
             worker.kv_transfer = None
             return
-        now = self._clock()
+        now = self.clock()
         watch = self._watches.get(worker.url)
         if watch is None:
             watch = self._watches[worker.url] = _Watch(TransferWindow(self.window))
@@ -148,7 +140,7 @@ class KvHealth:
                     rate.seconds_per_transfer * 1e3,
                     rate.bytes_per_transfer / 1e6,
                     self.min_bandwidth / 1e9,
-                    ADVICE,
+                    self.source.slow_advice,
                 )
         elif watch.slow_since is not None and rate is not None and rate.nbytes >= self.min_bytes:
             log.warning(

@@ -210,20 +210,24 @@ class RatioController:
             f"with {current} prefilling, {costs[best]:.0%} with {best}"
         )
         moves = abs(best - current) if over and not infeasible else 1
-        if best > current:  # more to prefill: the decode-side engines with fewest streams
-            movers = sorted(
-                (e for e in up if e.lean == "decode"),
-                key=lambda e: (e.decode_streams, e.prefill_tokens, e.id),
-            )
-            lean: Lean = "prefill"
-        else:
-            movers = sorted(
-                (e for e in up if e.lean == "prefill"),
-                key=lambda e: (e.prefill_tokens, e.decode_streams, e.id),
-            )
-            lean = "decode"
+        lean: Lean = "prefill" if best > current else "decode"
+        movers = _movers(up, lean)
         step = 1 if lean == "prefill" else -1
         return [
             Change(e.id, lean, current + step * (i + 1), len(up) - current - step * (i + 1), why)
             for i, e in enumerate(movers[:moves])
         ]
+
+
+def _movers(engines: Sequence[EngineState], to: Lean) -> list[EngineState]:
+    """The engines that may turn to `to`, the best first: to prefill, the decode-side engines
+    with fewest streams; to decode, the prefill-side ones with least prompt work."""
+    if to == "prefill":
+        return sorted(
+            (e for e in engines if e.lean == "decode"),
+            key=lambda e: (e.decode_streams, e.prefill_tokens, e.id),
+        )
+    return sorted(
+        (e for e in engines if e.lean == "prefill"),
+        key=lambda e: (e.prefill_tokens, e.decode_streams, e.id),
+    )

@@ -3,7 +3,7 @@
 Ids are the role's letter and a number (`p0`, `d3`, `b1` for a pool engine), given in order and
 never reused by one registry: configured workers get theirs first, in config order; a worker
 added at run time gets the next one. The registry changes membership in three synchronous
-steps, each one swap of a pool's tuples (see proxy.workers), so a request between two awaits
+steps, each one swap of a pool's tuples (see proxy.control.workers), so a request between two awaits
 sees a worker either wholly in or wholly out:
 
     candidate (probing, not routed) -> activate (routed) -> drain (not routed, still serving)

@@ -13,11 +13,11 @@ The breaker opens after `failure_threshold` consecutive failed requests, stays o
 seconds, then lets one trial request through (half-open): success closes it, failure opens it
 again.
 
-Membership changes at run time (proxy.registry) replace a pool's tuples whole: `workers` (what the
-policies choose from: the active workers) and `members` (every worker still serving, draining ones
-included: what health checks, scrapes, /health, /stats and /metrics see). A choice reads one
-snapshot between two awaits, so a request never sees a half-added or half-removed worker; a
-request holding a worker that leaves keeps its object, and its `track` still ends on it.
+Membership changes at run time (proxy.control.registry) replace a pool's tuples whole: `workers`
+(what the policies choose from: the active workers) and `members` (every worker still serving,
+draining ones included: what health checks, scrapes, /health, /stats and /metrics see). A choice
+reads one snapshot between two awaits, so a request never sees a half-added or half-removed
+worker; a request holding a worker that leaves keeps its object, and its `track` still ends on it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Lifecycle(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class EngineLoad:
-    """The engine's own view of its load, from its /metrics (see proxy.scrape).
+    """The engine's own view of its load, from its /metrics (see proxy.engines.scrape).
 
     `inflight_at_scrape` is the proxy's in-flight count on the worker when the scrape was taken,
     so that a policy can add what the proxy sent since: `running + waiting + (inflight -
@@ -81,7 +81,7 @@ class EngineLoad:
 
 @dataclass(slots=True)
 class KvTransfer:
-    """A decoder's recent KV transfers, from its own NIXL metrics (see proxy.kvhealth)."""
+    """A decoder's recent KV transfers, from its own NIXL metrics (see proxy.control.kvhealth)."""
 
     transfers: int
     seconds: float  # spent in those transfers
@@ -149,7 +149,7 @@ class Worker:
     requests_total: int = 0
     failures_total: int = 0
     engine_load: EngineLoad | None = None  # the last good /metrics scrape; None if none or failed
-    kv_transfer: KvTransfer | None = None  # recent KV pulls (decoders; see proxy.kvhealth)
+    kv_transfer: KvTransfer | None = None  # recent KV pulls (decoders; see proxy.control.kvhealth)
     # whether it keeps a prefix cache, as its metrics last said (kept across failed scrapes)
     prefix_caching: bool | None = None
     lean: Lean | None = None  # pool engines: the side the pool's controller leans it to now

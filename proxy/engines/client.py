@@ -1,8 +1,8 @@
 """The only module that speaks HTTP to engines.
 
-A small HTTP/1.1 client on asyncio protocols and the httptools parser (the one uvicorn uses): each
-engine call is one write of a pre-built request and, for a stream, one parser callback per network
-read, handed to the relay as the bytes that came. Connections are kept alive in a pool per engine.
+A small HTTP/1.1 client: each engine call is one write of a pre-built request and, for a stream,
+one parser callback per network read (proxy.engines.http1), handed to the relay as the bytes that
+came. Connections are kept alive in a pool per engine.
 
 Every transport or timeout failure is translated here, once, into the proxy's error tree
 (`proxy.errors`); callers never see a socket or parser exception.
@@ -16,12 +16,11 @@ import types
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from time import perf_counter
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
-import httptools
-
 from proxy.control.workers import Worker
+from proxy.engines.http1 import BadResponse, ConnectFailed, Connection, ConnectionClosed
 from proxy.errors import (
     UpstreamError,
     UpstreamRejected,
@@ -33,20 +32,6 @@ from proxy.errors import (
 # An idle connection is used again only for this long. vLLM's server (uvicorn) closes idle
 # keep-alive connections after 5 s; reusing one just as it closes would fail the request.
 IDLE_REUSE_SECONDS = 4.0
-# Stop reading from an engine while this much of its answer waits for a slow client.
-READ_BUFFER_LIMIT = 256 * 1024
-
-
-class _ConnectFailed(Exception):
-    """The TCP (or TLS) connection to the engine could not be made."""
-
-
-class _ConnectionClosed(Exception):
-    """The engine closed the connection before its answer was complete."""
-
-
-class _BadResponse(Exception):
-    """The engine's bytes are not valid HTTP."""
 
 
 @contextmanager
@@ -57,11 +42,11 @@ def engine_errors(worker: Worker, what: str) -> Iterator[None]:
         yield
     except TimeoutError:
         raise UpstreamTimeout(f"{what}: {where} did not answer in time") from None
-    except _ConnectFailed as exc:
+    except ConnectFailed as exc:
         raise UpstreamError(f"{what}: cannot connect to {where}: {exc}") from None
-    except _ConnectionClosed as exc:
+    except ConnectionClosed as exc:
         raise UpstreamError(f"{what}: {where} closed the connection early ({exc})") from None
-    except _BadResponse as exc:
+    except BadResponse as exc:
         raise UpstreamError(f"{what}: {where} failed: {exc}") from None
 
 
@@ -110,163 +95,6 @@ class IdleTimeout:
             raise TimeoutError from exc
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection; carries one exchange at a time.
-
-    The parser's callbacks fill `_body` and wake the one reader waiting in `read()`.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._parser = httptools.HttpResponseParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._body: list[bytes] = []
-        self._buffered = 0
-        self._paused = False
-        self._framed = False  # the body has a length or is chunked (else it ends at EOF)
-        self.status = 0
-        self.content_type = b""
-        self.content_length: bytes | None = None
-        self.headers_done = False
-        self.complete = False
-        self.keep_alive = False
-        self.received = False  # any byte of the answer arrived
-        self.closed = False
-        self.error: Exception | None = None
-        self.idle_since = 0.0
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.received = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(_BadResponse(f"invalid HTTP response ({exc})"))
-            self.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.headers_done and not self._framed and not self.complete and exc is None:
-            self.complete = True  # a body without length or chunking ends when the server closes
-        elif not self.complete:
-            reason = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
-            self._fail(_ConnectionClosed(reason))
-        self._wake()
-
-    # httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lowered = name.lower()
-        if lowered == b"content-length" or (
-            lowered == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
-            self._framed = True
-        if lowered == b"content-length":
-            self.content_length = value
-        elif lowered == b"content-type":
-            self.content_type = value
-
-    def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        self.headers_done = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-        self._buffered += len(body)
-        if self._buffered > READ_BUFFER_LIMIT and not self._paused and self._transport:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self._parser.should_keep_alive()  # only known until the message ends
-        self._wake()
-
-    # used by EngineClient
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-
-    async def _wait(self) -> None:
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def send(self, request: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(request)
-
-    async def head(self) -> int:
-        """Wait for the status line and headers; return the status."""
-        while not self.headers_done:
-            if self.error is not None:
-                raise self.error
-            await self._wait()
-        return self.status
-
-    async def read(self) -> bytes:
-        """The body bytes received since the last read; b"" once the answer is complete."""
-        body = self._body
-        while not body:
-            if self.complete:
-                return b""
-            if self.error is not None:
-                raise self.error
-            waiter = self._waiter = self._loop.create_future()  # (not _wait(): once per chunk)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        self._buffered = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
-        return data
-
-    async def read_all(self) -> bytes:
-        parts = []
-        while data := await self.read():
-            parts.append(data)
-        return b"".join(parts)
-
-    def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None
-
-    def reset(self) -> None:
-        """Ready for the next exchange on the same connection."""
-        self._parser = httptools.HttpResponseParser(self)
-        self._body.clear()
-        self._buffered = 0
-        self._framed = False
-        self.status = 0
-        self.content_type = b""
-        self.content_length = None
-        self.headers_done = self.complete = self.keep_alive = self.received = False
-
-    def close(self) -> None:
-        """Close at once; an engine aborts the request whose connection closes."""
-        if self._transport is not None and not self.closed:
-            self._transport.close()
-        self.closed = True
-
-
 class _Endpoint:
     """Where one engine listens, and its idle connections (most recently used last)."""
 
@@ -279,7 +107,7 @@ class _Endpoint:
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.tls else 80)
         self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
-        self.idle: list[_Connection] = []
+        self.idle: list[Connection] = []
 
 
 class EngineStream:
@@ -288,7 +116,7 @@ class EngineStream:
 
     __slots__ = ("_client", "_conn", "_endpoint", "read")
 
-    def __init__(self, client: EngineClient, endpoint: _Endpoint, conn: _Connection) -> None:
+    def __init__(self, client: EngineClient, endpoint: _Endpoint, conn: Connection) -> None:
         self._client = client
         self._endpoint = endpoint
         self._conn = conn
@@ -356,7 +184,7 @@ class EngineClient:
             head += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
         return head + b"\r\n" + body
 
-    async def _connect(self, endpoint: _Endpoint) -> _Connection:
+    async def _connect(self, endpoint: _Endpoint) -> Connection:
         if self._loop is None:
             raise RuntimeError("EngineClient.start() was not awaited")
         loop = self._loop
@@ -366,15 +194,15 @@ class EngineClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), endpoint.host, endpoint.port, ssl=tls
+                    lambda: Connection(loop), endpoint.host, endpoint.port, ssl=tls
                 )
         except TimeoutError:
-            raise _ConnectFailed(f"no connection within {self._connect_timeout} s") from None
+            raise ConnectFailed(f"no connection within {self._connect_timeout} s") from None
         except OSError as exc:
-            raise _ConnectFailed(exc.strerror or str(exc)) from None
+            raise ConnectFailed(exc.strerror or str(exc)) from None
         return conn
 
-    async def _exchange(self, endpoint: _Endpoint, request: bytes) -> _Connection:
+    async def _exchange(self, endpoint: _Endpoint, request: bytes) -> Connection:
         """Send `request` on a kept-alive connection (or a new one) and wait for the answer's
         headers. A kept-alive connection that the engine closed before answering (an idle close
         racing our write) is replaced by a new one, once: the engine never saw the request."""
@@ -389,7 +217,7 @@ class EngineClient:
                 conn.send(request)
                 await conn.head()
                 return conn
-            except _ConnectionClosed:
+            except ConnectionClosed:
                 if conn.received:
                     raise
             except BaseException:
@@ -404,7 +232,7 @@ class EngineClient:
             raise
         return conn
 
-    def _release(self, endpoint: _Endpoint, conn: _Connection) -> None:
+    def _release(self, endpoint: _Endpoint, conn: Connection) -> None:
         if conn.reusable() and not endpoint.retired:
             conn.reset()
             conn.idle_since = asyncio.get_running_loop().time()
@@ -412,7 +240,7 @@ class EngineClient:
         else:
             conn.close()
 
-    async def _raise_for_status(self, conn: _Connection, worker: Worker, what: str) -> None:
+    async def _raise_for_status(self, conn: Connection, worker: Worker, what: str) -> None:
         if conn.status < 400:
             return
         raw = await conn.read_all()
@@ -449,7 +277,7 @@ class EngineClient:
         """One exchange, its answer read whole. A POST's non-2xx status raises."""
         endpoint = self._endpoint(worker)
         request = self._request(endpoint, method, path, body, request_id)
-        conn: _Connection | None = None
+        conn: Connection | None = None
         try:
             with engine_errors(worker, what):
                 async with asyncio.timeout(timeout):
@@ -477,7 +305,7 @@ class EngineClient:
         what = f"{method.decode()} {path}"
         endpoint = self._endpoint(worker)
         request = self._request(endpoint, method, path, body, request_id, content_type)
-        conn: _Connection | None = None
+        conn: Connection | None = None
         try:
             with engine_errors(worker, what):
                 async with asyncio.timeout(first_byte_timeout):
@@ -500,7 +328,7 @@ class EngineClient:
         what = "decode"
         endpoint = self._endpoint(worker)
         request = self._request(endpoint, b"POST", path, body, request_id)
-        conn: _Connection | None = None
+        conn: Connection | None = None
         try:
             with engine_errors(worker, what):
                 async with asyncio.timeout(first_byte_timeout):

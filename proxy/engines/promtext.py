@@ -1,32 +1,85 @@
-"""Reading an engine's Prometheus text exposition: sums of the samples of named metrics.
+"""Reading an engine's Prometheus text exposition (`/metrics`): the proxy's one parser of it.
 
-The engines' load (proxy.scrape), the admission probes' proof of a KV pull and the console's
-view of each engine all read a few metrics out of `/metrics`; label sets (engines, data-parallel
-ranks, model names) are summed.
+The engines' load and prefix-caching flag (proxy.engines.scrape), KV-transfer health
+(proxy.control.kvhealth), the admission probes' proof of a KV pull and the console's view of each
+engine all read a few metrics out of the same text. `parse` keeps the samples of the metrics
+asked for, each with its label set; the readers sum them (engines, data-parallel ranks, model
+names), take the highest, or read a label.
+
+A sample's name matches exactly: `vllm:x_count` is not `vllm:x_count_total`. Comment lines
+(`# HELP`, `# TYPE`) and samples whose value is not a number are passed over; a timestamp after
+the value is allowed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
+_LABEL = re.compile(rb'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_UNESCAPE = re.compile(rb"\\(.)")
 
-def sample_sums(text: bytes, names: Iterable[str]) -> dict[str, float]:
-    """For each of `names` present in `text`: the sum of its samples (absent names are left out).
-    A name matches a sample exactly: `vllm:x_count` is not `vllm:x_count_total`."""
+
+class Samples:
+    """The samples of the wanted metrics in one exposition: name -> [(label set, value)]."""
+
+    __slots__ = ("_found",)
+
+    def __init__(self, found: dict[str, list[tuple[bytes, float]]]) -> None:
+        self._found = found
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._found
+
+    def __repr__(self) -> str:
+        return f"<Samples {sorted(self._found)}>"
+
+    def sum(self, name: str) -> float | None:
+        """The sum over its label sets, or None when the metric is absent."""
+        found = self._found.get(name)
+        return None if found is None else sum(value for _, value in found)
+
+    def max(self, name: str) -> float | None:
+        """The highest of its samples, or None when the metric is absent."""
+        found = self._found.get(name)
+        return None if found is None else max(value for _, value in found)
+
+    def sums(self, names: Iterable[str]) -> dict[str, float]:
+        """For each of `names` present: the sum of its samples (absent names are left out)."""
+        return {name: total for name in names if (total := self.sum(name)) is not None}
+
+    def label(self, name: str, key: str) -> str | None:
+        """The value of label `key` on the metric's first sample that has it (info gauges such
+        as `vllm:cache_config_info` carry their facts as labels)."""
+        for labels, _ in self._found.get(name, ()):
+            for k, v in _LABEL.findall(labels):
+                if k.decode() == key:
+                    return _UNESCAPE.sub(lambda m: b"\n" if m[1] == b"n" else m[1], v).decode()
+        return None
+
+
+def parse(text: bytes, names: Iterable[str]) -> Samples:
+    """The samples of `names` in the exposition `text`."""
     wanted = {name.encode() for name in names}
-    found: dict[str, float] = {}
+    found: dict[str, list[tuple[bytes, float]]] = {}
     for line in text.splitlines():
-        if not line or line.startswith(b"#"):
+        if not line or line[0] == 35:  # "#": HELP, TYPE or a comment
             continue
         brace, space = line.find(b"{"), line.find(b" ")
-        end = brace if 0 <= brace < space or (brace >= 0 and space < 0) else space
-        name = line[:end] if end >= 0 else line
-        if name not in wanted:
-            continue
+        if brace >= 0 and (space < 0 or brace < space):
+            name = line[:brace]
+            if name not in wanted:
+                continue
+            close = line.rfind(b"}")  # the last one: a label value may hold a brace
+            labels, rest = line[brace + 1 : close], line[close + 1 :]
+        else:
+            name = line[:space] if space >= 0 else line
+            if name not in wanted:
+                continue
+            labels, rest = b"", line[space:]
         try:
-            value = float(line.rsplit(b" ", 1)[1])
+            value = float(rest.split(None, 1)[0])
         except (IndexError, ValueError):
             continue
-        key = name.decode()
-        found[key] = found.get(key, 0.0) + value
-    return found
+        found.setdefault(name.decode(), []).append((labels, value))
+    return Samples(found)

@@ -10,8 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.control.kvhealth import KvHealth, TransferTotals, TransferWindow, parse_transfer_totals
+from proxy.control.kvhealth import KvHealth, TransferTotals, TransferWindow, transfer_totals
 from proxy.control.workers import Worker
+from proxy.engines.connectors.nixl import NIXL_METRICS
+from proxy.engines.promtext import parse
 from tests.conftest import MODEL, Sim, running, start_proxy, wait_for
 
 REAL = b"""# HELP vllm:nixl_xfer_time_seconds Histogram of transfer duration.
@@ -39,8 +41,9 @@ vllm:nixl_post_time_seconds_sum{engine="0",model_name="m"} 0.01
         (b"", None),
     ],
 )
-def test_parse_transfer_totals(text: bytes, expected: TransferTotals | None) -> None:
-    assert parse_transfer_totals(text) == expected
+def test_transfer_totals(text: bytes, expected: TransferTotals | None) -> None:
+    names = (NIXL_METRICS.count, NIXL_METRICS.seconds, NIXL_METRICS.nbytes)
+    assert transfer_totals(parse(text, names), NIXL_METRICS) == expected
 
 
 def test_window_compares_the_oldest_sample_inside_with_the_newest() -> None:
@@ -74,7 +77,7 @@ class Clock:
 
 def test_slow_decoder_warned_with_the_fix_then_recovery(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    health = KvHealth(2e9, window=30, min_bytes=1e8, warn_interval=60, clock=clock)
+    health = KvHealth(NIXL_METRICS, 2e9, window=30, min_bytes=1e8, warn_interval=60, clock=clock)
     w = Worker("decode", "d0", "http://d0:8000")
     caplog.set_level(logging.INFO, logger="pdproxy")
 

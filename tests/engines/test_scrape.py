@@ -1,7 +1,16 @@
+"""The engines' load from their /metrics, and the one scraper that reads every engine once a
+tick for every watch that is due (real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
 import pytest
 
 from proxy.control.workers import EngineLoad, Worker
-from proxy.engines.scrape import observe_load, parse_load
+from proxy.engines.client import EngineClient
+from proxy.engines.promtext import Samples, parse
+from proxy.engines.scrape import LOAD_METRICS, Scraper, Watch, engine_load, observe_load
 
 SIM = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -19,6 +28,14 @@ INFO = (
 )
 
 
+def load(text: bytes) -> EngineLoad | None:
+    return engine_load(parse(text, LOAD_METRICS), 7)
+
+
+def observe(worker: Worker, text: bytes | None) -> None:
+    observe_load(worker, None if text is None else parse(text, LOAD_METRICS))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -32,16 +49,134 @@ INFO = (
         (SIM + b'vllm:cache_config_info{engine="0"} 1.0\n', EngineLoad(5.0, 1.0, 0.5, 7)),
     ],
 )
-def test_parse_load(text: bytes, expected: EngineLoad | None) -> None:
-    assert parse_load(text, 7) == expected
+def test_engine_load(text: bytes, expected: EngineLoad | None) -> None:
+    assert load(text) == expected
 
 
 def test_what_an_engine_says_of_its_prefix_cache_outlives_a_failed_scrape() -> None:
     worker = Worker("decode", "d0", "http://127.0.0.1:1")
     assert worker.caches_prefixes  # vLLM's default until the engine says otherwise
-    observe_load(worker, SIM + INFO % b"False")
+    observe(worker, SIM + INFO % b"False")
     assert worker.prefix_caching is False and not worker.caches_prefixes
-    observe_load(worker, None)  # unreadable: the load goes, the engine's configuration stays
+    observe(worker, None)  # unreadable: the load goes, the engine's configuration stays
     assert worker.engine_load is None and not worker.caches_prefixes
-    observe_load(worker, SIM)  # a scrape that does not say keeps what was said
+    observe(worker, SIM)  # a scrape that does not say keeps what was said
     assert worker.prefix_caching is False
+
+
+NIXL = (
+    b"vllm:nixl_xfer_time_seconds_count 4\n"
+    b"vllm:nixl_xfer_time_seconds_sum 0.5\n"
+    b"vllm:nixl_bytes_transferred_sum 1e9\n"
+)
+
+
+class MetricsEngine:
+    """A real server on a real socket that answers /metrics with `text` after `delay` seconds
+    and logs the path of every request it gets."""
+
+    def __init__(self, text: bytes, delay: float = 0.0) -> None:
+        self.text = text
+        self.delay = delay
+        self.log: list[str] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> MetricsEngine:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                self.log.append(head.split(b" ", 2)[1].decode())
+                await asyncio.sleep(self.delay)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(self.text), self.text)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+
+class Seen:
+    """What one watch was handed: (worker id, samples or None), in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Samples | None]] = []
+
+    def __call__(self, worker: Worker, samples: Samples | None) -> None:
+        self.calls.append((worker.id, samples))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_scrape_per_engine_per_tick_feeds_every_watch_that_is_due() -> None:
+    async def scenario() -> None:
+        async with MetricsEngine(SIM) as p0, MetricsEngine(SIM + NIXL) as d0:
+            engine = EngineClient(1.0)
+            await engine.start()
+            workers = [Worker("prefill", "p0", p0.url), Worker("decode", "d0", d0.url)]
+            load, kv, clock = Seen(), Seen(), Clock()
+            watches = [
+                Watch(LOAD_METRICS, load, interval=1.0, timeout=1.0),
+                Watch(("vllm:nixl_xfer_time_seconds_count",), kv, 0.25, 1.0,
+                      frozenset(("decode", "pool"))),
+            ]  # fmt: skip
+            scraper = Scraper(engine, lambda: workers, watches, clock)
+            assert scraper.interval == 0.25  # the most frequent watch's
+            for tick in range(8):
+                clock.now = tick * 0.25
+                await scraper.tick()
+            await engine.close()
+            # the decoder: one GET a tick, for both watches when both are due
+            assert d0.log == ["/metrics"] * 8
+            assert [who for who, _ in kv.calls] == ["d0"] * 8
+            assert [who for who, _ in load.calls] == ["p0", "d0"] * 2
+            shared = [s for who, s in load.calls if who == "d0"]
+            assert all(any(s is k for _, k in kv.calls) for s in shared)  # one parse, both read
+            # the prefiller: only the load watch looks at it, due every fourth tick
+            assert p0.log == ["/metrics"] * 2
+            d0_load = shared[0]
+            assert d0_load is not None and engine_load(d0_load, 0) == EngineLoad(5, 1, 0.5, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_watch_is_told_unreadable_when_the_answer_overran_its_own_timeout() -> None:
+    async def scenario() -> None:
+        async with MetricsEngine(SIM + NIXL, delay=0.3) as d0:
+            engine = EngineClient(1.0)
+            await engine.start()
+            worker = Worker("decode", "d0", d0.url)
+            fast, patient = Seen(), Seen()
+            scraper = Scraper(
+                engine,
+                lambda: [worker],
+                [Watch(LOAD_METRICS, fast, 0.25, 0.1), Watch(LOAD_METRICS, patient, 5.0, 2.0)],
+            )
+            await scraper.tick()
+            await engine.close()
+            assert d0.log == ["/metrics"]  # one GET, waited for as long as the patient watch
+            assert fast.calls == [("d0", None)]
+            assert patient.calls[0][1] is not None
+
+    asyncio.run(scenario())

@@ -2,5 +2,5 @@
 worker hosts, the durable state file, and the `pdproxy workers` command line.
 
 Beside the request path, never in it: the only things the request path sees of this package
-are the registry's atomic membership changes (proxy.registry).
+are the registry's atomic membership changes (proxy.control.registry).
 """

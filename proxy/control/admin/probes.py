@@ -29,7 +29,6 @@ client statistic (latency windows, request counters, timelines); their X-Request
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -44,13 +43,12 @@ from proxy.control.registry import WorkerRegistry
 from proxy.control.workers import Role, Worker
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.base import Connector, Handoff
-from proxy.engines.promtext import sample_sums
+from proxy.engines.promtext import parse
 from proxy.errors import ProxyError
 from proxy.request import COMPLETIONS, ClientRequest
 
 log = logging.getLogger("pdproxy")
 
-XFER_COUNT = "vllm:nixl_xfer_time_seconds_count"
 PROBE_ID_PREFIX = "pdproxy-probe-"
 _WORDS = (
     "river", "city", "morning", "light", "stone", "bridge", "water", "field", "garden", "window",
@@ -93,24 +91,15 @@ class _Waiting:
         self.health_status = 0
 
 
+@dataclass(eq=False)
 class Prober:
-    def __init__(
-        self,
-        engine: EngineClient,
-        connector: Connector,
-        registry: WorkerRegistry,
-        timeout: float,
-        words: int,
-        pull_wait: float = 10.0,
-        pool_kv: bool = True,
-    ) -> None:
-        self.engine = engine
-        self.connector = connector
-        self.registry = registry
-        self.timeout = timeout
-        self.words = words
-        self.pull_wait = pull_wait  # how long a decoder's pull may take to show in /metrics
-        self.pool_kv = pool_kv  # False: the pool is colocated, its engines move no KV
+    engine: EngineClient
+    connector: Connector
+    registry: WorkerRegistry
+    timeout: float  # seconds each probe may take
+    words: int  # in the probe prompt
+    pull_wait: float = 10.0  # how long a decoder's pull may take to show in /metrics
+    pool_kv: bool = True  # False: the pool is colocated, its engines move no KV
 
     async def run(self, worker: Worker) -> list[Check]:
         """Every probe in order; raises ProbeFailed at the first that fails. The outcome is noted
@@ -309,8 +298,9 @@ class Prober:
             f"{worker.role} worker {worker.url} is not a KV producer (is it started with a "
             f"{self.connector.name} kv-transfer-config, kv_producer or kv_both?)",
         )
-        if self.connector.name == "lmcache":
-            return f"LMCache reported the probe's KV pushed into {decoder.id} ({decoder.url})"
+        if self.connector.transfer_metrics is None:  # the handoff came once the push was done
+            label = self.connector.label
+            return f"{label} reported the probe's KV pushed into {decoder.id} ({decoder.url})"
         try:  # a decoder reads the blocks, which frees them on this prefiller
             await self._decode(request, decoder, handoff, waiting)
         except ProxyError as exc:
@@ -325,43 +315,54 @@ class Prober:
             return "kv_transfer_params returned"
         return f"kv_transfer_params returned; {decoder.id} ({decoder.url}) decoded them"
 
-    async def _xfers(self, worker: Worker) -> float:
+    async def _received(self, worker: Worker, count: str) -> float:
+        """The transfers the worker counts in its /metrics (`count`) so far."""
         try:
             status, raw = await self.engine.get(worker, "/metrics", self.timeout)
         except ProxyError as exc:
             raise ProbeFailed("kv", f"cannot read its /metrics: {exc.message}") from None
         if status != 200:
             raise ProbeFailed("kv", f"{worker.url}/metrics answered {status}")
-        return sample_sums(raw, [XFER_COUNT]).get(XFER_COUNT, 0.0)
+        return parse(raw, [count]).sum(count) or 0.0
 
     async def _kv_decoder(self, worker: Worker, request: ClientRequest, waiting: _Waiting) -> str:
         prefiller = self._partner("prefill", worker)
-        nixl = self.connector.name == "nixl"
-        before = await self._xfers(worker) if nixl else 0.0
+        metrics = self.connector.transfer_metrics
+        before = await self._received(worker, metrics.count) if metrics is not None else 0.0
         blame = f"the probe prefill on active {prefiller.role} worker {prefiller.url}"
         handoff = await self._prefill(request, prefiller, worker, waiting, blame)
         try:
             await self._decode(request, worker, handoff, waiting)
         except ProxyError as exc:
             raise ProbeFailed("kv", f"the probe decode failed: {exc.message}") from None
-        if not nixl:
-            return f"LMCache reported the probe's KV pushed from {prefiller.id} into it; decoded"
+        if metrics is None:  # the handoff came once the push was done
+            label = self.connector.label
+            return f"{label} reported the probe's KV pushed from {prefiller.id} into it; decoded"
+        after = await self._pulled(worker, prefiller, metrics.count, before, waiting)
+        return (
+            f"pulled the probe's KV from {prefiller.id} ({metrics.count} {before:g} -> {after:g})"
+        )
+
+    async def _pulled(
+        self, worker: Worker, prefiller: Worker, count: str, before: float, waiting: _Waiting
+    ) -> float:
+        """Wait until the decoder's count of transfers passes `before`: only a pull counts (an
+        engine that recomputes the prompt gives the same answer)."""
         answered = perf_counter()
-        for _ in itertools.count():  # vLLM publishes its transfer stats a moment later
-            after = await self._xfers(worker)
+        while True:  # vLLM publishes its transfer stats a moment later
+            after = await self._received(worker, count)
             if after > before:
-                break
+                return after
             if perf_counter() - answered > self.pull_wait:
                 raise ProbeFailed(
                     "kv",
                     f"decoder {worker.url} did not pull the probe's KV from {prefiller.url} "
-                    f"({XFER_COUNT} stayed at {after:g} for {self.pull_wait:g} s after its "
-                    "answer): it computed the prompt itself; is it started with a NixlConnector "
-                    "kv-transfer-config (kv_consumer or kv_both)?",
+                    f"({count} stayed at {after:g} for {self.pull_wait:g} s after its "
+                    f"answer): it computed the prompt itself; is it started with a "
+                    f"{self.connector.vllm_connector} kv-transfer-config (kv_consumer or kv_both)?",
                 )
-            waiting.what = f"the probe's KV pull to show in {XFER_COUNT} (still {after:g})"
+            waiting.what = f"the probe's KV pull to show in {count} (still {after:g})"
             await asyncio.sleep(0.1)
-        return f"pulled the probe's KV from {prefiller.id} ({XFER_COUNT} {before:g} -> {after:g})"
 
 
 def describe_probe(result: dict[str, Any] | None) -> str:

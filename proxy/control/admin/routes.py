@@ -53,6 +53,12 @@ async def _body(request: Request) -> Any:
 def add_admin_routes(
     api: FastAPI, admin: Admin, timelines: TimelineRing, pool: PoolController | None = None
 ) -> None:
+    _worker_routes(api, admin)
+    _request_routes(api, admin, timelines)
+    _pool_routes(api, admin, pool)
+
+
+def _worker_routes(api: FastAPI, admin: Admin) -> None:
     @api.get("/admin/workers")
     async def list_workers(request: Request) -> Response:
         admin.guard(request.scope["headers"])
@@ -74,6 +80,8 @@ def add_admin_routes(
         admin.guard(request.scope["headers"])
         return _json(admin.describe(admin.remove(key, force)), 202)
 
+
+def _request_routes(api: FastAPI, admin: Admin, timelines: TimelineRing) -> None:
     @api.get("/admin/requests")
     async def recent_requests(request: Request, since: int = 0, limit: int = 100) -> Response:
         admin.guard(request.scope["headers"])
@@ -88,6 +96,8 @@ def add_admin_routes(
             raise NotFound(f"request {request_id!r} is not among the recent ones kept")
         return _json(found)
 
+
+def _pool_routes(api: FastAPI, admin: Admin, pool: PoolController | None) -> None:
     def _pool() -> PoolController:
         if pool is None:
             raise NotFound("this proxy has no pool (configure 'pool: [urls]')")

@@ -25,7 +25,9 @@ from proxy.control.admin.probes import ProbeFailed, Prober
 from proxy.control.admin.state import StateFile
 from proxy.control.registry import EndRequests, RegistryError, WorkerRegistry
 from proxy.control.workers import Lifecycle, Worker
-from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, receiver_for
+from proxy.engines.connectors.base import ConnectorClass
+from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, Receiver
+from proxy.engines.connectors.registry import pool_connectors
 from proxy.engines.scrape import Scraper
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, ProxyError
 from proxy.serve.auth import Authenticator
@@ -69,7 +71,7 @@ class Admin:
         prober: Prober,
         auth: Authenticator,
         listen_host: str,
-        connector: str,
+        connector: ConnectorClass,
         drain_timeout: float,
         end_requests: EndRequests,
         state: StateFile | None = None,
@@ -184,20 +186,7 @@ class Admin:
                 f"({', '.join(self.allowed.entries)})",
                 param="url",
             )
-        receiver = None
-        if spec.role == "pool" and self.connector != "nixl":
-            raise BadRequest(
-                f"pool engines need connector nixl (kv_both); this proxy runs {self.connector}",
-                param="role",
-            )
-        if spec.lmcache is not None and spec.role != "decode":
-            raise BadRequest("'lmcache' ports belong to decode workers", param="lmcache")
-        if self.connector == "lmcache" and spec.role == "decode":
-            taken = [w.lmcache for w in self.registry if w.lmcache is not None]
-            try:
-                receiver = receiver_for(spec.url, spec.lmcache, taken)
-            except ValueError as exc:
-                raise Conflict(str(exc), param="lmcache") from None
+        receiver = self._receiver(spec)
         try:
             worker = self.registry.candidate(spec.role, spec.url, receiver)
         except RegistryError as exc:
@@ -223,6 +212,24 @@ class Admin:
         self.registry.activate(worker)
         self._event("joined", worker, "forced, not probed" if spec.force else "probes passed")
         return worker
+
+    def _receiver(self, spec: AddWorker) -> Receiver | None:
+        """What the connector needs of the joining worker: its receiver, for a decoder."""
+        if spec.role == "pool" and not self.connector.pool_engines:
+            raise BadRequest(
+                f"pool engines need connector {' or '.join(pool_connectors())} (kv_both); this "
+                f"proxy runs {self.connector.name}",
+                param="role",
+            )
+        if spec.lmcache is not None and spec.role != "decode":
+            raise BadRequest("'lmcache' ports belong to decode workers", param="lmcache")
+        if spec.role != "decode":
+            return None
+        taken = [w.lmcache for w in self.registry if w.lmcache is not None]
+        try:
+            return self.connector.receiver_for(spec.url, spec.lmcache, taken)
+        except ValueError as exc:
+            raise Conflict(str(exc), param="lmcache") from None
 
     async def _probe(self, worker: Worker) -> None:
         try:

@@ -3,7 +3,7 @@ JavaScript, no build step, nothing fetched from elsewhere) and the event stream 
 
     GET /console              the page (its data needs the admin key, which the page asks for)
     GET /console/{file}       its static files
-    GET /console/events       server-sent events: one snapshot (proxy.console.feed) per tick
+    GET /console/events       server-sent events: one snapshot (proxy.control.console.feed) per tick
 
 The page reads the stream with fetch() so that it can send `Authorization: Bearer <admin key>`
 (an EventSource cannot), and calls the admin API and /v1/chat/completions like any client.

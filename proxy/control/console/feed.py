@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -21,8 +22,7 @@ from prometheus_client import CollectorRegistry
 from proxy.control.admin.service import Admin
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.promtext import sample_sums
-from proxy.errors import ProxyError
+from proxy.engines.scrape import read_metrics
 from proxy.observe.stats import LatencyStats
 from proxy.observe.timeline import TimelineRing
 
@@ -61,39 +61,27 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     return {"p50": at(0.5), "p99": at(0.99)}
 
 
+@dataclass(eq=False)
 class ConsoleFeed:
-    def __init__(
-        self,
-        admin: Admin,
-        engine: EngineClient,
-        stats: LatencyStats,
-        timelines: TimelineRing,
-        metrics: CollectorRegistry,
-        info: Callable[[], dict[str, Any]],
-        interval: float = 1.0,
-        scrape_timeout: float = 1.0,
-    ) -> None:
-        self.admin = admin
-        self.engine = engine
-        self.stats = stats
-        self.timelines = timelines
-        self.metrics = metrics
-        self.info = info  # connector, policies, admission, draining
-        self.interval = interval
-        self.scrape_timeout = scrape_timeout
-        self.watchers = 0
-        self._engines: dict[str, dict[str, float]] = {}
-        self._scraped_at = 0.0
-        self._lock = asyncio.Lock()
+    admin: Admin
+    engine: EngineClient
+    stats: LatencyStats
+    timelines: TimelineRing
+    metrics: CollectorRegistry
+    info: Callable[[], dict[str, Any]]  # connector, policies, admission, draining
+    interval: float = 1.0
+    scrape_timeout: float = 1.0
+    watchers: int = field(default=0, init=False)
+    _engines: dict[str, dict[str, float]] = field(default_factory=dict, init=False)
+    _scraped_at: float = field(default=0.0, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     async def _scrape(self, worker: Worker) -> tuple[str, dict[str, float] | None]:
-        try:
-            status, raw = await self.engine.get(worker, "/metrics", self.scrape_timeout)
-        except ProxyError:
+        names = ENGINE_METRICS.values()
+        samples = await read_metrics(self.engine, worker, names, self.scrape_timeout)
+        if samples is None:
             return worker.id, None
-        if status != 200:
-            return worker.id, None
-        sums = sample_sums(raw, ENGINE_METRICS.values())
+        sums = samples.sums(names)
         return worker.id, {key: sums[name] for key, name in ENGINE_METRICS.items() if name in sums}
 
     async def engines(self) -> dict[str, dict[str, float]]:

@@ -1,21 +1,23 @@
 """KV-transfer protocols: how the prefill leg is asked for, and how its result reaches the decoder.
 
 One module per protocol. A connector executes a decision already made (which prefiller, which
-decoder); it never chooses workers. `make_connector` maps the config name to a class, once, at
-start-up.
+decoder); it never chooses workers. Its class carries the facts the rest of the proxy needs before
+any request (`ConnectorClass`): config validation, the admin API and the admission probes ask the
+class, never the connector's name. `registry.py` maps the config name to a class, once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry
 
-from proxy.config import ProxyConfig
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
+from proxy.engines.connectors.lmcache_config import LMCacheConfig, LMCacheReceiverConfig, Receiver
 from proxy.errors import UpstreamError
 from proxy.request import ClientRequest
 
@@ -53,8 +55,32 @@ def prefill_response(raw: bytes, prefiller: Worker) -> dict[str, Any]:
     return response
 
 
+@dataclass(frozen=True, slots=True)
+class TransferMetrics:
+    """Where a decoder counts the KV it received, in its own /metrics: running sums of the
+    transfers, of the seconds spent in them and of their bytes (what KV health reads, and what
+    proves a probe's pull), with the advice to give when the transfers are slow."""
+
+    count: str
+    seconds: str
+    nbytes: str
+    slow_advice: str
+
+
 class Connector(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def vllm_connector(self) -> str: ...
+
+    @property
+    def transfer_metrics(self) -> TransferMetrics | None:
+        """The decoders' own count of the KV they received (see `ConnectorClass`)."""
+        ...
 
     async def start(self) -> None:
         """Acquire what the connector listens on (sockets); called once in the app lifespan."""
@@ -71,15 +97,41 @@ class Connector(Protocol):
     async def close(self) -> None: ...
 
 
-def make_connector(
-    config: ProxyConfig, engine: EngineClient, registry: CollectorRegistry | None = None
-) -> Connector:
-    if config.connector == "nixl":
-        from proxy.engines.connectors.nixl import NixlConnector
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What a connector is built from, once, at start-up."""
 
-        return NixlConnector(engine, config.timeouts.prefill)
-    if config.connector == "lmcache":
-        from proxy.engines.connectors.lmcache import LMCacheConnector
+    engine: EngineClient
+    prefill_timeout: float
+    lmcache: LMCacheConfig  # the config's `lmcache:` section
+    metrics: CollectorRegistry | None = None
 
-        return LMCacheConnector(engine, config.timeouts.prefill, config.lmcache, registry)
-    raise ValueError(f"unknown connector {config.connector!r}")
+
+class ConnectorClass(Protocol):
+    """A connector's class: the facts read before any request, and how to build one."""
+
+    name: str  # the config's `connector:` value
+    label: str  # the protocol's name in messages
+    vllm_connector: str  # the engines' kv_connector (their kv-transfer-config)
+    # its engines may both prefill and decode (vLLM kv_role kv_both): a pool may use it
+    pool_engines: bool
+    # each decoder has a receiver the prefillers push into (host, ports), named when it joins
+    decoder_receivers: bool
+    # the decoders' own transfer metrics (KV health reads them), or None: the connector reports
+    # each transfer done before the handoff, which proves it
+    transfer_metrics: TransferMetrics | None
+    probe_words: int  # words in an admission probe's prompt, unless admin says
+
+    def receivers(
+        self, decoders: Sequence[tuple[str, LMCacheReceiverConfig | None]]
+    ) -> list[Receiver | None]:
+        """The configured decoders' receivers, in order; ValueError when they clash."""
+        ...
+
+    def receiver_for(
+        self, url: str, given: LMCacheReceiverConfig | None, taken: Sequence[Receiver]
+    ) -> Receiver | None:
+        """The receiver of a decoder joining at run time; ValueError when it clashes."""
+        ...
+
+    def build(self, setup: Setup) -> Connector: ...

@@ -25,16 +25,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from prometheus_client import CollectorRegistry
 
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors.base import Handoff, prefill_response
-from proxy.engines.connectors.lmcache_config import LMCacheConfig, Receiver
+from proxy.engines.connectors.base import Handoff, Setup, TransferMetrics, prefill_response
+from proxy.engines.connectors.lmcache_config import (
+    LMCacheConfig,
+    LMCacheReceiverConfig,
+    Receiver,
+    receiver_for,
+    resolve_receivers,
+)
 from proxy.engines.connectors.lmcache_notify import Notifications
 from proxy.errors import KVTransferTimeout, ProxyError
 from proxy.request import ClientRequest
@@ -81,7 +88,35 @@ def first_token_params(raw: bytes, prefiller: Worker) -> dict[str, Any] | None:
 
 
 class LMCacheConnector:
-    name = "lmcache"
+    name: ClassVar[str] = "lmcache"
+    label: ClassVar[str] = "LMCache"
+    vllm_connector: ClassVar[str] = "LMCacheConnectorV1"
+    pool_engines: ClassVar[bool] = (
+        False  # LMCache PD pushes one way, sender to receiver: no kv_both
+    )
+    decoder_receivers: ClassVar[bool] = (
+        True  # the prefiller pushes into the decoder's receiver ports
+    )
+    transfer_metrics: ClassVar[TransferMetrics | None] = None  # each transfer is notified instead
+    probe_words: ClassVar[int] = (
+        400  # a prompt must fill one LMCache chunk for its transfer to be reported
+    )
+
+    @classmethod
+    def receivers(
+        cls, decoders: Sequence[tuple[str, LMCacheReceiverConfig | None]]
+    ) -> list[Receiver | None]:
+        return list(resolve_receivers(decoders))
+
+    @classmethod
+    def receiver_for(
+        cls, url: str, given: LMCacheReceiverConfig | None, taken: Sequence[Receiver]
+    ) -> Receiver | None:
+        return receiver_for(url, given, taken)
+
+    @classmethod
+    def build(cls, setup: Setup) -> LMCacheConnector:
+        return cls(setup.engine, setup.prefill_timeout, setup.lmcache, setup.metrics)
 
     def __init__(
         self,
@@ -108,7 +143,9 @@ class LMCacheConnector:
 
     async def prefill(self, request: ClientRequest, prefiller: Worker, decoder: Worker) -> Handoff:
         receiver = decoder.lmcache
-        if receiver is None:  # every decoder gets one when it joins (proxy.lmcache_config)
+        if (
+            receiver is None
+        ):  # every decoder gets one when it joins (proxy.engines.connectors.lmcache_config)
             raise ProxyError(f"decode worker {decoder.url} has no LMCache receiver address")
         req_id = new_transfer_id()
         body = orjson.dumps(prefill_body(request.body, disagg_spec(req_id, receiver)))

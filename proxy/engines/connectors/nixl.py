@@ -7,13 +7,15 @@ Decode leg: the client's request plus the prefiller's `kv_transfer_params`, verb
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import orjson
 
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
-from proxy.engines.connectors.base import Handoff, prefill_response
+from proxy.engines.connectors.base import Handoff, Setup, TransferMetrics, prefill_response
+from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, Receiver
 from proxy.request import ClientRequest
 
 # Fields that would let the one-token prefill end before the length cap, or stream it.
@@ -34,6 +36,21 @@ REMOTE_DECODE_PARAMS: dict[str, Any] = {
     "remote_host": None,
     "remote_port": None,
 }
+
+
+# vLLM's NIXL histograms on the decoder (the side that pulls)
+NIXL_METRICS = TransferMetrics(
+    count="vllm:nixl_xfer_time_seconds_count",
+    seconds="vllm:nixl_xfer_time_seconds_sum",
+    nbytes="vllm:nixl_bytes_transferred_sum",
+    slow_advice=(
+        "The KV is most likely moving over TCP instead of GPU to GPU. NIXL's UCX backend turns "
+        "off cuda_ipc reads (the decoder's pull) where NVML reports no NVLink, as on PCIe-only "
+        "and virtualised hosts: set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y in the environment of every "
+        "engine (launchers/disagg.sh does unless told otherwise) and restart them; between "
+        "hosts, make sure UCX_TLS allows an RDMA transport."
+    ),
+)
 
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +82,29 @@ def handoff_from_response(raw: bytes, prefiller: Worker) -> Handoff:
 
 
 class NixlConnector:
-    name = "nixl"
+    name: ClassVar[str] = "nixl"
+    label: ClassVar[str] = "NIXL"
+    vllm_connector: ClassVar[str] = "NixlConnector"
+    pool_engines: ClassVar[bool] = True  # kv_both engines pull and are pulled from
+    decoder_receivers: ClassVar[bool] = False  # the decoder pulls: nothing listens for a push
+    transfer_metrics: ClassVar[TransferMetrics | None] = NIXL_METRICS
+    probe_words: ClassVar[int] = 48
+
+    @classmethod
+    def receivers(
+        cls, decoders: Sequence[tuple[str, LMCacheReceiverConfig | None]]
+    ) -> list[Receiver | None]:
+        return [None] * len(decoders)
+
+    @classmethod
+    def receiver_for(
+        cls, url: str, given: LMCacheReceiverConfig | None, taken: Sequence[Receiver]
+    ) -> Receiver | None:
+        return None
+
+    @classmethod
+    def build(cls, setup: Setup) -> NixlConnector:
+        return cls(setup.engine, setup.prefill_timeout)
 
     def __init__(self, engine: EngineClient, prefill_timeout: float) -> None:
         self._engine = engine

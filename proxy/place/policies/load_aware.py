@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.control.workers import WorkerState
-from proxy.place.policies import RequestInfo
+from proxy.place.policies.base import RequestInfo
 
 
 def estimated_load(worker: WorkerState, waiting_weight: float) -> float:

@@ -4,7 +4,7 @@ import zlib
 from collections.abc import Sequence
 
 from proxy.control.workers import WorkerState
-from proxy.place.policies import RequestInfo
+from proxy.place.policies.base import RequestInfo
 from proxy.place.policies.load_aware import estimated_load
 from proxy.place.prefix import PrefixIndex
 

@@ -26,7 +26,7 @@ def admin(host: str, admin_keys: tuple[bytes, ...] = (), **config: object) -> Ad
         prober,
         Authenticator((), admin_keys),
         host,
-        "nixl",
+        NixlConnector,
         1.0,
         lambda tasks, why: None,
     )

@@ -1,0 +1,93 @@
+"""Running one proxy under uvicorn until a signal stops it (`pdproxy serve`, `pdproxy demo`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import types
+
+import uvicorn
+
+from proxy import __version__
+from proxy.app import ProxyApp, build_app
+from proxy.config import ConfigError, ProxyConfig
+
+
+class Server(uvicorn.Server):
+    """uvicorn, plus: on SIGTERM/SIGINT the app drains before uvicorn stops."""
+
+    def __init__(self, uv_config: uvicorn.Config, proxy: ProxyApp) -> None:
+        super().__init__(uv_config)
+        self.proxy = proxy
+        self.stopped_by: int | None = None  # the first signal that stopped it
+
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        self.stopped_by = self.stopped_by or sig
+        self.proxy.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_config(app: ProxyApp, config: ProxyConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="uvloop",
+        http="httptools",
+        proxy_headers=False,  # no X-Forwarded-* rewriting: the proxy never uses the address
+        lifespan="on",
+        access_log=False,
+        log_level=config.log_level,
+        # in-flight requests get drain_timeout, then end with an error event (ProxyApp)
+        timeout_graceful_shutdown=int(config.drain_timeout) + 5,
+    )
+
+
+def log_start(config: ProxyConfig) -> None:
+    logging.getLogger("pdproxy").info(
+        "pdproxy %s on http://%s:%d  connector=%s  prefill=%s  decode=%s%s",
+        __version__,
+        config.host,
+        config.port,
+        config.connector,
+        ",".join(w.url for w in config.prefill),
+        ",".join(w.url for w in config.decode),
+        f"  pool={','.join(w.url for w in config.pool)} ({config.pool_mode})"
+        if config.pool
+        else "",
+    )
+
+
+def run_server(config: ProxyConfig) -> int:
+    """Serve until stopped; the exit status says what stopped it (2: the config is unusable)."""
+    try:
+        app = build_app(config)
+    except ConfigError as exc:
+        print(f"pdproxy: {exc}", file=sys.stderr)
+        return 2
+    log_start(config)
+    server = Server(uvicorn_config(app, config), app)
+    # uvicorn restores the handlers it found and re-raises the signal that stopped it, once it has
+    # shut down gracefully: turn SIGTERM, like Ctrl+C, into an exception, so that callers' clean-up
+    # (the demo stopping its engines) runs instead of the process dying at the default action.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # uvicorn re-raises the signal once it has shut down, but asyncio's runner can swallow a
+    # re-raised SIGINT when its task is already ending: the exit status still says what stopped it
+    return 0 if server.stopped_by is None else 128 + server.stopped_by
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (and uvicorn has already drained and stopped)."""
+
+
+def _terminated(signum: int, frame: types.FrameType | None) -> None:
+    raise _Terminated
