@@ -109,3 +109,11 @@ def test_a_pool_alone_or_beside_dedicated_workers(tmp_path: Path) -> None:
 def test_pool_config_errors_say_what_to_change(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, **overrides)
+
+
+def test_yaml_errors_name_the_file_and_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "prefill: [http://a:1]\ndecode: [http://b:2\nport: 9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f'in "{path}", line' in message and "<unicode string>" not in message

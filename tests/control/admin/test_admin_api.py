@@ -232,7 +232,7 @@ def test_the_admin_api_needs_the_admin_key(
             for method, path in (("GET", ""), ("POST", ""), ("DELETE", "/d0"), ("GET", "/d0")):
                 resp = httpx.request(method, base + path, headers=headers, json={}, timeout=10)
                 assert resp.status_code == 401, (method, path, headers)
-                assert resp.json()["error"]["type"] == "authentication_error"
+                assert resp.json()["error"]["type"] == "Unauthorized"
         assert httpx.get(proxy.url + "/admin/requests").status_code == 401
         good = {"Authorization": "Bearer admin-secret"}
         assert [w["id"] for w in workers(proxy, **good)] == ["p0", "d0"]
