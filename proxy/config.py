@@ -315,7 +315,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ProxyConfig
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            with open(path, encoding="utf-8") as stream:  # a stream: YAML's errors name the file
+                loaded = yaml.safe_load(stream)
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
