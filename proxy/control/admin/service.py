@@ -23,8 +23,9 @@ from proxy.control.admin.config import AdminConfig
 from proxy.control.admin.hosts import HostAllowList, is_loopback
 from proxy.control.admin.probes import ProbeFailed, Prober
 from proxy.control.admin.state import StateFile
+from proxy.control.identity import Address, resolve
 from proxy.control.registry import EndRequests, RegistryError, WorkerRegistry
-from proxy.control.workers import Lifecycle, Worker
+from proxy.control.workers import Lifecycle, Role, Worker
 from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, receiver_for
 from proxy.engines.scrape import Scraper
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, ProxyError
@@ -192,6 +193,11 @@ class Admin:
             )
         if spec.lmcache is not None and spec.role != "decode":
             raise BadRequest("'lmcache' ports belong to decode workers", param="lmcache")
+        # one engine, one worker: compared by what the URL reaches, with nothing awaited between
+        # this check and the candidate's creation (a concurrent add of the same engine sees it)
+        addresses = await resolve(spec.url)
+        await self._resolve_known()
+        self._refuse_known(spec.role, spec.url, addresses)
         if self.connector == "lmcache" and spec.role == "decode":
             taken = [w.lmcache for w in self.registry if w.lmcache is not None]
             try:
@@ -199,9 +205,9 @@ class Admin:
             except ValueError as exc:
                 raise Conflict(str(exc), param="lmcache") from None
         try:
-            worker = self.registry.candidate(spec.role, spec.url, receiver)
+            worker = self.registry.candidate(spec.role, spec.url, receiver, addresses=addresses)
         except RegistryError as exc:
-            raise Conflict(str(exc), param="url") from None
+            raise Conflict(str(exc), param="url", code="worker_known") from None
         self._event("probing", worker)
         try:
             if spec.force:
@@ -213,6 +219,8 @@ class Admin:
                 )
             else:
                 await self._probe(worker)
+                await self.prober.learn_engine_ids(worker)
+                self._refuse_known(worker.role, worker.url, worker.addresses, worker)
             if self.scraper is not None:  # load-aware choices see it from its first request
                 await self.scraper.scrape(worker)
             self.save(extra=worker)
@@ -223,6 +231,34 @@ class Admin:
         self.registry.activate(worker)
         self._event("joined", worker, "forced, not probed" if spec.force else "probes passed")
         return worker
+
+    async def _resolve_known(self) -> None:
+        """What the known workers' hosts resolve to, for those not resolved yet (configured
+        workers, and those whose host did not resolve before)."""
+        unresolved = [w for w in self.registry if not w.addresses]
+        found = await asyncio.gather(*(resolve(w.url) for w in unresolved))
+        for worker, addresses in zip(unresolved, found, strict=True):
+            worker.addresses = worker.addresses or addresses
+
+    def _refuse_known(
+        self,
+        role: Role,
+        url: str,
+        addresses: frozenset[Address],
+        candidate: Worker | None = None,
+    ) -> None:
+        """A 409 naming the known worker whose engine `url` reaches (address, or the NIXL engine
+        id the candidate's probe saw)."""
+        engine_ids = candidate.engine_ids if candidate is not None else ()
+        known = self.registry.same_engine(role, url, addresses, engine_ids, exclude=candidate)
+        if known is not None:
+            other, why = known
+            raise Conflict(
+                f"{role} worker {url.rstrip('/')} is already known as {other.id} ({other.role} "
+                f"worker {other.url}, {other.state.value}): {why}",
+                param="url",
+                code="worker_known",
+            )
 
     async def _probe(self, worker: Worker) -> None:
         try:

@@ -136,6 +136,7 @@ def test_candidates_that_cannot_serve_are_refused_saying_why(
         assert add(proxy, d0.url).status_code == 409  # already there
         resp = add(proxy, d1.url, force=True)  # force skips the probes
         assert resp.status_code == 201 and resp.json()["last_probe"] is None
+        assert resp.json()["id"] == "d1"  # the five refused adds used up no id
         assert client_records(extra["recompute"]) == []
 
 
