@@ -137,7 +137,10 @@ class Admin:
             worker = next((w for w in reversed(self.removed) if key.rstrip("/") in (w.id, w.url)),
                           None)  # fmt: skip
         if worker is None:
-            raise NotFound(f"no worker with id or URL {key!r}; GET /admin/workers lists them")
+            raise NotFound(
+                f"no worker with id or URL {key!r}; GET /admin/workers lists them",
+                code="worker_not_found",
+            )
         return worker
 
     def _event(self, event: str, worker: Worker, detail: str = "") -> None:
