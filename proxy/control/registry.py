@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from proxy.control.identity import Address, roles_clash, same_engine
+from proxy.control.identity import Address, roles_clash, same_engine, url_key
 from proxy.control.workers import ID_PREFIX, Lifecycle, Role, Worker, WorkerPool
 from proxy.engines.connectors.lmcache_config import Receiver
 
@@ -110,15 +110,18 @@ class WorkerRegistry:
         return None
 
     def find(self, key: str) -> Worker | None:
-        """The worker with this id, or else the one with this URL (base URL, any trailing /)."""
+        """The worker with this id, or else the one with this URL (base URL, any trailing /),
+        or else one whose URL is this one spelled otherwise (`HTTP://Host:80/`)."""
         key = key.rstrip("/")
-        by_url = None
+        by_url = by_spelling = None
         for worker in self:
             if worker.id == key:
                 return worker
             if worker.url == key and by_url is None:
                 by_url = worker
-        return by_url
+            if by_spelling is None and "://" in key and url_key(worker.url) == url_key(key):
+                by_spelling = worker
+        return by_url or by_spelling
 
     def candidate(
         self,

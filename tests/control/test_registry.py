@@ -27,7 +27,7 @@ def test_ids_follow_config_order_and_are_never_reused() -> None:
     reg = registry(2, 2)
     assert [w.id for w in reg] == ["p0", "p1", "d0", "d1"]
     d1 = reg.find("d1")
-    assert d1 is not None and reg.find("http://d1/") is d1
+    assert d1 is not None and reg.find("http://d1/") is d1 and reg.find("HTTP://D1:80") is d1
     reg.remove(d1)
     assert reg.add("decode", "http://d1").id == "d2"  # same URL again: a new worker, a new id
     assert reg.find("d1") is None
