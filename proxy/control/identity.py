@@ -122,7 +122,11 @@ def same_engine(
         return "the same URL" if a_url.rstrip("/") == b_url.rstrip("/") else "the same address"
     shared_ids = set(a_engine_ids) & set(b_engine_ids)
     if shared_ids:
-        return f"both report NIXL engine id {sorted(shared_ids)[0]}"
+        return (
+            f"both report NIXL engine id {sorted(shared_ids)[0]} (one engine behind two "
+            "addresses; or two engines given one kv_transfer_config engine_id, which NIXL "
+            "cannot tell apart)"
+        )
     shared = a_addresses & b_addresses
     if shared:
         return f"both reach {describe(shared)}"

@@ -236,12 +236,12 @@ class Admin:
         return worker
 
     async def _resolve_known(self) -> None:
-        """What the known workers' hosts resolve to, for those not resolved yet (configured
-        workers, and those whose host did not resolve before)."""
-        unresolved = [w for w in self.registry if not w.addresses]
-        found = await asyncio.gather(*(resolve(w.url) for w in unresolved))
-        for worker, addresses in zip(unresolved, found, strict=True):
-            worker.addresses = worker.addresses or addresses
+        """What the known workers' hosts resolve to now (a name may have moved since it joined;
+        one that no longer resolves keeps what it resolved to)."""
+        known = list(self.registry)
+        found = await asyncio.gather(*(resolve(w.url) for w in known))
+        for worker, addresses in zip(known, found, strict=True):
+            worker.addresses = addresses or worker.addresses
 
     def _refuse_known(
         self,
