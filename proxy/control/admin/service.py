@@ -315,7 +315,7 @@ class Admin:
         for role in ("prefill", "decode", "pool"):
             for worker in self.registry.pools[role].workers:
                 try:
-                    await self._probe(worker)
+                    await self._probe_configured(worker)
                 except ProbeFailed as exc:
                     self.registry.hold(worker)
                     self._held[worker.id] = worker
@@ -338,10 +338,36 @@ class Admin:
             await asyncio.sleep(every)
             for worker in list(self._held.values()):
                 with contextlib.suppress(ProbeFailed):
-                    await self._probe(worker)
+                    await self._probe_configured(worker)
                     del self._held[worker.id]
                     self.registry.activate(worker)
                     self._event("joined", worker, "start-up probe passed on retry")
+
+    async def _probe_configured(self, worker: Worker) -> None:
+        """A configured worker's start-up probe, and then what its engine reported compared
+        with the workers probed before it: the configured lists were checked by address at
+        start-up, but two addresses of one engine (a port forward) show only in the NIXL
+        engine id its probe prefill reports. Held like a failed probe: it joins once the other
+        worker is gone."""
+        await self._probe(worker)
+        known = self.registry.same_engine(
+            worker.role, worker.url, worker.addresses, worker.engine_ids, exclude=worker
+        )
+        if known is None:
+            return
+        other, why = known
+        failure = ProbeFailed(
+            "identity",
+            f"{worker.role} worker {worker.url} is the engine of {other.id} ({other.role} worker "
+            f"{other.url}): {why}",
+        )
+        if worker.last_probe is not None:
+            worker.last_probe["passed"] = False
+            worker.last_probe["checks"].append(
+                {"name": "identity", "ok": False, "detail": failure.message, "seconds": 0.0}
+            )
+        self.probes.labels(worker.role, "identity").inc()
+        raise failure
 
     async def close(self) -> None:
         for task in list(self._tasks):

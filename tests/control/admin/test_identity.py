@@ -92,3 +92,19 @@ def test_refused_adds_leave_no_gap_in_the_ids(tmp_path: Path, clean_sims: dict[s
         assert add(proxy, f"http://localhost:{port_of(d0.url)}").status_code == 409
         resp = add(proxy, d1.url)
         assert resp.status_code == 201 and resp.json()["id"] == "d1"
+
+
+def test_a_configured_engine_behind_two_addresses_is_held_at_start_up(
+    tmp_path: Path, clean_sims: dict[str, Sim], forward: str
+) -> None:
+    p0, d0 = clean_sims["p0"], clean_sims["d0"]
+    cfg = config_file(tmp_path, health={"probe_on_start": True}, prefill=[p0.url, forward])
+    with running(start_proxy(tmp_path, [], [d0], "--config", cfg)) as proxy:
+        listed = httpx.get(proxy.url + "/admin/workers", timeout=10).json()["data"]
+        state = {w["id"]: w["state"] for w in listed}
+        assert state == {"p0": "active", "p1": "probing", "d0": "active"}
+        p1 = next(w for w in listed if w["id"] == "p1")
+        failed = [c for c in p1["last_probe"]["checks"] if not c["ok"]]
+        assert [c["name"] for c in failed] == ["identity"]
+        assert f"is the engine of p0 (prefill worker {p0.url})" in failed[0]["detail"]
+        assert "both report NIXL engine id" in failed[0]["detail"]
