@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.control.admin.config import AdminConfig
+from proxy.control.identity import duplicates
 from proxy.engines.connectors.lmcache_config import LMCacheConfig, LMCacheReceiverConfig
 from proxy.engines.connectors.registry import connector_class, pool_connectors
 
@@ -267,10 +268,25 @@ class ProxyConfig(_Model):
                 raise ValueError(
                     f"no {role} workers: give --{role} URL or a '{role}:' list (or a pool)"
                 )
-            urls = [w.url for w in workers]
-            dupes = sorted({u for u in urls if urls.count(u) > 1})
-            if dupes:
-                raise ValueError(f"{role} lists {', '.join(dupes)} more than once")
+        listed = [
+            (role, w.url) for role in ("prefill", "decode", "pool") for w in getattr(self, role)
+        ]
+        for i, j, why in duplicates(listed):
+            (role_i, url_i), (role_j, url_j) = listed[i], listed[j]
+            if role_i == role_j and why == "the same URL":
+                raise ValueError(f"{role_j} lists {url_j} more than once")
+            if role_i == role_j:
+                raise ValueError(
+                    f"{role_j} lists {url_i} and {url_j}, which are one engine ({why}): list "
+                    "it once"
+                )
+            raise ValueError(
+                f"{url_j} is in the pool and {url_i} in the {role_i} list, which are one engine "
+                f"({why}): an engine is either dedicated or in the pool"
+                if why != "the same URL"
+                else f"{url_j} is in the pool and a prefill or decode list: an engine is either "
+                "dedicated or in the pool"
+            )
         return self
 
     # --- the pool ---
@@ -327,7 +343,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ProxyConfig
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            with open(path, encoding="utf-8") as stream:  # a stream: YAML's errors name the file
+                loaded = yaml.safe_load(stream)
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:

@@ -2,17 +2,47 @@
 
 Engine-side failures are translated into these at the engine boundary
 (`proxy.engines.client`); everything above it only raises and catches `ProxyError`.
+
+The body's `type` is the one vLLM gives an error of the same status (`error_type`), so that a
+client sees one vocabulary whether the proxy refused a request or passed an engine's refusal
+through: vLLM's error classes where it has one for the status (400 `BadRequestError`, 404
+`NotFoundError`, 422 `UnprocessableEntityError`, 500 `InternalServerError`, 501
+`NotImplementedError`), else the status's HTTP phrase, as vLLM's handler of HTTP exceptions
+writes it (401 `Unauthorized`, 403 `Forbidden`, 409 `Conflict`, 413 `Request Entity Too Large`,
+429 `Too Many Requests`, 502 `Bad Gateway`, 503 `Service Unavailable`, 504 `Gateway Timeout`).
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import orjson
 
+# vLLM's error classes, by status (its serving layer's create_error_response)
+VLLM_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    422: "UnprocessableEntityError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+}
+
+
+def error_type(status: int) -> str:
+    """The `type` vLLM puts in an error body of this status."""
+    if status in VLLM_ERROR_TYPES:
+        return VLLM_ERROR_TYPES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return VLLM_ERROR_TYPES[500 if status >= 500 else 400]
+
 
 class ProxyError(Exception):
-    """A failure with the HTTP status and OpenAI error type the client should see."""
+    """A failure with the HTTP status the client should see. `type` names the kind of failure
+    for the proxy's own counters (`pdproxy_upstream_failures_total{type}`); the body's `type`
+    is vLLM's for the status (`error_type`)."""
 
     status = 500
     type = "internal_error"
@@ -28,7 +58,7 @@ class ProxyError(Exception):
             {
                 "error": {
                     "message": self.message,
-                    "type": self.type,
+                    "type": error_type(self.status),
                     "param": self.param,
                     "code": self.code if self.code is not None else self.status,
                 }
@@ -146,7 +176,7 @@ def openai_error_body(status: int, raw: bytes) -> bytes:
                 {
                     "error": {
                         "message": str(parsed["message"]),
-                        "type": parsed.get("type") or "invalid_request_error",
+                        "type": parsed.get("type") or error_type(status),
                         "param": parsed.get("param"),
                         "code": parsed.get("code") or status,
                     }
@@ -154,7 +184,7 @@ def openai_error_body(status: int, raw: bytes) -> bytes:
             )
     text = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     return orjson.dumps(
-        {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": status}}
+        {"error": {"message": text, "type": error_type(status), "param": None, "code": status}}
     )
 
 

@@ -167,8 +167,9 @@ def parse_request(
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string", param="model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string", param="model")
+    # no model (or an empty one): each engine serves its first served model name, as vLLM does
     stream = body.get("stream", False)
     if stream is None:
         stream = False

@@ -109,3 +109,41 @@ def test_a_pool_alone_or_beside_dedicated_workers(tmp_path: Path) -> None:
 def test_pool_config_errors_say_what_to_change(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, **overrides)
+
+
+def test_yaml_errors_name_the_file_and_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "prefill: [http://a:1]\ndecode: [http://b:2\nport: 9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f'in "{path}", line' in message and "<unicode string>" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {
+                "prefill": ["http://a:1"],
+                "decode": ["http://127.0.0.1:8200", "http://localhost:8200"],
+            },
+            "decode lists http://127.0.0.1:8200 and http://localhost:8200, which are one engine "
+            "(both reach this machine's port 8200)",
+        ),
+        (
+            {"prefill": ["http://a:1"], "decode": ["http://b:80", "HTTP://B."]},
+            "decode lists http://b:80 and HTTP://B., which are one engine (the same address)",
+        ),
+        (
+            {"pool": ["http://localhost:8300"], "decode": ["http://[::1]:8300"]},
+            "http://localhost:8300 is in the pool and http://[::1]:8300 in the decode list",
+        ),
+    ],
+)
+def test_one_engine_listed_twice_is_refused_naming_both(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, **overrides)
+    # a prefiller may be a decoder too (an engine with kv_role kv_both)
+    load_config(None, prefill=["http://127.0.0.1:8200"], decode=["http://localhost:8200"])

@@ -31,7 +31,7 @@ def test_completion_prompt_forms() -> None:
     [
         (CHAT, b"{not json", "not valid JSON"),
         (CHAT, b"[1]", "JSON object"),
-        (CHAT, b'{"messages":[{"role":"user","content":"x"}]}', "'model' is required"),
+        (CHAT, b'{"model":7,"messages":[{"role":"user","content":"x"}]}', "'model' must be"),
         (CHAT, b'{"model":"m","messages":[]}', "non-empty list"),
         (CHAT, b'{"model":"m","messages":["x"]}', "string 'role'"),
         (CHAT, b'{"model":"m","messages":[{"role":"user"}],"n":0}', "'n' must be"),

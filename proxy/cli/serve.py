@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
 import types
 
@@ -66,6 +68,15 @@ def run_server(config: ProxyConfig) -> int:
     except ConfigError as exc:
         print(f"pdproxy: {exc}", file=sys.stderr)
         return 2
+    try:
+        sockets = listen(config.host, config.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            why = f"port {config.port} is taken on {config.host}; pass --port N"
+        else:
+            why = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        print(f"pdproxy: {why}", file=sys.stderr)
+        return 2
     log_start(config)
     server = Server(uvicorn_config(app, config), app)
     # uvicorn restores the handlers it found and re-raises the signal that stopped it, once it has
@@ -73,7 +84,7 @@ def run_server(config: ProxyConfig) -> int:
     # (the demo stopping its engines) runs instead of the process dying at the default action.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         return 130
     except _Terminated:
@@ -83,6 +94,28 @@ def run_server(config: ProxyConfig) -> int:
     # uvicorn re-raises the signal once it has shut down, but asyncio's runner can swallow a
     # re-raised SIGINT when its task is already ending: the exit status still says what stopped it
     return 0 if server.stopped_by is None else 128 + server.stopped_by
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` resolves to, as uvicorn's own start would bind them
+    (asyncio's create_server); bound before anything starts, so that a port in use is one clear
+    line, not a started lifespan, uvicorn's log and exit status 3. OSError when one cannot be
+    bound."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _Terminated(Exception):

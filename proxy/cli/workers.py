@@ -4,9 +4,13 @@
     pdproxy workers add --role decode http://10.0.0.7:8200 [--force] [--lmcache-init-port P ...]
     pdproxy workers remove d1 [--wait] [--force]
 
-`--proxy URL` names the proxy (default http://127.0.0.1:9100); the admin key is read from the
-variable `--admin-key-env` names (default PDPROXY_ADMIN_KEY), never from the command line. A
-refusal exits 1 with the proxy's reason; a proxy that cannot be reached exits 2.
+`--proxy URL` names the proxy (default http://127.0.0.1:9100; `host:port` means http://); the
+admin key is read from the variable `--admin-key-env` names (default PDPROXY_ADMIN_KEY), never
+from the command line. A refusal exits 1 with the proxy's reason, in the CLI's words where the
+proxy's are written for HTTP clients (a missing key names the variable, an unknown worker
+`pdproxy workers list`); a proxy that cannot be reached, a `--proxy` that is not a URL and an
+address where something other than a pdproxy answers (an engine) exit 2. Output cut short by its
+reader (`| head`) ends quietly, exit 0.
 """
 
 from __future__ import annotations
@@ -29,7 +33,26 @@ class Refused(Exception):
 
 
 class Unreachable(Exception):
-    pass
+    """No pdproxy to talk to: nothing answers, `--proxy` is not a URL, or what answers is not a
+    pdproxy."""
+
+
+def proxy_url(value: str) -> str:
+    """The proxy's base URL from `--proxy`: `host:port` means http://host:port."""
+    text = value.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urllib.parse.urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises on an invalid port
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Unreachable(
+            f"--proxy {value!r} is not the proxy's address: give http://HOST:PORT (or HOST:PORT), "
+            f"e.g. {DEFAULT_PROXY}"
+        )
+    return text.rstrip("/")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,21 +94,46 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    url = args.proxy.rstrip("/") + path
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    base = proxy_url(args.proxy)
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as resp:
-            return json.loads(resp.read() or b"null")
+            raw = resp.read()
+            status = resp.status
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            message = json.loads(raw)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode("utf-8", "replace")[:300] or exc.reason
-        raise Refused(f"{exc.code}: {message}") from None
+        raw, status = exc.read(), exc.code
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise Unreachable(f"cannot reach the proxy at {args.proxy}: {reason}") from None
+        raise Unreachable(f"cannot reach the proxy at {base}: {reason}") from None
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if status < 400 and isinstance(answer, dict):
+        return answer
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not (isinstance(error, dict) and isinstance(error.get("message"), str)):
+        # not the proxy's OpenAI-shaped error, nor its JSON: an engine, or another server
+        shown = raw.decode("utf-8", "replace").strip()[:120] or "nothing"
+        raise Unreachable(
+            f"{base} is not a pdproxy: {method} {path} answered {status} {shown} (is --proxy "
+            "the proxy's address, not an engine's?)"
+        )
+    raise Refused(_in_cli_words(args, status, error))
+
+
+def _in_cli_words(args: argparse.Namespace, status: int, error: dict[str, Any]) -> str:
+    """The proxy's reason, said for a shell user where the proxy says it for HTTP clients."""
+    if status == 401:
+        if not os.environ.get(args.admin_key_env):
+            return (
+                f"the proxy needs its admin key: set {args.admin_key_env} "
+                f"(export {args.admin_key_env}=KEY, or name another variable with --admin-key-env)"
+            )
+        return f"the proxy refused the admin key in {args.admin_key_env} ({error['message']})"
+    if error.get("code") == "worker_not_found":
+        return f"{error['message'].split(';')[0]}; `pdproxy workers list` lists them"
+    return f"{status}: {error['message']}"
 
 
 def _load(worker: dict[str, Any]) -> tuple[str, str, str]:
@@ -169,15 +217,33 @@ def _remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    answer = call(args, "GET", "/admin/workers")
+    data = answer.get("data")
+    if not isinstance(data, list):
+        raise Unreachable(
+            f"{proxy_url(args.proxy)} is not a pdproxy: GET /admin/workers answered without a "
+            "list of workers (is --proxy the proxy's address, not an engine's?)"
+        )
+    print(json.dumps(data, indent=2) if args.json else table(data))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
-            data = call(args, "GET", "/admin/workers")["data"]
-            print(json.dumps(data, indent=2) if args.json else table(data))
-            return 0
-        if args.action == "add":
-            return _add(args)
-        return _remove(args)
+            status = _list(args)
+        elif args.action == "add":
+            status = _add(args)
+        else:
+            status = _remove(args)
+        sys.stdout.flush()  # here, where a reader that left (`| head`) can be caught
+        return status
+    except BrokenPipeError:
+        # the reader has what it wanted; stdout is gone, so nothing more may be written to it
+        # (Python's own flush at exit would fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Refused as exc:
         print(f"pdproxy workers {args.action}: refused: {exc}", file=sys.stderr)
         return 1

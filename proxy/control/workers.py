@@ -156,6 +156,10 @@ class Worker:
     prefill_tokens: int = 0  # prompt tokens the proxy sent it to compute, not computed yet
     decode_streams: int = 0  # answers (decode legs) the proxy has it generating now
     model: str | None = None  # what its /v1/models serves, once asked (admission probes)
+    # what it is (proxy.control.identity): what its host resolved to when it joined, and the NIXL
+    # engine ids its prefills reported (one per data-parallel rank behind its URL)
+    addresses: frozenset[tuple[str, int]] = frozenset()
+    engine_ids: set[str] = field(default_factory=set)
     last_probe: dict[str, Any] | None = None  # the result of its last admission probe
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
     waiting: set[Wait] = field(default_factory=set, repr=False)  # legs it has yet to complete
@@ -197,6 +201,7 @@ class Worker:
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "model": self.model,
+            "engine_ids": sorted(self.engine_ids),
             "engine_load": None
             if self.engine_load is None
             else {

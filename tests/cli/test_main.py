@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,18 @@ def test_help_lists_commands() -> None:
     )
     assert run.returncode == 0
     assert all(word in run.stdout for word in ("serve", "sim", "demo"))
+
+
+def test_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "proxy", "serve", "--prefill", "http://127.0.0.1:1",
+             "--decode", "http://127.0.0.1:2", "--port", str(port)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"pdproxy: port {port} is taken on 127.0.0.1; pass --port N"
+    assert run.stdout == ""

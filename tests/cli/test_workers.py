@@ -38,7 +38,7 @@ def test_round_trip(
         assert [line.split()[0] for line in lines[1:]] == ["p0", "d0"]
 
         refused = workers_cli(proxy.url, "list")  # no key
-        assert refused.returncode == 1 and "401" in refused.stderr and "admin key" in refused.stderr
+        assert refused.returncode == 1 and "admin key: set OPS_KEY" in refused.stderr
 
         added = workers_cli(proxy.url, "add", "--role", "decode", d1.url, key="ops-key")
         assert added.returncode == 0, added.stderr
@@ -60,3 +60,47 @@ def test_round_trip(
         wait_for(lambda: "d1" not in workers_cli(proxy.url, "list", key="ops-key").stdout, 5)
     gone = workers_cli(proxy.url, "list", key="ops-key")
     assert gone.returncode == 2 and "cannot reach the proxy" in gone.stderr
+
+
+def test_messages_speak_to_a_shell_user(
+    tmp_path: Path, clean_sims: dict[str, Sim], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p0, d0 = clean_sims["p0"], clean_sims["d0"]
+    monkeypatch.setenv("PDPROXY_TEST_OPS", "ops-key")
+    cfg = config_file(tmp_path, auth={"admin_keys_env": "PDPROXY_TEST_OPS"})
+    with running(start_proxy(tmp_path, [p0], [d0], "--config", cfg)) as proxy:
+        no_key = workers_cli(proxy.url, "list")
+        assert no_key.returncode == 1
+        assert no_key.stderr == (
+            "pdproxy workers list: refused: the proxy needs its admin key: set OPS_KEY (export "
+            "OPS_KEY=KEY, or name another variable with --admin-key-env)\n"
+        )
+        wrong = workers_cli(proxy.url, "list", key="nope")
+        assert wrong.returncode == 1 and "refused the admin key in OPS_KEY" in wrong.stderr
+
+        bare = workers_cli(proxy.url.removeprefix("http://"), "list", key="ops-key")
+        assert bare.returncode == 0 and bare.stdout.splitlines()[1].startswith("p0 ")
+
+        engine = workers_cli(d0.url, "list", key="ops-key")  # an engine, not the proxy
+        assert engine.returncode == 2
+        assert f"{d0.url} is not a pdproxy: GET /admin/workers answered 404" in engine.stderr
+        assert "not an engine's?" in engine.stderr
+        nonsense = workers_cli("ftp://x", "list", key="ops-key")
+        assert nonsense.returncode == 2 and "is not the proxy's address" in nonsense.stderr
+
+        unknown = workers_cli(proxy.url, "remove", "d9", key="ops-key")
+        assert unknown.returncode == 1
+        assert unknown.stderr == (
+            "pdproxy workers remove: refused: no worker with id or URL 'd9'; "
+            "`pdproxy workers list` lists them\n"
+        )
+
+        # `list --json | head`: the reader leaves before the answer is written
+        env = {**os.environ, "OPS_KEY": "ops-key"}
+        cmd = [sys.executable, "-m", "proxy", "workers", "list", "--json", "--proxy", proxy.url,
+               "--admin-key-env", "OPS_KEY"]  # fmt: skip
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as cut:
+            assert cut.stdout is not None and cut.stderr is not None
+            cut.stdout.close()
+            assert cut.wait(60) == 0
+            assert cut.stderr.read() == b""

@@ -27,7 +27,7 @@ def test_ids_follow_config_order_and_are_never_reused() -> None:
     reg = registry(2, 2)
     assert [w.id for w in reg] == ["p0", "p1", "d0", "d1"]
     d1 = reg.find("d1")
-    assert d1 is not None and reg.find("http://d1/") is d1
+    assert d1 is not None and reg.find("http://d1/") is d1 and reg.find("HTTP://D1:80") is d1
     reg.remove(d1)
     assert reg.add("decode", "http://d1").id == "d2"  # same URL again: a new worker, a new id
     assert reg.find("d1") is None
@@ -36,10 +36,28 @@ def test_ids_follow_config_order_and_are_never_reused() -> None:
     assert restored.add("decode", "http://y").id == "d8"
 
 
+def test_a_refused_candidate_gives_its_id_back_a_routed_one_never() -> None:
+    reg = registry()
+    reg.discard(reg.candidate("decode", "http://x"))
+    reg.discard(reg.candidate("decode", "http://y"))
+    probing = reg.candidate("decode", "http://z")
+    assert probing.id == "d1"  # the refused ones left no gap
+    later = reg.candidate("decode", "http://w")
+    reg.discard(probing)  # refused while a later one is still probed: d1 stays a gap
+    reg.activate(later)
+    assert (later.id, reg.candidate("decode", "http://v").id) == ("d2", "d3")
+    reg.remove(later)
+    assert reg.add("decode", "http://u").id == "d4"  # d2 was routed: never again
+
+
 def test_duplicates_are_refused_by_role() -> None:
     reg = registry()
     with pytest.raises(RegistryError, match="already known as d0"):
         reg.candidate("decode", "http://d0/")
+    with pytest.raises(RegistryError, match=r"already known as d0 \(decode worker http://d0, "):
+        reg.candidate("decode", "HTTP://D0.:80")  # the same address, spelled otherwise
+    with pytest.raises(RegistryError, match="already known as p0"):
+        reg.candidate("pool", "http://p0")  # dedicated or in the pool, never both
     reg.add("prefill", "http://d0")  # the same engine in the other role is another worker
     with pytest.raises(RegistryError, match="taken"):
         reg.candidate("decode", "http://z", worker_id="p0")

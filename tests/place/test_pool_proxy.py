@@ -255,7 +255,11 @@ def test_a_pool_engine_joins_through_the_admin_api_with_both_kv_probes(
         kv = next(c for c in worker["last_probe"]["checks"] if c["name"] == "kv")
         assert "pulled the probe's KV" in kv["detail"] and "decoded them" in kv["detail"]
         assert b2.metric(PULLS) == 1  # it pulled one probe, and another engine pulled its own
-        assert b0.metric(PULLS) + b1.metric(PULLS) == 1
+        # ... and the configured engine that had not reported its NIXL engine id yet (the
+        # other one prefilled b2's probe) was asked for it, to compare with b2's: one more pull
+        assert b0.metric(PULLS) + b1.metric(PULLS) == 2
+        listed = httpx.get(proxy.url + "/admin/workers", timeout=10).json()["data"]
+        assert all(len(w["engine_ids"]) == 1 for w in listed)
         wait_for(lambda: "b2" in proxy.stats()["pool"]["engines"])
         assert proxy.stats()["pool"]["engines"]["b2"] == "decode"
         # health and models count pool engines as engines that answer

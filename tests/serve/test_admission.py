@@ -182,7 +182,7 @@ def test_proxy_answers_429_beyond_queue(small_proxy: Proxy, clean_sims: dict[str
     assert statuses == [200, 200, 429]
     [rejected] = [r for r in results if r.status_code == 429]
     assert int(rejected.headers["retry-after"]) >= 1
-    assert rejected.json()["error"]["type"] == "rate_limit_error"
+    assert rejected.json()["error"]["type"] == "Too Many Requests"
     assert small_proxy.metrics().total("pdproxy_requests_total", status="429") >= 1
 
 

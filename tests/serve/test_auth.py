@@ -77,7 +77,7 @@ def test_keys_guard_api_and_admin(locked_proxy: Proxy, clean_sims: dict[str, Sim
     url = locked_proxy.url
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     resp = httpx.post(url + "/v1/completions", json=body)
-    assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+    assert resp.status_code == 401 and resp.json()["error"]["type"] == "Unauthorized"
     bad = {"Authorization": "Bearer wrong"}
     assert httpx.post(url + "/v1/completions", json=body, headers=bad).status_code == 401
     assert clean_sims["p0"].generation_records() == []

@@ -368,7 +368,7 @@ def test_bad_input_gets_4xx_and_proxy_keeps_serving(proxy: Proxy) -> None:
         assert resp.status_code == status
         assert words in resp.json()["error"]["message"]
     assert httpx.get(proxy.url + "/v1/completions").status_code == 405
-    assert httpx.get(proxy.url + "/nope").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(proxy.url + "/nope").json()["error"]["type"] == "NotFoundError"
     assert proxy.prefill[0].generation_records() == []
     ok = httpx.post(
         proxy.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2}

@@ -335,7 +335,8 @@ def test_dropped_notifications_are_504_within_the_deadline(proxy: Proxy) -> None
     assert resp.status_code == 504 and resp.headers["content-type"] == "application/json"
     error = resp.json()["error"]
     assert (
-        error["type"] == "timeout" and "did not report its LMCache KV transfer" in error["message"]
+        error["type"] == "Gateway Timeout"
+        and "did not report its LMCache KV transfer" in error["message"]
     )
     assert DEADLINE <= elapsed < DEADLINE + 1.5
     assert proxy.decode[0].generation_records() == []  # no decode without the KV

@@ -49,7 +49,7 @@ def test_wrong_method_and_unknown_paths(proxy: Proxy) -> None:
     resp = httpx.get(proxy.url + "/tokenize", timeout=5)
     assert resp.status_code == 405 and "POST" in resp.json()["error"]["message"]
     resp = httpx.get(proxy.url + "/v1/models/" + MODEL, timeout=5)  # vLLM 0.32 has no such path
-    assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
+    assert resp.status_code == 404 and resp.json()["error"]["type"] == "NotFoundError"
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_responses_api_is_a_clear_501(proxy: Proxy, method: str, path: str) -> N
     resp = httpx.request(method, proxy.url + path, json={"model": MODEL, "input": "hi"})
     assert resp.status_code == 501
     error = resp.json()["error"]
-    assert error["type"] == "not_implemented_error"
+    assert error["type"] == "NotImplementedError"
     assert "/v1/chat/completions" in error["message"] and "Responses API" in error["message"]
     assert proxy.decode[0].records() == [] and proxy.prefill[0].records() == []
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from proxy.control.identity import roles_clash
 from proxy.control.registry import WorkerRegistry
 from proxy.control.workers import Role, Worker
 from proxy.engines.client import EngineClient
@@ -269,6 +270,9 @@ class Prober:
             handoff = await self.connector.prefill(request, prefiller, decoder)
         except ProxyError as exc:
             raise ProbeFailed("kv", f"{blame}: {exc.message}") from None
+        engine_id = (handoff.kv_transfer_params or {}).get("remote_engine_id")
+        if isinstance(engine_id, str) and engine_id:  # what the engine is (proxy.control.identity)
+            prefiller.engine_ids.add(engine_id)
         if handoff.kv_transfer_params is None:
             raise ProbeFailed("kv", f"{blame}: KV not handed over: {handoff.recompute_reason}")
         return handoff
@@ -314,6 +318,30 @@ class Prober:
             )
             return "kv_transfer_params returned"
         return f"kv_transfer_params returned; {decoder.id} ({decoder.url}) decoded them"
+
+    async def learn_engine_ids(self, candidate: Worker) -> None:
+        """The NIXL engine ids of the active workers the candidate could duplicate (its role's,
+        and the pool's) that reported none yet (configured workers that were never probed): a
+        probe prefill on each, decoded elsewhere to free its blocks. Only once the candidate
+        reported its own id (a prefiller or a pool engine, connector nixl)."""
+        if not candidate.engine_ids:  # its connector reports none (only NIXL's prefills do)
+            return
+        for role in ("prefill", "pool"):
+            if not roles_clash(candidate.role, role):
+                continue
+            for worker in self.registry.pools[role].workers:
+                if worker.engine_ids or worker is candidate:
+                    continue
+                request = self._request(worker)
+                waiting = _Waiting()
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        decoder = self._partner("decode", worker)
+                        blame = f"learning the engine id of {worker.id} ({worker.url})"
+                        handoff = await self._prefill(request, worker, decoder, waiting, blame)
+                        await self._decode(request, decoder, handoff, waiting)
+                except (TimeoutError, ProxyError) as exc:
+                    log.info("probe: cannot learn the engine id of %s: %s", worker.url, exc)
 
     async def _received(self, worker: Worker, count: str) -> float:
         """The transfers the worker counts in its /metrics (`count`) so far."""

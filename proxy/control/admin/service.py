@@ -23,8 +23,9 @@ from proxy.control.admin.config import AdminConfig
 from proxy.control.admin.hosts import HostAllowList, is_loopback
 from proxy.control.admin.probes import ProbeFailed, Prober
 from proxy.control.admin.state import StateFile
+from proxy.control.identity import Address, resolve
 from proxy.control.registry import EndRequests, RegistryError, WorkerRegistry
-from proxy.control.workers import Lifecycle, Worker
+from proxy.control.workers import Lifecycle, Role, Worker
 from proxy.engines.connectors.base import ConnectorClass
 from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, Receiver
 from proxy.engines.connectors.registry import pool_connectors
@@ -138,7 +139,10 @@ class Admin:
             worker = next((w for w in reversed(self.removed) if key.rstrip("/") in (w.id, w.url)),
                           None)  # fmt: skip
         if worker is None:
-            raise NotFound(f"no worker with id or URL {key!r}; GET /admin/workers lists them")
+            raise NotFound(
+                f"no worker with id or URL {key!r}; GET /admin/workers lists them",
+                code="worker_not_found",
+            )
         return worker
 
     def _event(self, event: str, worker: Worker, detail: str = "") -> None:
@@ -187,10 +191,15 @@ class Admin:
                 param="url",
             )
         receiver = self._receiver(spec)
+        # one engine, one worker: compared by what the URL reaches, with nothing awaited between
+        # this check and the candidate's creation (a concurrent add of the same engine sees it)
+        addresses = await resolve(spec.url)
+        await self._resolve_known()
+        self._refuse_known(spec.role, spec.url, addresses)
         try:
-            worker = self.registry.candidate(spec.role, spec.url, receiver)
+            worker = self.registry.candidate(spec.role, spec.url, receiver, addresses=addresses)
         except RegistryError as exc:
-            raise Conflict(str(exc), param="url") from None
+            raise Conflict(str(exc), param="url", code="worker_known") from None
         self._event("probing", worker)
         try:
             if spec.force:
@@ -202,6 +211,8 @@ class Admin:
                 )
             else:
                 await self._probe(worker)
+                await self.prober.learn_engine_ids(worker)
+                self._refuse_known(worker.role, worker.url, worker.addresses, worker)
             if self.scraper is not None:  # load-aware choices see it from its first request
                 await self.scraper.scrape(worker)
             self.save(extra=worker)
@@ -230,6 +241,34 @@ class Admin:
             return self.connector.receiver_for(spec.url, spec.lmcache, taken)
         except ValueError as exc:
             raise Conflict(str(exc), param="lmcache") from None
+
+    async def _resolve_known(self) -> None:
+        """What the known workers' hosts resolve to now (a name may have moved since it joined;
+        one that no longer resolves keeps what it resolved to)."""
+        known = list(self.registry)
+        found = await asyncio.gather(*(resolve(w.url) for w in known))
+        for worker, addresses in zip(known, found, strict=True):
+            worker.addresses = addresses or worker.addresses
+
+    def _refuse_known(
+        self,
+        role: Role,
+        url: str,
+        addresses: frozenset[Address],
+        candidate: Worker | None = None,
+    ) -> None:
+        """A 409 naming the known worker whose engine `url` reaches (address, or the NIXL engine
+        id the candidate's probe saw)."""
+        engine_ids = candidate.engine_ids if candidate is not None else ()
+        known = self.registry.same_engine(role, url, addresses, engine_ids, exclude=candidate)
+        if known is not None:
+            other, why = known
+            raise Conflict(
+                f"{role} worker {url.rstrip('/')} is already known as {other.id} ({other.role} "
+                f"worker {other.url}, {other.state.value}): {why}",
+                param="url",
+                code="worker_known",
+            )
 
     async def _probe(self, worker: Worker) -> None:
         try:
@@ -283,7 +322,7 @@ class Admin:
         for role in ("prefill", "decode", "pool"):
             for worker in self.registry.pools[role].workers:
                 try:
-                    await self._probe(worker)
+                    await self._probe_configured(worker)
                 except ProbeFailed as exc:
                     self.registry.hold(worker)
                     self._held[worker.id] = worker
@@ -306,10 +345,36 @@ class Admin:
             await asyncio.sleep(every)
             for worker in list(self._held.values()):
                 with contextlib.suppress(ProbeFailed):
-                    await self._probe(worker)
+                    await self._probe_configured(worker)
                     del self._held[worker.id]
                     self.registry.activate(worker)
                     self._event("joined", worker, "start-up probe passed on retry")
+
+    async def _probe_configured(self, worker: Worker) -> None:
+        """A configured worker's start-up probe, and then what its engine reported compared
+        with the workers probed before it: the configured lists were checked by address at
+        start-up, but two addresses of one engine (a port forward) show only in the NIXL
+        engine id its probe prefill reports. Held like a failed probe: it joins once the other
+        worker is gone."""
+        await self._probe(worker)
+        known = self.registry.same_engine(
+            worker.role, worker.url, worker.addresses, worker.engine_ids, exclude=worker
+        )
+        if known is None:
+            return
+        other, why = known
+        failure = ProbeFailed(
+            "identity",
+            f"{worker.role} worker {worker.url} is the engine of {other.id} ({other.role} worker "
+            f"{other.url}): {why}",
+        )
+        if worker.last_probe is not None:
+            worker.last_probe["passed"] = False
+            worker.last_probe["checks"].append(
+                {"name": "identity", "ok": False, "detail": failure.message, "seconds": 0.0}
+            )
+        self.probes.labels(worker.role, "identity").inc()
+        raise failure
 
     async def close(self) -> None:
         for task in list(self._tasks):

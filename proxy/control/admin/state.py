@@ -22,6 +22,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from proxy.config import check_worker_url
+from proxy.control.identity import duplicates
 from proxy.control.workers import Worker
 from proxy.engines.connectors.lmcache_config import Receiver
 
@@ -101,15 +102,22 @@ class StateFile:
                 f"workers state file {self.path} is corrupt ({problems}); "
                 "restore it or delete it to start from the configured workers"
             ) from None
-        seen: set[tuple[str, str]] = set()
+        seen: set[str] = set()
         for record in model.workers:
-            for key in ((record.role, record.url), ("id", record.id)):
-                if key in seen:
-                    raise StateError(
-                        f"workers state file {self.path} is corrupt: {key[1]} appears twice"
-                    )
-                seen.add(key)
-        return list(model.workers)
+            if record.id in seen:
+                raise StateError(
+                    f"workers state file {self.path} is corrupt: {record.id} appears twice"
+                )
+            seen.add(record.id)
+        records = list(model.workers)
+        for i, j, why in duplicates((r.role, r.url) for r in records):
+            first, second = records[i], records[j]
+            raise StateError(
+                f"workers state file {self.path} names one engine twice: {first.id} "
+                f"({first.role} {first.url}) and {second.id} ({second.role} {second.url}), "
+                f"{why}; remove one of them from the file"
+            )
+        return records
 
     def write(self, workers: Iterable[Worker]) -> None:
         """Replace the file with these workers, atomically."""

@@ -61,6 +61,12 @@ def test_a_failed_write_leaves_the_old_file_whole(
             ' {"id": "d0", "role": "decode", "url": "http://b:1"}]}',
             "d0 appears twice",
         ),
+        (
+            '{"version": 1, "workers": [{"id": "d0", "role": "decode", "url": "http://127.0.0.1:82"},'
+            ' {"id": "d1", "role": "decode", "url": "http://localhost:82"}]}',
+            "names one engine twice: d0 \\(decode http://127.0.0.1:82\\) and d1 \\(decode "
+            "http://localhost:82\\), both reach this machine's port 82",
+        ),
     ],
 )
 def test_a_corrupt_file_is_refused_by_name(tmp_path: Path, content: str, why: str) -> None:
