@@ -1,0 +1,1 @@
+"""The `pdproxy` command: serve, demo, sim (the simulator, package pdsim) and workers."""

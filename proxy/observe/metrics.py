@@ -111,10 +111,11 @@ class ProxyMetrics:
         )
         self.disagg_decisions = Counter(
             "pdproxy_disagg_decisions",
-            "prefill on a prefiller (remote) or on the decoder (local), with the reason: "
-            "conditional disaggregation's short prompt, mostly cached on the decoder, long, or "
-            "the decoder's KV pulls are slow (slow_kv); prompt_logprobs or beam_search (always "
-            "served by a decoder alone)",
+            "every request's plan: prefill on a prefiller (remote) or on the decoder (local), "
+            "with the reason: dedicated (conditional disaggregation off); conditional "
+            "disaggregation's short prompt, mostly cached on the decoder, long, or the decoder's "
+            "KV pulls are slow (slow_kv); prompt_logprobs or beam_search (always served by a "
+            "decoder alone); the pool's reasons (README, adaptive disaggregation)",
             ["decision", "reason"],
             registry=self.registry,
         )
