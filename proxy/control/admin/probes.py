@@ -35,7 +35,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from time import perf_counter
-from typing import Any
 
 import orjson
 
@@ -391,12 +390,3 @@ class Prober:
                 )
             waiting.what = f"the probe's KV pull to show in {count} (still {after:g})"
             await asyncio.sleep(0.1)
-
-
-def describe_probe(result: dict[str, Any] | None) -> str:
-    """One line for logs and the CLI."""
-    if result is None:
-        return "not probed"
-    checks = result.get("checks") or []
-    failed = [c for c in checks if not c["ok"]]
-    return failed[0]["detail"] if failed else "passed: " + ", ".join(c["name"] for c in checks)
