@@ -275,7 +275,7 @@ print_plan() {
 print_component() {
   local name env_lines cmdline
   if [[ $1 == proxy ]]; then
-    name=proxy env_lines="" cmdline=$(proxy_cmd)
+    name=proxy env_lines=$(proxy_env) cmdline=$(proxy_cmd)
     ((START_PROXY)) || return 0
   else
     name="$1-$2" env_lines=$(instance_env "$1" "$2") cmdline=$(engine_cmd "$1" "$2")
@@ -299,7 +299,7 @@ write_lmcache_configs() {
 
 start_proxy() {
   ((START_PROXY)) || return 0
-  start_component proxy "" "$(proxy_cmd)"
+  start_component proxy "$(proxy_env)" "$(proxy_cmd)"
 }
 
 start_engines() {

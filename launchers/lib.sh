@@ -240,6 +240,12 @@ instance_env() {
   fi
 }
 
+# KEY=VALUE lines of the proxy's environment: what it should know of the engines' (the UCX
+# setting, which its slow-KV warning would otherwise recommend even where it is set).
+proxy_env() {
+  if [[ $DEVICE == cuda ]]; then echo "PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY=$UCX_GET_ZCOPY"; fi
+}
+
 engine_cmd() {
   local role=$1 idx=$2
   local cmd=("$PYTHON" -m vllm.entrypoints.openai.api_server

@@ -112,7 +112,15 @@ class ProxyApp:
         )  # fmt: skip
         kvh = config.kv_health
         self.kv_health = (
-            KvHealth(kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval)
+            KvHealth(
+                kvh.min_bandwidth,
+                kvh.window,
+                kvh.min_bytes,
+                kvh.warn_interval,
+                min_pulls=kvh.min_pulls,
+                warmup_pulls=kvh.warmup_pulls,
+                engine_get_zcopy=kvh.engine_get_zcopy,
+            )
             if kvh.enabled and config.connector == "nixl"
             else None
         )

@@ -6,6 +6,7 @@ that names them, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -23,6 +24,8 @@ from proxy.engines.connectors.lmcache_config import (
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
 ConnectorName = Literal["nixl", "lmcache"]
 PoolMode = Literal["adaptive", "colocated"]
+# what launchers/disagg.sh gives the proxy: the engines' UCX_CUDA_IPC_ENABLE_GET_ZCOPY
+ENGINE_GET_ZCOPY_ENV = "PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY"
 
 
 class ConfigError(ValueError):
@@ -203,6 +206,22 @@ class KvHealthConfig(_Model):
         64 * 2**20, ge=0, description="bytes that must move in the window before judging"
     )
     warn_interval: float = Field(60.0, gt=0, description="seconds between repeated warnings")
+    min_pulls: int = Field(
+        8, ge=1, description="pulls that must be in the window (past warm-up) before judging"
+    )
+    warmup_pulls: int = Field(
+        8,
+        ge=0,
+        description="each decoder's first pulls (as its engine counts them), left out: the "
+        "first pulls of a fresh topology register memory and connect, and are slow",
+    )
+    engine_get_zcopy: str | None = Field(
+        default_factory=lambda: os.environ.get(ENGINE_GET_ZCOPY_ENV) or None,
+        description="UCX_CUDA_IPC_ENABLE_GET_ZCOPY as the engines have it, when known, so that "
+        "a slow-KV warning does not recommend what is already set; default: the environment "
+        f"variable {ENGINE_GET_ZCOPY_ENV}, which launchers/disagg.sh sets to what it gave the "
+        "engines",
+    )
 
 
 class ProxyConfig(_Model):

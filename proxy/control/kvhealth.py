@@ -7,9 +7,13 @@ running sums of vLLM's NIXL histograms: transfers (`vllm:nixl_xfer_time_seconds_
 seconds spent in them (`_sum`) and bytes (`vllm:nixl_bytes_transferred_sum`). Their differences
 over the last `window` seconds give the recent bandwidth (bytes per second of transfer) and the
 time per transfer, stored on the worker (`Worker.kv_transfer`) for /stats, /metrics and
-conditional disaggregation. A decoder is *slow* once at least `min_bytes` moved in the window at
-less than `min_bandwidth`: a warning says so at most every `warn_interval` seconds while it
-lasts, and one line when it ends.
+conditional disaggregation. A decoder is judged once its warm-up is behind it (the engine's first
+`warmup_pulls` pulls, which register memory and connect, are left out of the window) and once the
+window holds at least `min_pulls` pulls and `min_bytes` bytes; it is *slow* when they moved at
+less than `min_bandwidth`: a warning says so at most every `warn_interval` seconds while it lasts,
+and one line at INFO when it ends. The warning's advice depends on what is known of the engines'
+UCX_CUDA_IPC_ENABLE_GET_ZCOPY (`engine_get_zcopy`, as the launcher set it): recommending the
+setting the engines already have would send the reader in a circle.
 """
 
 from __future__ import annotations
@@ -36,6 +40,21 @@ ADVICE = (
     "(launchers/disagg.sh does unless told otherwise) and restart them; between hosts, make "
     "sure UCX_TLS allows an RDMA transport."
 )
+ADVICE_ZCOPY_SET = (
+    "The engines already run with UCX_CUDA_IPC_ENABLE_GET_ZCOPY=%s (as launched), so cuda_ipc "
+    "reads are allowed: look elsewhere. A pull of many small pieces is slow even GPU to GPU "
+    "(vLLM's per-layer layout moves one descriptor per layer and block: try larger blocks, "
+    "--cross-layer-blocks, more NIXL threads); the GPUs may not reach each other directly (P2P "
+    "off, different hosts: UCX_TLS must allow an RDMA transport); UCX_LOG_LEVEL=info on the "
+    "engines logs the transports UCX picked."
+)
+
+
+def advice(engine_get_zcopy: str | None) -> str:
+    """What to check, given the engines' UCX_CUDA_IPC_ENABLE_GET_ZCOPY where it is known."""
+    if engine_get_zcopy is not None and engine_get_zcopy.lower() in ("y", "yes", "1", "on"):
+        return ADVICE_ZCOPY_SET % engine_get_zcopy
+    return ADVICE
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +90,13 @@ class TransferWindow:
         while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
             self._samples.popleft()
 
-    def rate(self) -> KvTransfer | None:
-        """Transfers in the window, or None when there were none."""
-        if len(self._samples) < 2:
+    def rate(self, after: float = 0) -> KvTransfer | None:
+        """Transfers in the window, or None when there were none. With `after`, the base is the
+        first sample whose running count reached it: the engine's first pulls stay out."""
+        base = next((i for i, (_, s) in enumerate(self._samples) if s.transfers >= after), None)
+        if base is None or base >= len(self._samples) - 1:
             return None
-        (t0, a), (t1, b) = self._samples[0], self._samples[-1]
+        (t0, a), (t1, b) = self._samples[base], self._samples[-1]
         transfers = round(b.transfers - a.transfers)
         seconds = b.seconds - a.seconds
         if transfers <= 0 or seconds <= 0:
@@ -100,11 +121,18 @@ class KvHealth:
         min_bytes: float,
         warn_interval: float,
         clock: Callable[[], float] = monotonic,
+        *,
+        min_pulls: int = 1,
+        warmup_pulls: int = 0,
+        engine_get_zcopy: str | None = None,
     ) -> None:
         self.min_bandwidth = min_bandwidth
         self.window = window
         self.min_bytes = min_bytes
         self.warn_interval = warn_interval
+        self.min_pulls = min_pulls
+        self.warmup_pulls = warmup_pulls
+        self.advice = advice(engine_get_zcopy)
         self._clock = clock
         self._watches: dict[str, _Watch] = {}
 
@@ -124,16 +152,19 @@ class KvHealth:
             watch = self._watches[worker.url] = _Watch(TransferWindow(self.window))
         watch.window.add(now, totals)
         rate = watch.window.rate()
-        slow = (
-            rate is not None
-            and rate.nbytes >= self.min_bytes
-            and rate.bandwidth < self.min_bandwidth
+        # judged only past the engine's warm-up, over enough pulls and bytes
+        judged = watch.window.rate(after=self.warmup_pulls)
+        enough = (
+            judged is not None
+            and judged.transfers >= self.min_pulls
+            and judged.nbytes >= self.min_bytes
         )
+        slow = enough and judged is not None and judged.bandwidth < self.min_bandwidth
         if rate is not None:
             rate.slow = slow
         worker.kv_transfer = rate
         if slow:
-            assert rate is not None
+            assert judged is not None
             if watch.slow_since is None:
                 watch.slow_since = now
             if watch.warned_at is None or now - watch.warned_at >= self.warn_interval:
@@ -143,20 +174,20 @@ class KvHealth:
                     "(%.1f ms and %.0f MB per pull), under kv_health.min_bandwidth %.2f GB/s. %s",
                     worker.role,
                     worker.url,
-                    rate.bandwidth / 1e9,
-                    rate.transfers,
-                    rate.seconds_per_transfer * 1e3,
-                    rate.bytes_per_transfer / 1e6,
+                    judged.bandwidth / 1e9,
+                    judged.transfers,
+                    judged.seconds_per_transfer * 1e3,
+                    judged.bytes_per_transfer / 1e6,
                     self.min_bandwidth / 1e9,
-                    ADVICE,
+                    self.advice,
                 )
-        elif watch.slow_since is not None and rate is not None and rate.nbytes >= self.min_bytes:
-            log.warning(
+        elif watch.slow_since is not None and enough and judged is not None:
+            log.info(
                 "KV transfer to %s worker %s is fast again: %.2f GB/s over its last %d pulls",
                 worker.role,
                 worker.url,
-                rate.bandwidth / 1e9,
-                rate.transfers,
+                judged.bandwidth / 1e9,
+                judged.transfers,
             )
             watch.slow_since = watch.warned_at = None
 

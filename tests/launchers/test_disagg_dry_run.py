@@ -186,8 +186,10 @@ def test_cuda_engines_get_the_ucx_get_zcopy_fix_by_default(tmp_path: Path) -> No
     plan = dry_run("--model", "m", tmp_path=tmp_path)
     for cmd in plan.engines("prefill") + plan.engines("decode"):
         assert cmd.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+    assert plan.commands["proxy"].env["PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
     cpu = dry_run("--model", "m", "--device", "cpu", tmp_path=tmp_path)
     assert all("UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in c.env for c in cpu.commands.values())
+    assert not cpu.commands["proxy"].env
 
 
 def test_ucx_get_zcopy_from_the_environment_or_the_flag(tmp_path: Path) -> None:
@@ -196,6 +198,8 @@ def test_ucx_get_zcopy_from_the_environment_or_the_flag(tmp_path: Path) -> None:
     assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("decode")} == {"auto"}
     plan = dry_run("--model", "m", "--ucx-get-zcopy", "n", tmp_path=tmp_path, env=env)
     assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("prefill")} == {"n"}
+    # the proxy is told what the engines got, for the advice of its slow-KV warning
+    assert plan.commands["proxy"].env["PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "n"
 
 
 def test_cross_layer_blocks_and_the_model_runner(tmp_path: Path) -> None:
