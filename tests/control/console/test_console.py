@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +16,7 @@ from proxy.control.console import static_files
 from tests.conftest import Proxy, Sim, running, start_proxy
 from tests.control.admin.helpers import config_file
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_the_page_and_its_files_are_served_from_the_package(proxy: Proxy) -> None:
@@ -55,6 +57,34 @@ def test_the_event_stream_sends_snapshots(proxy: Proxy) -> None:
     assert first["connector"] == "nixl" and first["admission"]["active"] >= 0
 
 
+def first_snapshot(url: str, since: int = 0) -> dict[str, Any]:
+    with httpx.stream("GET", f"{url}/console/events?since={since}", timeout=10) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                snapshot: dict[str, Any] = json.loads(line[6:])
+                return snapshot
+    raise AssertionError("no snapshot")
+
+
+def test_the_first_tick_is_no_spike_of_the_history(proxy: Proxy) -> None:
+    """A page that connects gets the history for its table, but its first tick counts only the
+    requests of the last second: the history, counted as one second, drew a false spike."""
+    body = {"model": "pdsim/llama-8b", "prompt": "history", "max_tokens": 2}
+    for _ in range(5):
+        assert httpx.post(proxy.url + "/v1/completions", json=body, timeout=10).is_success
+    time.sleep(1.2)  # older than one tick
+    first = first_snapshot(proxy.url)
+    assert len(first["timelines"]) >= 5
+    assert first["tick"]["requests"] == 0 and first["tick"]["ttft"] is None
+    assert first["tick"]["seconds"] == 1.0
+    assert httpx.post(proxy.url + "/v1/completions", json=body, timeout=10).is_success
+    fresh = first_snapshot(proxy.url)
+    assert fresh["tick"]["requests"] == 1  # a request of the last second is this tick's
+    # a reconnecting page (since: what it saw) gets only what is new
+    again = first_snapshot(proxy.url, since=fresh["seq"] - 1)
+    assert len(again["timelines"]) == 1
+
+
 def test_the_stream_needs_the_admin_key(
     tmp_path: Path, clean_sims: dict[str, Sim], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,5 +108,5 @@ def test_an_install_ships_the_console(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
-    shipped = {p.name for p in (tmp_path / "proxy" / "console" / "static").iterdir()}
+    shipped = {p.name for p in (tmp_path / "proxy/control/console/static").iterdir()}
     assert shipped == {"index.html", "console.js", "console.css"}
