@@ -218,6 +218,8 @@ def test_proxy_reports_a_slowly_pulling_decoder(tmp_path: Path, clean_sims: dict
                 r = httpx.post(proxy.url + "/v1/completions", json=completion(200), timeout=30)
                 assert r.status_code == 200
             wait_for(lambda: "is fast again" in proxy.log.read_text(), timeout=10)
+            fast = next(x for x in proxy.log.read_text().splitlines() if "is fast again" in x)
+            assert " INFO pdproxy: " in fast  # good news, not a warning
             assert proxy.metrics().total("pdproxy_kv_transfer_slow", url=d0.url) == 0
     finally:
         d0.faults()
