@@ -44,9 +44,8 @@ ADVICE_ZCOPY_SET = (
     "The engines already run with UCX_CUDA_IPC_ENABLE_GET_ZCOPY=%s (as launched), so cuda_ipc "
     "reads are allowed: look elsewhere. A pull of many small pieces is slow even GPU to GPU "
     "(vLLM's per-layer layout moves one descriptor per layer and block: try larger blocks, "
-    "--cross-layer-blocks, more NIXL threads); the GPUs may not reach each other directly (P2P "
-    "off, different hosts: UCX_TLS must allow an RDMA transport); UCX_LOG_LEVEL=info on the "
-    "engines logs the transports UCX picked."
+    "--cross-layer-blocks, more NIXL threads); between hosts, make sure UCX_TLS allows an RDMA "
+    "transport."
 )
 
 
