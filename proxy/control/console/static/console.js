@@ -388,7 +388,7 @@ function addRequests(timelines) {
   const longest = recent.reduce((m, t) => Math.max(m, t.at_ms.end || 0), 0);
   const scale = longest > 0 ? niceCeil(longest) : 1;
   $("#requests").dataset.scale = scale;
-  $("#timeline-axis").replaceChildren(timeAxis(scale));
+  $("#timeline-axis").replaceChildren(...(recent.length ? [timeAxis(scale)] : []));
   $("#requests tbody").replaceChildren(...recent.map((t) => requestRow(t, scale)));
 }
 
