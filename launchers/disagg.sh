@@ -231,6 +231,7 @@ validate() {
       "(VLLM_USE_V2_MODEL_RUNNER=$VLLM_USE_V2_MODEL_RUNNER: the pull still moves one descriptor per" \
       "layer and block); unset it to let the launcher pick the V1 runner, which allocates them"
   fi
+  check_port_plan
   LOG_DIR=$(realpath -m "$LOG_DIR")
   if [[ -n $PROXY_CMD_STR ]]; then
     read -r -a PROXY_CMD <<<"$PROXY_CMD_STR"
@@ -251,31 +252,70 @@ validate_gpus() {
 
 # ---------------------------------------------------------------- plan, as a script
 
-# The whole plan as shell: files to write, then one line per component.
+# The whole plan as shell: a summary (devices, ports, start order), one command line per
+# component in start order, then the files the launcher writes before it starts anything.
 print_plan() {
   local role i
   echo "# disagg plan: $NUM_PREFILL prefiller(s), $NUM_DECODE decoder(s), $NUM_POOL pool engine(s), connector $CONNECTOR, device $DEVICE"
+  print_devices
+  echo "# ports:"
+  port_plan | while read -r port who; do printf '#   %-5s %s\n' "$port" "$who"; done
+  echo "# start order: $(start_order | tr '\n' ' ')(commands below)"
+  if [[ $CONNECTOR == lmcache ]]; then
+    echo "# then the LMCache config files the engines read (LMCACHE_CONFIG_FILE), written first"
+  fi
   echo "mkdir -p $(quote_args "$LOG_DIR")"
+  local name
+  while read -r name; do
+    if [[ $name == proxy ]]; then print_component proxy; else print_component "${name%-*}" "${name##*-}"; fi
+  done < <(start_order)
   if [[ $CONNECTOR == lmcache ]]; then
     for role in prefill decode; do
       for ((i = 0; i < $(role_count "$role"); i++)); do
         echo "cat > $(quote_args "$(lmcache_yaml_path "$role" "$i")") <<'YAML'"
-        lmcache_yaml "$role" "$i"
+        lmcache_instance_yaml "$role" "$i"
         echo "YAML"
       done
     done
-    print_component proxy
   fi
+}
+
+# Component names in the order run() starts them: for LMCache the proxy first (it binds the
+# notification port), for NIXL last (it reads the engines' models).
+start_order() {
+  local role i
+  if [[ $CONNECTOR == lmcache ]] && ((START_PROXY)); then echo proxy; fi
   for role in prefill decode pool; do
-    for ((i = 0; i < $(role_count "$role"); i++)); do print_component "$role" "$i"; done
+    for ((i = 0; i < $(role_count "$role"); i++)); do echo "$role-$i"; done
   done
-  if [[ $CONNECTOR == nixl ]]; then print_component proxy; fi
+  if [[ $CONNECTOR == nixl ]] && ((START_PROXY)); then echo proxy; fi
+}
+
+# One summary line: the GPUs (or cores) each engine gets and how many in all.
+print_devices() {
+  local role i ids all=() each=()
+  for role in prefill decode pool; do
+    for ((i = 0; i < $(role_count "$role"); i++)); do
+      if [[ $DEVICE == cuda ]]; then ids=$(instance_gpus "$role" "$i"); else ids=$(instance_cores "$role" "$i"); fi
+      each+=("$role-$i $ids")
+      IFS=',|' read -r -a ids <<<"$ids"
+      all+=("${ids[@]}")
+    done
+  done
+  local distinct
+  distinct=$(printf '%s\n' "${all[@]}" | sort -nu | paste -sd, -)
+  local IFS=';'
+  if [[ $DEVICE == cuda ]]; then
+    echo "# GPUs: $(wc -w <<<"${distinct//,/ }") needed ($distinct):${each[*]/#/ }"
+  else
+    echo "# CPU cores: $(wc -w <<<"${distinct//,/ }") of $NUM_CPUS ($distinct):${each[*]/#/ }"
+  fi
 }
 
 print_component() {
   local name env_lines cmdline
   if [[ $1 == proxy ]]; then
-    name=proxy env_lines="" cmdline=$(proxy_cmd)
+    name=proxy env_lines=$(proxy_env) cmdline=$(proxy_cmd)
     ((START_PROXY)) || return 0
   else
     name="$1-$2" env_lines=$(instance_env "$1" "$2") cmdline=$(engine_cmd "$1" "$2")
@@ -292,14 +332,14 @@ write_lmcache_configs() {
   local role i
   for role in prefill decode; do
     for ((i = 0; i < $(role_count "$role"); i++)); do
-      lmcache_yaml "$role" "$i" >"$(lmcache_yaml_path "$role" "$i")"
+      lmcache_instance_yaml "$role" "$i" >"$(lmcache_yaml_path "$role" "$i")"
     done
   done
 }
 
 start_proxy() {
   ((START_PROXY)) || return 0
-  start_component proxy "" "$(proxy_cmd)"
+  start_component proxy "$(proxy_env)" "$(proxy_cmd)"
 }
 
 start_engines() {

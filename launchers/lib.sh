@@ -210,6 +210,20 @@ lmcache_yaml() {
     -e "$buffer" "$template"
 }
 
+# The YAML of instance $2 of role $1 as written: lmcache_yaml, under a first line that names
+# the instance, and with the template's example lmcache_rpc_port and config path replaced by
+# this instance's own (every copy said producer1 or consumer1).
+lmcache_instance_yaml() {
+  local role=$1 idx=$2 template rpc path
+  if [[ $role == prefill ]]; then template=lmcache-prefiller.yaml; else template=lmcache-decoder.yaml; fi
+  rpc=$(kv_extra_pairs "$role" "$idx" | sed -n 's/^lmcache_rpc_port=//p' | tail -n 1)
+  path=$(lmcache_yaml_path "$role" "$idx")
+  echo "# $role-$idx: written by launchers/disagg.sh from configs/$template"
+  lmcache_yaml "$role" "$idx" | sed -E \
+    -e "/^#/s@\"lmcache_rpc_port\":\"(producer|consumer)1\"@\"lmcache_rpc_port\":\"$rpc\"@" \
+    -e "/^#/s|LMCACHE_CONFIG_FILE=\.\.\.|LMCACHE_CONFIG_FILE=$path|"
+}
+
 # KEY=VALUE lines of the environment the launcher sets for one engine instance.
 instance_env() {
   local role=$1 idx=$2
@@ -238,6 +252,12 @@ instance_env() {
     [[ -z ${VLLM_USE_V2_MODEL_RUNNER+set} ]]; then
     echo "VLLM_USE_V2_MODEL_RUNNER=0"
   fi
+}
+
+# KEY=VALUE lines of the proxy's environment: what it should know of the engines' (the UCX
+# setting, which its slow-KV warning would otherwise recommend even where it is set).
+proxy_env() {
+  if [[ $DEVICE == cuda ]]; then echo "PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY=$UCX_GET_ZCOPY"; fi
 }
 
 engine_cmd() {
@@ -269,21 +289,39 @@ proxy_cmd() {
   quote_args "${cmd[@]}"
 }
 
-# Every TCP port the topology will listen on, one per line.
-all_ports() {
-  local role i
-  echo "$PROXY_PORT"
+# Every TCP port the topology will listen on, one per line: the port, a space, and who
+# listens there (the instance and the option that sets the base port).
+port_plan() {
+  local role i name r ports
+  echo "$PROXY_PORT the proxy (--proxy-port)"
   for role in prefill decode pool; do
     for ((i = 0; i < $(role_count "$role"); i++)); do
-      http_port "$role" "$i"
-      if [[ $CONNECTOR == nixl ]] && has_kv "$role"; then side_channel_port "$role" "$i"; fi
+      name="$role-$i"
+      echo "$(http_port "$role" "$i") $name's HTTP server (--$role-port)"
+      if [[ $CONNECTOR == nixl ]] && has_kv "$role"; then
+        echo "$(side_channel_port "$role" "$i") $name's NIXL side channel (--side-channel-port)"
+      fi
       if [[ $CONNECTOR == lmcache && $role == decode ]]; then
-        lmcache_ports "$LMCACHE_INIT_PORT" "$i" | tr , '\n'
-        lmcache_ports "$LMCACHE_ALLOC_PORT" "$i" | tr , '\n'
+        IFS=, read -r -a ports <<<"$(lmcache_ports "$LMCACHE_INIT_PORT" "$i")"
+        for r in "${!ports[@]}"; do echo "${ports[r]} $name's LMCache init port, TP rank $r (--lmcache-init-port)"; done
+        IFS=, read -r -a ports <<<"$(lmcache_ports "$LMCACHE_ALLOC_PORT" "$i")"
+        for r in "${!ports[@]}"; do echo "${ports[r]} $name's LMCache alloc port, TP rank $r (--lmcache-alloc-port)"; done
       fi
     done
   done
-  if [[ $CONNECTOR == lmcache ]]; then echo "$NOTIFY_PORT"; fi
+  if [[ $CONNECTOR == lmcache ]]; then echo "$NOTIFY_PORT the proxy's LMCache notifications (--notify-port)"; fi
+}
+
+all_ports() { port_plan | cut -d' ' -f1; }
+
+# Refuse a plan that gives one port to two listeners, naming both.
+check_port_plan() {
+  local port who
+  declare -A user=()
+  while read -r port who; do
+    [[ -v "user[$port]" ]] && die "port $port is planned for both ${user[$port]} and $who; move one of them"
+    user[$port]=$who
+  done < <(port_plan)
 }
 
 # ---------------------------------------------------------------- processes
@@ -352,9 +390,6 @@ check_ports_free() {
   local port taken=()
   while read -r port; do port_in_use "$port" && taken+=("$port"); done < <(all_ports)
   ((${#taken[@]} == 0)) || die "port(s) already in use on $HOST: ${taken[*]} (stop what holds them or pick other base ports)"
-  local dup
-  dup=$(all_ports | sort | uniq -d | tr '\n' ' ')
-  [[ -z $dup ]] || die "port plan collides with itself: $dup(adjust the base ports)"
 }
 
 check_vllm() {

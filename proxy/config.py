@@ -6,6 +6,7 @@ that names them, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ from proxy.engines.connectors.registry import connector_class, pool_connectors
 
 PolicyName = Literal["round_robin", "least_loaded", "load_aware", "prefix_aware"]
 PoolMode = Literal["adaptive", "colocated"]
+# what launchers/disagg.sh gives the proxy: the engines' UCX_CUDA_IPC_ENABLE_GET_ZCOPY
+ENGINE_GET_ZCOPY_ENV = "PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY"
 
 
 class ConfigError(ValueError):
@@ -33,10 +36,12 @@ class _Model(BaseModel):
 class WorkerConfig(_Model):
     """One vLLM instance, addressed by its OpenAI server's base URL."""
 
-    url: str
-    # connector lmcache: this decoder's LMCache receiver host and ports
-    # (see proxy.engines.connectors.lmcache_config)
-    lmcache: LMCacheReceiverConfig | None = None
+    url: str = Field(description="the engine's base URL, http://host:port (no /v1)")
+    lmcache: LMCacheReceiverConfig | None = Field(
+        None,
+        description="connector lmcache, decoders only: this decoder's LMCache receiver; by "
+        "default the URL's host and, for the i-th decoder, init port 7300+i and alloc port 7400+i",
+    )
 
     @field_validator("url")
     @classmethod
@@ -63,12 +68,20 @@ class TimeoutsConfig(_Model):
 
     connect: float = Field(5.0, gt=0, description="TCP connect to an engine")
     prefill: float = Field(600.0, gt=0, description="whole prefill leg")
-    decode_first_byte: float = Field(600.0, gt=0, description="decode leg until its first chunk")
-    decode_idle: float = Field(120.0, gt=0, description="longest gap between decode chunks")
+    decode_first_byte: float = Field(
+        600.0,
+        gt=0,
+        description="decode leg until its first chunk (the whole answer when not streaming)",
+    )
+    decode_idle: float = Field(
+        120.0, gt=0, description="longest gap between two streamed decode chunks"
+    )
 
 
 class HealthConfig(_Model):
-    interval: float = Field(5.0, ge=0, description="seconds between active /health checks; 0 = off")
+    interval: float = Field(
+        5.0, ge=0, description="seconds between active /health checks of every worker; 0 = off"
+    )
     timeout: float = Field(5.0, gt=0, description="seconds one /health check may take")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a breaker")
     cooldown: float = Field(10.0, gt=0, description="seconds an open breaker waits before a trial")
@@ -112,17 +125,32 @@ class FanoutConfig(_Model):
 class AuthConfig(_Model):
     """Where keys come from: an environment variable (comma-separated) or a file (one per line)."""
 
-    api_keys_env: str | None = None
-    api_keys_file: str | None = None
-    admin_keys_env: str | None = None
-    admin_keys_file: str | None = None
+    api_keys_env: str | None = Field(
+        None, description="environment variable with the client keys for /v1/* (comma-separated)"
+    )
+    api_keys_file: str | None = Field(
+        None, description="file with the client keys for /v1/* (one per line)"
+    )
+    admin_keys_env: str | None = Field(
+        None,
+        description="environment variable with the keys for /stats, /admin and /console "
+        "(comma-separated)",
+    )
+    admin_keys_file: str | None = Field(
+        None, description="file with the keys for /stats, /admin and /console (one per line)"
+    )
 
 
 class StatsConfig(_Model):
-    interval: float = Field(5.0, ge=0, description="seconds between stats log blocks; 0 = off")
+    interval: float = Field(
+        5.0, ge=0, description="seconds between latency log blocks; 0 = off (--stats-interval)"
+    )
     window: int = Field(10_000, ge=10, le=10_000_000, description="requests kept per statistic")
     timelines: int = Field(
-        1000, ge=1, le=1_000_000, description="recent request timelines kept for the console"
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="recent request timelines kept for the console and /admin/requests",
     )
 
 
@@ -146,7 +174,9 @@ class RoutingConfig(_Model):
 class DisaggConfig(_Model):
     """Conditional disaggregation: prompts with fewer uncached tokens go straight to the decoder."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        False, description="let short prompts skip the prefiller (connector nixl, no pool)"
+    )
     min_prefill_tokens: int = Field(
         512, ge=1, description="prompt tokens not cached on the decoder below which it prefills"
     )
@@ -171,7 +201,7 @@ class PoolPlannerConfig(_Model):
         0.5,
         gt=0,
         description="seconds of prompt work queued on the best prefill engine beyond which a "
-        "long prompt is computed on its decoder (when that one has less queued)",
+        "long prompt is computed on its decoder (when that one has less queued; prefill_busy)",
     )
     decode_streams: int = Field(
         256, ge=1, description="answers one engine generates at once (its --max-num-seqs)"
@@ -191,14 +221,25 @@ class PoolPlannerConfig(_Model):
         0.15, ge=0, description="relative gain a new ratio must promise before it is taken"
     )
     hold: int = Field(3, ge=1, description="decisions in a row that must agree before a change")
-    min_dwell: float = Field(5.0, ge=0, description="seconds an engine keeps its lean at least")
-    tokenize_timeout: float = Field(2.0, gt=0, description="seconds for an engine's /tokenize")
+    min_dwell: float = Field(
+        5.0,
+        ge=0,
+        description="seconds an engine keeps its lean at least (not when over capacity)",
+    )
+    tokenize_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="seconds for an engine's /tokenize (without an answer the prompt size is "
+        "estimated)",
+    )
 
 
 class KvHealthConfig(_Model):
     """KV-transfer health from the decoders' own transfer metrics (see proxy.control.kvhealth)."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="watch the decoders' NIXL pull bandwidth (connector nixl)"
+    )
     interval: float = Field(5.0, gt=0, description="seconds between the decoders' scrapes")
     window: float = Field(60.0, gt=0, description="seconds of transfers judged together")
     min_bandwidth: float = Field(
@@ -208,22 +249,56 @@ class KvHealthConfig(_Model):
         64 * 2**20, ge=0, description="bytes that must move in the window before judging"
     )
     warn_interval: float = Field(60.0, gt=0, description="seconds between repeated warnings")
+    min_pulls: int = Field(
+        8, ge=1, description="pulls that must be in the window (past warm-up) before judging"
+    )
+    warmup_pulls: int = Field(
+        8,
+        ge=0,
+        description="each decoder's first pulls (as its engine counts them), left out: the "
+        "first pulls of a fresh topology register memory and connect, and are slow",
+    )
+    engine_get_zcopy: str | None = Field(
+        default_factory=lambda: os.environ.get(ENGINE_GET_ZCOPY_ENV) or None,
+        description="UCX_CUDA_IPC_ENABLE_GET_ZCOPY as the engines have it, when known, so that "
+        "a slow-KV warning does not recommend what is already set; default: the environment "
+        f"variable {ENGINE_GET_ZCOPY_ENV}, which launchers/disagg.sh sets to what it gave the "
+        "engines",
+    )
 
 
 class ProxyConfig(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(9100, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address the proxy listens on (--host)")
+    port: int = Field(9100, ge=0, le=65535, description="port the proxy listens on (--port)")
     connector: str = Field(
-        "nixl", description="KV-transfer protocol (see proxy.engines.connectors)"
+        "nixl", description="KV-transfer protocol (--connector): nixl or lmcache"
     )
-    prefill: tuple[WorkerConfig, ...] = ()
-    decode: tuple[WorkerConfig, ...] = ()
-    # engines that prefill and decode (NIXL kv_both), as the pool planner decides per request
-    pool: tuple[WorkerConfig, ...] = ()
-    pool_mode: PoolMode = "adaptive"  # colocated: every request whole on one engine, no PD
+    prefill: tuple[WorkerConfig, ...] = Field(
+        (), description="the prefill engines (--prefill URL); required unless there is a pool"
+    )
+    decode: tuple[WorkerConfig, ...] = Field(
+        (), description="the decode engines (--decode URL); required unless there is a pool"
+    )
+    pool: tuple[WorkerConfig, ...] = Field(
+        (),
+        description="engines that both prefill and decode (NIXL kv_role kv_both), placed per "
+        "request by the pool planner (--pool URL)",
+    )
+    pool_mode: PoolMode = Field(
+        "adaptive",
+        description="adaptive: the pool planner decides per request; colocated: every request "
+        "whole on the least loaded pool engine (no PD, no /tokenize)",
+    )
     pool_planner: PoolPlannerConfig = Field(default_factory=PoolPlannerConfig)
-    prefill_policy: PolicyName = "least_loaded"
-    decode_policy: PolicyName = "least_loaded"
+    prefill_policy: PolicyName = Field(
+        "least_loaded",
+        description="how a prefiller is chosen: least_loaded (fewest in-flight requests, ties "
+        "by in-flight prompt size), round_robin, load_aware, prefix_aware (README: Routing "
+        "policies)",
+    )
+    decode_policy: PolicyName = Field(
+        "least_loaded", description="how a decoder is chosen: as prefill_policy"
+    )
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     conditional_disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     kv_health: KvHealthConfig = Field(default_factory=KvHealthConfig)
@@ -234,10 +309,20 @@ class ProxyConfig(_Model):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     fanout: FanoutConfig = Field(default_factory=FanoutConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
-    drain_timeout: float = Field(30.0, ge=0, description="SIGTERM: seconds in-flight may finish")
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    engine_api_key: str | None = Field(None, description="sent to the engines as a Bearer token")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="seconds in-flight requests get after SIGTERM, and on a worker being removed",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="larger request bodies get a 413"
+    )
+    engine_api_key: str | None = Field(
+        None, description="sent to the engines as a Bearer token (their vLLM --api-key)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="the proxy's log level (--log-level)"
+    )
     # connector lmcache: the notification socket and its deadline
     # (see proxy.engines.connectors.lmcache_config)
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import socket
 import sys
 from contextlib import closing
@@ -23,8 +24,15 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+def sdk_command() -> str:
+    """This interpreter, quoted for a shell: it has pdproxy, and `pip install openai` puts the SDK
+    beside it (the system's `python` need have neither)."""
+    return shlex.quote(sys.executable)
+
+
 def banner(port: int, prefill: str, decode: str) -> str:
     base = f"http://127.0.0.1:{port}"
+    python = sdk_command()
     return f"""
 pdproxy demo: prefiller {prefill}, decoder {decode}, proxy {base}
 
@@ -33,7 +41,9 @@ Try it:
     -d '{{"model": "{DEMO_MODEL}", "max_tokens": 32, "stream": true,
          "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
-  python - <<'PY'
+With the OpenAI SDK, in this virtualenv's python (the first line installs the SDK once):
+  {python} -m pip install -q openai
+  {python} - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="none")
 stream = client.chat.completions.create(model="{DEMO_MODEL}", stream=True, max_tokens=32,
@@ -43,6 +53,7 @@ for chunk in stream:
 print()
 PY
 
+Watch it in the browser: {base}/console
 Proof the KV was pulled, not recomputed:
   curl -s {decode}/metrics | grep -E 'nixl_xfer_time_seconds_count|pdsim:recomputed'
 Proxy latency: curl -s {base}/stats    Ctrl+C stops everything.

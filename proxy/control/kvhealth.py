@@ -9,9 +9,13 @@ proxy.engines.scrape.Scraper) gives their running sums: transfers, seconds spent
 bytes. Their differences
 over the last `window` seconds give the recent bandwidth (bytes per second of transfer) and the
 time per transfer, stored on the worker (`Worker.kv_transfer`) for /stats, /metrics and
-conditional disaggregation. A decoder is *slow* once at least `min_bytes` moved in the window at
-less than `min_bandwidth`: a warning says so at most every `warn_interval` seconds while it
-lasts, and one line when it ends.
+conditional disaggregation. A decoder is judged once its warm-up is behind it (the engine's first
+`warmup_pulls` pulls, which register memory and connect, are left out of the window) and once the
+window holds at least `min_pulls` pulls and `min_bytes` bytes; it is *slow* when they moved at
+less than `min_bandwidth`: a warning says so at most every `warn_interval` seconds while it lasts,
+and one line at INFO when it ends. The warning's advice depends on what is known of the engines'
+UCX_CUDA_IPC_ENABLE_GET_ZCOPY (`engine_get_zcopy`, as the launcher set it): recommending the
+setting the engines already have would send the reader in a circle.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ from proxy.engines.promtext import Samples
 from proxy.engines.scrape import Watch
 
 log = logging.getLogger("pdproxy")
+
+
+def advice(source: TransferMetrics, engine_get_zcopy: str | None) -> str:
+    """What to check, given the engines' UCX_CUDA_IPC_ENABLE_GET_ZCOPY where it is known."""
+    zcopy = engine_get_zcopy is not None and engine_get_zcopy.lower() in ("y", "yes", "1", "on")
+    if zcopy and source.zcopy_set_advice:
+        return source.zcopy_set_advice % engine_get_zcopy
+    return source.slow_advice
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +75,13 @@ class TransferWindow:
         while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
             self._samples.popleft()
 
-    def rate(self) -> KvTransfer | None:
-        """Transfers in the window, or None when there were none."""
-        if len(self._samples) < 2:
+    def rate(self, after: float = 0) -> KvTransfer | None:
+        """Transfers in the window, or None when there were none. With `after`, the base is the
+        first sample whose running count reached it: the engine's first pulls stay out."""
+        base = next((i for i, (_, s) in enumerate(self._samples) if s.transfers >= after), None)
+        if base is None or base >= len(self._samples) - 1:
             return None
-        (t0, a), (t1, b) = self._samples[0], self._samples[-1]
+        (t0, a), (t1, b) = self._samples[base], self._samples[-1]
         transfers = round(b.transfers - a.transfers)
         seconds = b.seconds - a.seconds
         if transfers <= 0 or seconds <= 0:
@@ -92,6 +106,9 @@ class KvHealth:
     min_bytes: float  # that must move in the window before judging
     warn_interval: float  # seconds between repeated warnings
     clock: Callable[[], float] = monotonic
+    min_pulls: int = 1  # pulls the window must hold before judging
+    warmup_pulls: int = 0  # the engine's first pulls, left out of every window
+    engine_get_zcopy: str | None = None  # the engines' UCX_CUDA_IPC_ENABLE_GET_ZCOPY, if known
     _watches: dict[str, _Watch] = field(default_factory=dict, init=False)
 
     def watch(self, interval: float, timeout: float) -> Watch:
@@ -116,16 +133,19 @@ class KvHealth:
             watch = self._watches[worker.url] = _Watch(TransferWindow(self.window))
         watch.window.add(now, totals)
         rate = watch.window.rate()
-        slow = (
-            rate is not None
-            and rate.nbytes >= self.min_bytes
-            and rate.bandwidth < self.min_bandwidth
+        # judged only past the engine's warm-up, over enough pulls and bytes
+        judged = watch.window.rate(after=self.warmup_pulls)
+        enough = (
+            judged is not None
+            and judged.transfers >= self.min_pulls
+            and judged.nbytes >= self.min_bytes
         )
+        slow = enough and judged is not None and judged.bandwidth < self.min_bandwidth
         if rate is not None:
             rate.slow = slow
         worker.kv_transfer = rate
         if slow:
-            assert rate is not None
+            assert judged is not None
             if watch.slow_since is None:
                 watch.slow_since = now
             if watch.warned_at is None or now - watch.warned_at >= self.warn_interval:
@@ -135,20 +155,20 @@ class KvHealth:
                     "(%.1f ms and %.0f MB per pull), under kv_health.min_bandwidth %.2f GB/s. %s",
                     worker.role,
                     worker.url,
-                    rate.bandwidth / 1e9,
-                    rate.transfers,
-                    rate.seconds_per_transfer * 1e3,
-                    rate.bytes_per_transfer / 1e6,
+                    judged.bandwidth / 1e9,
+                    judged.transfers,
+                    judged.seconds_per_transfer * 1e3,
+                    judged.bytes_per_transfer / 1e6,
                     self.min_bandwidth / 1e9,
-                    self.source.slow_advice,
+                    advice(self.source, self.engine_get_zcopy),
                 )
-        elif watch.slow_since is not None and rate is not None and rate.nbytes >= self.min_bytes:
-            log.warning(
+        elif watch.slow_since is not None and enough and judged is not None:
+            log.info(
                 "KV transfer to %s worker %s is fast again: %.2f GB/s over its last %d pulls",
                 worker.role,
                 worker.url,
-                rate.bandwidth / 1e9,
-                rate.transfers,
+                judged.bandwidth / 1e9,
+                judged.transfers,
             )
             watch.slow_since = watch.warned_at = None
 

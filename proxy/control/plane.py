@@ -102,7 +102,16 @@ def make_kv_health(config: ProxyConfig) -> KvHealth | None:
     kvh = config.kv_health
     if not kvh.enabled or source is None:
         return None
-    return KvHealth(source, kvh.min_bandwidth, kvh.window, kvh.min_bytes, kvh.warn_interval)
+    return KvHealth(
+        source,
+        kvh.min_bandwidth,
+        kvh.window,
+        kvh.min_bytes,
+        kvh.warn_interval,
+        min_pulls=kvh.min_pulls,
+        warmup_pulls=kvh.warmup_pulls,
+        engine_get_zcopy=kvh.engine_get_zcopy,
+    )
 
 
 def make_admin(

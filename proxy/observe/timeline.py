@@ -74,11 +74,12 @@ def describe(t: RequestTiming, seq: int, now: float | None = None) -> dict[str, 
 class TimelineRing:
     """The last `capacity` finished requests; `seq` counts every one ever added."""
 
-    __slots__ = ("_ring", "seq")
+    __slots__ = ("_ring", "handed_over", "seq")
 
     def __init__(self, capacity: int = 1000) -> None:
         self._ring: deque[tuple[int, RequestTiming]] = deque(maxlen=capacity)
         self.seq = 0
+        self.handed_over: dict[str, int] = {}  # decoder id -> requests whose KV it was handed
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -86,6 +87,8 @@ class TimelineRing:
     def add(self, timing: RequestTiming) -> None:
         self.seq += 1
         self._ring.append((self.seq, timing))
+        if timing.kv == "handed_over" and timing.decoder is not None:
+            self.handed_over[timing.decoder] = self.handed_over.get(timing.decoder, 0) + 1
 
     def since(self, seq: int, limit: int = 200) -> list[dict[str, Any]]:
         """Timelines added after `seq`, oldest first, at most the last `limit` of them."""

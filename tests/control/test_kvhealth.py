@@ -101,8 +101,81 @@ def test_slow_decoder_warned_with_the_fix_then_recovery(caplog: pytest.LogCaptur
     scrape(120, 16, 2.3, 3.4e9)  # the window now holds only fast transfers (26 GB/s)
     assert w.kv_transfer is not None and not w.kv_transfer.slow
     assert "is fast again" in caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelno == logging.INFO  # good news is no warning
     health.observe(w, None)  # the engine stopped exposing the metrics
     assert w.kv_transfer is None
+
+
+def pulls(health: KvHealth, worker: Worker, clock: Clock, rates: list[float]) -> None:
+    """One scrape per pull of 100 MB at each of `rates` (GB/s), a second apart."""
+    transfers, seconds, nbytes = 0, 0.0, 0.0
+    health.observe(worker, TransferTotals(0, 0.0, 0.0))
+    for gbps in rates:
+        clock.now += 1
+        transfers, seconds, nbytes = transfers + 1, seconds + 0.1 / gbps, nbytes + 1e8
+        health.observe(worker, TransferTotals(transfers, seconds, nbytes))
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("rates", "warned"),
+    [
+        ([1.4, 1.4] + [7.0] * 10, False),  # slow warm-up, then steady: the H200's start-up
+        ([1.4] * 8 + [7.0] * 10, False),  # all of the warm-up slow
+        ([7.0] * 8 + [1.4] * 3, False),  # too few pulls past warm-up to judge
+        ([7.0] * 8 + [1.4] * 4, True),  # past warm-up and enough pulls: slow
+        ([1.4] * 12, True),
+    ],
+)
+def test_judged_after_warm_up_over_enough_pulls(
+    caplog: pytest.LogCaptureFixture, rates: list[float], warned: bool
+) -> None:
+    clock = Clock()
+    health = KvHealth(
+        2e9, window=60, min_bytes=1e8, warn_interval=60, clock=clock, min_pulls=4, warmup_pulls=8
+    )
+    w = Worker("decode", "d0", "http://d0:8000")
+    caplog.set_level(logging.INFO, logger="pdproxy")
+    pulls(health, w, clock, rates)
+    assert bool(warnings_of(caplog)) == warned
+    assert w.kv_transfer is not None and w.kv_transfer.slow == warned
+
+
+def test_warm_up_counted_by_the_engine_not_by_the_proxy(caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy started beside engines long past their warm-up judges their pulls at once."""
+    clock = Clock()
+    health = KvHealth(2e9, 60, 1e8, 60, clock, min_pulls=2, warmup_pulls=8)
+    w = Worker("decode", "d0", "http://d0:8000")
+    caplog.set_level(logging.INFO, logger="pdproxy")
+    health.observe(w, TransferTotals(500, 10.0, 5e10))
+    clock.now = 5
+    health.observe(w, TransferTotals(502, 10.2, 5.02e10))  # 0.1 ms... 1 GB/s
+    assert len(warnings_of(caplog)) == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "advised"),
+    [
+        (None, "set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y in the environment of every engine"),
+        ("auto", "set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y in the environment of every engine"),
+        ("y", "already run with UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y"),
+    ],
+)
+def test_advice_knows_what_the_engines_have(
+    caplog: pytest.LogCaptureFixture, setting: str | None, advised: str
+) -> None:
+    clock = Clock()
+    health = KvHealth(2e9, 60, 1e8, 60, clock, min_pulls=2, engine_get_zcopy=setting)
+    w = Worker("decode", "d0", "http://d0:8000")
+    caplog.set_level(logging.INFO, logger="pdproxy")
+    pulls(health, w, clock, [0.5, 0.5])
+    (warning,) = warnings_of(caplog)
+    assert advised in warning
+    if setting == "y":
+        assert "set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" not in warning
 
 
 def completion(words: int) -> dict[str, object]:
@@ -115,6 +188,7 @@ def test_proxy_reports_a_slowly_pulling_decoder(tmp_path: Path, clean_sims: dict
     cfg = tmp_path / "kv.yaml"
     cfg.write_text(json.dumps({"kv_health": {
         "interval": 0.2, "window": 2.0, "min_bandwidth": 1e8, "min_bytes": 1e6,
+        "min_pulls": 1, "warmup_pulls": 0,
     }}))  # fmt: skip
     d0.faults(kv_xfer_gbps=0.05)  # 50 MB/s, as a bad TCP path
     try:
@@ -147,6 +221,8 @@ def test_proxy_reports_a_slowly_pulling_decoder(tmp_path: Path, clean_sims: dict
                 r = httpx.post(proxy.url + "/v1/completions", json=completion(200), timeout=30)
                 assert r.status_code == 200
             wait_for(lambda: "is fast again" in proxy.log.read_text(), timeout=10)
+            fast = next(x for x in proxy.log.read_text().splitlines() if "is fast again" in x)
+            assert " INFO pdproxy: " in fast  # good news, not a warning
             assert proxy.metrics().total("pdproxy_kv_transfer_slow", url=d0.url) == 0
     finally:
         d0.faults()
@@ -158,7 +234,8 @@ def test_conditional_disaggregation_keeps_prompts_off_a_slow_kv_path(
     p0, d0 = clean_sims["p0"], clean_sims["d0"]
     cfg = tmp_path / "cd.yaml"
     cfg.write_text(json.dumps({
-        "kv_health": {"interval": 0.2, "window": 30, "min_bandwidth": 1e8, "min_bytes": 1e6},
+        "kv_health": {"interval": 0.2, "window": 30, "min_bandwidth": 1e8, "min_bytes": 1e6,
+                      "min_pulls": 1, "warmup_pulls": 0},
         "conditional_disagg": {"enabled": True, "min_prefill_tokens": 16},
     }))  # fmt: skip
     d0.faults(kv_xfer_gbps=0.05)
@@ -174,5 +251,45 @@ def test_conditional_disaggregation_keeps_prompts_off_a_slow_kv_path(
             total = proxy.metrics().total
             assert total("pdproxy_disagg_decisions_total", decision="remote", reason="long") == 1
             assert total("pdproxy_disagg_decisions_total", decision="local", reason="slow_kv") == 1
+    finally:
+        d0.faults()
+
+
+def test_proxy_quiet_through_a_slow_warm_up_and_told_the_engines_setting(
+    tmp_path: Path, clean_sims: dict[str, Sim], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up seen on the H200: the first pulls of a fresh topology are slow, then steady.
+    No warning for those; when the pulls are slow past the warm-up, the warning knows (from the
+    environment the launcher gives the proxy) that the engines already have the UCX setting."""
+    p0, d0 = clean_sims["p0"], clean_sims["d0"]
+    cfg = tmp_path / "kv.yaml"
+    # the engine's warm-up is its first pulls: the shared simulator has counted some already
+    pulled = round(d0.metrics().total("vllm:nixl_xfer_time_seconds_count"))
+    cfg.write_text(json.dumps({"kv_health": {
+        "interval": 0.1, "window": 30, "min_bandwidth": 1e8, "min_bytes": 1e6,
+        "min_pulls": 3, "warmup_pulls": pulled + 2,
+    }}))  # fmt: skip
+    monkeypatch.setenv("PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+    url_of = "/v1/completions"
+    try:
+        with running(start_proxy(tmp_path, [p0], [d0], "--config", str(cfg))) as proxy:
+            d0.faults(kv_xfer_gbps=0.05)  # the two warm-up pulls: slow
+            for _ in range(2):
+                assert httpx.post(proxy.url + url_of, json=completion(200), timeout=30).is_success
+            d0.faults()
+            for _ in range(3):
+                assert httpx.post(proxy.url + url_of, json=completion(200), timeout=30).is_success
+            wait_for(lambda: proxy.stats()["kv_transfer"].get(d0.url, {}).get("transfers"), 10)
+            judged = proxy.stats()["kv_transfer"][d0.url]
+            assert judged["slow"] is False
+            assert "is slow" not in proxy.log.read_text()
+
+            d0.faults(kv_xfer_gbps=0.05)  # now slow for real
+            for _ in range(3):
+                assert httpx.post(proxy.url + url_of, json=completion(200), timeout=30).is_success
+            wait_for(lambda: "is slow" in proxy.log.read_text(), timeout=10)
+            line = next(x for x in proxy.log.read_text().splitlines() if "is slow" in x)
+            assert "already run with UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" in line
+            assert "set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" not in line
     finally:
         d0.faults()

@@ -186,8 +186,10 @@ def test_cuda_engines_get_the_ucx_get_zcopy_fix_by_default(tmp_path: Path) -> No
     plan = dry_run("--model", "m", tmp_path=tmp_path)
     for cmd in plan.engines("prefill") + plan.engines("decode"):
         assert cmd.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+    assert plan.commands["proxy"].env["PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
     cpu = dry_run("--model", "m", "--device", "cpu", tmp_path=tmp_path)
     assert all("UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in c.env for c in cpu.commands.values())
+    assert not cpu.commands["proxy"].env
 
 
 def test_ucx_get_zcopy_from_the_environment_or_the_flag(tmp_path: Path) -> None:
@@ -196,6 +198,8 @@ def test_ucx_get_zcopy_from_the_environment_or_the_flag(tmp_path: Path) -> None:
     assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("decode")} == {"auto"}
     plan = dry_run("--model", "m", "--ucx-get-zcopy", "n", tmp_path=tmp_path, env=env)
     assert {c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] for c in plan.engines("prefill")} == {"n"}
+    # the proxy is told what the engines got, for the advice of its slow-KV warning
+    assert plan.commands["proxy"].env["PDPROXY_ENGINE_UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "n"
 
 
 def test_cross_layer_blocks_and_the_model_runner(tmp_path: Path) -> None:
@@ -320,7 +324,7 @@ def test_a_pool_beside_dedicated_engines_takes_the_next_gpus(tmp_path: Path) -> 
         for c in pool
     )
     assert "--max-num-seqs" not in plan.commands["decode-0"].argv
-    side = [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in plan.commands.values() if c.env]
+    side = [c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for n, c in plan.commands.items() if n != "proxy"]
     assert len(set(side)) == 4
     proxy = plan.commands["proxy"]
     assert proxy.flags("--prefill") == ["http://127.0.0.1:7100"]
@@ -400,3 +404,96 @@ def test_taken_port_fails_fast(tmp_path: Path) -> None:
         )  # fmt: skip
     assert result.returncode != 0
     assert f"port(s) already in use on 127.0.0.1: {port}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "first", "second"),
+    [
+        (
+            ["--prefill", "2", "--decode-port", "7101"],
+            "prefill-1's HTTP server (--prefill-port)",
+            "decode-0's HTTP server (--decode-port)",
+        ),
+        (
+            ["--proxy-port", "7100"],
+            "the proxy (--proxy-port)",
+            "prefill-0's HTTP server (--prefill-port)",
+        ),
+        (
+            ["--side-channel-port", "7200"],  # prefill-0's side channel on decode-0's HTTP port
+            "prefill-0's NIXL side channel (--side-channel-port)",
+            "decode-0's HTTP server (--decode-port)",
+        ),
+        (
+            ["--pool", "1", "--pool-port", "5800"],  # the pool engine's side channel: 5600+200
+            "pool-0's HTTP server (--pool-port)",
+            "pool-0's NIXL side channel (--side-channel-port)",
+        ),
+        (
+            ["--connector", "lmcache", "--decode", "2", "--lmcache-alloc-port", "7301"],
+            "decode-0's LMCache alloc port, TP rank 0 (--lmcache-alloc-port)",
+            "decode-1's LMCache init port, TP rank 0 (--lmcache-init-port)",
+        ),
+        (
+            ["--connector", "lmcache", "--notify-port", "9100"],
+            "the proxy (--proxy-port)",
+            "the proxy's LMCache notifications (--notify-port)",
+        ),
+    ],
+)
+def test_colliding_ports_refused_naming_both_users(
+    args: list[str], first: str, second: str
+) -> None:
+    result = run_launcher("--dry-run", "--model", "m", *args)
+    assert result.returncode != 0 and not result.stdout
+    port = next(a for a in args if a.isdigit() and len(a) == 4)
+    assert f"port {port} is planned for both {first} and {second}" in result.stderr
+
+
+def test_dry_run_summary_first_then_commands_then_yaml(tmp_path: Path) -> None:
+    """A 2P2D LMCache plan: GPUs, ports and start order on top; the long YAML files last."""
+    args = ["--model", "m", "--prefill", "2", "--decode", "2", "--decode-tp", "2",
+            "--connector", "lmcache", "--proxy-cmd", "pdproxy",
+            "--log-dir", str(tmp_path)]  # fmt: skip
+    result = run_launcher("--dry-run", *args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    head = lines[: lines.index(f"mkdir -p {tmp_path}")]
+    assert (
+        "# GPUs: 6 needed (0,1,2,3,4,5): prefill-0 0; prefill-1 1; decode-0 2,3; decode-1 4,5"
+        in head
+    )
+    assert "#   7101  prefill-1's HTTP server (--prefill-port)" in head
+    assert "#   7403  decode-1's LMCache alloc port, TP rank 1 (--lmcache-alloc-port)" in head
+    assert "#   7500  the proxy's LMCache notifications (--notify-port)" in head
+    assert "# start order: proxy prefill-0 prefill-1 decode-0 decode-1 (commands below)" in head
+    commands = [i for i, line in enumerate(lines) if line.startswith("env ")]
+    files = [i for i, line in enumerate(lines) if line.startswith("cat > ")]
+    assert len(commands) == 5 and len(files) == 4
+    assert max(commands) < min(files)  # every command before the first YAML
+    plan = dry_run_plan(args)
+    assert plan.order == ["proxy", "prefill-0", "prefill-1", "decode-0", "decode-1"]
+
+
+def test_yaml_comments_name_their_instance(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--prefill", "2", "--decode", "2", "--connector", "lmcache",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    for cmd in plan.engines("prefill") + plan.engines("decode"):
+        path = cmd.env["LMCACHE_CONFIG_FILE"]
+        text = plan.files[path]
+        assert text.startswith(f"# {cmd.name}: written by launchers/disagg.sh from configs/")
+        rpc = cmd.kv_config["kv_connector_extra_config"]["lmcache_rpc_port"]
+        comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+        assert f'"lmcache_rpc_port":"{rpc}"' in comments, cmd.name
+        assert f"LMCACHE_CONFIG_FILE={path}" in comments
+    second = plan.files[plan.engines("decode")[1].env["LMCACHE_CONFIG_FILE"]]
+    assert "consumer1" not in second and "producer1" not in second
+
+
+def test_dry_run_summary_counts_cpu_cores(tmp_path: Path) -> None:
+    result = run_launcher(
+        "--dry-run", "--model", "m", "--device", "cpu", "--cpus", "2", "--log-dir", str(tmp_path)
+    )
+    assert "# CPU cores: 2 of 2 (0,1): prefill-0 0; decode-0 1" in result.stdout.splitlines()

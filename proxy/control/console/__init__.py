@@ -64,12 +64,13 @@ def add_console_routes(api: FastAPI, feed: ConsoleFeed, draining: Callable[[], b
         admin.guard(request.scope["headers"])
 
         async def stream() -> AsyncIterator[bytes]:
-            seen, last = since, monotonic()
+            seen, last = since, None
             feed.watchers += 1
             try:
                 while not draining():
                     now = monotonic()
-                    seen, snapshot = await feed.snapshot(seen, now - last)
+                    # the first tick has no last one: what it sends is history, not a tick
+                    seen, snapshot = await feed.snapshot(seen, None if last is None else now - last)
                     last = now
                     yield b"data: " + orjson.dumps(snapshot) + b"\n\n"
                     await asyncio.sleep(feed.interval)

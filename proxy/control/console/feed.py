@@ -61,6 +61,11 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     return {"p50": at(0.5), "p99": at(0.99)}
 
 
+def ended_at(timeline: dict[str, Any]) -> float:
+    """When a described request ended, wall clock seconds."""
+    return float(timeline["started_at"]) + (timeline["ms"]["total"] or 0.0) / 1e3
+
+
 @dataclass(eq=False)
 class ConsoleFeed:
     admin: Admin
@@ -111,10 +116,17 @@ class ConsoleFeed:
             for name, s in self.stats.summaries().items()
         }
 
-    async def snapshot(self, since: int, dt: float) -> tuple[int, dict[str, Any]]:
-        """The snapshot for a page that has seen timelines up to `since`, `dt` s ago."""
-        new = self.timelines.since(since, limit=len(self.timelines) or 1)
+    async def snapshot(self, since: int, dt: float | None) -> tuple[int, dict[str, Any]]:
+        """The snapshot for a page that has seen timelines up to `since`, `dt` s ago. A page's
+        first tick (`dt` None) gets the history for its table, but its tick counts only the
+        requests that ended in the last `interval` seconds: the history is no one second's
+        traffic (it drew a false spike that also fixed the charts' scale)."""
+        history = self.timelines.since(since, limit=len(self.timelines) or 1)
         seq = self.timelines.seq
+        new = history
+        if dt is None:
+            dt = self.interval
+            new = [t for t in history if ended_at(t) >= time.time() - dt]
         errors = [t for t in new if (t["status"] >= 400 and t["status"] != 499) or t["error"]]
 
         def hop(name: str) -> dict[str, float] | None:
@@ -142,7 +154,10 @@ class ConsoleFeed:
                 "tpot": hop("tpot"),
                 "e2e": hop("total"),
             },
-            "timelines": new[-TABLE_ROWS:],
+            "timelines": history[-TABLE_ROWS:],
+            # KV handed over per decoder, by requests only (the engines' own pull counts
+            # include the admission probes' pulls)
+            "handed_over": dict(self.timelines.handed_over),
             "counters": self.counters(),
             "events": list(self.admin.events),
             **self.info(),

@@ -59,12 +59,14 @@ def prefill_response(raw: bytes, prefiller: Worker) -> dict[str, Any]:
 class TransferMetrics:
     """Where a decoder counts the KV it received, in its own /metrics: running sums of the
     transfers, of the seconds spent in them and of their bytes (what KV health reads, and what
-    proves a probe's pull), with the advice to give when the transfers are slow."""
+    proves a probe's pull), with the advice to give when the transfers are slow, and the advice
+    when the engines are known to run with UCX_CUDA_IPC_ENABLE_GET_ZCOPY on (`%s`: its value)."""
 
     count: str
     seconds: str
     nbytes: str
     slow_advice: str
+    zcopy_set_advice: str = ""
 
 
 class Connector(Protocol):

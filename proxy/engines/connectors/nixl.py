@@ -50,6 +50,13 @@ NIXL_METRICS = TransferMetrics(
         "engine (launchers/disagg.sh does unless told otherwise) and restart them; between "
         "hosts, make sure UCX_TLS allows an RDMA transport."
     ),
+    zcopy_set_advice=(
+        "The engines already run with UCX_CUDA_IPC_ENABLE_GET_ZCOPY=%s (as launched), so "
+        "cuda_ipc reads are allowed: look elsewhere. A pull of many small pieces is slow even GPU "
+        "to GPU (vLLM's per-layer layout moves one descriptor per layer and block: try larger "
+        "blocks, --cross-layer-blocks, more NIXL threads); between hosts, make sure UCX_TLS "
+        "allows an RDMA transport."
+    ),
 )
 
 

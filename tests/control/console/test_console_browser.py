@@ -4,7 +4,9 @@ adds a worker from the page, and streams an answer token by token with its timel
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,7 +113,9 @@ async def drive(url: str, joining: Sim) -> None:
         await page.wait_for(
             "!!document.querySelector('#requests tbody tr[data-request-id^=\"console-\"]')"
         )
-        await page.wait_for("document.querySelector('#counters').textContent.includes('KV pulled')")
+        await page.wait_for(
+            "document.querySelector('#counters').textContent.includes('KV handed over')"
+        )
         assert not [m for m in page.console if m.startswith("exception")], page.console
         await page.close()
 
@@ -159,6 +163,140 @@ async def watch_pool(url: str) -> None:
             "(() => { const p = [...document.querySelectorAll('#requests tbody td.plan')]"
             ".map(e => e.textContent); return p.length >= 2 ? p : null })()"
         )
-        assert plans[0].startswith("remote: long") and plans[1].startswith("local: short")
+        assert plans[0].startswith("remote on b0: long")
+        assert plans[1].startswith("local: short")
         assert not [m for m in page.console if m.startswith("exception")], page.console
+        await page.close()
+
+
+def completion(url: str, max_tokens: int) -> None:
+    body = {"model": MODEL, "prompt": "tell me a story", "max_tokens": max_tokens}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+
+
+def test_console_tells_the_truth(tmp_path: Path, slow: dict[str, Sim]) -> None:
+    """What a new operator read wrong (issue 22): a history spike on the first tick, bars of
+    their own scale, rows in finish order behind a start-time column, hops only on hover, a
+    plan of "-", probe pulls counted as requests' pulls, failed probes not called failed, and
+    LMCache port fields on a NIXL topology."""
+    p0, d0, d1 = slow["cp0"], slow["cd0"], slow["cd1"]
+    for sim in slow.values():
+        sim.reset()
+    cfg = config_file(tmp_path)
+    with running(start_proxy(tmp_path, [p0], [d0], "--config", cfg)) as proxy:
+        for _ in range(6):  # history before the page opens: at least a second old
+            completion(proxy.url, 2)
+        time.sleep(1.5)
+        asyncio.run(read_truth(proxy.url, d1))
+
+
+async def read_truth(url: str, joining: Sim) -> None:
+    async with Browser() as browser:
+        page = await browser.page()
+        await page.navigate(url + "/console")
+        await page.wait_for("document.querySelector('#status').textContent === 'live'")
+        await page.wait_for("document.querySelectorAll('#requests tbody tr').length === 6")
+        # the history filled the table but is no one second's traffic
+        first_rate = await page.evaluate("charts.rate.data[0][0]")
+        assert first_rate == 0, first_rate
+        # and a real outlier does not set the scale of the whole window: 60 points of 50 ms
+        # after one of 3 s draw on a scale of about 50 ms (the outlier clipped, marked)
+        scale = await page.evaluate(
+            "(() => { const c = new Chart(document.createElement('canvas'),"
+            " [{name: 'p99', color: '#000'}]);"
+            " for (const v of [3000, ...Array(60).fill(50)]) c.push([v]); return c.max })()"
+        )
+        assert 50 < scale <= 100, scale
+
+        # a short and a long request, and a short one started after the long one ended:
+        # ordered by start, on one axis
+        for max_tokens in (40, 2):
+            await asyncio.to_thread(completion, url, max_tokens)
+        await page.wait_for("document.querySelectorAll('#requests tbody tr').length === 8")
+        rows = await page.evaluate(
+            "[...document.querySelectorAll('#requests tbody tr')].map(r => ({"
+            " started: Number(r.dataset.started), total: Number(r.dataset.total),"
+            " whole: parseFloat(r.querySelector('.seg.whole').style.width),"
+            " plan: r.querySelector('td.plan').textContent,"
+            " hops: r.querySelector('.hops-inline').textContent,"
+            " hopsShown: r.querySelector('.hops-inline').offsetHeight > 0 }))"
+        )
+        starts = [r["started"] for r in rows]
+        assert starts == sorted(starts, reverse=True)
+        scale = float(await page.evaluate("document.querySelector('#requests').dataset.scale"))
+        assert scale >= max(r["total"] for r in rows)
+        for r in rows:  # each bar as long as its request on the common axis
+            assert abs(r["whole"] - 100 * r["total"] / scale) < 1.0, (r, scale)
+        long_row, short_row = rows[1], rows[0]
+        assert long_row["whole"] > 4 * short_row["whole"]
+        axis = await page.evaluate("document.querySelector('#timeline-axis').textContent")
+        assert axis.startswith("0") and ("ms" in axis or " s" in axis)
+        for r in rows:
+            assert r["hopsShown"] and "prefill" in r["hops"] and "decode" in r["hops"], r
+            assert r["plan"].startswith("remote"), r  # every prompt went to the prefiller
+
+        # NIXL: no LMCache port fields
+        for field in ("#add-init-ports", "#add-alloc-ports"):
+            assert await page.evaluate(f"document.querySelector('{field}').offsetParent") is None
+
+        # a probe that fails (nothing listens there), then one that passes and pulls KV
+        for target in ("http://127.0.0.1:9", joining.url):
+            await page.evaluate(
+                f"document.querySelector('#add-url').value = {target!r};"
+                "document.querySelector('#add-button').click()"
+            )
+            await page.wait_for("!document.querySelector('#add-result').textContent"
+                                ".startsWith('probing')", 30)  # fmt: skip
+        joined = await page.wait_for(
+            "(w => w && w.dataset.id)([...document.querySelectorAll('.worker')]"
+            f".find(e => e.querySelector('.url').textContent.startsWith({joining.url!r})))"
+        )  # (its id: d1, or the next one if a refused add used that up)
+
+        def counter(name: str) -> str:
+            """A JavaScript expression: the text of the counters' row named `name`."""
+            return (
+                "(r => r ? r.textContent : '')([...document.querySelectorAll('#counters tr')]"
+                f".find(r => r.cells[0].textContent === {json.dumps(name)}))"
+            )
+
+        await page.wait_for(f"{counter('admission probes')}.includes('failed')")
+        probes = await page.evaluate(counter("admission probes"))
+        assert "passed 1; failed 1 (at reachable 1)" in probes, probes
+        handed = await page.evaluate(counter("KV handed over (requests)"))
+        assert f"{joined} 0" in handed and "d0 8" in handed, (
+            handed
+        )  # the probe's pull: no request's
+        engines = counter("engines' NIXL pulls (with probes')")
+        pulls = await page.wait_for(f"(t => t.includes('{joined} 1') && t)({engines})")
+        assert f"{joined} 1" in pulls
+        assert not [m for m in page.console if m.startswith("exception")], page.console
+        await page.close()
+
+
+def test_console_without_the_admin_key_asks_for_it_calmly(
+    tmp_path: Path, slow: dict[str, Sim], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PDPROXY_TEST_CONSOLE_KEY", "k1")
+    cfg = config_file(tmp_path, auth={"admin_keys_env": "PDPROXY_TEST_CONSOLE_KEY"})
+    with running(start_proxy(tmp_path, [slow["cp0"]], [slow["cd0"]], "--config", cfg)) as proxy:
+        asyncio.run(ask_for_key(proxy.url))
+
+
+async def ask_for_key(url: str) -> None:
+    async with Browser() as browser:
+        page = await browser.page()
+        await page.navigate(url + "/console")
+        await page.wait_for("document.querySelector('#status').textContent === 'admin key needed'")
+        note = await page.wait_for(
+            "(n => n.offsetHeight > 0 && n.textContent)(document.querySelector('#feed-note'))"
+        )
+        assert "admin key" in note and "Bearer" not in note
+        # nothing under "Add a worker", where a failed add is reported in red
+        assert await page.evaluate("document.querySelector('#add-result').textContent") == ""
+        await page.evaluate(
+            "document.querySelector('#admin-key').value = 'k1';"
+            "document.querySelector('#keys button').click()"
+        )
+        await page.wait_for("document.querySelector('#status').textContent === 'live'", 10)
+        assert await page.evaluate("document.querySelector('#feed-note').offsetHeight") == 0
         await page.close()

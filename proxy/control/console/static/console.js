@@ -71,9 +71,12 @@ class Chart {
     g.setTransform(ratio, 0, 0, ratio, 0, 0);
     g.clearRect(0, 0, w, h);
     const left = 42, bottom = 16, top = 14, plotW = w - left - 6, plotH = h - top - bottom;
-    let max = 0;
-    for (const s of this.data) for (const v of s) if (v !== null && v > max) max = v;
-    max = max > 0 ? niceCeil(max * 1.1) : 1;
+    // The scale follows the bulk of the points: one outlier (a start-up stall) would otherwise
+    // flatten the whole window; points above it are drawn clipped at the top, with a mark.
+    const all = this.data.flat().filter((v) => v !== null).sort((a, b) => a - b);
+    let max = all.length ? all[Math.floor(0.97 * (all.length - 1))] : 0;
+    max = max > 0 ? niceCeil(max * 1.15) : 1;
+    this.max = max;
     g.font = "11px system-ui, sans-serif";
     g.strokeStyle = "#e6e9ee"; g.fillStyle = "#6b7385"; g.lineWidth = 1;
     for (let i = 0; i <= 4; i++) {
@@ -84,16 +87,19 @@ class Chart {
     g.fillText(`-${POINTS}s`, left, h - 3);
     g.fillText("now", left + plotW - 22, h - 3);
     this.data.forEach((s, i) => {
-      g.strokeStyle = this.series[i].color; g.lineWidth = 1.6; g.beginPath();
+      g.strokeStyle = this.series[i].color; g.fillStyle = this.series[i].color; g.lineWidth = 1.6; g.beginPath();
       let pen = false;
+      const clipped = [];
       s.forEach((v, j) => {
         const x = left + (plotW * (j + POINTS - s.length)) / (POINTS - 1);
         if (v === null) { pen = false; return; }
-        const y = top + plotH - (plotH * v) / max;
+        const y = top + plotH - (plotH * Math.min(v, max)) / max;
+        if (v > max) clipped.push(x);
         if (pen) g.lineTo(x, y); else g.moveTo(x, y);
         pen = true;
       });
       g.stroke();
+      for (const x of clipped) { g.beginPath(); g.moveTo(x - 3, top + 4); g.lineTo(x + 3, top + 4); g.lineTo(x, top - 1); g.fill(); }
       g.fillStyle = this.series[i].color;
       const last = [...s].reverse().find((v) => v !== null);
       g.fillText(`${this.series[i].name} ${last === undefined ? "-" : shortNum(last)}`, left + 6 + i * 110, 10);
@@ -235,10 +241,23 @@ function detail(obj) {
   return parts.length ? parts.join(", ") : "";
 }
 
+function probeDetail(counter) {
+  // results: "passed", or the name of the probe that failed
+  const results = byLabel(counter, "result"), passed = results.passed || 0;
+  const failed = Object.entries(results).filter(([r, v]) => r !== "passed" && v);
+  const failedTotal = failed.reduce((t, [, v]) => t + v, 0);
+  const parts = [];
+  if (passed) parts.push(`passed ${passed}`);
+  if (failedTotal) parts.push(`failed ${failedTotal} (at ${failed.map(([r, v]) => `${r} ${v}`).join(", ")})`);
+  return parts.join("; ");
+}
+
 function drawCounters(snap) {
   const c = snap.counters;
-  const decoders = snap.workers.filter((w) => w.role === "decode");
-  const pulls = decoders.reduce((t, w) => t + ((snap.engines[w.id] || {}).nixl_pulls || 0), 0);
+  const pullers = snap.workers.filter((w) => w.role !== "prefill");
+  const handed = snap.handed_over || {};
+  const handedTotal = Object.values(handed).reduce((t, v) => t + v, 0);
+  const pulls = pullers.reduce((t, w) => t + ((snap.engines[w.id] || {}).nixl_pulls || 0), 0);
   const recompute = byLabel(c.pdproxy_kv_recompute_total, "reason");
   const fallbacks = byLabel(c.pdproxy_prefill_fallbacks_total, "reason");
   const retries = byLabel(c.pdproxy_retries_total, "role");
@@ -249,20 +268,21 @@ function drawCounters(snap) {
   const rows = [
     ["requests", sumOf(c.pdproxy_requests_total), detail(statuses)],
     ["errors (4xx/5xx)", errors, ""],
-    ["KV pulled (decoders' NIXL transfers)", pulls, decoders.map((w) => `${w.id} ${fmt((snap.engines[w.id] || {}).nixl_pulls, 0)}`).join(", ")],
+    ["KV handed over (requests)", handedTotal, pullers.map((w) => `${w.id} ${handed[w.id] || 0}`).join(", ")],
+    ["engines' NIXL pulls (with probes')", snap.connector === "nixl" ? pulls : "-", snap.connector === "nixl" ? pullers.map((w) => `${w.id} ${fmt((snap.engines[w.id] || {}).nixl_pulls, 0)}`).join(", ") : "no NIXL"],
     ["KV recomputed", sumOf(c.pdproxy_kv_recompute_total), detail(recompute)],
     ["prefill fallbacks", sumOf(c.pdproxy_prefill_fallbacks_total), detail(fallbacks)],
     ["retries", sumOf(c.pdproxy_retries_total), detail(retries)],
     ["client disconnects", sumOf(c.pdproxy_client_disconnects_total), detail(disconnects)],
     ["upstream failures", sumOf(c.pdproxy_upstream_failures_total), detail(failures)],
     ["admission rejections (429)", sumOf(c.pdproxy_admission_rejected_total), ""],
-    ["admission probes", sumOf(c.pdproxy_worker_probes_total), detail(byLabel(c.pdproxy_worker_probes_total, "result"))],
+    ["admission probes", sumOf(c.pdproxy_worker_probes_total), probeDetail(c.pdproxy_worker_probes_total)],
   ];
   for (const w of snap.workers) {
     const e = snap.engines[w.id];
     if (e && e.prefix_queries) rows.push([`prefix-cache hit rate ${w.id}`, pct(e.prefix_hits / e.prefix_queries), `${fmt(e.prefix_hits, 0)} of ${fmt(e.prefix_queries, 0)} tokens`]);
   }
-  $("#counters tbody").replaceChildren(...rows.map(([k, v, d]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, v), el("td", { class: "dim" }, d))));
+  $("#counters tbody").replaceChildren(...rows.map(([k, v, d]) => el("tr", { "data-counter": k }, el("td", {}, k), el("td", { class: "num" }, v), el("td", { class: "dim" }, d))));
 }
 
 function drawLatency(snap) {
@@ -282,13 +302,16 @@ function drawEvents(snap) {
 
 // --- timelines ------------------------------------------------------------------------------
 
+// Bars share one time axis (`scale` ms: the longest request shown, rounded up): a 90 ms and
+// a 900 ms request draw bars of different lengths. The light "whole" segment is the request.
 function timelineBar(t, scale) {
   const a = t.at_ms, bar = el("div", { class: "timeline", title: hopText(t) });
   const span = scale || a.end || 1;
   const seg = (cls, from, to) => {
     if (from === null || to === null || to < from) return;
-    bar.append(el("span", { class: "seg " + cls, style: `left:${(100 * from) / span}%;width:${Math.max(0.5, (100 * (to - from)) / span)}%` }));
+    bar.append(el("span", { class: "seg " + cls, style: `left:${(100 * from) / span}%;width:${Math.max(0.3, (100 * (to - from)) / span)}%` }));
   };
+  seg("whole", 0, a.end);
   seg("admission", 0, a.admitted);
   seg("prefill", a.prefill_start, a.prefill_end);
   seg("handoff", a.prefill_end !== null ? a.prefill_end : a.admitted, a.first_token);
@@ -296,10 +319,19 @@ function timelineBar(t, scale) {
   return bar;
 }
 
+function timeAxis(scale) {
+  const axis = el("div", { class: "axis", "data-scale": scale });
+  for (let i = 0; i <= 4; i++) {
+    const ms = (scale * i) / 4;
+    axis.append(el("span", { style: `left:${25 * i}%` }, i === 0 ? "0" : ms >= 1000 ? `${shortNum(ms / 1000)} s` : `${shortNum(ms)} ms`));
+  }
+  return axis;
+}
+
 function hopText(t) {
   const m = t.ms;
   return [
-    `plan ${planText(t.plan)}`,
+    `plan ${planText(t)}`,
     `admission wait ${fmt(m.admission, 2)} ms`,
     `prefill ${fmt(m.prefill, 2)} ms on ${t.prefiller || "-"}`,
     `KV handoff to first token ${fmt(m.handoff, 2)} ms (${t.kv || "-"})`,
@@ -309,28 +341,55 @@ function hopText(t) {
   ].join("\n");
 }
 
-function planText(plan) {
-  if (!plan || !plan.prefill) return "-";
-  return `${plan.prefill}: ${plan.reason || "-"}` + (plan.tokens ? ` (${plan.tokens} tok)` : "");
+// The hops in one line, shown under each bar (no hovering needed).
+function hopLine(t) {
+  const m = t.ms, parts = [], ms = (v) => `${fmt(v, 1)} ms`;
+  if (m.admission >= 0.05) parts.push(`wait ${ms(m.admission)}`);
+  if (m.prefill !== null) parts.push(`prefill ${ms(m.prefill)} on ${t.prefiller || "-"}`);
+  if (m.handoff !== null) parts.push(`${t.prefiller ? "KV → 1st token" : "1st token"} ${ms(m.handoff)}`);
+  if (m.decode !== null) parts.push(`decode ${ms(m.decode)} on ${t.decoder || "-"}`);
+  return parts.join(" · ") + (t.retries ? ` · ${t.retries} retries` : "");
 }
 
-function requestRow(t) {
+// Where the prompt was computed and why. Outside a pool the plan may not say: then what the
+// request did tells (a prefiller's leg: remote; none: local), and a recompute says why.
+function planText(t) {
+  const plan = t.plan || {};
+  const where = plan.prefill || (t.prefiller ? "remote" : t.kv ? "local" : null);
+  if (!where) return "-";
+  let why = plan.reason;
+  if (!why && t.kv && !["handed_over", "local"].includes(t.kv)) why = "recomputed: " + t.kv;
+  const on = where === "remote" && t.prefiller ? ` on ${t.prefiller}` : "";
+  return where + on + (why ? `: ${why}` : "") + (plan.tokens ? ` (${plan.tokens} tok)` : "");
+}
+
+function requestRow(t, scale) {
   const bad = t.error || (t.status >= 400 && t.status !== 499);
-  return el("tr", { class: bad ? "error" : "", "data-request-id": t.request_id, title: t.error || "" },
+  return el("tr", { class: bad ? "error" : "", "data-request-id": t.request_id, "data-started": t.started_at, "data-total": t.ms.total, title: t.error || "" },
     el("td", {}, new Date(t.started_at * 1000).toLocaleTimeString()),
     el("td", {}, t.request_id.length > 22 ? t.request_id.slice(0, 22) + "…" : t.request_id),
     el("td", { class: bad ? "status-bad" : "" }, t.status),
-    el("td", { class: "plan" }, planText(t.plan)),
+    el("td", { class: "plan" }, planText(t)),
     el("td", {}, t.prefiller || "-"), el("td", {}, t.decoder || "-"), el("td", {}, t.kv || "-"),
     el("td", { class: "num" }, fmt(t.ms.ttft)), el("td", { class: "num" }, fmt(t.ms.total)),
     el("td", { class: "num" }, t.output_tokens || "-"),
-    el("td", {}, timelineBar(t)));
+    el("td", {}, timelineBar(t, scale), el("div", { class: "hops-inline" }, hopLine(t))));
 }
 
+// The newest ROWS requests by start time (as the time column says), newest first; every
+// bar redrawn on the common axis of those shown.
+let recent = [];
 function addRequests(timelines) {
-  const body = $("#requests tbody");
-  for (const t of timelines) body.prepend(requestRow(t));
-  while (body.children.length > ROWS) body.lastChild.remove();
+  if (!timelines.length && recent.length) return;
+  const seen = new Set(recent.map((t) => t.seq));
+  recent = recent.concat(timelines.filter((t) => !seen.has(t.seq)));
+  recent.sort((x, y) => y.started_at - x.started_at || y.seq - x.seq);
+  recent = recent.slice(0, ROWS);
+  const longest = recent.reduce((m, t) => Math.max(m, t.at_ms.end || 0), 0);
+  const scale = longest > 0 ? niceCeil(longest) : 1;
+  $("#requests").dataset.scale = scale;
+  $("#timeline-axis").replaceChildren(...(recent.length ? [timeAxis(scale)] : []));
+  $("#requests tbody").replaceChildren(...recent.map((t) => requestRow(t, scale)));
 }
 
 // --- the feed -------------------------------------------------------------------------------
@@ -342,6 +401,8 @@ function onSnapshot(snap) {
   const tick = snap.tick, per = tick.seconds > 0 ? tick.seconds : 1;
   const planner = snap.policies.planner === "pool" ? "pool planner" : `prefill ${snap.policies.prefill} · decode ${snap.policies.decode}`;
   $("#summary").textContent = `${snap.connector} · ${planner} · in flight ${snap.admission.active} · queued ${snap.admission.queued}${snap.draining ? " · DRAINING" : ""}`;
+  for (const id of ["#add-init-ports", "#add-alloc-ports"]) $(id).hidden = snap.connector !== "lmcache";
+  $("#feed-note").hidden = true;
   drawTopology(snap);
   drawCounters(snap);
   drawLatency(snap);
@@ -383,10 +444,15 @@ async function connect() {
     try {
       const resp = await fetch(`/console/events?since=${since}`, { headers: headers(keys.admin) });
       if (!resp.ok) {
-        setStatus(resp.status === 401 ? "admin key needed" : "refused", false);
-        $("#add-result").className = "result bad";
-        $("#add-result").textContent = await errorMessage(resp);
-        await sleep(3000);
+        const needsKey = resp.status === 401;
+        setStatus(needsKey ? "admin key needed" : "refused", false);
+        const note = $("#feed-note");
+        note.hidden = false;
+        note.textContent = needsKey
+          ? (keys.admin ? "The admin key given is not one of this proxy's: " : "This proxy has admin keys: ") +
+            "enter one under \"admin key\" (top right) and press \"use\" to see its workers and traffic."
+          : await errorMessage(resp);
+        await sleep(needsKey ? 1000 : 3000);
         continue;
       }
       setStatus("live", true);
