@@ -135,7 +135,14 @@ def test_judged_after_warm_up_over_enough_pulls(
 ) -> None:
     clock = Clock()
     health = KvHealth(
-        2e9, window=60, min_bytes=1e8, warn_interval=60, clock=clock, min_pulls=4, warmup_pulls=8
+        NIXL_METRICS,
+        2e9,
+        window=60,
+        min_bytes=1e8,
+        warn_interval=60,
+        clock=clock,
+        min_pulls=4,
+        warmup_pulls=8,
     )
     w = Worker("decode", "d0", "http://d0:8000")
     caplog.set_level(logging.INFO, logger="pdproxy")
@@ -147,7 +154,7 @@ def test_judged_after_warm_up_over_enough_pulls(
 def test_warm_up_counted_by_the_engine_not_by_the_proxy(caplog: pytest.LogCaptureFixture) -> None:
     """A proxy started beside engines long past their warm-up judges their pulls at once."""
     clock = Clock()
-    health = KvHealth(2e9, 60, 1e8, 60, clock, min_pulls=2, warmup_pulls=8)
+    health = KvHealth(NIXL_METRICS, 2e9, 60, 1e8, 60, clock, min_pulls=2, warmup_pulls=8)
     w = Worker("decode", "d0", "http://d0:8000")
     caplog.set_level(logging.INFO, logger="pdproxy")
     health.observe(w, TransferTotals(500, 10.0, 5e10))
@@ -168,7 +175,7 @@ def test_advice_knows_what_the_engines_have(
     caplog: pytest.LogCaptureFixture, setting: str | None, advised: str
 ) -> None:
     clock = Clock()
-    health = KvHealth(2e9, 60, 1e8, 60, clock, min_pulls=2, engine_get_zcopy=setting)
+    health = KvHealth(NIXL_METRICS, 2e9, 60, 1e8, 60, clock, min_pulls=2, engine_get_zcopy=setting)
     w = Worker("decode", "d0", "http://d0:8000")
     caplog.set_level(logging.INFO, logger="pdproxy")
     pulls(health, w, clock, [0.5, 0.5])

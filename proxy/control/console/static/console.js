@@ -456,6 +456,7 @@ async function connect() {
         continue;
       }
       setStatus("live", true);
+      $("#feed-note").hidden = true; // the key was taken: the note goes with the refusal
       await readEvents(resp, (data) => onSnapshot(JSON.parse(data)));
     } catch (e) {
       console.warn("console feed:", e);
