@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "gpu-h200.json"
-PROFILE = ROOT / "proxy" / "sim" / "profiles" / "h200-llama-8b-bf16.json"
+PROFILE = ROOT / "pdsim" / "profiles" / "h200-llama-8b-bf16.json"
 BUDGET = 8192  # the engines' max_num_batched_tokens in that run
 KV_BLOCK = 16  # tokens per KV block in that run
 
