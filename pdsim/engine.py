@@ -30,11 +30,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pdsim.config import BLOCK_SIZE, SimConfig, Timing
+from pdsim.config import SimConfig, Timing
 from pdsim.kvcache import BlockPool, block_contents, num_blocks_for
 from pdsim.metrics import Metrics
 from pdsim.model import Generation, SamplingSpec, Step
 from pdsim.prefixcache import PrefixCache
+from pdsim.shape import BLOCK_SIZE
 from pdsim.tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)

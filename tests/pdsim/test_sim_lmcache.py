@@ -15,8 +15,9 @@ import zmq.asyncio
 from sim_helpers import config, metrics, post, run_with
 
 from pdsim import SimServer
-from pdsim.lmcache import LMCacheSimConfig, chunk_keys
-from pdsim.lmcache_cli import add_arguments, config_from_args
+from pdsim.lmcache.chunks import chunk_keys
+from pdsim.lmcache.cli import add_arguments, config_from_args
+from pdsim.lmcache.config import LMCacheSimConfig
 from tests.conftest import free_port
 
 PROMPT = "push the cache from the prefiller into the decoder chunk by chunk " * 3

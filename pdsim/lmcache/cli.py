@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pdsim.lmcache import DEFAULT_CHUNK_SIZE, LMCacheSimConfig, Switches
+from pdsim.lmcache.config import DEFAULT_CHUNK_SIZE, LMCacheSimConfig, Switches
 
 
 def _ports(text: str) -> tuple[int, ...]:

@@ -1,0 +1,90 @@
+"""What a sim instance runs in LMCache mode: its sender or receiver, their lifecycle, the hooks
+the server calls, the ``pdsim:lmcache_*`` metrics and the ``/_sim/lmcache`` switches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pydantic
+from aiohttp import web
+
+from pdsim.config import Timing
+from pdsim.engine import Sequence
+from pdsim.lmcache.config import LMCacheSimConfig, Switches
+from pdsim.lmcache.receiver import Receiver
+from pdsim.lmcache.sender import Sender
+from pdsim.lmcache.stats import LMCacheStats
+from pdsim.metrics import Metrics
+from pdsim.nixl import KvLoad
+
+
+class LMCacheMode:
+    """What a sim instance runs in LMCache mode; the server calls the hooks below."""
+
+    def __init__(self, config: LMCacheSimConfig, timing: Timing, metrics: Metrics) -> None:
+        self.config = config
+        self.stats = LMCacheStats()
+        self._timing = timing
+        self._session: aiohttp.ClientSession | None = None
+        self.sender: Sender | None = None
+        self.receiver = Receiver(config, self.stats, metrics) if config.role == "receiver" else None
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        if self.config.role == "sender":
+            self.sender = Sender(self.config, self._timing, self.stats, self._session)
+        if self.receiver is not None:
+            for port, app in self.receiver.apps():
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                self._runners.append(runner)
+                await web.TCPSite(runner, self.config.peer_host, port).start()
+
+    async def close(self) -> None:
+        if self.sender is not None:
+            await self.sender.close()
+            self.sender = None
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- hooks the server calls ------------------------------------------------------------
+
+    def load(self, prompt_ids: list[int]) -> KvLoad | None:
+        """Receiver: what the pushed KV covers of this prompt (None when not a receiver)."""
+        return self.receiver.lookup(prompt_ids) if self.receiver is not None else None
+
+    def on_submit(self, seq: Sequence, kv: dict[str, Any]) -> None:
+        if self.sender is not None:
+            self.sender.on_submit(seq, kv)
+
+    def on_finished(self, seq: Sequence) -> None:
+        """Before the response is built: sets `seq.kv_transfer_params` for `ret_first_tok`."""
+        if self.sender is not None:
+            self.sender.on_finished(seq)
+
+    def render(self) -> str:
+        return self.stats.render()
+
+    def add_routes(self, app: web.Application) -> None:
+        async def get(_: web.Request) -> web.Response:
+            switches = self.sender.switches if self.sender else self.config.switches
+            return web.json_response(switches.model_dump())
+
+        async def post(request: web.Request) -> web.Response:
+            try:
+                switches = Switches.model_validate(orjson.loads(await request.read() or b"{}"))
+            except (orjson.JSONDecodeError, pydantic.ValidationError) as e:
+                return web.json_response({"error": f"Invalid switches: {e}"}, status=400)
+            if self.sender is not None:
+                self.sender.set_switches(switches)
+            return web.json_response(switches.model_dump())
+
+        app.router.add_get("/_sim/lmcache", get)
+        app.router.add_post("/_sim/lmcache", post)
