@@ -1,8 +1,9 @@
 """Generation requests: validation of a completion or chat body into a ``GenRequest``.
 
 Validation follows vLLM 0.32's serving layer: an unknown model is a 404, a missing ``model`` is
-accepted, ``max_tokens`` is clamped to the context left after the prompt, and a prompt longer
-than ``max_model_len`` is a 400 (``pdsim.errors`` has the error shapes).
+accepted, ``max_tokens`` is clamped to the context left after the prompt but refused when it is
+larger than the whole context, and a prompt longer than ``max_model_len`` is a 400
+(``pdsim.errors`` has the error shapes).
 """
 
 from __future__ import annotations
@@ -208,16 +209,33 @@ def _context_error(max_model_len: int, count: int) -> ApiError:
     )
 
 
+def _output_cap_name(kind: Kind, body: dict[str, Any]) -> str:
+    """The field that caps the output: chat's ``max_completion_tokens`` when given."""
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def _check_output_cap(kind: Kind, body: dict[str, Any], max_model_len: int) -> None:
+    """vLLM refuses an output cap larger than the whole context before it reads the prompt
+    (its tokenize parameters are built first); a cap that only overruns the room the prompt
+    leaves is clamped to that room later (``_specs``)."""
+    name = _output_cap_name(kind, body)
+    cap = _int_field(body, name)
+    if cap is not None and cap > max_model_len:
+        raise vllm_error(
+            f"{name}={cap} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            name,
+            cap,
+        )
+
+
 def _max_tokens(kind: Kind, body: dict[str, Any], echo: bool) -> tuple[int | None, bool]:
     """The requested output cap (None: up to the context) and whether this is a completions
     echo of the prompt alone (``max_tokens: 0``, which vLLM serves by generating one token)."""
     if kind == "chat":
-        name = (
-            "max_completion_tokens"
-            if body.get("max_completion_tokens") is not None
-            else "max_tokens"
-        )
-        max_tokens = _int_field(body, name)
+        max_tokens = _int_field(body, _output_cap_name(kind, body))
     else:
         max_tokens = _int_field(body, "max_tokens")
         if max_tokens is None:
@@ -333,6 +351,7 @@ def parse_generation(
     priority = _int_field(body, "priority") or 0
     stream, include_usage, continuous_usage = _stream_options(body)
     out_k, prompt_k = _logprob_counts(kind, body)
+    _check_output_cap(kind, body, max_model_len)
     prompts = _prompts(kind, body, tok)
     for ids, from_text, _ in prompts:
         if len(ids) > max_model_len:
