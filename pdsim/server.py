@@ -93,7 +93,13 @@ class SimServer:
         if cfg.lmcache is not None:
             self.lmcache = LMCacheMode(cfg.lmcache, cfg.timing, self.metrics)
             await self.lmcache.start()
-        self._engine = Engine(cfg, self.tokenizer, self.metrics, self._producer_params)
+        self._engine = Engine(
+            cfg,
+            self.tokenizer,
+            self.metrics,
+            self._producer_params,
+            on_prefilled=self.lmcache.on_prefilled if self.lmcache is not None else None,
+        )
         consumer = NixlConsumer(
             self._session,
             cfg.timing,

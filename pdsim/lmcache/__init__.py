@@ -1,8 +1,9 @@
 """LMCache PD mode of the simulated engine (LMCacheConnectorV1 with `enable_pd`).
 
-Modules: ``config`` (options and test switches), ``chunks`` (what a prompt saves), ``sender``
-(prefiller), ``receiver`` (decoder), ``stats``, ``wire`` (LMCache's ProxyNotif bytes), ``mode``
-(what the server runs), ``cli`` (command-line options). This file imports none of them, so
+Modules: ``config`` (options and test switches), ``chunks`` (what a prompt saves), ``buffer``
+(one-chunk pages: reserve, take, give back), ``sender`` (prefiller), ``receiver`` (decoder),
+``stats``, ``wire`` (LMCache's ProxyNotif bytes), ``mode`` (what the server runs), ``cli``
+(command-line options). This file imports none of them, so
 ``pdsim.config`` can use ``pdsim.lmcache.config`` without importing the engine.
 
 Sender (prefiller, LMCache `pd_role: sender`): a request whose `kv_transfer_params` carries a
@@ -17,8 +18,12 @@ pushes nothing and never notifies. `save_unfull_chunk=False` (`--lmcache-discard
 gives that behaviour, as `discard_partial_chunks: true` does in any version.
 
 Receiver (decoder, `pd_role: receiver`): TP rank r listens on init port r and alloc port r and
-keeps what was pushed in a bounded store keyed by chunk hash. A request is served from pushed KV
-when every rank holds its leading chunks (counted as a hit); otherwise it recomputes (counted).
+keeps what was pushed in its receive buffer, a finite number of one-chunk pages (``buffer``).
+A request is served from pushed KV when every rank holds its leading chunks (counted as a hit);
+otherwise it recomputes (counted). Pages are taken on push and given back only when a request
+retrieves the chunks; a full buffer holds pushes back, and then the prefiller itself
+(``sender``, ``receiver``). ``GET /_sim/lmcache/buffers`` and the ``pdsim:lmcache_buffer_*`` /
+``pdsim:lmcache_staging_*`` metrics show each rank's occupancy.
 
 The sim's own transfer channel is HTTP (not NIXL): `POST /lmcache/init` on an init port and
 `POST /lmcache/put {"req_id", "keys"}` on an alloc port. Switches for tests (`POST /_sim/lmcache`)

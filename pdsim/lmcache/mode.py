@@ -1,8 +1,11 @@
 """What a sim instance runs in LMCache mode: its sender or receiver, their lifecycle, the hooks
-the server calls, the ``pdsim:lmcache_*`` metrics and the ``/_sim/lmcache`` switches."""
+the server and the engine call, the ``pdsim:lmcache_*`` metrics, the ``/_sim/lmcache`` switches
+and ``GET /_sim/lmcache/buffers`` (each rank's buffer: total, used, reserved, waiting,
+timeouts)."""
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -12,10 +15,11 @@ from aiohttp import web
 
 from pdsim.config import Timing
 from pdsim.engine import Sequence
+from pdsim.lmcache.buffer import PageBuffer
 from pdsim.lmcache.config import LMCacheSimConfig, Switches
 from pdsim.lmcache.receiver import Receiver
 from pdsim.lmcache.sender import Sender
-from pdsim.lmcache.stats import LMCacheStats
+from pdsim.lmcache.stats import LMCacheStats, render_buffers
 from pdsim.metrics import Metrics
 from pdsim.nixl import KvLoad
 
@@ -44,6 +48,8 @@ class LMCacheMode:
                 await web.TCPSite(runner, self.config.peer_host, port).start()
 
     async def close(self) -> None:
+        for buffer in self._buffers():
+            buffer.close()
         if self.sender is not None:
             await self.sender.close()
             self.sender = None
@@ -64,13 +70,33 @@ class LMCacheMode:
         if self.sender is not None:
             self.sender.on_submit(seq, kv)
 
+    def on_prefilled(self, seq: Sequence) -> Coroutine[Any, Any, None] | None:
+        """Sender: the save the engine step waits for once it computed this prompt."""
+        return self.sender.on_prefilled(seq) if self.sender is not None else None
+
     def on_finished(self, seq: Sequence) -> None:
         """Before the response is built: sets `seq.kv_transfer_params` for `ret_first_tok`."""
         if self.sender is not None:
             self.sender.on_finished(seq)
 
+    def _buffers(self) -> list[PageBuffer]:
+        if self.receiver is not None:
+            return [rank.buffer for rank in self.receiver.ranks]
+        return list(self.sender.staging) if self.sender is not None else []
+
     def render(self) -> str:
-        return self.stats.render()
+        text = self.stats.render()
+        if self.receiver is not None:
+            text += render_buffers("pdsim:lmcache_buffer", "receive buffer", self._buffers())
+        if self.sender is not None:
+            text += render_buffers("pdsim:lmcache_staging", "staging buffer", self._buffers())
+        return text
+
+    def buffers(self) -> dict[str, list[dict[str, int]]]:
+        """Occupancy per TP rank: the receive buffer (receiver) or staging buffer (sender)."""
+        kind = "receive" if self.receiver is not None else "staging"
+        buffers = self._buffers()
+        return {kind: [buffer.state() for buffer in buffers]} if buffers else {}
 
     def add_routes(self, app: web.Application) -> None:
         async def get(_: web.Request) -> web.Response:
@@ -86,5 +112,9 @@ class LMCacheMode:
                 self.sender.set_switches(switches)
             return web.json_response(switches.model_dump())
 
+        async def buffers(_: web.Request) -> web.Response:
+            return web.json_response(self.buffers())
+
         app.router.add_get("/_sim/lmcache", get)
         app.router.add_post("/_sim/lmcache", post)
+        app.router.add_get("/_sim/lmcache/buffers", buffers)

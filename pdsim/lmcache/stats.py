@@ -1,8 +1,12 @@
-"""Counters of the LMCache PD mode, rendered as ``pdsim:lmcache_*`` metrics."""
+"""Metrics of the LMCache PD mode: its counters, and the occupancy of its buffers (the
+receiver's receive buffer, the sender's staging buffer), per TP rank, as ``pdsim:lmcache_*``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pdsim.lmcache.buffer import PageBuffer
+from pdsim.metrics import exposition
 
 
 @dataclass
@@ -16,14 +20,36 @@ class LMCacheStats:
     hit_requests: int = 0
     loaded_tokens: int = 0
     missed_requests: int = 0
+    retrieved_chunks: int = 0
 
     def render(self) -> str:
         out = []
         for name, doc in _STAT_DOCS.items():
-            metric = f"pdsim:lmcache_{name}"
-            out += [f"# HELP {metric} {doc}", f"# TYPE {metric} counter"]
-            out.append(f"{metric}_total {float(getattr(self, name))!r}")
+            sample = ("_total", "", float(getattr(self, name)))
+            out += exposition(f"pdsim:lmcache_{name}", "counter", doc, [sample])
         return "\n".join(out) + "\n"
+
+
+def render_buffers(prefix: str, what: str, buffers: list[PageBuffer]) -> str:
+    """Gauges of one kind of buffer, a sample per TP rank: ``{prefix}_chunks`` (pages),
+    ``_used_chunks``, ``_reserved_chunks``, ``_waiting`` and ``_allocation_timeouts_total``."""
+    out = []
+    for suffix, kind, doc, key in _BUFFER_SERIES:
+        samples = [
+            ("_total" if kind == "counter" else "", f'rank="{r}"', float(b.state()[key]))
+            for r, b in enumerate(buffers)
+        ]
+        out += exposition(f"{prefix}_{suffix}", kind, doc.format(what=what), samples)
+    return "\n".join(out) + "\n"
+
+
+_BUFFER_SERIES = (
+    ("chunks", "gauge", "Pages of the {what}, one chunk each.", "total"),
+    ("used_chunks", "gauge", "Pages of the {what} holding a chunk.", "used"),
+    ("reserved_chunks", "gauge", "Pages of the {what} reserved by pushes in flight.", "reserved"),
+    ("waiting", "gauge", "Pushes or saves waiting for room in the {what}.", "waiting"),
+    ("allocation_timeouts", "counter", "Waits for the {what} that timed out.", "timeouts"),
+)
 
 
 _STAT_DOCS = {
@@ -36,4 +62,5 @@ _STAT_DOCS = {
     "hit_requests": "Requests served from pushed KV.",
     "loaded_tokens": "Prompt tokens served from pushed KV.",
     "missed_requests": "Receiver requests that found no pushed KV (recomputed).",
+    "retrieved_chunks": "Pushed chunks retrieved by requests, their pages freed.",
 }
