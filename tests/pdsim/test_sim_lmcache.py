@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from sim_helpers import config, metrics, post, run_with
+from sim_helpers import config, metrics, notification_socket, post, run_with
 
 from pdsim import SimServer
 from pdsim.lmcache.chunks import chunk_keys
@@ -107,14 +107,8 @@ def run_pair(tp: int, chunk: int, body: Any, save_unfull: bool = True) -> None:
     configs, notify = pair(tp, chunk, save_unfull)
 
     async def with_pull(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
-        context = zmq.asyncio.Context()
-        sock = context.socket(zmq.PULL)
-        sock.bind(f"tcp://127.0.0.1:{notify}")
-        try:
+        async with notification_socket(notify) as sock:
             await body(servers, s, sock)
-        finally:
-            sock.close(linger=0)
-            context.term()
 
     run_with(configs, with_pull)
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
-import zmq
-import zmq.asyncio
-from sim_helpers import FAST, config, post, run_with
+from sim_helpers import FAST, config, notification_socket, post, run_with
 from sim_helpers import metrics as labelled_metrics
 
 from pdsim import SimServer, Timing
@@ -113,18 +112,16 @@ class Pair:
             return resp.status
 
 
-def run_pair(skip: int, body: Any, timing: Timing = FAST) -> None:
+def run_pair(skip: int, body: Any, timing: Timing = FAST, allocation_timeout: float = 0) -> None:
+    """Run ``body`` on a sender and a receiver (whose pushes wait ``allocation_timeout``
+    seconds for pages: forever when 0)."""
     configs, notify = buffer_configs(skip, timing)
+    if allocation_timeout:
+        configs[1].lmcache = replace(configs[1].lmcache, allocation_timeout=allocation_timeout)
 
     async def with_pull(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
-        context = zmq.asyncio.Context()
-        sock = context.socket(zmq.PULL)
-        sock.bind(f"tcp://127.0.0.1:{notify}")
-        try:
+        async with notification_socket(notify) as sock:
             await body(Pair(servers, s, sock))
-        finally:
-            sock.close(linger=0)
-            context.term()
 
     run_with(configs, with_pull)
 
@@ -241,9 +238,6 @@ def test_page_buffer_waits_for_pages_and_times_out() -> None:
 
 
 def test_a_push_that_times_out_fails_and_gives_its_pages_back() -> None:
-    configs, notify = buffer_configs(1)
-    lm = configs[1].lmcache
-    configs[1].lmcache = type(lm)(**{**lm.__dict__, "allocation_timeout": 0.2})
 
     async def body(pair: Pair) -> None:
         for i in (1, 2, 3):
@@ -262,17 +256,7 @@ def test_a_push_that_times_out_fails_and_gives_its_pages_back() -> None:
         assert p["pdsim:lmcache_push_failures_total"] == 1
         assert p['pdsim:lmcache_staging_used_chunks{rank="0"}'] == 0
 
-    async def with_pull(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
-        context = zmq.asyncio.Context()
-        sock = context.socket(zmq.PULL)
-        sock.bind(f"tcp://127.0.0.1:{notify}")
-        try:
-            await body(Pair(servers, s, sock))
-        finally:
-            sock.close(linger=0)
-            context.term()
-
-    run_with(configs, with_pull)
+    run_pair(1, body, allocation_timeout=0.2)
 
 
 def test_buffer_options_and_the_launchers_defaults() -> None:
