@@ -16,6 +16,8 @@ from pdsim.web import error_response, json_response, read_json
 
 
 class Endpoints:
+    """The plain endpoints of one instance."""
+
     def __init__(self, instance: Instance) -> None:
         self._i = instance
 

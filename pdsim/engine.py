@@ -16,6 +16,10 @@ is taken out of the next step's sleep: a step lasts its modelled time unless the
 short of CPU: ``pdsim:engine_step_wall_seconds_total`` against
 ``pdsim:engine_step_model_seconds_total`` says by how much.
 
+A KV connector's save (LMCache's, ``on_prefilled``) runs inside the step that computed the
+prompt, as vLLM's ``wait_for_save`` does: while it waits, no sequence makes progress, timed or
+not.
+
 Invariants: a sequence is in exactly one of waiting, running or finished; its blocks are freed
 or put under lease exactly once, when it finishes or is aborted.
 """

@@ -27,6 +27,8 @@ ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the 
 
 
 class Generate:
+    """The two generation endpoints of one instance."""
+
     def __init__(self, instance: Instance) -> None:
         self._i = instance
         self._respond = Responder(instance)

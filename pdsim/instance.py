@@ -1,4 +1,5 @@
-"""The running parts of one simulated instance, as its HTTP handlers share them."""
+"""The running parts of one simulated instance, as its HTTP handlers share them, and the
+version it reports."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ SIM_VERSION = "0.32.0+pdsim"
 
 @dataclass
 class Instance:
+    """Built by ``SimServer.start``; the route classes each hold one."""
+
     config: SimConfig
     engine: Engine
     tokenizer: SimTokenizer

@@ -25,6 +25,8 @@ UsageOf = Callable[[int], dict[str, int] | None]
 
 
 class Responder:
+    """Turns a request's finished or streaming sequences into its answer."""
+
     def __init__(self, instance: Instance) -> None:
         self._i = instance
 
