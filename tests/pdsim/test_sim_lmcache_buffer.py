@@ -34,9 +34,9 @@ async def metrics(s: aiohttp.ClientSession, server: SimServer) -> dict[str, floa
     return {k.removesuffix("{}"): v for k, v in (await labelled_metrics(s, server)).items()}
 
 
-def prompt(i: int) -> list[int]:
+def prompt(i: int, tokens: int = PROMPT_TOKENS) -> list[int]:
     """Request i's prompt as token ids: its own first token, so no chunk is shared."""
-    return [100 + i, *range(200, 200 + PROMPT_TOKENS - 1)]
+    return [100 + i, *(200 + t % 500 for t in range(tokens - 1))]
 
 
 def buffer_configs(skip: int, timing: Timing = FAST) -> tuple[list[Any], int]:
@@ -64,7 +64,7 @@ class Pair:
         self.s = s
         self.sock = sock
 
-    def leg(self, i: int) -> dict[str, Any]:
+    def leg(self, i: int, tokens: int = PROMPT_TOKENS) -> dict[str, Any]:
         lm = self.d.config.lmcache
         assert lm is not None
         spec = {
@@ -74,13 +74,14 @@ class Pair:
             "receiver_alloc_port": list(lm.alloc_ports),
         }
         kv = {"ret_first_tok": True, "disagg_spec": spec}
-        return {"prompt": prompt(i), "max_tokens": 1, "kv_transfer_params": kv}
+        return {"prompt": prompt(i, tokens), "max_tokens": 1, "kv_transfer_params": kv}
 
-    async def prefill(self, i: int, timeout: float = 1.0) -> bool:
+    async def prefill(self, i: int, timeout: float = 1.0, tokens: int = PROMPT_TOKENS) -> bool:
         """Whether the prefiller answered request i's prefill leg within `timeout`."""
+        leg = self.leg(i, tokens)
         try:
             async with asyncio.timeout(timeout):
-                status, _ = await post(self.s, self.p.url + "/v1/completions", self.leg(i))
+                status, _ = await post(self.s, self.p.url + "/v1/completions", leg)
         except TimeoutError:
             return False
         assert status == 200
@@ -98,8 +99,8 @@ class Pair:
         except TimeoutError:
             return out
 
-    async def decode(self, i: int) -> dict[str, Any]:
-        body = {"prompt": prompt(i), "max_tokens": 2}
+    async def decode(self, i: int, tokens: int = PROMPT_TOKENS) -> dict[str, Any]:
+        body = {"prompt": prompt(i, tokens), "max_tokens": 2}
         status, out = await post(self.s, self.d.url + "/v1/completions", body)
         assert status == 200
         return dict(out)
@@ -170,6 +171,45 @@ def test_the_leak_fills_the_buffer_and_wedges_the_prefiller_while_health_stays_2
         assert await pair.health(pair.d) == 200
 
     run_pair(1, body, timing)
+
+
+def test_the_launchers_sizes_stop_where_issue_23_saw_the_real_pair_stop() -> None:
+    """Chunks of 256 tokens, the launcher's 2 GiB receive buffer (64 chunks) and 1 GiB staging
+    buffer (32), skip_last_n_tokens 1: after 29 single requests, seed requests of 7500 tokens
+    (30 chunks) 0-5 are served, request 6 is answered but never notified, and request 7 gets
+    no answer: what the GPU run recorded."""
+    notify = free_port()
+    sender = LMCacheSimConfig("sender", proxy_port=notify)
+    receiver = LMCacheSimConfig("receiver", init_ports=(free_port(),), alloc_ports=(free_port(),))
+    configs = [config(lmcache=sender), config(lmcache=receiver)]
+
+    async def body(pair: Pair) -> None:
+        assert await pair.gauge(pair.d, "buffer_chunks") == 64
+        assert await pair.gauge(pair.p, "staging_chunks") == 32
+        for i, tokens in enumerate([2000, 7500] * 14 + [2000]):  # the 29 single requests
+            assert await pair.prefill(i, tokens=tokens) and await pair.notified() == {i}
+            assert (await pair.decode(i, tokens))["usage"]["prompt_tokens"] == tokens
+        assert await pair.gauge(pair.d, "buffer_used_chunks") == 29
+        outcomes = []
+        for k in range(8):
+            i = 100 + k
+            if not await pair.prefill(i, tokens=7500):
+                outcomes.append("no response")
+                break
+            if i not in await pair.notified():
+                outcomes.append("no notification")
+                continue
+            await pair.decode(i, 7500)
+            outcomes.append("served")
+        assert outcomes == ["served"] * 6 + ["no notification", "no response"]
+        m = await metrics(pair.s, pair.d)
+        assert m["pdsim:lmcache_loaded_tokens_total"] == 15 * 1792 + 20 * 7424
+
+    async def with_pull(servers: list[SimServer], s: aiohttp.ClientSession) -> None:
+        async with notification_socket(notify) as sock:
+            await body(Pair(servers, s, sock))
+
+    run_with(configs, with_pull)
 
 
 def test_with_skip_0_every_chunk_is_retrieved_and_the_buffer_drains() -> None:
