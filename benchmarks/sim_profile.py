@@ -89,7 +89,7 @@ def fit(run: dict[str, Any], kv_run: dict[str, Any] | None = None) -> dict[str, 
 
 
 def modelled_ms(timing: dict[str, float], decodes: int, chunk: int) -> float:
-    """proxy.sim.engine.step_ms, with these constants."""
+    """pdsim.engine.step_ms, with these constants."""
     ms = timing["decode_base_ms"] + timing["decode_ms_per_seq"] * decodes
     if chunk:
         ms += timing["prefill_overhead_ms"] + timing["prefill_ms_per_token"] * chunk

@@ -83,7 +83,9 @@ def start_pair(procs: Procs, connector: str, speed: str) -> str:
     if connector == "lmcache":
         notify, init, alloc = free_port(), free_port(), free_port()
         p_args += ["--lmcache-role", "sender", "--pd-proxy-port", str(notify)]
-        d_args += ["--lmcache-role", "receiver"]
+        # skip_last_n_tokens 0: every pushed chunk is retrieved; with LMCache's launcher default
+        # (1) the receive buffer leaks a chunk per request and the prefiller stalls after ~60
+        d_args += ["--lmcache-role", "receiver", "--lmcache-skip-last-n-tokens", "0"]
         d_args += ["--pd-peer-init-port", str(init), "--pd-peer-alloc-port", str(alloc)]
         config = procs.logdir / "proxy-lmcache.yaml"
         config.write_text(

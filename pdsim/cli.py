@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 
-from pdsim import lmcache_cli
 from pdsim.config import (
     DEFAULT_KV_LEASE_SECONDS,
     DEFAULT_MODEL,
@@ -18,6 +17,7 @@ from pdsim.config import (
     Timing,
 )
 from pdsim.faults import Faults
+from pdsim.lmcache import cli as lmcache_cli
 from pdsim.profile import TIMING_KEYS, build_timing, load_profile, shipped
 from pdsim.server import start_sim
 

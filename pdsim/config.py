@@ -9,12 +9,10 @@ and a KV block of 16 tokens (~2 MiB) crosses the wire in about 0.1 ms after a fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pdsim.faults import Faults
-
-if TYPE_CHECKING:
-    from pdsim.lmcache import LMCacheSimConfig
+from pdsim.lmcache.config import LMCacheSimConfig
 
 Role = Literal["prefill", "decode", "both"]
 KvLoadFailurePolicy = Literal["recompute", "fail"]
@@ -23,11 +21,6 @@ SchedulingPolicy = Literal["fcfs", "priority"]
 DEFAULT_MODEL = "pdsim/llama-8b"
 DEFAULT_SIDE_CHANNEL_PORT = 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default
 DEFAULT_KV_LEASE_SECONDS = 30.0  # vLLM's kv_connector_extra_config.kv_lease_duration default
-BLOCK_SIZE = 16
-# KV bytes per token of Llama-3.1-8B in bf16: 32 layers x (K, V) x 8 KV heads x 128 x 2 bytes;
-# a pull moves one descriptor per block, layer and K/V, as vLLM's NixlConnector does
-KV_BYTES_PER_TOKEN = 131072
-KV_DESCRIPTORS_PER_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -75,4 +68,4 @@ class SimConfig:
     max_records: int = 10000
     timing: Timing = field(default_factory=Timing)
     faults: Faults = field(default_factory=Faults)
-    lmcache: LMCacheSimConfig | None = None  # LMCache PD mode (proxy.sim.lmcache)
+    lmcache: LMCacheSimConfig | None = None  # LMCache PD mode (pdsim.lmcache)

@@ -16,6 +16,10 @@ is taken out of the next step's sleep: a step lasts its modelled time unless the
 short of CPU: ``pdsim:engine_step_wall_seconds_total`` against
 ``pdsim:engine_step_model_seconds_total`` says by how much.
 
+A KV connector's save (LMCache's, ``on_prefilled``) runs inside the step that computed the
+prompt, as vLLM's ``wait_for_save`` does: while it waits, no sequence makes progress, timed or
+not.
+
 Invariants: a sequence is in exactly one of waiting, running or finished; its blocks are freed
 or put under lease exactly once, when it finishes or is aborted.
 """
@@ -30,11 +34,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pdsim.config import BLOCK_SIZE, SimConfig, Timing
+from pdsim.config import SimConfig, Timing
 from pdsim.kvcache import BlockPool, block_contents, num_blocks_for
 from pdsim.metrics import Metrics
 from pdsim.model import Generation, SamplingSpec, Step
 from pdsim.prefixcache import PrefixCache
+from pdsim.shape import BLOCK_SIZE
 from pdsim.tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,7 @@ class Engine:
         kv_params: Callable[[Sequence, int], dict[str, Any]],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] | None = None,
+        on_prefilled: Callable[[Sequence], Awaitable[None] | None] | None = None,
     ) -> None:
         self._cfg = config
         # the step's modelled time passing, and the time it is; tests pass a virtual clock
@@ -95,6 +101,13 @@ class Engine:
         self._tok = tokenizer
         self._metrics = metrics
         self._kv_params = kv_params
+        # a KV connector's save of a computed prompt, awaited inside the step (wait_for_save):
+        # while it waits, the engine makes no progress at all
+        self._on_prefilled = on_prefilled
+        # untimed, each request runs on its own; with a save to wait for they take turns, so
+        # that a waiting save holds them all up as it holds up a real engine's step
+        self._core = asyncio.Lock() if on_prefilled is not None else None
+        self._saves: set[asyncio.Future[None]] = set()
         loop = asyncio.get_running_loop()
         self.pool = BlockPool(config.num_gpu_blocks, config.kv_lease_seconds, loop.time)
         self._waiting: deque[Sequence] = deque()
@@ -142,6 +155,8 @@ class Engine:
     async def next_steps(self, seq: Sequence) -> list[Step]:
         """The steps produced since the last call (at least one); empty once finished."""
         if not self._timed:
+            if self._core is not None:
+                await self._direct_turn(seq)
             return self._run_direct(seq)
         while not seq._buffer:
             if seq.finished:
@@ -177,7 +192,7 @@ class Engine:
         return phase
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop_task, self._reaper) if t is not None]
+        tasks = [t for t in (self._loop_task, self._reaper, *self._saves) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -192,6 +207,28 @@ class Engine:
             seq.cached_tokens = self._prefix.lookup_and_insert(seq.prompt_ids)
             known = max(seq.loaded_tokens, seq.cached_tokens)
             seq.prefill_left = max(1, len(seq.prompt_ids) - known)
+
+    async def _direct_turn(self, seq: Sequence) -> None:
+        """Untimed, with a save to wait for: wait for the engine, and hold it for this
+        sequence's save, until the save is over even if the request leaves meanwhile."""
+        assert self._core is not None and self._on_prefilled is not None
+        await self._core.acquire()
+        saving = None
+        if not seq.started_decode and not seq.finished:
+            saving = self._on_prefilled(seq)
+        if saving is None:
+            self._core.release()
+            return
+        core = self._core
+        task = asyncio.ensure_future(saving)
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+        task.add_done_callback(lambda _: core.release())
+        await asyncio.shield(task)
+
+    async def _save(self, seq: Sequence) -> None:
+        if self._on_prefilled is not None and (saving := self._on_prefilled(seq)) is not None:
+            await saving
 
     def _run_direct(self, seq: Sequence) -> list[Step]:
         """All remaining tokens at once, or one per call with ``token_per_chunk`` (then each
@@ -297,6 +334,9 @@ class Engine:
                     if seq.prefill_left > 0:
                         continue
                     self._count_prefill(seq)
+                    await self._save(seq)
+                    if seq.finished:
+                        continue  # aborted while the save waited
                 step = self._generate(seq)
                 seq.push(step)
                 if seq.finished:

@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdsim.config import BLOCK_SIZE
+from pdsim.shape import BLOCK_SIZE
 
 _MAX_STALE = 4096  # ended leases remembered for reads after release
 

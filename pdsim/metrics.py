@@ -98,11 +98,8 @@ class Metrics:
             ]
 
         def metric(name: str, kind: str, doc: str, samples: list[tuple[str, str, float]]) -> None:
-            out.append(f"# HELP {name} {doc}")
-            out.append(f"# TYPE {name} {kind}")
-            for suffix, extra, value in samples:
-                labels = lbl + ("," + extra if extra else "")
-                out.append(f"{name}{suffix}{{{labels}}} {_num(value)}")
+            labelled = [(sfx, lbl + ("," + extra if extra else ""), v) for sfx, extra, v in samples]
+            out.extend(exposition(name, kind, doc, labelled))
 
         metric(
             "vllm:num_requests_running",
@@ -250,6 +247,15 @@ class Metrics:
         )
         out.append("")
         return "\n".join(out)
+
+
+def exposition(name: str, kind: str, doc: str, samples: list[tuple[str, str, float]]) -> list[str]:
+    """One metric in the text format: HELP, TYPE, then a line per (suffix, labels, value)."""
+    out = [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+    for suffix, labels, value in samples:
+        selector = f"{{{labels}}}" if labels else ""
+        out.append(f"{name}{suffix}{selector} {_num(value)}")
+    return out
 
 
 def _histogram_samples(h: Histogram) -> list[tuple[str, str, float]]:

@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 import aiohttp
 
-from pdsim.config import BLOCK_SIZE, KV_BYTES_PER_TOKEN, KV_DESCRIPTORS_PER_BLOCK, Timing
+from pdsim.config import Timing
 from pdsim.kvcache import block_contents, num_blocks_for
 from pdsim.metrics import Metrics
+from pdsim.shape import BLOCK_SIZE, KV_BYTES_PER_TOKEN, KV_DESCRIPTORS_PER_BLOCK
 from pdsim.sidechannel import KvPullError, pull_blocks, release_blocks
 
 log = logging.getLogger(__name__)

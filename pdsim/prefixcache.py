@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from pdsim.config import BLOCK_SIZE
 from pdsim.kvcache import block_contents
+from pdsim.shape import BLOCK_SIZE
 
 
 class PrefixCache:

@@ -18,7 +18,7 @@ from pdsim.logprobs import (
     prompt_positions,
 )
 from pdsim.model import Step
-from pdsim.protocol import GenRequest, Prompt
+from pdsim.request import GenRequest, Prompt
 from pdsim.tokenizer import SimTokenizer
 
 

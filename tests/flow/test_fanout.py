@@ -310,7 +310,7 @@ def test_an_engine_4xx_for_one_prompt_is_the_answer(fresh: Proxy) -> None:
 def test_an_engine_error_event_ends_the_merged_stream(fresh: Proxy) -> None:
     d0, d1 = fresh.decode
     d0.faults(error_event_after_chunks=2, error_message="the engine broke")
-    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 20000, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 16000, "ignore_eos": True,
             "stream": True}  # fmt: skip
     events = stream(fresh.url + "/v1/completions", body)
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
@@ -366,7 +366,7 @@ def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
 ) -> None:
     d0, d1 = fresh.decode
     d0.faults(drop_after_chunks=3)  # d1 streams on: 20000 tokens take seconds
-    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 20000, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 16000, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.monotonic()
     events = stream(fresh.url + "/v1/completions", body)
@@ -381,7 +381,7 @@ def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
 
 def test_a_client_leaving_cancels_every_sub_request(proxy: Proxy) -> None:
     d0 = proxy.decode[0]
-    body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 20000, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 16000, "ignore_eos": True,
             "stream": True}  # fmt: skip
     before = proxy.metrics().total("pdproxy_client_disconnects_total", phase="decode")
     with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=20) as resp:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+import zmq
+import zmq.asyncio
 
 from pdsim import SimConfig, SimServer, Timing, start_sim
 
@@ -93,3 +96,16 @@ async def metrics(session: aiohttp.ClientSession, server: SimServer) -> dict[str
         key = name + ("{" + ",".join(extra) + "}" if extra else "")
         out[key] = float(value)
     return out
+
+
+@contextlib.asynccontextmanager
+async def notification_socket(port: int) -> AsyncIterator[zmq.asyncio.Socket]:
+    """The proxy's end of LMCache's notifications: a ZMQ PULL socket bound on ``port``."""
+    context = zmq.asyncio.Context()
+    sock = context.socket(zmq.PULL)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        context.term()

@@ -288,7 +288,7 @@ def test_disconnect_during_prefill_cancels_prefill(proxy: Proxy) -> None:
 
 def test_disconnect_during_decode_closes_decode_stream(proxy: Proxy) -> None:
     decoder = proxy.decode[0]
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 20000, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 16000, "stream": True, "ignore_eos": True}
     _disconnect_after(proxy, body, 5, chunks=2)
     wait_for(lambda: decoder.metric("pdsim:aborted_requests_total", phase="decode") == 1)
     wait_for(lambda: proxy.stats()["workers"]["decode"][0]["inflight"] == 0)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
+from dataclasses import replace
 
-from pdsim.lmcache import DEFAULT_CHUNK_SIZE, LMCacheSimConfig, Switches
+from pdsim.lmcache.config import (
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SKIP_LAST_N_TOKENS,
+    LMCacheSimConfig,
+    Switches,
+)
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _ports(text: str) -> tuple[int, ...]:
@@ -15,6 +25,21 @@ def _ports(text: str) -> tuple[int, ...]:
     if not ports or not all(0 < p < 65536 for p in ports):
         raise argparse.ArgumentTypeError(f"{text!r} has an invalid port")
     return ports
+
+
+def _bytes(text: str) -> int:
+    """A byte count: a number, or with a K/M/G/T suffix (powers of 1024), as the launcher's."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        value = int(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (e.g. 2147483648 or 2G)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +80,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and never notifies (LMCache 0.3.12-0.4.1, #2510; discard_partial_chunks: true). "
         "Default: the partial last chunk is saved too, as PD mode does in other versions.",
     )
+    size = g.add_mutually_exclusive_group()
+    size.add_argument(
+        "--lmcache-buffer-size",
+        type=_bytes,
+        default=None,
+        metavar="BYTES",
+        help="pd_buffer_size per TP rank, cut into one-chunk pages (chunk_size tokens x 128 KiB "
+        "/ TP for the 8B shape): the receiver's receive buffer, the sender's staging buffer. "
+        f"Default as the launcher's: {DEFAULT_BUFFER_SIZE['receiver'] // 2**30} GiB for a "
+        f"receiver (64 chunks of 256 tokens), {DEFAULT_BUFFER_SIZE['sender'] // 2**30} GiB for "
+        "a sender (32).",
+    )
+    size.add_argument(
+        "--lmcache-buffer-chunks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="The same buffer given in chunks: N pages.",
+    )
+    g.add_argument(
+        "--lmcache-skip-last-n-tokens",
+        type=int,
+        default=DEFAULT_SKIP_LAST_N_TOKENS,
+        metavar="N",
+        help="receiver: vLLM's kv_connector_extra_config.skip_last_n_tokens: a request looks "
+        f"up its prompt less its last N tokens (default {DEFAULT_SKIP_LAST_N_TOKENS}, as the "
+        "launcher's decoders). With 1, the last pushed chunk is never retrieved and its page "
+        "never freed: the buffer fills, one page per request, and the prefiller then stalls. "
+        "0 retrieves every pushed chunk.",
+    )
+    g.add_argument(
+        "--lmcache-allocation-timeout",
+        type=float,
+        default=math.inf,
+        metavar="SECONDS",
+        help="pd_allocation_timeout_sec: how long a push or a save waits for free pages "
+        "(default: forever, as LMCache's).",
+    )
     g.add_argument(
         "--lmcache-drop-notifications",
         action="store_true",
@@ -72,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> LMCacheSimConfig | None:
     """The LMCache mode the options ask for; None without --lmcache-role."""
     if args.lmcache_role is None:
         return None
-    return LMCacheSimConfig(
+    config = LMCacheSimConfig(
         role=args.lmcache_role,
         tp=args.tp,
         chunk_size=args.lmcache_chunk_size,
@@ -82,8 +145,14 @@ def config_from_args(args: argparse.Namespace) -> LMCacheSimConfig | None:
         init_ports=args.pd_peer_init_port,
         alloc_ports=args.pd_peer_alloc_port,
         save_unfull_chunk=not args.lmcache_discard_partial_chunks,
+        buffer_size=args.lmcache_buffer_size,
+        skip_last_n_tokens=args.lmcache_skip_last_n_tokens,
+        allocation_timeout=args.lmcache_allocation_timeout,
         switches=Switches(
             drop_notifications=args.lmcache_drop_notifications,
             delay_notifications=args.lmcache_delay_notifications,
         ),
     )
+    if args.lmcache_buffer_chunks is not None:
+        config = replace(config, buffer_size=args.lmcache_buffer_chunks * config.chunk_bytes)
+    return config
