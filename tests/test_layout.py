@@ -15,6 +15,7 @@ MAX_FUNCTION_LINES = 60
 # declarative tables: argument parsers and metric definitions read top to bottom
 TABLES = {
     "pdsim/cli.py:add_arguments",
+    "pdsim/lmcache/cli.py:add_arguments",
     "pdsim/metrics.py:render",
     "proxy/cli/main.py:_serve_args",
     "proxy/observe/metrics.py:__init__",

@@ -1,0 +1,217 @@
+"""ProxyConfig, the whole configuration, and how it is loaded: a YAML file gives the base,
+command-line flags override it, and validation runs once, at start-up, with messages that name
+what to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from proxy.config.sections import (
+    AdmissionConfig,
+    AuthConfig,
+    ConfigError,
+    DisaggConfig,
+    FailoverConfig,
+    FanoutConfig,
+    HealthConfig,
+    KvHealthConfig,
+    PolicyName,
+    PoolMode,
+    PoolPlannerConfig,
+    RoutingConfig,
+    StatsConfig,
+    TimeoutsConfig,
+    WorkerConfig,
+    _Model,
+)
+from proxy.control.admin.config import AdminConfig
+from proxy.control.identity import duplicates
+from proxy.engines.connectors.lmcache_config import LMCacheConfig
+from proxy.engines.connectors.registry import connector_class, pool_connectors
+
+
+class ProxyConfig(_Model):
+    host: str = Field("127.0.0.1", description="address the proxy listens on (--host)")
+    port: int = Field(9100, ge=0, le=65535, description="port the proxy listens on (--port)")
+    connector: str = Field(
+        "nixl", description="KV-transfer protocol (--connector): nixl or lmcache"
+    )
+    prefill: tuple[WorkerConfig, ...] = Field(
+        (), description="the prefill engines (--prefill URL); required unless there is a pool"
+    )
+    decode: tuple[WorkerConfig, ...] = Field(
+        (), description="the decode engines (--decode URL); required unless there is a pool"
+    )
+    pool: tuple[WorkerConfig, ...] = Field(
+        (),
+        description="engines that both prefill and decode (NIXL kv_role kv_both), placed per "
+        "request by the pool planner (--pool URL)",
+    )
+    pool_mode: PoolMode = Field(
+        "adaptive",
+        description="adaptive: the pool planner decides per request; colocated: every request "
+        "whole on the least loaded pool engine (no PD, no /tokenize)",
+    )
+    pool_planner: PoolPlannerConfig = Field(default_factory=PoolPlannerConfig)
+    prefill_policy: PolicyName = Field(
+        "least_loaded",
+        description="how a prefiller is chosen: least_loaded (fewest in-flight requests, ties "
+        "by in-flight prompt size), round_robin, load_aware, prefix_aware (README: Routing "
+        "policies)",
+    )
+    decode_policy: PolicyName = Field(
+        "least_loaded", description="how a decoder is chosen: as prefill_policy"
+    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    conditional_disagg: DisaggConfig = Field(default_factory=DisaggConfig)
+    kv_health: KvHealthConfig = Field(default_factory=KvHealthConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    fanout: FanoutConfig = Field(default_factory=FanoutConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="seconds in-flight requests get after SIGTERM, and on a worker being removed",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="larger request bodies get a 413"
+    )
+    engine_api_key: str | None = Field(
+        None, description="sent to the engines as a Bearer token (their vLLM --api-key)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="the proxy's log level (--log-level)"
+    )
+    # connector lmcache: the notification socket and its deadline
+    # (see proxy.engines.connectors.lmcache_config)
+    lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
+    # run-time workers: the admin API, its probes and allow-list (see proxy.control.admin.config)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    workers_state_file: str | None = Field(
+        None, description="the workers after each change, read back at start-up"
+    )
+
+    @field_validator("connector")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        connector_class(value)  # raises ValueError naming the known ones
+        return value
+
+    @field_validator("prefill", "decode", "pool", mode="before")
+    @classmethod
+    def _urls_as_workers(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> ProxyConfig:
+        for role in ("prefill", "decode", "pool"):
+            workers: tuple[WorkerConfig, ...] = getattr(self, role)
+            if not workers and not self.pool and role != "pool":
+                raise ValueError(
+                    f"no {role} workers: give --{role} URL or a '{role}:' list (or a pool)"
+                )
+        listed = [
+            (role, w.url) for role in ("prefill", "decode", "pool") for w in getattr(self, role)
+        ]
+        for i, j, why in duplicates(listed):
+            (role_i, url_i), (role_j, url_j) = listed[i], listed[j]
+            if role_i == role_j and why == "the same URL":
+                raise ValueError(f"{role_j} lists {url_j} more than once")
+            if role_i == role_j:
+                raise ValueError(
+                    f"{role_j} lists {url_i} and {url_j}, which are one engine ({why}): list "
+                    "it once"
+                )
+            raise ValueError(
+                f"{url_j} is in the pool and {url_i} in the {role_i} list, which are one engine "
+                f"({why}): an engine is either dedicated or in the pool"
+                if why != "the same URL"
+                else f"{url_j} is in the pool and a prefill or decode list: an engine is either "
+                "dedicated or in the pool"
+            )
+        return self
+
+    # --- the pool ---
+    @model_validator(mode="after")
+    def _check_pool(self) -> ProxyConfig:
+        if not self.pool:
+            return self
+        dedicated = {w.url for w in (*self.prefill, *self.decode)}
+        shared = sorted(w.url for w in self.pool if w.url in dedicated)
+        if shared:
+            raise ValueError(
+                f"{', '.join(shared)} is in the pool and a prefill or decode list: an engine is "
+                "either dedicated or in the pool"
+            )
+        if not connector_class(self.connector).pool_engines:
+            raise ValueError(
+                f"a pool needs connector {' or '.join(pool_connectors())}: its engines swap "
+                "prefill and decode per request (kv_role kv_both)"
+            )
+        if self.pool_mode == "colocated" and self.prefill:
+            raise ValueError(
+                "pool_mode colocated serves every request whole on one engine: it has no use for "
+                "prefill workers (drop them, or use pool_mode adaptive)"
+            )
+        if self.conditional_disagg.enabled:
+            raise ValueError(
+                "with a pool, the pool planner decides which prompts are prefilled apart "
+                "(pool_planner.min_prefill_tokens); turn conditional_disagg off"
+            )
+        return self
+
+    # --- the decoders' receivers (connector lmcache) ---
+    @model_validator(mode="after")
+    def _check_receivers(self) -> ProxyConfig:
+        if any(w.lmcache is not None for w in self.prefill):
+            raise ValueError("'lmcache' ports belong to decode workers, not prefill workers")
+        connector_class(self.connector).receivers([(w.url, w.lmcache) for w in self.decode])
+        return self
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key {err['loc'][-1]!r}"
+        lines.append(f"  {where}: {message.removeprefix('Value error, ')}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ProxyConfig:
+    """Read the YAML file (if any), apply non-None overrides, and validate the result."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as stream:  # a stream: YAML's errors name the file
+                loaded = yaml.safe_load(stream)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        data = loaded or {}
+    for key, value in overrides.items():
+        if value is None or value == [] or value == ():
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
