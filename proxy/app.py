@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from proxy.auth import Authenticator, load_keys
 from proxy.config import ConfigError, ProxyConfig
 from proxy.control.plane import ControlPlane, initial_workers
 from proxy.control.pool import PoolController
@@ -29,7 +30,6 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
 from proxy.observe.metrics import ProxyMetrics
 from proxy.serve.api import build_api
-from proxy.serve.auth import Authenticator, load_keys
 from proxy.serve.plane import build_data_plane
 from proxy.serve.responder import Receive, Scope, Send
 

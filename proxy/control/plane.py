@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
+from proxy.auth import Authenticator
 from proxy.config import ConfigError, ProxyConfig
 from proxy.control.admin.hosts import HostAllowList
 from proxy.control.admin.probes import Prober
@@ -32,7 +33,6 @@ from proxy.engines.connectors.base import Connector
 from proxy.engines.connectors.registry import connector_class
 from proxy.engines.scrape import Scraper, Watch, load_watch
 from proxy.errors import ProxyError
-from proxy.serve.auth import Authenticator
 
 log = logging.getLogger("pdproxy")
 

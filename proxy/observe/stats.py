@@ -7,13 +7,17 @@ Memory is fixed at start-up: each window is a preallocated ring of `window` floa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
-if TYPE_CHECKING:
-    from proxy.place.plan import Plan
+
+class Described(Protocol):
+    """A request's plan as its timeline shows it (proxy.place.plan.Plan)."""
+
+    def describe(self) -> dict[str, Any]: ...
+
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -82,7 +86,7 @@ class RequestTiming:
     decoder: str | None = None
     kv: str | None = None  # "handed_over", "local" (chosen), or why the decoder recomputed
     retries: int = 0
-    plan: Plan | None = None  # where the planner put it, and why
+    plan: Described | None = None  # where the planner put it, and why
     error: str | None = None  # the message the client got, if an error
 
 

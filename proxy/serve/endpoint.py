@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+from proxy.auth import Authenticator
 from proxy.config import FanoutConfig
 from proxy.errors import MethodNotAllowed, NoWorkerAvailable, ProxyError, UpstreamError
 from proxy.flow.fanout import FanOut
@@ -29,7 +30,6 @@ from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
 from proxy.request import ClientRequest, check_request_id, parse_request
 from proxy.serve.admission import Admission
-from proxy.serve.auth import Authenticator
 from proxy.serve.responder import Receive, Responder, Scope, Send, read_body, request_header
 
 log = logging.getLogger("pdproxy")

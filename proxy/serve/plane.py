@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.auth import Authenticator
 from proxy.config import ProxyConfig
 from proxy.control.pool import PoolController
 from proxy.control.workers import WorkerPool
@@ -28,7 +29,6 @@ from proxy.place.prefix import PrefixIndex
 from proxy.place.router import Router
 from proxy.request import CHAT, COMPLETIONS
 from proxy.serve.admission import Admission
-from proxy.serve.auth import Authenticator
 from proxy.serve.endpoint import CompletionEndpoint, Services
 from proxy.serve.passthrough import ROUTES, PassThrough
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.auth import Authenticator
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.control.plane import ControlPlane, initial_workers, make_kv_health, watches
 from proxy.control.workers import Health
@@ -17,7 +18,6 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
 from proxy.engines.connectors.lmcache_config import Receiver
 from proxy.engines.scrape import LOAD_METRICS
-from proxy.serve.auth import Authenticator
 from tests.control.test_health import HealthServer
 
 P, D = ["http://10.0.0.1:8100"], ["http://10.0.0.2:8200", "http://10.0.0.3:8200"]

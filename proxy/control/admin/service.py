@@ -18,6 +18,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from proxy.auth import Authenticator
 from proxy.config import check_worker_url
 from proxy.control.admin.config import AdminConfig
 from proxy.control.admin.hosts import HostAllowList, is_loopback
@@ -31,7 +32,6 @@ from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, Recei
 from proxy.engines.connectors.registry import pool_connectors
 from proxy.engines.scrape import Scraper
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, ProxyError
-from proxy.serve.auth import Authenticator
 
 log = logging.getLogger("pdproxy")
 

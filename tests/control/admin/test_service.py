@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.auth import Authenticator
 from proxy.control.admin.config import AdminConfig
 from proxy.control.admin.probes import Prober
 from proxy.control.admin.service import AddWorker, Admin
@@ -12,7 +13,6 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, Receiver, receiver_for
 from proxy.engines.connectors.nixl import NixlConnector
 from proxy.errors import BadRequest, Forbidden, Unauthorized
-from proxy.serve.auth import Authenticator
 
 
 def admin(host: str, admin_keys: tuple[bytes, ...] = (), **config: object) -> Admin:

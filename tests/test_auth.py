@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.auth import Authenticator, load_keys
 from proxy.errors import Unauthorized
-from proxy.serve.auth import Authenticator, load_keys
 from tests.conftest import MODEL, Proxy, Sim, running, start_proxy
 
 API_KEY = "sk-client-7f3a"
