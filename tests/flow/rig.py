@@ -309,9 +309,9 @@ def openai_error(resp: httpx.Response) -> Body:
 
 
 def unique(prompt: str) -> str:
-    """`prompt` made new: an LMCache decoder keeps what was pushed to it across tests, and
-    would find an old prompt's KV in its store."""
-    return f"{prompt} {uuid.uuid4().hex[:8]}"
+    """`prompt` made new from its first token: an LMCache decoder keeps what was pushed to it
+    across tests, and serves any leading chunks of a prompt it holds."""
+    return f"{uuid.uuid4().hex[:8]} {prompt}"
 
 
 __all__ = ["MODEL", "RECOMPUTED", "WIRES", "Topology", "Wire", "start_topology"]
