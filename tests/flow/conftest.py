@@ -83,3 +83,14 @@ def _strict(engines: Engines) -> Iterator[Topology]:
 def strict(_strict: Topology) -> Topology:
     """1p1d with failover off and 0.5 s timeouts: every engine failure reaches the client."""
     return _strict.reset()
+
+
+@pytest.fixture(scope="session")
+def _pd_2p2d(engines: Engines) -> Iterator[Topology]:
+    yield from _topology(engines, "2p2d", prefillers=2, decoders=2)
+
+
+@pytest.fixture
+def pd_2p2d(_pd_2p2d: Topology) -> Topology:
+    """2 prefillers, 2 decoders, the default config (least_loaded), reset."""
+    return _pd_2p2d.reset()

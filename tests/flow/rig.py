@@ -20,11 +20,13 @@ from typing import Any
 
 import httpx
 
+from pdsim.launch import spawn
 from tests.conftest import MODEL, Proxy, Sim, free_port, start_sim
 
 DEADLINE = 1.5  # lmcache.notify_timeout of every LMCache topology, seconds
 SPEED = ("--speed-factor", "0.05")
 RECOMPUTED = "pdsim:recomputed_requests_total"
+NOTIFICATIONS = "pdproxy_lmcache_notifications_total"
 Body = dict[str, Any]
 
 
@@ -62,6 +64,9 @@ class Wire:
     # `pdproxy_kv_recompute_total` reason for a prefiller that does no KV transfer: vLLM NIXL
     # answers kv_transfer_params null; the proxy finds no LMCache first_tok
     no_transfer_reason: str
+    # the prefiller tells the proxy each transfer is done (LMCache's ZMQ notification); NIXL's
+    # decoder pulls without a word to the proxy
+    notifies: bool
     # a decode leg retried on another decoder: a NIXL decoder pulls the same KV from the
     # prefiller; LMCache pushed it to the first decoder, so the second computes the prompt
     retried_decoder_kv: str
@@ -127,6 +132,7 @@ WIRES = {
         prefiller_holds_kv=True,
         local_kv="local",
         no_transfer_reason="null_params",
+        notifies=False,
         retried_decoder_kv="pulled",
     ),
     "lmcache": Wire(
@@ -139,6 +145,7 @@ WIRES = {
         prefiller_holds_kv=False,
         local_kv="recomputed",
         no_transfer_reason="missing_params",
+        notifies=True,
         retried_decoder_kv="recomputed",
     ),
 }
@@ -171,6 +178,25 @@ class Topology:
         """Requests of `decoder` whose prompt KV came from a prefiller, since the last reset."""
         return decoder.metric(self.wire.kv_in)
 
+    def transfers(self) -> float:
+        """KV transfers since the last reset: NIXL pulls by the decoders, LMCache pushes by the
+        prefillers (an LMCache decoder also finds what was pushed for earlier requests, so its
+        hits do not say whether this request moved anything)."""
+        if self.wire.notifies:
+            return self.sent()
+        return sum(self.kv_in(d) for d in self.decode)
+
+    def notified(self) -> float:
+        """Transfers the prefillers reported to the proxy, and the proxy matched to a request
+        (LMCache; since the proxy started)."""
+        assert self.wire.notifies
+        return self.proxy.metrics().total(NOTIFICATIONS, result="matched")
+
+    def sent(self) -> float:
+        """Notifications the prefillers sent, since the last reset (LMCache)."""
+        assert self.wire.notifies
+        return sum(p.metric("pdsim:lmcache_notifications_sent_total") for p in self.prefill)
+
     def reset(self) -> Topology:
         for sim in self.prefill + self.decode:
             sim.reset()
@@ -196,22 +222,28 @@ class Engines:
         self._started: list[Sim] = []
 
     def decoders(self, n: int) -> list[tuple[Sim, Receiver | None]]:
+        """The first `n` shared decoders."""
         if self.wire.name == "nixl":
             return [(self._nixl[f"d{i}"], None) for i in range(n)]
         while len(self._decoders) < n:
             i = len(self._decoders)
-            rx = Receiver([free_port()], [free_port()])
-            sim = start_sim(self.logs, f"lmc-d{i}", *lmcache_args("receiver", rx), role="decode")
-            self._started.append(sim)
-            self._decoders.append((sim, rx))
+            self._decoders.append(self.decoder(f"lmc-d{i}", LMCacheSetup()))
+            self._started.append(self._decoders[-1][0])
         return self._decoders[:n]
 
-    def prefiller(self, name: str, notify_port: int) -> Sim:
+    def decoder(self, name: str, setup: LMCacheSetup) -> tuple[Sim, Receiver]:
+        """An LMCache receiver of its own (the caller stops it)."""
+        rx = Receiver(
+            [free_port() for _ in range(setup.tp)], [free_port() for _ in range(setup.tp)]
+        )
+        return start_sim(self.logs, name, *lmcache_args("receiver", rx, setup), role="decode"), rx
+
+    def prefiller(self, name: str, notify_port: int, setup: LMCacheSetup) -> Sim:
         """A prefiller of its own (the caller stops it)."""
         if self.wire.name == "nixl":
             return start_sim(self.logs, name, *SPEED, role="prefill")
-        args = lmcache_args("sender", None, "--pd-proxy-port", str(notify_port))
-        return start_sim(self.logs, name, *args, role="prefill")
+        args = lmcache_args("sender", None, setup, "--pd-proxy-port", str(notify_port))
+        return start_sim(self.logs, name, *args, *setup.sender_args, role="prefill")
 
     def shared_prefillers(self, n: int) -> list[Sim] | None:
         return [self._nixl[f"p{i}"] for i in range(n)] if self.wire.name == "nixl" else None
@@ -221,12 +253,24 @@ class Engines:
             sim.stop()
 
 
-def lmcache_args(role: str, rx: Receiver | None, *extra: str) -> list[str]:
-    args = [*SPEED, "--tp", "1", "--lmcache-chunk-size", "2", "--lmcache-role", role, *extra]
+def lmcache_args(role: str, rx: Receiver | None, setup: LMCacheSetup, *extra: str) -> list[str]:
+    args = [*SPEED, "--tp", str(setup.tp), "--lmcache-chunk-size", str(setup.chunk_size)]
+    args += ["--lmcache-role", role, *extra]
     if rx is not None:
         args += ["--pd-peer-init-port", ",".join(map(str, rx.init_ports))]
         args += ["--pd-peer-alloc-port", ",".join(map(str, rx.alloc_ports))]
     return args
+
+
+@dataclass(frozen=True)
+class LMCacheSetup:
+    """How an LMCache topology's engines and proxy are configured; a topology with other than
+    the defaults starts decoders of its own (sender and receiver must agree on the chunks)."""
+
+    tp: int = 1
+    chunk_size: int = 2
+    sender_args: tuple[str, ...] = ()
+    proxy_options: str = ""  # more keys of the proxy's `lmcache:` mapping, ", key: value"
 
 
 def start_topology(
@@ -236,50 +280,71 @@ def start_topology(
     decoders: int = 1,
     config: str = "",
     own_prefillers: int = 0,
+    lmcache: LMCacheSetup | None = None,
 ) -> Topology:
     """A proxy (`config` appended to its YAML) over `decoders` shared decoders and `prefillers`
     prefillers, the first `own_prefillers` of which are started for it alone (as every LMCache
     prefiller is)."""
     wire = engines.wire
+    setup = lmcache or LMCacheSetup()
     notify = free_port() if wire.name == "lmcache" else 0
     owned: list[Sim] = []
     try:
         shared = engines.shared_prefillers(prefillers - own_prefillers)
         if shared is None:
-            own_prefillers = prefillers
-            shared = []
+            own_prefillers, shared = prefillers, []
         for i in range(own_prefillers):
-            owned.append(engines.prefiller(f"{name}-p{i}", notify))
-        prefill = owned + shared
-        decode = engines.decoders(decoders)
-        lines = [f"connector: {wire.name}"]
-        if wire.name == "lmcache":
-            lines.append(f"lmcache: {{notify_port: {notify}, notify_timeout: {DEADLINE}}}")
-        lines.append("prefill: [" + ", ".join(s.url for s in prefill) + "]")
-        lines.append("decode:")
-        for sim, rx in decode:
-            if rx is None:
-                lines.append(f"  - {sim.url}")
-            else:
-                lines.append(
-                    f"  - {{url: '{sim.url}', lmcache: {{init_ports: {rx.init_ports}, "
-                    f"alloc_ports: {rx.alloc_ports}}}}}"
-                )
-        path = engines.logs / f"{wire.name}-{name}.yaml"
-        path.write_text("\n".join(lines) + "\n" + config)
-        proxy = start_proxy_config(engines.logs, path, f"{wire.name}-{name}")
+            owned.append(engines.prefiller(f"{name}-p{i}", notify, setup))
+        if setup == LMCacheSetup():
+            decode = engines.decoders(decoders)
+        else:
+            decode = [engines.decoder(f"{name}-d{i}", setup) for i in range(decoders)]
+            owned += [sim for sim, _ in decode]
+        proxy = start_proxy_over(engines, name, owned[:own_prefillers] + shared, decode, config,
+                                 notify, setup)  # fmt: skip
     except BaseException:
         for sim in owned:
             sim.stop()
         raise
-    proxy.prefill, proxy.decode = prefill, [sim for sim, _ in decode]
     receivers = [rx for _, rx in decode if rx is not None]
     return Topology(wire, proxy, notify, receivers, owned)
 
 
-def start_proxy_config(logs: Path, config: Path, name: str) -> Proxy:
-    from pdsim.launch import spawn
+def start_proxy_over(
+    engines: Engines,
+    name: str,
+    prefill: list[Sim],
+    decode: list[tuple[Sim, Receiver | None]],
+    config: str = "",
+    notify: int = 0,
+    setup: LMCacheSetup | None = None,
+) -> Proxy:
+    """A proxy of `engines`' connector over these engines (`notify`: the LMCache notification
+    port its prefillers send to)."""
+    wire = engines.wire
+    lines = [f"connector: {wire.name}"]
+    if wire.name == "lmcache":
+        options = (setup or LMCacheSetup()).proxy_options
+        lines.append(f"lmcache: {{notify_port: {notify}, notify_timeout: {DEADLINE}{options}}}")
+    lines.append("prefill: [" + ", ".join(s.url for s in prefill) + "]")
+    lines.append("decode:")
+    for sim, rx in decode:
+        if rx is None:
+            lines.append(f"  - {sim.url}")
+        else:
+            lines.append(
+                f"  - {{url: '{sim.url}', lmcache: {{init_ports: {rx.init_ports}, "
+                f"alloc_ports: {rx.alloc_ports}}}}}"
+            )
+    path = engines.logs / f"{wire.name}-{name}.yaml"
+    path.write_text("\n".join(lines) + "\n" + config)
+    proxy = start_proxy_config(engines.logs, path, f"{wire.name}-{name}")
+    proxy.prefill, proxy.decode = prefill, [sim for sim, _ in decode]
+    return proxy
 
+
+def start_proxy_config(logs: Path, config: Path, name: str) -> Proxy:
+    """`serve --config config`, ready once /metrics answers."""
     port = free_port()
     cmd = ["serve", "--port", str(port), "--stats-interval", "0", "--config", str(config)]
     s = spawn(cmd, f"http://127.0.0.1:{port}", logs / f"{name}-proxy.log", ready_path="/metrics")

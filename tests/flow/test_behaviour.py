@@ -10,22 +10,26 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, free_port, running, sse_events, start_sim, wait_for
+from tests.conftest import MODEL, Sim, free_port, running, sse_events, start_sim, wait_for
 from tests.flow.rig import (
     RECOMPUTED,
     Body,
     Engines,
+    LMCacheSetup,
+    Receiver,
     Topology,
     direct,
     openai_error,
     post,
     start_proxy_config,
+    start_proxy_over,
     start_topology,
     unique,
 )
@@ -58,6 +62,8 @@ def test_sdk_chat_non_stream_equals_direct_and_kv_was_handed_over(pd: Topology) 
     answer = client(pd).chat.completions.create(max_tokens=20, **CHAT_BODY)  # type: ignore[call-overload]
     # before the reference request, which may touch the decoder's cache
     assert pd.kv_in(decoder) == 1 and decoder.metric(RECOMPUTED) == 0
+    if pd.wire.notifies:
+        assert pd.sent() == 1
     reference = direct(decoder, "/v1/chat/completions", {**CHAT_BODY, "max_tokens": 20})
     assert answer.choices[0].message.content == reference["choices"][0]["message"]["content"]
     assert answer.usage.completion_tokens == reference["usage"]["completion_tokens"] == 20
@@ -109,8 +115,11 @@ def test_bodies_each_leg_received(pd: Topology) -> None:
         "min_tokens": 2,
         "temperature": 0,
     }
+    before = pd.notified() if pd.wire.notifies else 0
     resp = post(pd, body, "/v1/chat/completions")
     assert resp.status_code == 200
+    if pd.wire.notifies:
+        assert pd.notified() == before + 1
     [prefill] = pd.prefill[0].generation_records()
     [decode] = pd.decode[0].generation_records()
     wire = pd.wire
@@ -239,6 +248,40 @@ def test_no_worker_is_503(engines: Engines) -> None:
         topo.stop()
 
 
+def test_dead_worker_is_an_error_naming_it_and_health_says_503(
+    engines: Engines, pd: Topology
+) -> None:
+    """A decoder nobody answers on. Over NIXL the decode leg cannot connect: a 502 naming it.
+    Over LMCache the prefiller's push to the dead receiver never completes, so no notification
+    comes: a 504 at the notification deadline, which names the decoder too."""
+    dead = Sim(f"http://127.0.0.1:{free_port()}", [], None, pd.decode[0].proc)
+    rx = Receiver([free_port()], [free_port()]) if engines.wire.name == "lmcache" else None
+    notify = free_port()
+    prefiller = pd.prefill[0]
+    if engines.wire.notifies:  # a prefiller of its own, that notifies this proxy
+        prefiller = engines.prefiller("dead-p0", notify, LMCacheSetup())
+    proxy = start_proxy_over(
+        engines, "dead", [prefiller], [(dead, rx)], "health: {interval: 0}\n", notify
+    )
+
+    def check(resp: httpx.Response) -> None:
+        message = openai_error(resp)["message"]
+        assert dead.url in message
+        if engines.wire.notifies:
+            assert resp.status_code == 504 and "did not report its LMCache KV transfer" in message
+        else:
+            assert resp.status_code == 502 and "cannot connect to decode worker" in message
+
+    with running(proxy), running(prefiller) if prefiller not in pd.prefill else nullcontext():
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        check(httpx.post(proxy.url + "/v1/completions", json=body, timeout=30))
+        health = httpx.get(proxy.url + "/health")
+        assert health.status_code == 503 and health.json()["decode"][0]["health"] == "unhealthy"
+        # the only decoder fails its check: the proxy still tries it (panic routing), and says so
+        check(httpx.post(proxy.url + "/v1/completions", json=body, timeout=30))
+        assert "routing to them anyway" in proxy.log_text()
+
+
 def test_failure_mid_stream_ends_with_error_event(pd: Topology) -> None:
     pd.decode[0].faults(drop_after_chunks=3, count=1)
     resp = post(pd, {"model": MODEL, "prompt": "x", "max_tokens": 30, "stream": True})
@@ -354,3 +397,34 @@ def test_client_leaving_after_prefill_aborts_the_decode_leg(pd: Topology) -> Non
     after = pd.proxy.metrics().total("pdproxy_client_disconnects_total", phase="handoff")
     assert after == before + 1
     assert pd.kv_in(decoder) == 0
+
+
+# -- xPyD -----------------------------------------------------------------------------------
+
+
+def test_xpyd_least_loaded_spreads(pd_2p2d: Topology) -> None:
+    # Only the prefillers stall: a decoder is chosen on arrival and counts the request in flight
+    # through its prefill, so both choices see every earlier request while all four are placed.
+    for sim in pd_2p2d.prefill:
+        sim.faults(stall_seconds=5)
+    body = {"model": MODEL, "prompt": "spread me", "max_tokens": 2}
+    statuses: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: statuses.append(post(pd_2p2d, body).status_code))
+        for _ in range(4)
+    ]
+
+    def prefill_inflight() -> int:
+        return sum(w["inflight"] for w in pd_2p2d.proxy.stats()["workers"]["prefill"])
+
+    for started, t in enumerate(threads, 1):
+        t.start()
+        # each request is placed before the next arrives, and none can finish meanwhile
+        wait_for(lambda n=started: prefill_inflight() == n)  # type: ignore[misc]
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 4
+    counts = [len(s.generation_records()) for s in pd_2p2d.prefill + pd_2p2d.decode]
+    assert counts == [2, 2, 2, 2]
+    workers = pd_2p2d.proxy.stats()["workers"]
+    assert all(w["inflight"] == 0 for role in ("prefill", "decode") for w in workers[role])
