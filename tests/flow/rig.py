@@ -95,6 +95,14 @@ def nixl_decode_params(topo: Topology, prefill: Body, params: Body | None) -> No
         "127.0.0.1",
         prefiller.side_channel_port,
     )
+    # nothing added, dropped or changed: the same leg sent again gets the same answer but for
+    # the blocks and the engine's request id
+    again = direct(prefiller, prefill["path"], prefill["body"])["kv_transfer_params"]
+    assert set(params) == set(again)
+    varying = ("remote_block_ids", "remote_request_id")
+    assert {k: v for k, v in params.items() if k not in varying} == {
+        k: v for k, v in again.items() if k not in varying
+    }
 
 
 def lmcache_decode_params(topo: Topology, prefill: Body, params: Body | None) -> None:
@@ -294,11 +302,11 @@ def start_topology(
         if shared is None:
             own_prefillers, shared = prefillers, []
         for i in range(own_prefillers):
-            owned.append(engines.prefiller(f"{name}-p{i}", notify, setup))
+            owned.append(engines.prefiller(f"{wire.name}-{name}-p{i}", notify, setup))
         if setup == LMCacheSetup():
             decode = engines.decoders(decoders)
         else:
-            decode = [engines.decoder(f"{name}-d{i}", setup) for i in range(decoders)]
+            decode = [engines.decoder(f"{wire.name}-{name}-d{i}", setup) for i in range(decoders)]
             owned += [sim for sim, _ in decode]
         proxy = start_proxy_over(engines, name, owned[:own_prefillers] + shared, decode, config,
                                  notify, setup)  # fmt: skip

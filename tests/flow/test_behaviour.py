@@ -1,7 +1,7 @@
 """The request path's behaviour over every connector (success, errors, cancellation): OpenAI SDK
 -> proxy -> simulated prefiller and decoder. Each test runs once per connector (rig.WIRES); what
 differs between them is read from the connector's row. Failover: test_failover.py; fan-out:
-test_fanout.py; what only one connector has: tests/serve/test_endpoint_{nixl,lmcache}.py."""
+test_fanout.py; what only LMCache does: test_behaviour_lmcache.py."""
 
 from __future__ import annotations
 
