@@ -196,15 +196,3 @@ def _proxy_1p1d(logs: Path, sims: dict[str, Sim]) -> Iterator[Proxy]:
 def proxy(_proxy_1p1d: Proxy, clean_sims: dict[str, Sim]) -> Proxy:
     """A 1p1d proxy over freshly reset simulated engines."""
     return _proxy_1p1d
-
-
-@pytest.fixture(scope="session")
-def _proxy_2p2d(logs: Path, sims: dict[str, Sim]) -> Iterator[Proxy]:
-    proxy = start_proxy(logs, [sims["p0"], sims["p1"]], [sims["d0"], sims["d1"]], name="2p2d")
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture
-def proxy_2p2d(_proxy_2p2d: Proxy, clean_sims: dict[str, Sim]) -> Proxy:
-    return _proxy_2p2d

@@ -9,18 +9,21 @@ import httpx
 import pytest
 
 from tests.conftest import Sim, free_port, start_sim
-from tests.serve.test_endpoint_lmcache import Rig, start_rig
+from tests.flow.rig import WIRES, Engines, Topology, start_topology
 
 ARGS = ("--speed-factor", "0.05", "--lmcache-chunk-size", "2")
 
 
 @pytest.fixture(scope="module")
-def rig(logs: Path) -> Iterator[Rig]:
-    r = start_rig(
-        logs, "lmc-admin", extra_yaml="admin: {probe_timeout: 5}\ndecode_policy: round_robin\n"
-    )
-    yield r
-    r.stop()
+def rig(logs: Path) -> Iterator[Topology]:
+    engines = Engines(logs, WIRES["lmcache"])
+    try:
+        config = "admin: {probe_timeout: 5}\ndecode_policy: round_robin\n"
+        topo = start_topology(engines, "lmc-admin", config=config)
+        yield topo
+        topo.stop()
+    finally:
+        engines.stop()
 
 
 def receiver(logs: Path, name: str) -> tuple[Sim, int, int]:
@@ -30,7 +33,7 @@ def receiver(logs: Path, name: str) -> tuple[Sim, int, int]:
     return sim, init, alloc
 
 
-def test_a_decoder_joins_once_the_push_into_it_is_reported(logs: Path, rig: Rig) -> None:
+def test_a_decoder_joins_once_the_push_into_it_is_reported(logs: Path, rig: Topology) -> None:
     sim, init, alloc = receiver(logs, "lmc-admin-d1")
     try:
         wrong = {"init_ports": [free_port()], "alloc_ports": [free_port()]}  # nobody listens
@@ -59,7 +62,7 @@ def test_a_decoder_joins_once_the_push_into_it_is_reported(logs: Path, rig: Rig)
         sim.stop()
 
 
-def test_a_prefiller_that_reports_elsewhere_is_refused(logs: Path, rig: Rig) -> None:
+def test_a_prefiller_that_reports_elsewhere_is_refused(logs: Path, rig: Topology) -> None:
     elsewhere = start_sim(logs, "lmc-admin-p1", "--lmcache-role", "sender", "--pd-proxy-port",
                           str(free_port()), *ARGS, role="prefill")  # fmt: skip
     try:
