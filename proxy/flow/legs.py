@@ -120,6 +120,8 @@ class Legs:
                 "request %s: decode on %s failed (%s); retrying on %s",
                 *(request.request_id, decoder.url, last.message, replacement.decoder.url),
             )
+            if handoff.kv_transfer_params is not None and flow.connector.decoder_receivers:
+                handoff = self._moved(handoff, decoder, replacement.decoder)
             plan = replacement
 
     async def prefill(self, plan: Plan) -> Handoff:
@@ -163,6 +165,18 @@ class Legs:
             self._note_recompute(handoff, plan.decoder)
             return handoff
         return self._fallback(plan.decoder, last)
+
+    def _moved(self, handoff: Handoff, failed: Worker, decoder: Worker) -> Handoff:
+        """The KV was pushed into the decoder that failed: the next one computes the prompt
+        again, and that is never silent."""
+        moved = Handoff(
+            None,
+            f"the KV was pushed into decoder {failed.url}, which failed before its first byte",
+            "decoder_retry",
+        )
+        self.timing.kv = moved.outcome
+        self._note_recompute(moved, decoder)
+        return moved
 
     def _note_recompute(self, handoff: Handoff, decoder: Worker) -> None:
         if handoff.recompute_reason is not None:

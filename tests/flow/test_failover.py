@@ -82,9 +82,10 @@ def test_decode_failure_before_first_byte_moves_to_another_decoder(
 ) -> None:
     """The second decoder gets the same body. Over NIXL it pulls the same KV from the
     prefiller; over LMCache the KV was pushed to the first decoder, so the second computes the
-    prompt itself."""
+    prompt itself, counted as a recompute."""
     d0, d1 = fresh.decode
     d0.faults(error_status=500, count=1)
+    before = fresh.proxy.metrics().total("pdproxy_kv_recompute_total", reason="decoder_retry")
     resp = post(fresh, {**body, "stream": True})
     assert resp.status_code == 200 and sse_events(resp.content)[-1] == "[DONE]"
     [first] = d0.generation_records()
@@ -96,6 +97,9 @@ def test_decode_failure_before_first_byte_moves_to_another_decoder(
     assert fresh.kv_in(d1) == (1 if handed_over else 0)
     assert d1.metric(RECOMPUTED) == (0 if handed_over else 1)
     assert fresh.proxy.metrics().total("pdproxy_retries_total", role="decode") >= 1
+    # a recompute is never silent: counted and logged where the KV could not follow
+    moved = fresh.proxy.metrics().total("pdproxy_kv_recompute_total", reason="decoder_retry")
+    assert moved - before == (0 if handed_over else 1)
 
 
 def test_nothing_is_retried_once_bytes_reached_the_client(fresh: Topology, body: Body) -> None:

@@ -84,6 +84,12 @@ class Connector(Protocol):
         """The decoders' own count of the KV they received (see `ConnectorClass`)."""
         ...
 
+    @property
+    def decoder_receivers(self) -> bool:
+        """The KV goes into the chosen decoder (see `ConnectorClass`): a decode retried on
+        another decoder computes the prompt again."""
+        ...
+
     async def start(self) -> None:
         """Acquire what the connector listens on (sockets); called once in the app lifespan."""
         ...
