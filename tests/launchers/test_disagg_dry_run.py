@@ -125,7 +125,7 @@ def test_1p1d_lmcache_starts_proxy_first(tmp_path: Path) -> None:
         "kv_connector_extra_config": {
             "discard_partial_chunks": False,
             "lmcache_rpc_port": "consumer1",
-            "skip_last_n_tokens": 1,
+            "skip_last_n_tokens": 0,
         },
     }
     for cmd in (prefill, decode):
@@ -145,6 +145,31 @@ def test_1p1d_lmcache_starts_proxy_first(tmp_path: Path) -> None:
     assert sender["pd_buffer_device"] == receiver["pd_buffer_device"] == "cuda"
     assert sender["save_unfull_chunk"] is True
     assert plan.commands["proxy"].flag("--connector") == "lmcache"
+
+
+def test_lmcache_decoder_loads_every_chunk_it_was_pushed(tmp_path: Path) -> None:
+    """The receive buffer frees a pushed chunk only when the decoder loads it (LMCache 0.5.0).
+
+    The proxy sends the decoder the client's own N-token prompt and the prefiller pushed chunks
+    of exactly those N tokens: looking up N - 1 (skip_last_n_tokens 1) misses the last chunk's
+    hash, and chunks that vLLM's prefix cache already holds are not loaded either; both would
+    stay in the buffer for good until pushes block (issue 23)."""
+    plan = dry_run("--model", "m", "--connector", "lmcache", "--decode", "2", tmp_path=tmp_path)
+    for decode in plan.engines("decode"):
+        assert decode.kv_config["kv_connector_extra_config"]["skip_last_n_tokens"] == 0
+        assert "--no-enable-prefix-caching" in decode.argv
+    prefill = plan.commands["prefill-0"]
+    assert "skip_last_n_tokens" not in prefill.kv_config["kv_connector_extra_config"]
+    assert "--no-enable-prefix-caching" not in prefill.argv  # a sender pushes every chunk anyway
+    # a user's own choice comes later on the command line, so it wins
+    plan = dry_run(
+        "--model", "m", "--connector", "lmcache", "--decode-args", "--enable-prefix-caching",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    argv = plan.commands["decode-0"].argv
+    assert argv.index("--enable-prefix-caching") > argv.index("--no-enable-prefix-caching")
+    nixl = dry_run("--model", "m", tmp_path=tmp_path)
+    assert "--no-enable-prefix-caching" not in nixl.commands["decode-0"].argv
 
 
 @pytest.mark.parametrize(
