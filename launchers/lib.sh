@@ -213,6 +213,10 @@ lmcache_yaml() {
     -e "s|^pd_peer_init_port:.*|pd_peer_init_port: [$(lmcache_ports "$LMCACHE_INIT_PORT" "$idx")]|" \
     -e "s|^pd_peer_alloc_port:.*|pd_peer_alloc_port: [$(lmcache_ports "$LMCACHE_ALLOC_PORT" "$idx")]|" \
     -e "$buffer" "$template"
+  if [[ $role != prefill && -n $LMCACHE_ALLOC_TIMEOUT ]]; then
+    printf '\n# --lmcache-alloc-timeout: a push that finds no room waits at most this long\n'
+    echo "pd_allocation_timeout_sec: $LMCACHE_ALLOC_TIMEOUT"
+  fi
 }
 
 # KEY=VALUE lines of the environment the launcher sets for one engine instance.

@@ -189,6 +189,24 @@ def test_lmcache_buffer_size_sets_the_receivers_buffer_only(
         assert receiver["pd_buffer_size"] == expected
 
 
+def test_lmcache_alloc_timeout_bounds_the_receivers_wait_only(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", "--connector", "lmcache", tmp_path=tmp_path)
+    for cmd in plan.engines("prefill") + plan.engines("decode"):
+        assert "pd_allocation_timeout_sec" not in yaml.safe_load(
+            plan.files[cmd.env["LMCACHE_CONFIG_FILE"]]
+        )  # LMCache's default: no limit
+    plan = dry_run(
+        "--model", "m", "--connector", "lmcache", "--decode", "2",
+        "--lmcache-alloc-timeout", "7.5", tmp_path=tmp_path,
+    )  # fmt: skip
+    sender = yaml.safe_load(plan.files[plan.commands["prefill-0"].env["LMCACHE_CONFIG_FILE"]])
+    assert "pd_allocation_timeout_sec" not in sender  # its staging frees once the receiver answers
+    for decode in plan.engines("decode"):
+        receiver = yaml.safe_load(plan.files[decode.env["LMCACHE_CONFIG_FILE"]])
+        assert receiver["pd_allocation_timeout_sec"] == 7.5
+        assert receiver["pd_role"] == "receiver"
+
+
 def test_2p2d_lmcache_unique_ports_and_rpc_names(tmp_path: Path) -> None:
     plan = dry_run(
         "--model", "m", "--connector", "lmcache", "--prefill", "2", "--decode", "2",
@@ -396,6 +414,8 @@ def test_a_colocated_pool_of_plain_engines(tmp_path: Path) -> None:
         (["--model", "m", "--pool", "11"], "at most 10 instances per role"),
         (["--model", "m", "--lmcache-buffer-size", "8X"], "'8X' is not a size"),
         (["--model", "m", "--lmcache-buffer-size", "0"], "'0' is not a size"),
+        (["--model", "m", "--lmcache-alloc-timeout", "0"], "not a positive number of seconds"),
+        (["--model", "m", "--lmcache-alloc-timeout", "soon"], "not a positive number of seconds"),
     ],
 )
 def test_bad_arguments_fail_clearly(args: list[str], message: str) -> None:
