@@ -67,6 +67,10 @@ KV transfer
   --lmcache-buffer-size B  LMCache pd_buffer_size of each decoder in bytes (a number, or with a
                            K/M/G suffix, powers of 1024): its receive buffer must hold the prompts in
                            flight (default the YAML's 2 GiB: ~8 prompts of 2000 tokens of an 8B model)
+  --lmcache-alloc-timeout S  LMCache pd_allocation_timeout_sec of each decoder: seconds a push may
+                           wait for room in that receive buffer before the decoder drops it (that
+                           request gets no notification: the proxy's 504, or its fallback), so a
+                           full buffer cannot hold the prefiller forever (default LMCache's: none)
   --kv-extra KEY=VALUE     add KEY to kv_connector_extra_config of every engine (repeatable;
                            VALUE is a number, true/false/null, or a string)
   --prefill-kv-extra KEY=VALUE, --decode-kv-extra KEY=VALUE, --pool-kv-extra KEY=VALUE
@@ -99,7 +103,7 @@ set_defaults() {
   PROXY_CMD_STR="" START_PROXY=1 WARMUP=1 DRY_RUN=0 STOP_GRACE=20 WARMUP_TIMEOUT=300
   CONFIG_DIR=$REPO_DIR/configs EXTRA_ARGS=()
   UCX_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y} BLOCK_SIZE="" PREFILL_BLOCK_SIZE=""
-  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS="" KV_BUFFER_DEVICE="" LMCACHE_BUFFER_SIZE=""
+  DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS="" KV_BUFFER_DEVICE="" LMCACHE_BUFFER_SIZE="" LMCACHE_ALLOC_TIMEOUT=""
   KV_EXTRA=() PREFILL_KV_EXTRA=() DECODE_KV_EXTRA=() PREFILL_ARGS_STR="" DECODE_ARGS_STR=""
   PROXY_ARGS_STR=""
 }
@@ -145,6 +149,7 @@ parse_args() {
       --no-cross-layer-blocks) CROSS_LAYER_BLOCKS=0 ;;
       --kv-buffer-device) need_value "$@"; KV_BUFFER_DEVICE=$2; shift ;;
       --lmcache-buffer-size) need_value "$@"; LMCACHE_BUFFER_SIZE=$(byte_count "$2") || die "--lmcache-buffer-size: '$2' is not a size (e.g. 8589934592 or 8G)"; shift ;;
+      --lmcache-alloc-timeout) need_value "$@"; LMCACHE_ALLOC_TIMEOUT=$2; shift ;;
       --kv-extra) need_value "$@"; KV_EXTRA+=("$2"); shift ;;
       --prefill-kv-extra) need_value "$@"; PREFILL_KV_EXTRA+=("$2"); shift ;;
       --decode-kv-extra) need_value "$@"; DECODE_KV_EXTRA+=("$2"); shift ;;
@@ -208,6 +213,10 @@ validate() {
     if [[ $DEVICE == cpu ]]; then KV_BUFFER_DEVICE=cpu; else KV_BUFFER_DEVICE=cuda; fi
   fi
   [[ $KV_BUFFER_DEVICE == cuda || $KV_BUFFER_DEVICE == cpu ]] || die "--kv-buffer-device must be cuda or cpu, not '$KV_BUFFER_DEVICE'"
+  if [[ -n $LMCACHE_ALLOC_TIMEOUT ]]; then
+    [[ $LMCACHE_ALLOC_TIMEOUT =~ ^[0-9]+(\.[0-9]+)?$ && ! $LMCACHE_ALLOC_TIMEOUT =~ ^0+(\.0+)?$ ]] ||
+      die "--lmcache-alloc-timeout: '$LMCACHE_ALLOC_TIMEOUT' is not a positive number of seconds"
+  fi
   [[ $UCX_GET_ZCOPY =~ ^(y|yes|n|no|auto|try)$ ]] || die "--ucx-get-zcopy must be y, n or auto, not '$UCX_GET_ZCOPY'"
   for name in BLOCK_SIZE PREFILL_BLOCK_SIZE DECODE_BLOCK_SIZE NIXL_THREADS; do
     [[ -z ${!name} ]] || is_uint "${!name}" || die "$name must be a positive integer, not '${!name}'"

@@ -133,7 +133,12 @@ kv_extra_pairs() {
       echo "lmcache_rpc_port=producer$((idx + 1))"
     else
       echo "lmcache_rpc_port=consumer$((idx + 1))"
-      echo "skip_last_n_tokens=1"
+      # Look the WHOLE prompt up: the proxy sends the decoder the client's own N-token request,
+      # the prefiller pushed chunks of exactly those N tokens, and the receive buffer frees a
+      # chunk only when the decoder retrieves it. Skipping the last token (LMCache's example
+      # value, for its proxy that appends the first token) misses the last chunk's hash, so
+      # that chunk would stay in the buffer for good: one chunk per request until pushes block.
+      echo "skip_last_n_tokens=0"
     fi
   else
     if [[ -n $NIXL_THREADS ]]; then echo "num_threads=$NIXL_THREADS"; fi
@@ -208,6 +213,10 @@ lmcache_yaml() {
     -e "s|^pd_peer_init_port:.*|pd_peer_init_port: [$(lmcache_ports "$LMCACHE_INIT_PORT" "$idx")]|" \
     -e "s|^pd_peer_alloc_port:.*|pd_peer_alloc_port: [$(lmcache_ports "$LMCACHE_ALLOC_PORT" "$idx")]|" \
     -e "$buffer" "$template"
+  if [[ $role != prefill && -n $LMCACHE_ALLOC_TIMEOUT ]]; then
+    printf '\n# --lmcache-alloc-timeout: a push that finds no room waits at most this long\n'
+    echo "pd_allocation_timeout_sec: $LMCACHE_ALLOC_TIMEOUT"
+  fi
 }
 
 # The YAML of instance $2 of role $1 as written: lmcache_yaml, under a first line that names
@@ -274,6 +283,10 @@ engine_cmd() {
     block=$BLOCK_SIZE role_args=(${POOL_ARGS[@]+"${POOL_ARGS[@]}"})
   fi
   if [[ -n $block ]]; then cmd+=(--block-size "$block"); fi
+  # An LMCache receiver frees a pushed chunk only when it loads it; chunks that vLLM's own
+  # prefix cache already covers are not loaded, so they would never be freed. Later engine
+  # args may turn it back on.
+  if [[ $CONNECTOR == lmcache && $role == decode ]]; then cmd+=(--no-enable-prefix-caching); fi
   cmd+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} ${role_args[@]+"${role_args[@]}"})
   quote_args "${cmd[@]}"
 }

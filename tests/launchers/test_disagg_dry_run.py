@@ -125,7 +125,7 @@ def test_1p1d_lmcache_starts_proxy_first(tmp_path: Path) -> None:
         "kv_connector_extra_config": {
             "discard_partial_chunks": False,
             "lmcache_rpc_port": "consumer1",
-            "skip_last_n_tokens": 1,
+            "skip_last_n_tokens": 0,
         },
     }
     for cmd in (prefill, decode):
@@ -147,6 +147,31 @@ def test_1p1d_lmcache_starts_proxy_first(tmp_path: Path) -> None:
     assert plan.commands["proxy"].flag("--connector") == "lmcache"
 
 
+def test_lmcache_decoder_loads_every_chunk_it_was_pushed(tmp_path: Path) -> None:
+    """The receive buffer frees a pushed chunk only when the decoder loads it (LMCache 0.5.0).
+
+    The proxy sends the decoder the client's own N-token prompt and the prefiller pushed chunks
+    of exactly those N tokens: looking up N - 1 (skip_last_n_tokens 1) misses the last chunk's
+    hash, and chunks that vLLM's prefix cache already holds are not loaded either; both would
+    stay in the buffer for good until pushes block (issue 23)."""
+    plan = dry_run("--model", "m", "--connector", "lmcache", "--decode", "2", tmp_path=tmp_path)
+    for decode in plan.engines("decode"):
+        assert decode.kv_config["kv_connector_extra_config"]["skip_last_n_tokens"] == 0
+        assert "--no-enable-prefix-caching" in decode.argv
+    prefill = plan.commands["prefill-0"]
+    assert "skip_last_n_tokens" not in prefill.kv_config["kv_connector_extra_config"]
+    assert "--no-enable-prefix-caching" not in prefill.argv  # a sender pushes every chunk anyway
+    # a user's own choice comes later on the command line, so it wins
+    plan = dry_run(
+        "--model", "m", "--connector", "lmcache", "--decode-args", "--enable-prefix-caching",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    argv = plan.commands["decode-0"].argv
+    assert argv.index("--enable-prefix-caching") > argv.index("--no-enable-prefix-caching")
+    nixl = dry_run("--model", "m", tmp_path=tmp_path)
+    assert "--no-enable-prefix-caching" not in nixl.commands["decode-0"].argv
+
+
 @pytest.mark.parametrize(
     ("size", "expected"), [("8G", 8 << 30), ("512M", 512 << 20), ("3000", 3000)]
 )
@@ -162,6 +187,24 @@ def test_lmcache_buffer_size_sets_the_receivers_buffer_only(
     for decode in plan.engines("decode"):
         receiver = yaml.safe_load(plan.files[decode.env["LMCACHE_CONFIG_FILE"]])
         assert receiver["pd_buffer_size"] == expected
+
+
+def test_lmcache_alloc_timeout_bounds_the_receivers_wait_only(tmp_path: Path) -> None:
+    plan = dry_run("--model", "m", "--connector", "lmcache", tmp_path=tmp_path)
+    for cmd in plan.engines("prefill") + plan.engines("decode"):
+        assert "pd_allocation_timeout_sec" not in yaml.safe_load(
+            plan.files[cmd.env["LMCACHE_CONFIG_FILE"]]
+        )  # LMCache's default: no limit
+    plan = dry_run(
+        "--model", "m", "--connector", "lmcache", "--decode", "2",
+        "--lmcache-alloc-timeout", "7.5", tmp_path=tmp_path,
+    )  # fmt: skip
+    sender = yaml.safe_load(plan.files[plan.commands["prefill-0"].env["LMCACHE_CONFIG_FILE"]])
+    assert "pd_allocation_timeout_sec" not in sender  # its staging frees once the receiver answers
+    for decode in plan.engines("decode"):
+        receiver = yaml.safe_load(plan.files[decode.env["LMCACHE_CONFIG_FILE"]])
+        assert receiver["pd_allocation_timeout_sec"] == 7.5
+        assert receiver["pd_role"] == "receiver"
 
 
 def test_2p2d_lmcache_unique_ports_and_rpc_names(tmp_path: Path) -> None:
@@ -375,6 +418,8 @@ def test_a_colocated_pool_of_plain_engines(tmp_path: Path) -> None:
         (["--model", "m", "--pool", "11"], "at most 10 instances per role"),
         (["--model", "m", "--lmcache-buffer-size", "8X"], "'8X' is not a size"),
         (["--model", "m", "--lmcache-buffer-size", "0"], "'0' is not a size"),
+        (["--model", "m", "--lmcache-alloc-timeout", "0"], "not a positive number of seconds"),
+        (["--model", "m", "--lmcache-alloc-timeout", "soon"], "not a positive number of seconds"),
     ],
 )
 def test_bad_arguments_fail_clearly(args: list[str], message: str) -> None:
