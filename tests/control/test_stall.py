@@ -16,6 +16,7 @@ from proxy.control.stall import StallWatch
 from proxy.control.workers import Breaker, Worker, WorkerPool
 from proxy.errors import UpstreamTimeout
 from tests.conftest import MODEL, Proxy, Sim, running, start_proxy, wait_for
+from tests.flow.rig import WIRES, Engines, LMCacheSetup, start_topology
 
 BODY = {"model": MODEL, "prompt": "a prompt for a wedged engine", "max_tokens": 4}
 WEDGED = {"stall_seconds": 600}  # every generation request hangs; /health stays 200
@@ -147,3 +148,48 @@ def test_a_decoder_that_stops_producing_is_taken_out_and_its_streams_start_elsew
         assert all(r.text.rstrip().endswith("data: [DONE]") for r in answers)
         [stalled] = [w for w in proxy.stats()["workers"]["decode"] if w["id"] == "d0"]
         assert stalled["stalls_total"] == 1 and not stalled["available"]
+
+
+def test_a_prefiller_wedged_by_a_full_lmcache_buffer_is_taken_out_and_no_request_is_lost(
+    logs: Path,
+) -> None:
+    """LMCache 0.5.0's wedge, as the simulator models it: with the launcher's old decoder
+    setting (skip_last_n_tokens 1) every request leaves one page of the decoder's receive buffer
+    behind; once the buffer is full a push waits forever and sends no notification (the proxy
+    lets the decoder recompute those), the blocked pushes keep the prefiller's staging pages,
+    and once those are gone its engine blocks in its save and completes nothing while /health
+    stays 200. The proxy ends the wait, takes the
+    prefiller out, and the decoder computes the prompts itself: every request is answered."""
+    setup = LMCacheSetup(
+        sender_args=("--lmcache-buffer-chunks", "16"),  # the prefiller's staging buffer
+        receiver_args=("--lmcache-buffer-chunks", "12", "--lmcache-skip-last-n-tokens", "1"),
+        proxy_options=", on_timeout: fallback",
+    )
+    engines = Engines(logs, WIRES["lmcache"])
+    topo = start_topology(engines, "wedge", config=config_lines(), own_prefillers=1, lmcache=setup)
+    try:
+        [p0], [d0] = topo.prefill, topo.decode
+        started = time.monotonic()
+        with httpx.Client(timeout=60) as client:
+            codes = [
+                client.post(
+                    topo.url + "/v1/completions",
+                    json={**BODY, "prompt": f"request {i} of the sustained load"},
+                ).status_code
+                for i in range(16)
+            ]
+        assert codes == [200] * 16, codes
+        took = time.monotonic() - started
+        assert took < 45, took  # no request waited out a prefill deadline
+        assert httpx.get(p0.url + "/health").status_code == 200  # green all along
+        [stalled] = topo.proxy.stats()["workers"]["prefill"]
+        assert stalled["stalls_total"] >= 1 and stalled["breaker"] != "closed", stalled
+        kinds = [r["kv"] for r in d0.generation_records()]
+        assert kinds.count("pulled") >= 1 and len(kinds) == 16  # the pushed KV first, then local
+    finally:
+        topo.stop()
+        engines.stop()
+
+
+def config_lines() -> str:
+    return "health: {interval: 0.2, timeout: 1, cooldown: 30, stall_timeout: 1.5}\n"

@@ -244,7 +244,8 @@ class Engines:
         rx = Receiver(
             [free_port() for _ in range(setup.tp)], [free_port() for _ in range(setup.tp)]
         )
-        return start_sim(self.logs, name, *lmcache_args("receiver", rx, setup), role="decode"), rx
+        args = lmcache_args("receiver", rx, setup, *setup.receiver_args)
+        return start_sim(self.logs, name, *args, role="decode"), rx
 
     def prefiller(self, name: str, notify_port: int, setup: LMCacheSetup) -> Sim:
         """A prefiller of its own (the caller stops it)."""
@@ -278,6 +279,7 @@ class LMCacheSetup:
     tp: int = 1
     chunk_size: int = 2
     sender_args: tuple[str, ...] = ()
+    receiver_args: tuple[str, ...] = ()
     proxy_options: str = ""  # more keys of the proxy's `lmcache:` mapping, ", key: value"
 
 
