@@ -14,7 +14,9 @@ with 0.5.0 on an H200 under load: benchmarks/results/gpu-h200.md); none from a p
 configured for PD. On the deadline the client gets a 504
 (`KVTransferTimeout`: not an engine failure, so the handler neither retries it on another
 prefiller nor counts it against the prefiller's health), or with `on_timeout: fallback` the
-decoder recomputes the prompt (counted).
+decoder recomputes the prompt (counted). When the blocked pushes hold the prefiller's own staging
+buffer, its engine blocks in its save and answers nothing at all: the stall watch
+(proxy.control.stall) takes such a prefiller out of rotation.
 
 Decode leg: the client's own request, unchanged: the decoder finds the pushed KV by the hash of
 the prompt's token chunks, so chat stays chat, with its tools, usage and streaming.
