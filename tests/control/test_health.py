@@ -12,47 +12,20 @@ from proxy.control.health import HealthChecker
 from proxy.control.registry import WorkerRegistry
 from proxy.control.workers import Health
 from proxy.engines.client import EngineClient
-
-
-class HealthServer:
-    """Answers every request with `status` and logs its path."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.log: list[str] = []
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                self.log.append(head.split(b" ", 2)[1].decode())
-                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % self.status)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+from tests.fakes import LoggingEngine
 
 
 def test_checks_note_health_and_log_panic_routing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="pdproxy")
 
     async def scenario() -> None:
-        d0, d1 = HealthServer(), HealthServer()
+        async with LoggingEngine() as d0, LoggingEngine() as d1:
+            await check(d0, d1)
+
+    async def check(d0: LoggingEngine, d1: LoggingEngine) -> None:
         registry = WorkerRegistry.empty()
-        registry.add("decode", await d0.start())
-        registry.add("decode", await d1.start())
+        registry.add("decode", d0.url)
+        registry.add("decode", d1.url)
         engine = EngineClient(1.0)
         await engine.start()
         checker = HealthChecker(engine, tuple(registry.pools.values()), 1.0)
@@ -72,8 +45,6 @@ def test_checks_note_health_and_log_panic_routing(caplog: pytest.LogCaptureFixtu
             assert not decode.panic
         finally:
             await engine.close()
-            await d0.stop()
-            await d1.stop()
 
     asyncio.run(scenario())
     said = [r.getMessage() for r in caplog.records]

@@ -18,7 +18,7 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
 from proxy.engines.connectors.lmcache_config import Receiver
 from proxy.engines.scrape import LOAD_METRICS
-from tests.control.test_health import HealthServer
+from tests.fakes import LoggingEngine
 
 P, D = ["http://10.0.0.1:8100"], ["http://10.0.0.2:8200", "http://10.0.0.3:8200"]
 
@@ -83,8 +83,11 @@ def test_what_the_scraper_watches(
 
 def test_start_runs_the_health_checks_and_close_stops_them() -> None:
     async def scenario() -> None:
-        server = HealthServer()
-        url = await server.start()
+        async with LoggingEngine() as server:
+            await run(server)
+
+    async def run(server: LoggingEngine) -> None:
+        url = server.url
         cfg = config(prefill=[url], decode=[url], health={"interval": 0.05})
         engine = EngineClient(1.0)
         await engine.start()
@@ -106,6 +109,5 @@ def test_start_runs_the_health_checks_and_close_stops_them() -> None:
         await asyncio.sleep(0.2)
         assert len(server.log) == checks  # stopped
         await engine.close()
-        await server.stop()
 
     asyncio.run(scenario())

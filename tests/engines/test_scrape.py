@@ -11,6 +11,7 @@ from proxy.control.workers import EngineLoad, Worker
 from proxy.engines.client import EngineClient
 from proxy.engines.promtext import Samples, parse
 from proxy.engines.scrape import LOAD_METRICS, Scraper, Watch, engine_load, observe_load
+from tests.fakes import LoggingEngine
 
 SIM = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -71,46 +72,6 @@ NIXL = (
 )
 
 
-class MetricsEngine:
-    """A real server on a real socket that answers /metrics with `text` after `delay` seconds
-    and logs the path of every request it gets."""
-
-    def __init__(self, text: bytes, delay: float = 0.0) -> None:
-        self.text = text
-        self.delay = delay
-        self.log: list[str] = []
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> MetricsEngine:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                self.log.append(head.split(b" ", 2)[1].decode())
-                await asyncio.sleep(self.delay)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(self.text), self.text)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-
-
 class Seen:
     """What one watch was handed: (worker id, samples or None), in order."""
 
@@ -131,7 +92,7 @@ class Clock:
 
 def test_one_scrape_per_engine_per_tick_feeds_every_watch_that_is_due() -> None:
     async def scenario() -> None:
-        async with MetricsEngine(SIM) as p0, MetricsEngine(SIM + NIXL) as d0:
+        async with LoggingEngine(SIM) as p0, LoggingEngine(SIM + NIXL) as d0:
             engine = EngineClient(1.0)
             await engine.start()
             workers = [Worker("prefill", "p0", p0.url), Worker("decode", "d0", d0.url)]
@@ -163,7 +124,7 @@ def test_one_scrape_per_engine_per_tick_feeds_every_watch_that_is_due() -> None:
 
 def test_a_watch_is_told_unreadable_when_the_answer_overran_its_own_timeout() -> None:
     async def scenario() -> None:
-        async with MetricsEngine(SIM + NIXL, delay=0.3) as d0:
+        async with LoggingEngine(SIM + NIXL, delay=0.3) as d0:
             engine = EngineClient(1.0)
             await engine.start()
             worker = Worker("decode", "d0", d0.url)
