@@ -4,6 +4,7 @@ the benchmarks. Each process runs in its own session and is stopped by its PID (
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,12 +16,36 @@ from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out for bind(0) and outgoing connections (Linux's range, or
+    the IANA one elsewhere)."""
+    with suppress(OSError, ValueError):
+        low, high = map(int, EPHEMERAL.read_text().split())
+        return range(low, high + 1)
+    return range(49152, 65536)
+
 
 def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port on 127.0.0.1 that nothing listens on now, for a server started next. Taken at random
+    from 20000 up to the kernel's ephemeral range (fixed ports, such as the launcher's and the
+    tests', stay below 20000): a port that the kernel can hand out by itself (to another server
+    binding port 0, or to an outgoing connection) could be gone by the time the server binds it,
+    and so could a port two calls in a row returned."""
+    below = ephemeral_ports().start
+    candidates = range(20000, below) if below > 21000 else range(1024, below)
+    for _ in range(200):
+        port = random.choice(candidates) if len(candidates) else 0
+        with closing(socket.socket()) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found: int = sock.getsockname()[1]
+            return found
+    raise OSError("no free port on 127.0.0.1 below the ephemeral range")
 
 
 def http_status(url: str) -> int:

@@ -611,7 +611,10 @@ def test_prompt_logprobs_after_a_prefill_load_no_kv(engines: Engines, path: str)
     leg = {k: v for k, v in body.items() if k not in ("prompt_logprobs", "echo", "logprobs")}
     leg.update(max_tokens=1, ignore_eos=True, kv_transfer_params=KV0)
     kv = post(engines.prefill + path, leg, _rid())["kv_transfer_params"]
-    assert metric(engines.prefill, "vllm:kv_cache_usage_perc") > usage_before
+    deadline = time.monotonic() + 5  # the engine publishes its KV usage a moment later
+    while metric(engines.prefill, "vllm:kv_cache_usage_perc") <= usage_before:
+        assert time.monotonic() < deadline, "the prefiller holds no blocks for the decoder"
+        time.sleep(0.1)
     xfer = metric(engines.decode, XFER)
     got = post(engines.decode + path, {**body, "kv_transfer_params": kv})
     assert got["choices"] == direct["choices"] and got["usage"] == direct["usage"]
