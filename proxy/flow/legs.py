@@ -106,7 +106,7 @@ class Legs:
                         raise
                     last = exc
                 else:
-                    flow.router.pool_of(decoder).record_success(decoder)
+                    pool.record_success(decoder)
                     return
             tried.append(decoder)
             if self.prefiller is not None:  # its KV is for another engine than its own
@@ -159,7 +159,7 @@ class Legs:
                     tried.append(prefiller)
                     last = exc
                     continue
-            flow.router.pool_of(prefiller).record_success(prefiller)
+            pool.record_success(prefiller)
             self.prefiller = prefiller
             timing.prefill_end = perf_counter()
             self._note_recompute(handoff, plan.decoder)

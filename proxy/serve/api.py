@@ -207,7 +207,6 @@ class Views:
         seen: dict[str, Any] = {}
         errors = []
         for worker, result in zip(decoders, results, strict=True):
-            data = None
             if isinstance(result, BaseException):
                 errors.append(str(result))
                 continue
