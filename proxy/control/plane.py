@@ -79,9 +79,12 @@ def initial_workers(config: ProxyConfig) -> WorkerRegistry:
     return registry
 
 
-def watches(config: ProxyConfig, kv_health: KvHealth | None) -> list[Watch]:
+def watches(
+    config: ProxyConfig, kv_health: KvHealth | None, stalls: StallWatch | None
+) -> list[Watch]:
     """What the scraper reads: the engines' load where a policy, conditional disaggregation or
-    the pool's planner uses it (with whether an engine caches prefixes), and KV health."""
+    the pool's planner uses it (with whether an engine caches prefixes), KV health, and the
+    engines' work counters for the stall watch (a few reads per stall timeout)."""
     routing = config.routing
     wanted = (
         bool({config.prefill_policy, config.decode_policy} & LOAD_POLICIES)
@@ -93,6 +96,9 @@ def watches(config: ProxyConfig, kv_health: KvHealth | None) -> list[Watch]:
         found.append(load_watch(routing.scrape_interval, routing.scrape_timeout))
     if kv_health is not None:
         found.append(kv_health.watch(config.kv_health.interval, config.health.timeout))
+    if stalls is not None:
+        every = min(15.0, max(1.0, stalls.timeout / 4))
+        found.append(stalls.watch(every, config.health.timeout))
     return found
 
 
@@ -164,7 +170,7 @@ class ControlPlane:
         self.engine = engine
         self.registry = registry
         self.kv_health = make_kv_health(config)
-        found = watches(config, self.kv_health)
+        found = watches(config, self.kv_health, self.stalls)
         self.scraper = Scraper(engine, self.members, found) if found else None
         self.health = HealthChecker(engine, self.pools, config.health.timeout)
         admin = config.admin

@@ -6,7 +6,10 @@ full receive buffer blocks the prefiller's save: README, "LMCache PD"); the heal
 keep it in rotation and every request sent to it waits out its deadline. The watch looks at
 what the request path reports (proxy.control.waits): each waiting leg (a prefill leg, a
 streamed decode leg before its first bytes) and each worker's last progress (a completed leg,
-streamed bytes). When the oldest waiting leg and the last progress are both older than the
+streamed bytes), and the engine's own work: its prompt and generated token counters, read from
+its /metrics by the scraper (`watch`). A slow engine (a starved CPU, a long prompt ahead in its
+queue) raises them while it completes nothing the proxy sent; a wedged one does not, since its
+engine step is what waits. When the oldest waiting leg and the last progress are both older than the
 timeout, it opens the worker's breaker (a trial request after `health.cooldown` brings it back
 once one succeeds), warns once with the likely cause, and ends the waiting legs with an
 UpstreamTimeout: each request's failover takes it to another prefiller, to the decoder's own
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from time import perf_counter
 
 from proxy.control.workers import Breaker, Worker, WorkerPool
+from proxy.engines.promtext import Samples
+from proxy.engines.scrape import Watch
 
 log = logging.getLogger("pdproxy")
 
@@ -32,6 +37,8 @@ CAUSES = {
     "decode": "the engine is likely wedged; see its log",
     "pool": "the engine is likely wedged; see its log",
 }
+# vLLM's counters of the work its engine steps did; any change is progress (a restart lowers them)
+WORK = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 
 @dataclass
@@ -46,6 +53,20 @@ class StallWatch:
             return 0.0
         oldest = min(wait.started for wait in worker.waiting)
         return now - max(oldest, worker.last_progress)
+
+    def watch(self, interval: float, timeout: float) -> Watch:
+        """What the scraper reads for it: every engine's work counters."""
+        return Watch(WORK, self.observe_work, interval, timeout)
+
+    def observe_work(self, worker: Worker, samples: Samples | None) -> None:
+        """A scrape of the worker's /metrics: a change in its work counters is progress. An
+        unreadable engine, or one that does not publish them, proves nothing."""
+        if samples is None or not (found := samples.sums(WORK)):
+            return
+        done = sum(found.values())
+        if worker.engine_work is not None and done != worker.engine_work:
+            worker.last_progress = self.clock()
+        worker.engine_work = done
 
     def check(self, now: float | None = None) -> list[Worker]:
         """Trip every worker quiet for `timeout` seconds; the ones tripped."""

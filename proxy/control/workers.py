@@ -164,6 +164,7 @@ class Worker:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
     waiting: set[Wait] = field(default_factory=set, repr=False)  # legs it has yet to complete
     last_progress: float = 0.0  # perf_counter() of its last completed leg or streamed bytes
+    engine_work: float | None = None  # its engine's token counters at the last scrape
     stalls_total: int = 0  # times the stall watch took it out of rotation
     idle: asyncio.Event | None = field(default=None, repr=False)  # set when a drain finds 0 left
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from proxy.auth import Authenticator
 from proxy.config import ConfigError, ProxyConfig, load_config
 from proxy.control.plane import ControlPlane, initial_workers, make_kv_health, watches
+from proxy.control.stall import WORK, StallWatch
 from proxy.control.workers import Health
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
@@ -53,21 +54,25 @@ def test_the_state_file_wins_and_must_suit_the_connector(tmp_path: Path) -> None
         initial_workers(config(workers_state_file=str(path), connector="lmcache"))
 
 
+W = ("work", 15.0, 5.0)  # the stall watch's read of the work counters (stall_timeout 60 s)
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({}, [("kv", 5.0, 5.0)]),  # least_loaded reads no engine load
-        ({"decode_policy": "load_aware"}, [("load", 0.25, 1.0), ("kv", 5.0, 5.0)]),
-        ({"conditional_disagg": {"enabled": True}}, [("load", 0.25, 1.0), ("kv", 5.0, 5.0)]),
+        ({}, [("kv", 5.0, 5.0), W]),  # least_loaded reads no engine load
+        ({"decode_policy": "load_aware"}, [("load", 0.25, 1.0), ("kv", 5.0, 5.0), W]),
+        ({"conditional_disagg": {"enabled": True}}, [("load", 0.25, 1.0), ("kv", 5.0, 5.0), W]),
         (
             {"prefill_policy": "prefix_aware", "routing": {"scrape_interval": 0}},
-            [("kv", 5.0, 5.0)],
+            [("kv", 5.0, 5.0), W],
         ),
-        ({"decode_policy": "load_aware", "connector": "lmcache"}, [("load", 0.25, 1.0)]),
-        ({"kv_health": {"enabled": False, "interval": 2}}, []),
+        ({"decode_policy": "load_aware", "connector": "lmcache"}, [("load", 0.25, 1.0), W]),
+        ({"kv_health": {"enabled": False, "interval": 2}, "health": {"stall_timeout": 0}}, []),
+        ({"kv_health": {"enabled": False}, "health": {"stall_timeout": 2}}, [("work", 1.0, 5.0)]),
         (
             {"pool": ["http://10.0.0.9:1"], "kv_health": {"interval": 2}, "health": {"timeout": 3}},
-            [("load", 0.25, 1.0), ("kv", 2.0, 3.0)],
+            [("load", 0.25, 1.0), ("kv", 2.0, 3.0), ("work", 15.0, 3.0)],
         ),
     ],
 )
@@ -75,10 +80,10 @@ def test_what_the_scraper_watches(
     overrides: dict[str, Any], expected: list[tuple[str, float, float]]
 ) -> None:
     cfg = config(**overrides)
-    found = watches(cfg, make_kv_health(cfg))
-    assert [
-        ("load" if w.names == LOAD_METRICS else "kv", w.interval, w.timeout) for w in found
-    ] == expected
+    stall = cfg.health.stall_timeout
+    found = watches(cfg, make_kv_health(cfg), StallWatch(list, stall) if stall else None)
+    kinds = {LOAD_METRICS: "load", WORK: "work"}
+    assert [(kinds.get(w.names, "kv"), w.interval, w.timeout) for w in found] == expected
 
 
 def test_start_runs_the_health_checks_and_close_stops_them() -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.control.stall import StallWatch
+from proxy.control.stall import WORK, StallWatch
 from proxy.control.workers import Breaker, Worker, WorkerPool
+from proxy.engines.promtext import Samples, parse
 from proxy.errors import UpstreamTimeout
 from tests.conftest import MODEL, Proxy, Sim, running, start_proxy, wait_for
 from tests.flow.rig import WIRES, Engines, LMCacheSetup, start_topology
@@ -66,6 +67,46 @@ def test_progress_resets_the_clock_and_a_worker_with_nothing_waiting_is_never_qu
             async with lease.wait():
                 pass  # a completed leg is progress
         assert worker.last_progress > 0 and not worker.waiting
+
+    asyncio.run(main())
+
+
+def test_an_engine_whose_work_counters_rise_is_slow_not_wedged() -> None:
+    """A starved engine completes nothing the proxy sent for longer than the timeout while its
+    engine steps go on (its token counters rise): not tripped. Counters that stand still, or
+    an engine whose /metrics cannot be read, prove nothing."""
+
+    async def main() -> None:
+        pool = WorkerPool("prefill")
+        worker = Worker("prefill", "p0", "http://p0")
+        pool.add(worker)
+        clock = [100.0]
+        watch = StallWatch(lambda: [pool], timeout=5.0, clock=lambda: clock[0])
+        scrape = watch.watch(1.0, 1.0)
+        assert scrape.names == WORK
+
+        def counters(prompt: float, generated: float) -> Samples:
+            text = f"vllm:prompt_tokens_total {prompt}\nvllm:generation_tokens_total {generated}\n"
+            return parse(text.encode(), WORK)
+
+        with pool.track(worker, 10) as lease:
+            async with lease.wait():
+                worker.last_progress = 0.0
+                for wait in worker.waiting:
+                    wait.started = 100.0
+                scrape.observe(worker, counters(90, 10))  # the first read: a baseline only
+                assert worker.last_progress == 0.0
+                clock[0] = 104.0
+                scrape.observe(worker, counters(90, 14))  # it generated tokens for others
+                assert worker.last_progress == 104.0
+                assert watch.check(108.0) == []  # 8 s since the leg began, 4 s since work
+                clock[0] = 107.0
+                scrape.observe(worker, counters(90, 14))  # standing still
+                scrape.observe(worker, None)  # unreadable
+                scrape.observe(worker, parse(b"vllm:other 1\n", WORK))  # not published
+                assert worker.last_progress == 104.0 and worker.engine_work == 104
+                assert watch.check(109.5) == [worker]
+                assert worker.breaker is Breaker.OPEN
 
     asyncio.run(main())
 
