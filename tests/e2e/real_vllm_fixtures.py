@@ -27,8 +27,12 @@ LAUNCHER = REPO / "launchers" / "disagg.sh"
 START_TIMEOUT_S = 600
 # Two CPU cores for two or three vLLM engines, the proxy and the tests: an engine can take
 # seconds to accept a connection (a CI run saw a decoder miss the default 5 s), so the proxies
-# in front of real engines wait longer for one.
+# in front of real engines wait longer for one. A CI run also saw an engine's worker hang for
+# 60 s (vLLM: "No available shared memory broadcast block found in 60 seconds") while a new
+# decoder's first NIXL pulls ran, so every decoder completed nothing for a minute: the stall watch
+# (health.stall_timeout, 60 s by default, made for a GPU host) would take them all out.
 STARVED_BOX_TIMEOUTS = "timeouts: {connect: 30}\n"
+STARVED_BOX_STALL = "stall_timeout: 300"
 
 
 def _unavailable(reason: str) -> NoReturn:
@@ -105,7 +109,7 @@ def topology(
     log_dir = tmp_path_factory.mktemp("disagg-logs")
     output = log_dir / "launcher.out"
     config = log_dir / "proxy.yaml"
-    config.write_text(STARVED_BOX_TIMEOUTS)
+    config.write_text(STARVED_BOX_TIMEOUTS + f"health: {{{STARVED_BOX_STALL}}}\n")
     args = [
         "bash", str(LAUNCHER), "--device", "cpu", "--connector", "nixl",
         "--model", str(tiny_model), "--python", vllm_python, "--proxy-cmd", _pdproxy_cmd(),

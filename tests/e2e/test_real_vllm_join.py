@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from real_vllm_fixtures import STARVED_BOX_TIMEOUTS, start_logged
+from real_vllm_fixtures import STARVED_BOX_STALL, STARVED_BOX_TIMEOUTS, start_logged
 from vllm_helpers import DECODE_PORT, PREFILL_PORT, SIDE_CHANNEL_PORT, Topology
 
 from pdsim.launch import start_proxy
@@ -108,7 +108,7 @@ def proxy(topology: Topology, tmp_path: Path) -> Iterator[str]:
     config = tmp_path / "proxy.yaml"
     config.write_text(
         "admin: {probe_timeout: 300, probe_pull_wait: 30}\n"  # a CI run saw 120 s pass
-        "health: {timeout: 10}\n"
+        f"health: {{timeout: 10, {STARVED_BOX_STALL}}}\n"
         "stats: {interval: 0}\n"
         "drain_timeout: 150\n"  # a request on the starved box can outlast the default 30 s
         + STARVED_BOX_TIMEOUTS

@@ -25,7 +25,13 @@ from typing import Any
 
 import httpx
 import pytest
-from real_vllm_fixtures import LAUNCHER, _pdproxy_cmd, _wait_ready, start_logged
+from real_vllm_fixtures import (
+    LAUNCHER,
+    STARVED_BOX_STALL,
+    _pdproxy_cmd,
+    _wait_ready,
+    start_logged,
+)
 from vllm_helpers import Topology, metric, wait_metric
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.own_topology]
@@ -50,7 +56,7 @@ def pool(
     config = log_dir / "proxy.yaml"
     config.write_text(
         "pool_planner: {min_prefill_tokens: 32}\n"
-        "health: {interval: 0}\n"
+        f"health: {{interval: 0, {STARVED_BOX_STALL}}}\n"
         "stats: {interval: 0}\n"
         "timeouts: {connect: 30, prefill: 300, decode_first_byte: 300}\n"
     )
