@@ -85,7 +85,10 @@ class KvEventPublisher:
         self._context = zmq.asyncio.Context()
         self._pub = self._context.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(config.endpoint)
+        if "*" in config.endpoint or "::" in config.endpoint:  # vLLM's rule: bind a wildcard
+            self._pub.bind(config.endpoint)
+        else:  # and connect to anything else (a subscriber bound there)
+            self._pub.connect(config.endpoint)
         self._replay: zmq.asyncio.Socket | None = None
         if config.replay_endpoint:
             self._replay = self._context.socket(zmq.ROUTER)

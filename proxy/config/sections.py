@@ -265,6 +265,11 @@ class KvEventsEndpoint(_Model):
 
     publisher: str = Field(description="its PUB socket, tcp://host:port")
     replay: str | None = Field(None, description="its replay (ROUTER) socket, tcp://host:port")
+    bind: bool = Field(
+        False,
+        description="the proxy binds `publisher` and the engine connects to it (vLLM does so "
+        "for an endpoint without a wildcard); one proxy process per engine then",
+    )
 
     @field_validator("publisher", "replay")
     @classmethod
@@ -295,6 +300,12 @@ class KvEventsConfig(_Model):
     endpoints: dict[str, KvEventsEndpoint] = Field(
         default_factory=dict, description="engine base URL -> its sockets, overriding the rule"
     )
+    bind: bool = Field(
+        False,
+        description="for the rule: the proxy binds the event sockets and the engines connect "
+        "(launchers/disagg.sh gives the engines tcp://HOST:port); false: the engines bind "
+        "(tcp://*:port) and any number of proxy processes connect",
+    )
     topic: str = Field("", description="the engines' kv-events topic")
     replay_timeout: float = Field(5.0, gt=0, description="seconds a replay may take")
 
@@ -319,4 +330,4 @@ class KvEventsConfig(_Model):
             return f"tcp://{host}:{port + offset}"
 
         replay = None if self.replay_port_offset is None else socket(self.replay_port_offset)
-        return KvEventsEndpoint(publisher=socket(self.port_offset), replay=replay)
+        return KvEventsEndpoint(publisher=socket(self.port_offset), replay=replay, bind=self.bind)

@@ -43,6 +43,7 @@ log = logging.getLogger("pdproxy")
 class Endpoints:
     publisher: str  # the engine's PUB socket, tcp://host:port
     replay: str | None  # its ROUTER socket for replays, if it has one
+    bind: bool = False  # the proxy binds `publisher` and the engine's PUB connects to it
 
 
 @dataclass
@@ -83,8 +84,13 @@ class Subscriber:
         sub = self.context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sub.connect(self.endpoints.publisher)
+        monitor = sub.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        )
+        if self.endpoints.bind:
+            sub.bind(self.endpoints.publisher)
+        else:
+            sub.connect(self.endpoints.publisher)
         poller = zmq.asyncio.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -102,7 +108,7 @@ class Subscriber:
             sub.close(linger=0)
 
     def on_monitor(self, message: Mapping[str, object]) -> None:
-        if message["event"] == zmq.EVENT_CONNECTED:
+        if message["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
             log.info("KV events of %s: connected to %s", self.url, self.endpoints.publisher)
             self.worker.prefix_source = "events"
         elif message["event"] == zmq.EVENT_DISCONNECTED:

@@ -249,7 +249,7 @@ class ControlPlane:
                 log.warning("KV events: %s; %s keeps the estimate", exc, url)
                 self._kv_refused.add(url)
                 continue
-            events.start(worker, Endpoints(found.publisher, found.replay))
+            events.start(worker, Endpoints(found.publisher, found.replay, found.bind))
 
     async def _kv_events_loop(self, events: KvEvents, every: float = 1.0) -> None:
         while True:

@@ -1,7 +1,9 @@
 """vLLM's KV-cache events on the wire (`vllm/distributed/kv_events.py`, vLLM 0.32).
 
 An engine started with `--kv-events-config '{"enable_kv_cache_events": true, "publisher":
-"zmq", "endpoint": ..., "replay_endpoint": ...}'` publishes, on a ZMQ PUB socket, one message
+"zmq", "endpoint": ..., "replay_endpoint": ...}'` publishes, on a ZMQ PUB socket (bound when
+the endpoint has a wildcard, `tcp://*:5557`; otherwise connected to a subscriber bound there,
+which lets an engine on a loopback host publish without listening anywhere), one message
 of three frames per scheduler step that changed its prefix cache: the topic (the config's
 `topic`, empty by default), the batch's sequence number (8 bytes, big-endian, from 0 at the
 engine's start) and the batch, msgpack-encoded by msgspec. The batch is an array

@@ -78,6 +78,7 @@ class EngineBlocks:
     copies: dict[BlockHash, int] = field(default_factory=dict)
     held: dict[bytes, int] = field(default_factory=dict)
     skipped: int = 0  # stored blocks the index could not key (see the module's docstring)
+    removed: int = 0  # blocks the engine said it evicted
 
     def store(self, event: BlockStored) -> None:
         parent = event.parent_block_hash
@@ -102,6 +103,7 @@ class EngineBlocks:
             count = self.copies.get(engine_hash)
             if count is None:
                 continue
+            self.removed += 1
             if count > 1:
                 self.copies[engine_hash] = count - 1
                 continue
