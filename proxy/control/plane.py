@@ -164,6 +164,7 @@ class ControlPlane:
         metrics: CollectorRegistry,
         end_requests: EndRequests,
         pool: PoolController | None = None,
+        kv_index: KvIndex | None = None,
     ) -> None:
         self.config = config
         self.pool = pool  # adaptive: its controller decides every pool_planner.interval
@@ -195,7 +196,8 @@ class ControlPlane:
         registry.on_removed.append(self._forget)
         self._tasks: list[asyncio.Task[None]] = []
         self._kv_refused: set[str] = set()  # workers whose event sockets the rule cannot name
-        self.kv_index = KvIndex()  # the engines' own KV-cache events, where they have them
+        # what the engines' own KV-cache events say they hold: the planner's (proxy.place.kvindex)
+        self.kv_index = KvIndex() if kv_index is None else kv_index
         events = config.kv_events
         self.kv_events = (
             KvEvents(self.kv_index, events.topic, events.replay_timeout) if events.enabled else None
