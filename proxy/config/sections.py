@@ -301,7 +301,7 @@ class KvEventsConfig(_Model):
         default_factory=dict, description="engine base URL -> its sockets, overriding the rule"
     )
     bind: bool = Field(
-        False,
+        True,
         description="for the rule: the proxy binds the event sockets and the engines connect "
         "(launchers/disagg.sh gives the engines tcp://HOST:port); false: the engines bind "
         "(tcp://*:port) and any number of proxy processes connect",
