@@ -122,13 +122,13 @@ SEQUENCE = [
     SYSTEM + " " + text(2, 30),  # a longer prompt on the same prefix
     SYSTEM[: len(SYSTEM) // 2] + " " + text(3, 30),  # half of the prefix
     text(4, 60),  # another prefix
-    text(5, 75),  # long prompts: the cache's 12 blocks evict the older ones
-    text(6, 75),
-    text(6, 75) + " " + text(7, 10),  # a hit after the evictions
+    text(5, 60),  # long prompts: the cache's 12 blocks evict the older ones
+    text(6, 60),
+    text(6, 60) + " " + text(7, 5),  # a hit after the evictions
     SYSTEM + " " + text(2, 30),  # evicted
-    text(5, 75),
+    text(5, 60),
 ]
-AFTER_RESTART = [SYSTEM, SYSTEM, text(6, 75)]
+AFTER_RESTART = [SYSTEM, SYSTEM, text(6, 60)]
 
 
 async def scenario(engine: Engine) -> tuple[list[tuple[str, int, int]], int]:
