@@ -36,7 +36,7 @@ def store_prompt(pub: KvEventPublisher, send: bool = True) -> None:
 
 async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not check():
+        while not check():  # noqa: ASYNC110 - a condition of plain objects
             await asyncio.sleep(0.01)
 
 
