@@ -299,6 +299,17 @@ def start_engines(
     return engines["prefill"], engines["decode"], endpoints if events else {}
 
 
+async def decisions(router: Proc) -> dict[str, float]:
+    """The proxy's pdproxy_disagg_decisions_total, by decision/reason."""
+    out: dict[str, float] = {}
+    async with new_session() as session, session.get(router.url + "/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith("pdproxy_disagg_decisions_total{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels.partition("{")[2].rstrip("}")] = float(value)
+    return out
+
+
 async def hit_rate(engines: list[Proc]) -> float | None:
     """The engines' prefix-cache hits over queries, summed."""
     hits = queries = 0.0
@@ -366,7 +377,9 @@ async def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[
         stop.set()
         background.cancel()
         rows["prefix_hit_rate"] = await hit_rate([*prefill, *decode])
+        rows["decisions"] = await decisions(router) if name != "vllm-router" else {}
         print(f"{name:>13} prefix-cache hit rate {rows['prefix_hit_rate']}", flush=True)
+        print(f"{name:>13} decisions {rows['decisions']}", flush=True)
         return rows
     finally:
         procs.stop_all()

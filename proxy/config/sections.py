@@ -266,9 +266,10 @@ class KvEventsEndpoint(_Model):
     publisher: str = Field(description="its PUB socket, tcp://host:port")
     replay: str | None = Field(None, description="its replay (ROUTER) socket, tcp://host:port")
     bind: bool = Field(
-        False,
+        True,
         description="the proxy binds `publisher` and the engine connects to it (vLLM does so "
-        "for an endpoint without a wildcard); one proxy process per engine then",
+        "for an endpoint without a wildcard); one proxy process per engine then; false: the "
+        "engine binds (tcp://*:port) and the proxy connects",
     )
 
     @field_validator("publisher", "replay")

@@ -12,12 +12,14 @@ batches in order, once each:
   engine's buffer no longer reaches back far enough) empties the engine's entries: missing a
   removal would make the index claim blocks the engine no longer has, missing a store only
   costs hits, so the index starts over from what it sees next;
-- a lost connection (the engine stopped or restarted: its cache is gone) empties them too; on
-  reconnection the next batch is repaired from 0, which rebuilds the entries of an engine that
-  did not restart from its replay buffer.
+- a lost connection (the engine stopped or restarted: its cache is gone) drops them, and the
+  engine keeps the estimate until it is connected again; then it holds nothing until its
+  events say so, and the next batch is repaired from 0, which rebuilds the entries of an
+  engine that did not restart from its replay buffer.
 
 `Worker.prefix_source` says which index the planner uses for the worker: "events" while its
-subscriber is connected and in sequence, else "estimate" (proxy.place.prefix).
+subscriber is connected (the index answers for it only then), else "estimate"
+(proxy.place.prefix).
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ class Subscriber:
         self.replay_timeout = replay_timeout
         self.expected: int | None = None  # the next batch's number; None: start over
         self.counts = Counts()
-        index.apply(worker.url, ())  # it has events: it holds nothing until they say so
 
     @property
     def url(self) -> str:
@@ -109,11 +110,15 @@ class Subscriber:
 
     def on_monitor(self, message: Mapping[str, object]) -> None:
         if message["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
-            log.info("KV events of %s: connected to %s", self.url, self.endpoints.publisher)
+            log.info("KV events of %s: connected at %s", self.url, self.endpoints.publisher)
+            self.index.apply(self.url, ())  # exact from now on: nothing until events say so
             self.worker.prefix_source = "events"
         elif message["event"] == zmq.EVENT_DISCONNECTED:
-            log.info("KV events of %s: disconnected; its entries are dropped", self.url)
-            self.lose()
+            log.info("KV events of %s: disconnected; it keeps the estimate", self.url)
+            self.index.forget(self.url)
+            self.worker.prefix_source = "estimate"
+            self.expected = None
+            self.counts.lost += 1
 
     def lose(self) -> None:
         """What the engine holds is unknown now: hold nothing, start over at the next batch."""
