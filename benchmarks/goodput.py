@@ -528,9 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(result) + "\n")
-    plot(result, stem)
-    print(render(result))
+    try:
+        plot(result, stem)
+    except ImportError:  # matplotlib is the bench extra's
+        result["plots"] = "not drawn: matplotlib is not installed (pip install -e '.[bench]')"
+    text = render(result)
+    if "plots" in result:
+        text = text.replace("Plots: goodput.png", f"Plots ({result['plots']}): goodput.png")
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
     print(f"\nwrote {stem}.md, {stem}.json, {stem}.png, {stem}_ttft.png")
     return 0
 
