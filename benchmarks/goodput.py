@@ -20,7 +20,12 @@ Configurations (prefill policy / decode policy / conditional disaggregation):
   prefix_aware   prefix_aware / round_robin / off
   conditional    round_robin / round_robin / on
   combined       prefix_aware / prefix_aware (load-bounded by the engines' counts) / on
+  combined-events  combined, with the exact prefix index from the engines' KV-cache events
+                 (kv_events; the simulators publish them) instead of the estimate
   vllm-router    vllm-router --policy cache_aware (if installed; see benchmarks/overhead.py)
+
+Each configuration's prefix-cache hit rate is the engines' own: vllm:prefix_cache_hits_total over
+vllm:prefix_cache_queries_total, summed over the four engines for the whole run.
 
 A request meets the SLO when it completes, its TTFT <= --ttft-slo and its mean inter-token
 latency <= --itl-slo. Goodput = such requests per second of the arrival window.
@@ -76,6 +81,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "prefill_policy": "prefix_aware",
         "decode_policy": "prefix_aware",
         "conditional_disagg": {"enabled": True},
+    },
+    "combined-events": {
+        "prefill_policy": "prefix_aware",
+        "decode_policy": "prefix_aware",
+        "conditional_disagg": {"enabled": True},
+        "kv_events": {"enabled": True},  # each engine's sockets are added at start
     },
 }
 
@@ -269,14 +280,57 @@ def summarise(
 ENGINE_ARGS = ["--speed-factor", "1", "--enable-prefix-caching", "--max-num-seqs", "16"]
 
 
-def start_engines(procs: Procs) -> tuple[list[Proc], list[Proc]]:
-    prefill = [procs.sim(f"prefill{i}", None, "--role", "prefill", *ENGINE_ARGS) for i in range(2)]
-    decode = [procs.sim(f"decode{i}", None, "--role", "decode", *ENGINE_ARGS) for i in range(2)]
-    return prefill, decode
+def start_engines(
+    procs: Procs, events: bool = False
+) -> tuple[list[Proc], list[Proc], dict[str, Any]]:
+    """Two prefillers, two decoders and, with `events`, each one's KV-event sockets as the
+    proxy's kv_events.endpoints (the engines connect to the proxy's bound socket)."""
+    engines: dict[str, list[Proc]] = {"prefill": [], "decode": []}
+    endpoints: dict[str, Any] = {}
+    for role, i in (("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)):
+        extra: list[str] = []
+        pub, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        if events:
+            config = {"enable_kv_cache_events": True, "endpoint": pub, "replay_endpoint": replay}
+            extra = ["--kv-events-config", json.dumps(config)]
+        sim = procs.sim(f"{role}{i}", None, "--role", role, *ENGINE_ARGS, *extra)
+        engines[role].append(sim)
+        endpoints[sim.url] = {"publisher": pub, "replay": replay}
+    return engines["prefill"], engines["decode"], endpoints if events else {}
+
+
+async def decisions(router: Proc) -> dict[str, float]:
+    """The proxy's pdproxy_disagg_decisions_total, by decision/reason."""
+    out: dict[str, float] = {}
+    async with new_session() as session, session.get(router.url + "/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith("pdproxy_disagg_decisions_total{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels.partition("{")[2].rstrip("}")] = float(value)
+    return out
+
+
+async def hit_rate(engines: list[Proc]) -> float | None:
+    """The engines' prefix-cache hits over queries, summed."""
+    hits = queries = 0.0
+    async with new_session() as session:
+        for proc in engines:
+            async with session.get(proc.url + "/metrics") as resp:
+                for line in (await resp.text()).splitlines():
+                    if line.startswith("vllm:prefix_cache_hits_total"):
+                        hits += float(line.split()[-1])
+                    elif line.startswith("vllm:prefix_cache_queries_total"):
+                        queries += float(line.split()[-1])
+    return hits / queries if queries else None
 
 
 def start_router(
-    procs: Procs, name: str, prefill: list[Proc], decode: list[Proc], args: argparse.Namespace
+    procs: Procs,
+    name: str,
+    prefill: list[Proc],
+    decode: list[Proc],
+    args: argparse.Namespace,
+    endpoints: dict[str, Any] | None = None,
 ) -> Proc:
     if name == "vllm-router":
         venv = Path(args.routers_venv)
@@ -291,6 +345,8 @@ def start_router(
         "log_level": "warning",
         **CONFIGS[name],
     }
+    if endpoints:
+        config["kv_events"] = {"enabled": True, "endpoints": endpoints}
     path = procs.logdir / f"{name}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return procs.pdproxy(name, None, [], [], "--config", str(path))
@@ -300,8 +356,9 @@ async def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[
     procs = Procs(logdir / name)
     procs.logdir.mkdir(parents=True, exist_ok=True)
     try:
-        prefill, decode = start_engines(procs)
-        router = start_router(procs, name, prefill, decode, args)
+        events = bool(CONFIGS.get(name, {}).get("kv_events"))
+        prefill, decode, endpoints = start_engines(procs, events)
+        router = start_router(procs, name, prefill, decode, args, endpoints)
         stop = asyncio.Event()
         background = asyncio.create_task(tenant(decode[0].url, args.tenant_streams, stop))
         await asyncio.sleep(2.0)  # the tenant's streams are running
@@ -319,6 +376,10 @@ async def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[
             )
         stop.set()
         background.cancel()
+        rows["prefix_hit_rate"] = await hit_rate([*prefill, *decode])
+        rows["decisions"] = await decisions(router) if name != "vllm-router" else {}
+        print(f"{name:>13} prefix-cache hit rate {rows['prefix_hit_rate']}", flush=True)
+        print(f"{name:>13} decisions {rows['decisions']}", flush=True)
         return rows
     finally:
         procs.stop_all()
@@ -379,6 +440,11 @@ def render(result: dict[str, Any]) -> str:
             + " | ".join("-" if by[k] is None else f"{by[k]:.0f}" for k in kinds)
             + " |"
         )
+    lines += ["", "## The engines' prefix-cache hit rate (hits / queries, whole run)", ""]
+    lines += ["| config | hit rate |", "|---|---|"]
+    for name, rows in configs.items():
+        rate = rows.get("prefix_hit_rate")
+        lines.append(f"| {name} | {'-' if rate is None else f'{rate:.1%}'} |")
     lines += ["", "Plots: goodput.png (goodput vs rate), goodput_ttft.png (TTFT p50/p99 vs rate)."]
     return "\n".join(lines)
 
@@ -462,9 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(result) + "\n")
-    plot(result, stem)
-    print(render(result))
+    try:
+        plot(result, stem)
+    except ImportError:  # matplotlib is the bench extra's
+        result["plots"] = "not drawn: matplotlib is not installed (pip install -e '.[bench]')"
+    text = render(result)
+    if "plots" in result:
+        text = text.replace("Plots: goodput.png", f"Plots ({result['plots']}): goodput.png")
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
     print(f"\nwrote {stem}.md, {stem}.json, {stem}.png, {stem}_ttft.png")
     return 0
 

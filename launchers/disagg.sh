@@ -75,6 +75,9 @@ KV transfer
                            VALUE is a number, true/false/null, or a string)
   --prefill-kv-extra KEY=VALUE, --decode-kv-extra KEY=VALUE, --pool-kv-extra KEY=VALUE
                            the same for one role
+  --no-kv-events           engines without KV-cache events (default: each engine publishes them
+                           to the proxy, which indexes what each holds exactly: its HTTP port
+                           +1000, replay socket +1050, on --host; the proxy's kv_events rule)
   --prefill-args 'ARGS'    extra engine args for the prefillers (after the args after --)
   --decode-args 'ARGS'     extra engine args for the decoders
   --pool-args 'ARGS'       extra engine args for the pool engines
@@ -105,7 +108,7 @@ set_defaults() {
   UCX_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y} BLOCK_SIZE="" PREFILL_BLOCK_SIZE=""
   DECODE_BLOCK_SIZE="" NIXL_THREADS="" CROSS_LAYER_BLOCKS="" KV_BUFFER_DEVICE="" LMCACHE_BUFFER_SIZE="" LMCACHE_ALLOC_TIMEOUT=""
   KV_EXTRA=() PREFILL_KV_EXTRA=() DECODE_KV_EXTRA=() PREFILL_ARGS_STR="" DECODE_ARGS_STR=""
-  PROXY_ARGS_STR=""
+  PROXY_ARGS_STR="" KV_EVENTS=1
 }
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
@@ -122,6 +125,7 @@ parse_args() {
       --pool-gpus) need_value "$@"; POOL_GPUS=$2; shift ;;
       --pool-port) need_value "$@"; POOL_PORT=$2; shift ;;
       --pool-kv-extra) need_value "$@"; POOL_KV_EXTRA+=("$2"); shift ;;
+      --no-kv-events) KV_EVENTS=0 ;;
       --pool-args) need_value "$@"; POOL_ARGS_STR=$2; shift ;;
       --connector) need_value "$@"; CONNECTOR=$2; shift ;;
       --prefill-tp) need_value "$@"; PREFILL_TP=$2; shift ;;

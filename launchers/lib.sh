@@ -37,6 +37,17 @@ http_port() {
 }
 engine_url() { echo "http://$HOST:$(http_port "$1" "$2")"; }
 
+# KV-cache events: each engine's PUB socket connects to the proxy's, bound at its HTTP port +1000
+# (an endpoint without a wildcard: vLLM connects), and it binds its replay socket at +1050; the
+# proxy's kv_events rule (port_offset, replay_port_offset, bind) names the same ports.
+KV_EVENTS_OFFSET=1000 KV_EVENTS_REPLAY_OFFSET=1050
+kv_events_port() { echo $(($(http_port "$1" "$2") + KV_EVENTS_OFFSET)); }
+kv_events_replay_port() { echo $(($(http_port "$1" "$2") + KV_EVENTS_REPLAY_OFFSET)); }
+kv_events_config() {
+  printf '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://%s:%s","replay_endpoint":"tcp://%s:%s"}' \
+    "$HOST" "$(kv_events_port "$1" "$2")" "$HOST" "$(kv_events_replay_port "$1" "$2")"
+}
+
 # An engine that answers /v1/models: the first decoder, else the first pool engine.
 first_engine_url() { if ((NUM_DECODE)); then engine_url decode 0; else engine_url pool 0; fi; }
 
@@ -276,6 +287,7 @@ engine_cmd() {
     --tensor-parallel-size "$(role_tp "$role")")
   if has_kv "$role"; then cmd+=(--kv-transfer-config "$(kv_transfer_config "$role" "$idx")"); fi
   if [[ $DEVICE == cpu ]]; then cmd+=(--dtype float32 --enforce-eager); fi
+  if ((KV_EVENTS)); then cmd+=(--kv-events-config "$(kv_events_config "$role" "$idx")"); fi
   local block=$DECODE_BLOCK_SIZE role_args=(${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"})
   if [[ $role == prefill ]]; then
     block=$PREFILL_BLOCK_SIZE role_args=(${PREFILL_ARGS[@]+"${PREFILL_ARGS[@]}"})
@@ -298,6 +310,7 @@ proxy_cmd() {
   for ((i = 0; i < NUM_POOL; i++)); do cmd+=(--pool "$(engine_url pool "$i")"); done
   if ((NUM_POOL)); then cmd+=(--pool-mode "$POOL_MODE"); fi
   cmd+=(--host "$HOST" --port "$PROXY_PORT" --connector "$CONNECTOR")
+  if ((KV_EVENTS)); then cmd+=(--kv-events); fi
   cmd+=(${PROXY_ARGS[@]+"${PROXY_ARGS[@]}"})
   quote_args "${cmd[@]}"
 }
@@ -311,6 +324,10 @@ port_plan() {
     for ((i = 0; i < $(role_count "$role"); i++)); do
       name="$role-$i"
       echo "$(http_port "$role" "$i") $name's HTTP server (--$role-port)"
+      if ((KV_EVENTS)); then
+        echo "$(kv_events_port "$role" "$i") the proxy's KV-event socket for $name (--$role-port +$KV_EVENTS_OFFSET)"
+        echo "$(kv_events_replay_port "$role" "$i") $name's KV-event replay socket (--$role-port +$KV_EVENTS_REPLAY_OFFSET)"
+      fi
       if [[ $CONNECTOR == nixl ]] && has_kv "$role"; then
         echo "$(side_channel_port "$role" "$i") $name's NIXL side channel (--side-channel-port)"
       fi

@@ -17,6 +17,7 @@ from pdsim.config import (
     Timing,
 )
 from pdsim.faults import Faults
+from pdsim.kvevents import KvEventsConfig
 from pdsim.lmcache import cli as lmcache_cli
 from pdsim.profile import TIMING_KEYS, build_timing, load_profile, shipped
 from pdsim.server import start_sim
@@ -217,6 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-side-channel-error", action="store_true", help="Every side-channel read fails."
     )
     a("--log-level", default="INFO", help="Logging level (default INFO).")
+    a(
+        "--kv-events-config",
+        default=None,
+        help='vLLM\'s KV-cache events, as JSON: {"enable_kv_cache_events": true, "publisher": '
+        '"zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"} (pdsim.kvevents).',
+    )
     lmcache_cli.add_arguments(parser)
 
 
@@ -273,6 +280,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         timing=timing,
         faults=faults,
         lmcache=lmcache_cli.config_from_args(args),
+        kv_events=KvEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pdsim.faults import Faults
+from pdsim.kvevents import KvEventsConfig
 from pdsim.lmcache.config import LMCacheSimConfig
 
 Role = Literal["prefill", "decode", "both"]
@@ -69,3 +70,4 @@ class SimConfig:
     timing: Timing = field(default_factory=Timing)
     faults: Faults = field(default_factory=Faults)
     lmcache: LMCacheSimConfig | None = None  # LMCache PD mode (pdsim.lmcache)
+    kv_events: KvEventsConfig | None = None  # vLLM --kv-events-config (pdsim.kvevents)

@@ -41,6 +41,7 @@ from pdsim.model import Generation, SamplingSpec, Step
 from pdsim.prefixcache import PrefixCache
 from pdsim.shape import BLOCK_SIZE
 from pdsim.tokenizer import SimTokenizer
+from proxy.engines.kvevents_wire import Event
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Engine:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] | None = None,
         on_prefilled: Callable[[Sequence], Awaitable[None] | None] | None = None,
+        kv_events: Callable[[list[Event]], object] | None = None,
     ) -> None:
         self._cfg = config
         # the step's modelled time passing, and the time it is; tests pass a virtual clock
@@ -113,7 +115,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._direct_running = 0
-        self._prefix = PrefixCache(config.num_gpu_blocks // 2 if config.prefix_caching else 0)
+        capacity = config.num_gpu_blocks // 2 if config.prefix_caching else 0
+        self._prefix = PrefixCache(capacity, kv_events)
         self.pulling = 0
         self._wakeup = asyncio.Event()
         self._timed = config.timing.enabled

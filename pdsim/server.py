@@ -43,6 +43,7 @@ from pdsim.faults import FaultState
 from pdsim.generate import Generate
 from pdsim.instance import SIM_VERSION, Instance
 from pdsim.kvcache import num_blocks_for
+from pdsim.kvevents import KvEventPublisher
 from pdsim.lmcache.mode import LMCacheMode
 from pdsim.metrics import Metrics
 from pdsim.nixl import NixlConsumer, producer_params
@@ -71,6 +72,7 @@ class SimServer:
         self._session: aiohttp.ClientSession | None = None
         self._engine: Engine | None = None
         self.lmcache: LMCacheMode | None = None
+        self.kv_events: KvEventPublisher | None = None
 
     @property
     def url(self) -> str:
@@ -93,12 +95,15 @@ class SimServer:
         if cfg.lmcache is not None:
             self.lmcache = LMCacheMode(cfg.lmcache, cfg.timing, self.metrics)
             await self.lmcache.start()
+        if cfg.kv_events is not None:
+            self.kv_events = KvEventPublisher(cfg.kv_events)
         self._engine = Engine(
             cfg,
             self.tokenizer,
             self.metrics,
             self._producer_params,
             on_prefilled=self.lmcache.on_prefilled if self.lmcache is not None else None,
+            kv_events=self.kv_events.publish if self.kv_events is not None else None,
         )
         consumer = NixlConsumer(
             self._session,
@@ -144,6 +149,9 @@ class SimServer:
             await self._engine.close()
         if self.lmcache is not None:
             await self.lmcache.close()
+        if self.kv_events is not None:
+            await self.kv_events.close()
+            self.kv_events = None
         if self._session is not None:
             await self._session.close()
             self._session = None

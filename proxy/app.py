@@ -78,6 +78,7 @@ class ProxyApp:
             self.metrics.registry,
             self.services.end_requests,
             self.pool,
+            self.plane.planner.kv_index,
         )
         self.api = build_api(self, self.lifespan)
         self._loop: asyncio.AbstractEventLoop | None = None

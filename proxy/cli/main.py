@@ -40,6 +40,11 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stats-interval", type=float, help="seconds between latency log blocks; 0 = off"
     )
+    parser.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="index prefixes from the engines' KV-cache events (kv_events.enabled)",
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -57,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         prefill_policy=args.prefill_policy,
         decode_policy=args.decode_policy,
         stats=stats,
+        kv_events={"enabled": True} if args.kv_events else None,
         log_level=args.log_level,
     )
 

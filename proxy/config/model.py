@@ -18,6 +18,7 @@ from proxy.config.sections import (
     FailoverConfig,
     FanoutConfig,
     HealthConfig,
+    KvEventsConfig,
     KvHealthConfig,
     PolicyName,
     PoolMode,
@@ -69,6 +70,7 @@ class ProxyConfig(_Model):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     conditional_disagg: DisaggConfig = Field(default_factory=DisaggConfig)
     kv_health: KvHealthConfig = Field(default_factory=KvHealthConfig)
+    kv_events: KvEventsConfig = Field(default_factory=KvEventsConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
@@ -176,6 +178,14 @@ class ProxyConfig(_Model):
         if any(w.lmcache is not None for w in self.prefill):
             raise ValueError("'lmcache' ports belong to decode workers, not prefill workers")
         connector_class(self.connector).receivers([(w.url, w.lmcache) for w in self.decode])
+        return self
+
+    @model_validator(mode="after")
+    def _check_kv_events(self) -> ProxyConfig:
+        """Every configured engine's event sockets, from the rule or `endpoints`, are valid."""
+        if self.kv_events.enabled:
+            for worker in (*self.prefill, *self.decode, *self.pool):
+                self.kv_events.endpoint_for(worker.url)
         return self
 
 

@@ -258,3 +258,77 @@ class KvHealthConfig(_Model):
         f"variable {ENGINE_GET_ZCOPY_ENV}, which launchers/disagg.sh sets to what it gave the "
         "engines",
     )
+
+
+class KvEventsEndpoint(_Model):
+    """One engine's KV-event sockets (its vLLM --kv-events-config endpoints, as reachable)."""
+
+    publisher: str = Field(description="its PUB socket, tcp://host:port")
+    replay: str | None = Field(None, description="its replay (ROUTER) socket, tcp://host:port")
+    bind: bool = Field(
+        True,
+        description="the proxy binds `publisher` and the engine connects to it (vLLM does so "
+        "for an endpoint without a wildcard); one proxy process per engine then; false: the "
+        "engine binds (tcp://*:port) and the proxy connects",
+    )
+
+    @field_validator("publisher", "replay")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"{value!r} is not a ZMQ endpoint such as tcp://127.0.0.1:8100")
+        return value
+
+
+class KvEventsConfig(_Model):
+    """The exact prefix index from the engines' KV-cache events (proxy.control.kvevents)."""
+
+    enabled: bool = Field(
+        False,
+        description="subscribe to every engine's KV-cache events (--kv-events); an engine "
+        "without them keeps the estimate",
+    )
+    port_offset: int = Field(
+        1000,
+        ge=-65535,
+        le=65535,
+        description="an engine's event socket, when `endpoints` does not name it: the same host, "
+        "its HTTP port plus this (launchers/disagg.sh's rule)",
+    )
+    replay_port_offset: int | None = Field(
+        1050, ge=-65535, le=65535, description="its replay socket likewise; null: none"
+    )
+    endpoints: dict[str, KvEventsEndpoint] = Field(
+        default_factory=dict, description="engine base URL -> its sockets, overriding the rule"
+    )
+    bind: bool = Field(
+        True,
+        description="for the rule: the proxy binds the event sockets and the engines connect "
+        "(launchers/disagg.sh gives the engines tcp://HOST:port); false: the engines bind "
+        "(tcp://*:port) and any number of proxy processes connect",
+    )
+    topic: str = Field("", description="the engines' kv-events topic")
+    replay_timeout: float = Field(5.0, gt=0, description="seconds a replay may take")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_urls(cls, value: dict[str, KvEventsEndpoint]) -> dict[str, KvEventsEndpoint]:
+        return {check_worker_url(url): endpoint for url, endpoint in value.items()}
+
+    def endpoint_for(self, url: str) -> KvEventsEndpoint:
+        """The sockets of the engine at `url`; ValueError if the rule gives no valid port."""
+        named = self.endpoints.get(url)
+        if named is not None:
+            return named
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+
+        def socket(offset: int) -> str:
+            if not 0 < port + offset < 65536:
+                raise ValueError(f"{url}: port {port} + offset {offset} is not a port")
+            return f"tcp://{host}:{port + offset}"
+
+        replay = None if self.replay_port_offset is None else socket(self.replay_port_offset)
+        return KvEventsEndpoint(publisher=socket(self.port_offset), replay=replay, bind=self.bind)

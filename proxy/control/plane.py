@@ -23,6 +23,7 @@ from proxy.control.admin.probes import Prober
 from proxy.control.admin.service import Admin
 from proxy.control.admin.state import StateError, StateFile
 from proxy.control.health import HealthChecker
+from proxy.control.kvevents import Endpoints, KvEvents
 from proxy.control.kvhealth import KvHealth
 from proxy.control.pool import PoolController
 from proxy.control.registry import ROLES, EndRequests, WorkerRegistry
@@ -33,6 +34,7 @@ from proxy.engines.connectors.base import Connector
 from proxy.engines.connectors.registry import connector_class
 from proxy.engines.scrape import Scraper, Watch, load_watch
 from proxy.errors import ProxyError
+from proxy.place.kvindex import KvIndex
 
 log = logging.getLogger("pdproxy")
 
@@ -162,6 +164,7 @@ class ControlPlane:
         metrics: CollectorRegistry,
         end_requests: EndRequests,
         pool: PoolController | None = None,
+        kv_index: KvIndex | None = None,
     ) -> None:
         self.config = config
         self.pool = pool  # adaptive: its controller decides every pool_planner.interval
@@ -192,6 +195,13 @@ class ControlPlane:
             raise ConfigError(exc.message) from None
         registry.on_removed.append(self._forget)
         self._tasks: list[asyncio.Task[None]] = []
+        self._kv_refused: set[str] = set()  # workers whose event sockets the rule cannot name
+        # what the engines' own KV-cache events say they hold: the planner's (proxy.place.kvindex)
+        self.kv_index = KvIndex() if kv_index is None else kv_index
+        events = config.kv_events
+        self.kv_events = (
+            KvEvents(self.kv_index, events.topic, events.replay_timeout) if events.enabled else None
+        )
 
     @property
     def pools(self) -> tuple[WorkerPool, ...]:
@@ -222,10 +232,37 @@ class ControlPlane:
             self._tasks.append(asyncio.create_task(self.stalls.run(every)))
         if self.pool is not None and self.config.pool_mode == "adaptive":
             self._tasks.append(asyncio.create_task(self.pool.run()))
+        if self.kv_events is not None:
+            self.follow_kv_events(self.kv_events)
+            self._tasks.append(asyncio.create_task(self._kv_events_loop(self.kv_events)))
+
+    def follow_kv_events(self, events: KvEvents) -> None:
+        """A subscriber for every worker without one (those that joined since), none for those
+        that left."""
+        members = {w.url: w for w in self.members()}
+        for url in [u for u in events.running if u not in members]:
+            self._tasks.append(asyncio.create_task(events.stop(url)))
+        for url, worker in members.items():
+            if url in events.running or url in self._kv_refused:
+                continue
+            try:
+                found = self.config.kv_events.endpoint_for(url)
+            except ValueError as exc:
+                log.warning("KV events: %s; %s keeps the estimate", exc, url)
+                self._kv_refused.add(url)
+                continue
+            events.start(worker, Endpoints(found.publisher, found.replay, found.bind))
+
+    async def _kv_events_loop(self, events: KvEvents, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.follow_kv_events(events)
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.kv_events is not None:
+            await self.kv_events.close()
         await self.admin.close()

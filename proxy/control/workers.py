@@ -152,6 +152,9 @@ class Worker:
     kv_transfer: KvTransfer | None = None  # recent KV pulls (decoders; see proxy.control.kvhealth)
     # whether it keeps a prefix cache, as its metrics last said (kept across failed scrapes)
     prefix_caching: bool | None = None
+    # which prefix index answers for it: "events" (its KV-cache events, proxy.control.kvevents,
+    # connected) or "estimate" (proxy.place.prefix)
+    prefix_source: str = "estimate"
     lean: Lean | None = None  # pool engines: the side the pool's controller leans it to now
     prefill_tokens: int = 0  # prompt tokens the proxy sent it to compute, not computed yet
     decode_streams: int = 0  # answers (decode legs) the proxy has it generating now
@@ -194,6 +197,7 @@ class Worker:
             "health": self.health.value,
             "breaker": self.breaker.value,
             "available": self.available,
+            "prefix_source": self.prefix_source,
             "health_ignored": self.health_ignored,
             "inflight": self.inflight,
             "inflight_chars": self.inflight_chars,

@@ -1,5 +1,6 @@
-"""A prompt's exact token count from an engine's /tokenize (the chat template included), for
-the planner's decisions that depend on it (proxy.place.planner)."""
+"""A prompt's tokens from an engine's /tokenize (the chat template included), for the planner's
+decisions that depend on their count (proxy.place.planner) and for the exact prefix index
+(proxy.place.kvindex), which looks their blocks up."""
 
 from __future__ import annotations
 
@@ -35,19 +36,22 @@ class TokenCounter:
     engine: EngineClient
     timeout: float
 
-    async def __call__(self, request: ClientRequest, worker: Worker) -> int | None:
-        """The prompt's token count; a prompt of token ids is counted as it is; None when the
-        engine cannot say."""
+    async def __call__(self, request: ClientRequest, worker: Worker) -> list[int] | int | None:
+        """The prompt's token ids (a prompt of token ids as it is), or only their count where
+        the engine gives no ids; None when the engine cannot say."""
         prompt = request.body.get("prompt") if request.path != CHAT else None
         if isinstance(prompt, list) and all(type(t) is int for t in prompt):
-            return len(prompt)
+            return prompt
         try:
             raw = await self.engine.call(
                 worker, "/tokenize", tokenize_body(request), request.request_id, self.timeout,
                 "tokenize",
             )  # fmt: skip
-            count = orjson.loads(raw).get("count")
+            answer = orjson.loads(raw)
+            count, ids = answer.get("count"), answer.get("tokens")
         except (ProxyError, orjson.JSONDecodeError, AttributeError) as exc:
             log.info("request %s: /tokenize on %s failed: %s", request.request_id, worker.url, exc)
             return None
-        return count if isinstance(count, int) and not isinstance(count, bool) else None
+        if isinstance(ids, list) and all(type(t) is int for t in ids):
+            return ids
+        return count if type(count) is int else None

@@ -34,6 +34,12 @@ class _WorkerCollector(Collector):
             "1 if the circuit breaker is open",
             labels=["role", "url"],
         )
+        source = GaugeMetricFamily(
+            "pdproxy_prefix_index_source",
+            "1 for the prefix index that answers for the worker: events (its KV-cache events) "
+            "or estimate",
+            labels=["role", "url", "source"],
+        )
         kv = {
             "bandwidth_bytes_per_second": "recent KV transfer bandwidth, bytes per second of "
             "transfer, from the engine's NIXL metrics",
@@ -52,6 +58,7 @@ class _WorkerCollector(Collector):
                 healthy.add_metric(labels, 1.0 if w.health is Health.HEALTHY else 0.0)
                 available.add_metric(labels, 1.0 if w.available else 0.0)
                 breaker_open.add_metric(labels, 1.0 if w.breaker is Breaker.OPEN else 0.0)
+                source.add_metric([*labels, w.prefix_source], 1.0)
                 t = w.kv_transfer
                 if t is not None:
                     kv_gauges["bandwidth_bytes_per_second"].add_metric(labels, t.bandwidth)
@@ -62,6 +69,7 @@ class _WorkerCollector(Collector):
         yield healthy
         yield available
         yield breaker_open
+        yield source
         yield from kv_gauges.values()
 
 

@@ -8,9 +8,10 @@ prefiller, and the prompt is computed remotely unless a reason keeps it on the d
     dedicated                      conditional disaggregation is off: every prompt is prefilled
                                    on a prefiller
 
-What a decoder has cached is estimated from the proxy's own history (`matched`: the planner's
-prefix index of the prompts each decoder was given); nothing is counted on an engine that keeps
-no prefix cache.
+What a decoder has cached is known exactly where it publishes KV events (`info.cached`, from the
+prompt's token ids: proxy.place.kvindex), else estimated from the proxy's own history
+(`matched`: the planner's prefix index of the prompts each decoder was given); nothing is
+counted on an engine that keeps no prefix cache.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class DedicatedPlacement:
         decode.refresh()
         available = [w for w in decode.workers if w.available]
         cached = max((self._cached_chars(w, matched) for w in available), default=0)
-        if not available or not self.conditional.needs_tokens(request.prompt_chars, cached):
+        exact = any(w.prefix_source == "events" for w in available)  # the estimate can miss
+        if not available or not (
+            exact or self.conditional.needs_tokens(request.prompt_chars, cached)
+        ):
             return None
         return min(available, key=lambda w: (w.inflight, w.inflight_chars))
 
@@ -85,6 +89,9 @@ class DedicatedPlacement:
         cached_chars = self._cached_chars(decoder, matched)
         if decoder.kv_transfer is not None and decoder.kv_transfer.slow:
             return self.conditional.decide(0, slow_kv=True)
+        exact = None if info.cached is None else info.cached.get(decoder.url)
+        if exact is not None and tokens is not None:
+            return self.conditional.decide(tokens, exact if decoder.caches_prefixes else 0)
         if tokens is None or not self.conditional.needs_tokens(request.prompt_chars, cached_chars):
             return Decision(True, "long")
         size = max(request.prompt_chars, len(info.prefix))

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from proxy.control.workers import Worker
+from proxy.place.kvindex import KvIndex
 from proxy.place.plan import Leg, Placement, Plan
 from proxy.place.policies import RequestInfo
 from proxy.place.prefix import PrefixIndex, prefix_blocks, prompt_prefix
 from proxy.request import ClientRequest
 
-TokenCount = Callable[[ClientRequest, Worker], Awaitable[int | None]]
+# the prompt's token count, or its token ids (then engines with KV events are looked up exactly)
+TokenCount = Callable[[ClientRequest, Worker], Awaitable[int | Sequence[int] | None]]
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Planner:
     decisions: Counter  # pdproxy_disagg_decisions_total
     prefix_chars: int = 0  # prompt characters hashed (0: nothing reads them)
     block_chars: int = 256
+    kv_index: KvIndex = dataclasses.field(default_factory=KvIndex)  # fed by the control plane
 
     @property
     def name(self) -> str:
@@ -53,7 +56,8 @@ class Planner:
         """The whole plan; NoWorkerAvailable when no worker can answer."""
         matched = self.index.matched(info.blocks) if info.blocks else {}
         counter = self.placement.tokenizer(request, info, matched)
-        tokens = None if counter is None else await self.count(request, counter)
+        counted = None if counter is None else await self.count(request, counter)
+        tokens, info = self.exact(counted, info)
         if counter is not None and info.blocks:  # the index may have moved meanwhile
             matched = self.index.matched(info.blocks)
         plan = self.placement.place(request, info, matched, tokens)
@@ -63,6 +67,19 @@ class Planner:
                 self.index.record(info.blocks, plan.prefiller.url)
         self.decisions.labels(plan.prefill, plan.reason).inc()
         return plan
+
+    def exact(
+        self, counted: int | Sequence[int] | None, info: RequestInfo
+    ) -> tuple[int | None, RequestInfo]:
+        """The prompt's token count, and `info` with what each engine with events holds of it
+        when its token ids are known."""
+        if counted is None or isinstance(counted, int):
+            return counted, info
+        if self.kv_index.engines:
+            info = dataclasses.replace(
+                info, cached=self.kv_index.cached(counted, list(self.kv_index.engines))
+            )
+        return len(counted), info
 
     def retry(
         self, plan: Plan, leg: Leg, info: RequestInfo, exclude: Sequence[Worker]

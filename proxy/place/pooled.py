@@ -91,8 +91,11 @@ class PoolPlacement:
             tokens = max(1, request.prompt_chars // CHARS_PER_TOKEN)
         size = max(request.prompt_chars, len(info.prefix))
         workers = self.routed()  # the snapshot
+        exact = info.cached or {}  # engines with KV events: what they hold, exactly
         views = [  # an engine without a prefix cache holds none of it (vllm:cache_config_info)
-            self.view(w, cached_tokens(tokens, matched.get(w.url, 0), self.block_chars, size))
+            self.view(w, exact[w.url])
+            if w.url in exact and w.caches_prefixes
+            else self.view(w, cached_tokens(tokens, matched.get(w.url, 0), self.block_chars, size))
             if w.caches_prefixes
             else self.view(w)
             for w in workers

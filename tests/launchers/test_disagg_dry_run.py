@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy.config.sections import KvEventsConfig
 from tests.launchers.plan import LAUNCHER, Plan, dry_run_plan
 
 REPO = LAUNCHER.parents[1]
@@ -542,3 +544,24 @@ def test_dry_run_summary_counts_cpu_cores(tmp_path: Path) -> None:
         "--dry-run", "--model", "m", "--device", "cpu", "--cpus", "2", "--log-dir", str(tmp_path)
     )
     assert "# CPU cores: 2 of 2 (0,1): prefill-0 0; decode-0 1" in result.stdout.splitlines()
+
+
+def test_every_engine_publishes_kv_events_where_the_proxys_rule_looks(tmp_path: Path) -> None:
+    plan = dry_run(
+        "--model", "m", "--prefill", "2", "--decode", "1", "--pool", "1", "--proxy-cmd",
+        "pdproxy", tmp_path=tmp_path,
+    )  # fmt: skip
+    proxy = plan.commands["proxy"]
+    assert "--kv-events" in proxy.argv
+    rule = KvEventsConfig(enabled=True)
+    engines = [*plan.engines("prefill"), *plan.engines("decode"), *plan.engines("pool")]
+    assert len(engines) == 4
+    for cmd in engines:
+        config = json.loads(cmd.flag("--kv-events-config"))
+        expected = rule.endpoint_for(f"http://127.0.0.1:{cmd.flag('--port')}")
+        assert config["enable_kv_cache_events"] is True and config["publisher"] == "zmq"
+        assert config["endpoint"] == expected.publisher and expected.bind  # the engine connects
+        assert config["replay_endpoint"] == expected.replay
+    off = dry_run("--model", "m", "--no-kv-events", "--proxy-cmd", "pdproxy", tmp_path=tmp_path)
+    assert all("--kv-events-config" not in c.argv for c in off.commands.values())
+    assert "--kv-events" not in off.commands["proxy"].argv

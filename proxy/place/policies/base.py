@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +17,9 @@ class RequestInfo:
     prompt_chars: int
     prefix: str = ""  # the prompt's first characters as rendered (proxy.place.prefix)
     blocks: tuple[int, ...] = ()  # the prefix's chained block hashes (prefix_blocks), once
+    # exact: of the prompt, the leading tokens each engine with KV events holds (by URL;
+    # proxy.place.kvindex), once its token ids are known; None when they are not
+    cached: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from proxy.control.workers import WorkerState
 from proxy.place.policies.base import RequestInfo
@@ -24,7 +24,10 @@ class PrefixAware:
     a prefix never seen, the choice among the workers within that bound is by rendezvous
     hashing of the first block (the same prefix lands on the same worker, across restarts of
     the index and across proxies). Prompts shorter than one block go to the least loaded
-    worker. The index is the policy's only state; it never does I/O.
+    worker. Where the request's exact counts are known (`RequestInfo.cached`: the planner looked
+    the prompt's token ids up in the engines' own KV events, proxy.place.kvindex) and cover
+    every candidate, they replace the estimate: the longest exact hit wins within the bound.
+    The index is the policy's only state; it never does I/O.
     """
 
     name = "prefix_aware"
@@ -56,8 +59,12 @@ class PrefixAware:
         blocks = request.blocks
         if not blocks:
             return min(loads, key=lambda i: (loads[i], workers[i].inflight_chars))
-        matched = self.index.matched(blocks)
         bounded = [i for i in loads if self._within_bound(loads[i], least)]
+        exact = request.cached
+        if exact is not None and all(workers[i].url in exact for i in bounded):
+            matched: Mapping[str, int] = exact
+        else:
+            matched = self.index.matched(blocks)
         hits = [i for i in bounded if matched.get(workers[i].url, 0) > 0]
         if hits:
             choice = max(hits, key=lambda i: (matched[workers[i].url], -loads[i]))
