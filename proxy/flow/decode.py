@@ -52,10 +52,12 @@ async def relay_stream(
     timing: RequestTiming,
     idle_timeout: float,
     on_first_event: Callable[[], None],
+    watch: Callable[[bytes], bytes] | None = None,
 ) -> None:
     """Relay `stream` (whose first bytes are `data`) to `out` until `data: [DONE]`; closes the
     stream. `on_first_event` runs once the first whole event is in, before the client's
-    response starts."""
+    response starts. `watch` sees every batch of whole events and returns what goes on to the
+    client (proxy.flow.migrate.Transcript.feed); it may raise UpstreamError."""
     scanner = SSEScanner()
     try:
         with engine_errors(decoder, "decode"):
@@ -71,6 +73,8 @@ async def relay_stream(
                         f"decode: decode worker {decoder.url} sent a malformed stream: "
                         f"{(scanner.malformed or scanner.pending)[:80]!r}"
                     )
+                if watch is not None:
+                    events = watch(events)
                 on_first_event()
                 await out.start_stream()
                 while not scanner.done:
@@ -81,6 +85,8 @@ async def relay_stream(
                         break
                     idle.last = decoder.last_progress = now = perf_counter()
                     events = scanner.feed(data, now)
+                    if watch is not None and events:
+                        events = watch(events)
                 if scanner.done:
                     await out.end(events)  # the last events and the end: one write
                     while await read():  # to the end, so the connection is reused

@@ -1,0 +1,284 @@
+"""A stream whose decoder failed after the client's first byte, continued on another decoder.
+
+The decode leg of a streamed request asks its decoder for token ids (vLLM's
+`return_token_ids`: the prompt's ids in the first chunk, with the chat template applied for
+chat, and each chunk's generated ids); `Transcript` notes them as the events go by and puts
+back the `null`s the client would have seen, unless the client asked for the ids itself.
+
+When the decoder fails (the connection breaks, the stream goes silent past
+`timeouts.decode_idle`, or the engine sends an error event) the request path plans another
+decoder and sends it the continuation (`continuation`): a completions request whose prompt is
+the prompt's ids followed by the ids generated so far, `max_tokens` and `min_tokens` less what
+was generated, the same sampling parameters. `Seam` writes the continuation's events into the
+client's stream as if one engine had written them all: the first stream's `id`, `created` and
+object (chat chunks stay chat chunks), no second prompt, `usage` as one request (the original
+prompt's tokens, every completion token).
+
+Exactness: greedy decoding continues token for token (a model's next token depends only on the
+sequence so far, whichever engine computed it). A seeded sampled request continues, but not on
+the same random stream (the response says so in `X-PDProxy-Migrated`). Penalties see the moved
+tokens as prompt tokens: presence and frequency penalties count output tokens only, so they
+restart at the seam; repetition penalty counts both, so it does not change.
+
+Not migrated (`unmigratable`, the stream ends with the error as before): structured output
+(guided decoding, `response_format` beyond text, tools), beam search, prompt logprobs, output
+logprobs, and a chat answer whose engine split out reasoning or tool calls.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.flow.sink import Sink
+from proxy.request import CHAT, COMPLETIONS, ClientRequest
+
+# the token ids of one event: the prompt's (first chunk) and the chunk's generated ones
+_IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')
+_FINISHED = re.compile(rb'"finish_reason":"')
+_SPLIT_OUT = re.compile(rb'"(reasoning|reasoning_content|tool_calls)":[\["{]')
+_ERROR = re.compile(rb'data: \{"error": ?\{')  # vLLM writes it with json.dumps, a space
+# what a continuation keeps of the client's body: the sampling parameters and the request's
+# own settings (chat-only fields, echo, n and the stream options stay behind)
+_KEPT = (
+    "model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+    "allowed_token_ids", "bad_words", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "priority", "user", "length_penalty", "vllm_xargs",
+)  # fmt: skip
+_GUIDED = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+    "structured_outputs", "guided_decoding_backend", "tools", "functions",
+)  # fmt: skip
+
+
+class ErrorEvent(UpstreamError):
+    """The decoder ended its stream with an error event (an abort, its engine's failure)."""
+
+
+def reason_of(exc: Exception) -> str:
+    """The `reason` label of pdproxy_migrations_total for a decode failure."""
+    if isinstance(exc, ErrorEvent):
+        return "error_event"
+    return "timeout" if isinstance(exc, UpstreamTimeout) else "connection"
+
+
+def unmigratable(request: ClientRequest) -> str | None:
+    """Why this request's stream cannot be continued on another decoder (None: it can)."""
+    body = request.body
+    if not request.stream:
+        return "not_streamed"  # a whole answer is asked for again on another decoder
+    if request.local_reason is not None:
+        return request.local_reason
+    if request.n > 1:
+        return "n"
+    if any(body.get(key) is not None for key in _GUIDED):
+        return "structured_output"
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+        return "structured_output"
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        return "logprobs"
+    if request.path == COMPLETIONS and body.get("suffix"):
+        return "suffix"
+    return None
+
+
+def cannot_migrate(
+    request: ClientRequest, transcript: Transcript | None, migrations: int
+) -> str | None:
+    """Why this broken stream is not continued (the `why` of pdproxy_migrations_failed_total),
+    or None."""
+    if transcript is None:
+        return unmigratable(request) or "limit"
+    if migrations <= 0:
+        return "limit"
+    if transcript.split_out:
+        return "reasoning_or_tools"
+    if transcript.prompt_ids is None:
+        return "no_token_ids"  # an engine that does not return them
+    return None
+
+
+def with_token_ids(request: ClientRequest) -> ClientRequest:
+    """The request as the decode leg sends it: asking for the token ids."""
+    if request.body.get("return_token_ids"):
+        return request
+    body = dict(request.body)
+    body["return_token_ids"] = True
+    return ClientRequest(
+        request.path, body, request.request_id, request.stream, request.include_usage,
+        request.prompt_chars, request.priority, request.prompts, request.n, request.max_tokens,
+        request.local_reason,
+    )  # fmt: skip
+
+
+@dataclass
+class Transcript:
+    """What the client got of one streamed answer, noted event by event."""
+
+    keep_ids: bool  # the client asked for token ids: they stay in its events
+    prompt_ids: list[int] | None = None
+    generated: list[int] = field(default_factory=list)
+    head: dict[str, Any] | None = None  # the first event: id, object, created, model
+    finished: bool = False  # a finish_reason went out: every token did
+    split_out: bool = False  # a chat engine split out reasoning or tool calls
+
+    def feed(self, events: bytes) -> bytes:
+        """Note `events` (whole SSE events); return them as the client should see them. An
+        error event is not passed on: it raises ErrorEvent, and the stream may be continued."""
+        error = _ERROR.search(events)
+        if error is not None and (self.head is not None or error.start() > 0):
+            event = events[error.start() + 6 :].split(b"\n\n", 1)[0]
+            raise ErrorEvent(
+                "decode: the decode worker ended the stream with an error event: "
+                + event[:200].decode(errors="replace")
+            )
+        if self.head is None and events.startswith(b"data: {"):
+            self.head = orjson.loads(events[6:].split(b"\n\n", 1)[0])
+        if _FINISHED.search(events) is not None:
+            self.finished = True
+        if _SPLIT_OUT.search(events) is not None:
+            self.split_out = True
+        if not self.keep_ids:
+            return _IDS.sub(self._take_and_hide, events)
+        for match in _IDS.finditer(events):
+            self._take(match)
+        return events
+
+    def _take(self, match: re.Match[bytes]) -> None:
+        ids = [int(t) for t in match[2].split(b",") if t.strip()]
+        if match[1]:
+            self.prompt_ids = ids
+        else:
+            self.generated += ids
+
+    def _take_and_hide(self, match: re.Match[bytes]) -> bytes:
+        self._take(match)
+        return b'"prompt_token_ids":null' if match[1] else b'"token_ids":null'
+
+    def usage_event(self, extra: int = 0) -> bytes:
+        """The usage chunk of the whole answer (`extra`: completion tokens not noted here)."""
+        head = self.head or {}
+        prompt = len(self.prompt_ids or ())
+        completion = len(self.generated) + extra
+        body: dict[str, Any] = {
+            **{k: head.get(k) for k in ("id", "object", "created", "model")},
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "total_tokens": prompt + completion,
+                "completion_tokens": completion,
+            },
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> ClientRequest:
+    """The completions request that continues `request` after what `transcript` noted."""
+    moved = len(transcript.generated)
+    prompt = [*(transcript.prompt_ids or ()), *transcript.generated]
+    body: dict[str, Any] = {k: request.body[k] for k in _KEPT if k in request.body}
+    body.update(prompt=prompt, stream=True, return_token_ids=True)
+    if request.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    max_tokens = None if request.max_tokens is None else request.max_tokens - moved
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    min_tokens = request.body.get("min_tokens")
+    if isinstance(min_tokens, int) and min_tokens:
+        body["min_tokens"] = max(0, min_tokens - moved)
+    return ClientRequest(
+        path=COMPLETIONS,
+        body=body,
+        request_id=f"{request.request_id}-{tag}",
+        stream=True,
+        include_usage=request.include_usage,
+        prompt_chars=4 * len(prompt),
+        priority=request.priority,
+        max_tokens=max_tokens,
+    )
+
+
+class Seam:
+    """The sink of a continuation: its events, rewritten, go on in the client's stream."""
+
+    def __init__(self, out: Sink, request: ClientRequest, before: Transcript) -> None:
+        self._out = out
+        self._chat = request.path == CHAT
+        self._keep_ids = before.keep_ids
+        self._head = before.head or {}
+        self._prompt = len(before.prompt_ids or ())
+        self._moved = len(before.generated)
+        self.started = False
+
+    async def whole(self, status: int, body: bytes) -> None:
+        raise AssertionError("a continuation is always streamed")
+
+    async def start_stream(self) -> None:
+        self.started = True  # the client's stream started long ago
+
+    async def chunk(self, data: bytes) -> None:
+        await self._out.chunk(self._rewrite(data))
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._out.end(self._rewrite(data))
+
+    def _rewrite(self, data: bytes) -> bytes:
+        out = []
+        for event in data.split(b"\n\n"):
+            if not event.startswith(b"data: {") or _ERROR.match(event + b"\n\n"):
+                if event:
+                    out.append(event + b"\n\n")
+                continue
+            rewritten = self._event(orjson.loads(event[6:]))
+            if rewritten is not None:
+                out.append(b"data: " + orjson.dumps(rewritten) + b"\n\n")
+        return b"".join(out)
+
+    def _event(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """One continuation event as the first engine would have written it; None: one the
+        client would not have seen."""
+        head = self._head
+        event.update(id=head.get("id"), object=head.get("object"), created=head.get("created"))
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            completion = self._moved + int(usage.get("completion_tokens") or 0)
+            usage.update(
+                prompt_tokens=self._prompt,
+                completion_tokens=completion,
+                total_tokens=self._prompt + completion,
+            )
+        choices = event.get("choices") or []
+        event["choices"] = [self._choice(c) for c in choices]
+        if choices and self._chat and not any(_carries(c) for c in event["choices"]):
+            return None  # vLLM sends a chat chunk without content only to carry token ids
+        return event
+
+    def _choice(self, choice: dict[str, Any]) -> dict[str, Any]:
+        ids = choice.get("token_ids") if self._keep_ids else None
+        if not self._chat:
+            choice.update(prompt_token_ids=None, token_ids=ids)
+            return choice
+        out: dict[str, Any] = {
+            "index": choice.get("index", 0),
+            "delta": {"content": choice.get("text") or ""},
+            "logprobs": None,
+            "finish_reason": choice.get("finish_reason"),
+        }
+        if out["finish_reason"] is not None:
+            out["stop_reason"] = choice.get("stop_reason")
+        out["token_ids"] = ids
+        return out
+
+
+def _carries(choice: dict[str, Any]) -> bool:
+    return bool(
+        choice.get("finish_reason") is not None
+        or choice.get("token_ids")
+        or (choice.get("delta") or {}).get("content")
+    )
