@@ -57,7 +57,18 @@ _GUIDED = (
 
 
 class ErrorEvent(UpstreamError):
-    """The decoder ended its stream with an error event (an abort, its engine's failure)."""
+    """The decoder ended its stream with an error event (an abort, its engine's failure); a
+    stream not continued ends with the engine's own event, as it did before migration."""
+
+    def __init__(self, event: bytes) -> None:
+        super().__init__(
+            "decode: the decode worker ended the stream with an error event: "
+            + event[:200].decode(errors="replace")
+        )
+        self._event = event
+
+    def body(self) -> bytes:
+        return self._event
 
 
 def reason_of(exc: Exception) -> str:
@@ -133,11 +144,7 @@ class Transcript:
         error event is not passed on: it raises ErrorEvent, and the stream may be continued."""
         error = _ERROR.search(events)
         if error is not None and (self.head is not None or error.start() > 0):
-            event = events[error.start() + 6 :].split(b"\n\n", 1)[0]
-            raise ErrorEvent(
-                "decode: the decode worker ended the stream with an error event: "
-                + event[:200].decode(errors="replace")
-            )
+            raise ErrorEvent(events[error.start() + 6 :].split(b"\n\n", 1)[0])
         if self.head is None and events.startswith(b"data: {"):
             self.head = orjson.loads(events[6:].split(b"\n\n", 1)[0])
         if _FINISHED.search(events) is not None:

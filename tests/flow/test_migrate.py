@@ -5,7 +5,9 @@ same way whether its tokens came as prompt or as output, as a real model does.
 
 The module's decoders are its own (a test kills one and starts it again); the prefiller is the
 session's. A fault that strikes after k chunks is set on both decoders for one request each:
-the one the proxy picks breaks, the continuation runs on the other."""
+the one the proxy picks breaks, the continuation runs on the other. (The breaker's threshold is
+high: every test breaks connections on purpose, and a decoder kept out would leave a broken
+stream nowhere to go.)"""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def decoders(logs: Path) -> Iterator[list[Sim]]:
 def _proxy(logs: Path, sims: dict[str, Sim], decoders: list[Sim]) -> Iterator[Proxy]:
     config = logs / "migrate.yaml"
     config.write_text(
-        "health: {interval: 0.2, timeout: 1, failure_threshold: 3, cooldown: 1}\n"
+        "health: {interval: 0.2, timeout: 1, failure_threshold: 100, cooldown: 1}\n"
         "timeouts: {decode_idle: 2}\n"
     )
     proxy = start_proxy(logs, [sims["p0"]], decoders, CONFIG, str(config), name="migrate")
@@ -127,6 +129,25 @@ def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> N
     check_one_stream(events, expected, chat=True)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert sum(1 for e in events[:-1] for c in e["choices"] if "role" in c["delta"]) == 1
+
+
+def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Sim]) -> None:
+    prompts = [unique("first of two"), unique("second of two")]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 30,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    expected = whole(decoders[0], body)
+    before = migrations(proxy)
+    for sim in decoders:
+        sim.faults(drop_after_chunks=3, count=1)
+    events = stream(proxy, body)
+    assert migrations(proxy) > before
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+    texts: dict[int, str] = {}
+    for event in events[:-1]:
+        for c in event["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in expected["choices"]}
+    assert events[-2]["usage"] == {k: expected["usage"][k] for k in events[-2]["usage"]}
 
 
 def test_a_guided_request_is_not_migrated(proxy: Proxy, decoders: list[Sim]) -> None:
