@@ -23,15 +23,16 @@ from proxy.engines.connectors.base import Connector, Handoff
 from proxy.errors import NoWorkerAvailable, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.flow.decode import decode_whole, relay_stream
 from proxy.flow.migrate import (
-    Seam,
     Transcript,
     cannot_migrate,
     continuation,
+    held_text,
     reason_of,
     unmigratable,
     with_token_ids,
 )
 from proxy.flow.progress import Progress
+from proxy.flow.seam import DONE, Seam, SeamStopped, stop_strings
 from proxy.flow.sink import Sink
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import RequestTiming
@@ -92,7 +93,8 @@ class Legs:
         self.avoid: list[Worker] = []  # a continuation's: the decoder that failed before it
         if self.migrations and unmigratable(request) is None:
             asked = bool(request.body.get("return_token_ids"))
-            self.transcript = Transcript(asked if keep_ids is None else keep_ids)
+            texts = bool(stop_strings(request.body))
+            self.transcript = Transcript(asked if keep_ids is None else keep_ids, texts=texts)
 
     async def run(self) -> None:
         plan = await self.flow.planner.plan(self.request, self.info)
@@ -156,7 +158,7 @@ class Legs:
         flow, transcript, metrics = self.flow, self.transcript, self.flow.metrics
         if transcript is not None and transcript.finished:  # every token went out already
             usage = transcript.usage_event() if self.request.include_usage else b""
-            await self.out.end(usage)
+            await self.out.end(usage + DONE)
             return
         why = cannot_migrate(self.request, transcript, self.migrations)
         avoid = [failed]  # others that failed before are the breaker's to keep out
@@ -173,14 +175,21 @@ class Legs:
             "request %s: decode on %s failed after %d tokens (%s); continuing on %s",
             *(self.request.request_id, failed.url, moved, exc.message, replacement.decoder.url),
         )
-        out = Seam(self.out, self.request, transcript)
+        held = ""
+        if transcript.texts:  # the seam checks the stop strings across it
+            decoder, timeout = replacement.decoder, flow.first_byte_timeout
+            held = await held_text(flow.engine, decoder, self.request, transcript, timeout)
+        out = Seam(self.out, self.request, transcript, held)
         timing = RequestTiming(perf_counter(), path=request.path, request_id=request.request_id)
         timing.plan = replacement
+        # the continuation's ids stay in its events: the seam counts them, and hides them
         legs = Legs(flow, request, out, timing, self.progress, self.owner, self.migrations - 1,
-                    transcript.keep_ids)  # fmt: skip
+                    keep_ids=True)  # fmt: skip
         legs.avoid = avoid
         try:
             await legs.carry(replacement)
+        except SeamStopped:
+            pass  # the answer ended at a stop string across the seam
         except ProxyError:
             metrics.migrations_failed.labels("continuation_failed").inc()
             raise
@@ -279,7 +288,7 @@ class Legs:
             self.progress.phase = "decode"
             lease.prefilled()
 
-        watch = None if self.transcript is None else self.transcript.feed
         await relay_stream(
-            stream, data, decoder, self.out, self.timing, flow.idle_timeout, first_event, watch
-        )
+            stream, data, decoder, self.out, self.timing, flow.idle_timeout, first_event,
+            self.transcript,
+        )  # fmt: skip

@@ -33,15 +33,16 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.flow.sink import Sink
-from proxy.request import CHAT, COMPLETIONS, ClientRequest
+from proxy.control.workers import Worker
+from proxy.engines.client import EngineClient
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.request import COMPLETIONS, ClientRequest
 
 # the token ids of one event: the prompt's (first chunk) and the chunk's generated ones
 _IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')
 _FINISHED = re.compile(rb'"finish_reason":"')
 _SPLIT_OUT = re.compile(rb'"(reasoning|reasoning_content|tool_calls)":[\["{]')
-_ERROR = re.compile(rb'data: \{"error": ?\{')  # vLLM writes it with json.dumps, a space
+ERROR_EVENT = re.compile(rb'data: \{"error": ?\{')  # vLLM writes it with json.dumps, a space
 # what a continuation keeps of the client's body: the sampling parameters and the request's
 # own settings (chat-only fields, echo, n and the stream options stay behind)
 _KEPT = (
@@ -137,25 +138,40 @@ class Transcript:
     generated: list[int] = field(default_factory=list)
     head: dict[str, Any] | None = None  # the first event: id, object, created, model
     finished: bool = False  # a finish_reason went out: every token did
+    texts: bool = False  # note the text sent (a request with stop strings: proxy.flow.seam)
+    text: list[str] = field(default_factory=list)
     split_out: bool = False  # a chat engine split out reasoning or tool calls
+    broken: ErrorEvent | None = None  # the engine's error event, held back from the client
 
     def feed(self, events: bytes) -> bytes:
         """Note `events` (whole SSE events); return them as the client should see them. An
-        error event is not passed on: it raises ErrorEvent, and the stream may be continued."""
-        error = _ERROR.search(events)
+        error event after the first event is not passed on: what came before it is, and
+        `broken` says the stream failed (it may be continued)."""
+        error = ERROR_EVENT.search(events)
         if error is not None and (self.head is not None or error.start() > 0):
-            raise ErrorEvent(events[error.start() + 6 :].split(b"\n\n", 1)[0])
+            self.broken = ErrorEvent(events[error.start() + 6 :].split(b"\n\n", 1)[0])
+            events = events[: error.start()]
         if self.head is None and events.startswith(b"data: {"):
             self.head = orjson.loads(events[6:].split(b"\n\n", 1)[0])
         if _FINISHED.search(events) is not None:
             self.finished = True
         if _SPLIT_OUT.search(events) is not None:
             self.split_out = True
+        if self.texts:
+            self._note_text(events)
         if not self.keep_ids:
             return _IDS.sub(self._take_and_hide, events)
         for match in _IDS.finditer(events):
             self._take(match)
         return events
+
+    def _note_text(self, events: bytes) -> None:
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                for choice in orjson.loads(event[6:]).get("choices") or ():
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if piece:
+                        self.text.append(piece)
 
     def _take(self, match: re.Match[bytes]) -> None:
         ids = [int(t) for t in match[2].split(b",") if t.strip()]
@@ -211,81 +227,21 @@ def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> Cl
     )
 
 
-class Seam:
-    """The sink of a continuation: its events, rewritten, go on in the client's stream."""
-
-    def __init__(self, out: Sink, request: ClientRequest, before: Transcript) -> None:
-        self._out = out
-        self._chat = request.path == CHAT
-        self._keep_ids = before.keep_ids
-        self._head = before.head or {}
-        self._prompt = len(before.prompt_ids or ())
-        self._moved = len(before.generated)
-        self.started = False
-
-    async def whole(self, status: int, body: bytes) -> None:
-        raise AssertionError("a continuation is always streamed")
-
-    async def start_stream(self) -> None:
-        self.started = True  # the client's stream started long ago
-
-    async def chunk(self, data: bytes) -> None:
-        await self._out.chunk(self._rewrite(data))
-
-    async def end(self, data: bytes = b"") -> None:
-        await self._out.end(self._rewrite(data))
-
-    def _rewrite(self, data: bytes) -> bytes:
-        out = []
-        for event in data.split(b"\n\n"):
-            if not event.startswith(b"data: {") or _ERROR.match(event + b"\n\n"):
-                if event:
-                    out.append(event + b"\n\n")
-                continue
-            rewritten = self._event(orjson.loads(event[6:]))
-            if rewritten is not None:
-                out.append(b"data: " + orjson.dumps(rewritten) + b"\n\n")
-        return b"".join(out)
-
-    def _event(self, event: dict[str, Any]) -> dict[str, Any] | None:
-        """One continuation event as the first engine would have written it; None: one the
-        client would not have seen."""
-        head = self._head
-        event.update(id=head.get("id"), object=head.get("object"), created=head.get("created"))
-        usage = event.get("usage")
-        if isinstance(usage, dict):
-            completion = self._moved + int(usage.get("completion_tokens") or 0)
-            usage.update(
-                prompt_tokens=self._prompt,
-                completion_tokens=completion,
-                total_tokens=self._prompt + completion,
-            )
-        choices = event.get("choices") or []
-        event["choices"] = [self._choice(c) for c in choices]
-        if choices and self._chat and not any(_carries(c) for c in event["choices"]):
-            return None  # vLLM sends a chat chunk without content only to carry token ids
-        return event
-
-    def _choice(self, choice: dict[str, Any]) -> dict[str, Any]:
-        ids = choice.get("token_ids") if self._keep_ids else None
-        if not self._chat:
-            choice.update(prompt_token_ids=None, token_ids=ids)
-            return choice
-        out: dict[str, Any] = {
-            "index": choice.get("index", 0),
-            "delta": {"content": choice.get("text") or ""},
-            "logprobs": None,
-            "finish_reason": choice.get("finish_reason"),
-        }
-        if out["finish_reason"] is not None:
-            out["stop_reason"] = choice.get("stop_reason")
-        out["token_ids"] = ids
-        return out
-
-
-def _carries(choice: dict[str, Any]) -> bool:
-    return bool(
-        choice.get("finish_reason") is not None
-        or choice.get("token_ids")
-        or (choice.get("delta") or {}).get("content")
-    )
+async def held_text(
+    engine: EngineClient, decoder: Worker, request: ClientRequest, transcript: Transcript,
+    timeout: float,
+) -> str:  # fmt: skip
+    """The text of the generated ids that the client has not seen (held back by the failed
+    engine for its stop strings), from `decoder`'s /detokenize; "" when it cannot say."""
+    body: dict[str, Any] = {"tokens": transcript.generated}
+    if request.body.get("model"):
+        body["model"] = request.body["model"]
+    try:
+        raw = await engine.call(
+            decoder, "/detokenize", orjson.dumps(body), request.request_id, timeout, "detokenize"
+        )
+        full = orjson.loads(raw).get("prompt")
+    except (ProxyError, orjson.JSONDecodeError, AttributeError):
+        return ""
+    sent = "".join(transcript.text)
+    return full[len(sent) :] if isinstance(full, str) and full.startswith(sent) else ""

@@ -24,7 +24,7 @@ from tests.flow.rig import unique
 
 Body = dict[str, Any]
 CONFIG = "--config"
-SPEED = ("--speed-factor", "0.05")
+SPEED = ("--speed-factor", "0")  # untimed: one chunk per token, so a fault's k chunks = k tokens
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,29 @@ def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> N
     check_one_stream(events, expected, chat=True)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert sum(1 for e in events[:-1] for c in e["choices"] if "role" in c["delta"]) == 1
+
+
+def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: list[Sim]) -> None:
+    """The decoder drops after 6 tokens; the stop string is the end of the 6th token's text
+    and the start of the 7th's: neither engine can see it, the proxy does."""
+    body: Body = {"model": MODEL, "prompt": unique("stop across"), "max_tokens": 30,
+                  "return_token_ids": True, "stream": True}  # fmt: skip
+    resp = httpx.post(decoders[0].url + "/v1/completions", json=body, timeout=30)
+    pieces = [c["text"] for e in sse_events(resp.content)[:-1] for c in e["choices"]]
+    assert len(pieces) == 30  # one chunk per token
+    stop = pieces[5][-2:] + pieces[6][:2]
+    assert stop not in "".join(pieces[:5]) + pieces[5][:-2]  # it first occurs across the seam
+    body = {"model": MODEL, "prompt": body["prompt"], "max_tokens": 30, "stop": [stop],
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    expected = whole(decoders[0], body)
+    assert expected["choices"][0]["finish_reason"] == "stop"
+    for sim in decoders:
+        sim.faults(drop_after_chunks=6, count=1)
+    events = stream(proxy, body)
+    assert text_of(events) == expected["choices"][0]["text"]
+    check_one_stream(events, expected, chat=False)
+    finish = [c for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
+    assert finish[0]["stop_reason"] == stop
 
 
 def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Sim]) -> None:
