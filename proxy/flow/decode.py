@@ -109,10 +109,15 @@ async def relay_stream(
                 f"decode: decode worker {decoder.url} ended the stream without [DONE]"
             )
     finally:
-        timing.first_token = scanner.first_token
-        timing.last_token = scanner.last_token
-        timing.token_events = scanner.token_events
-        usage = scanner.usage
-        tokens = usage.get("completion_tokens") if usage is not None else None
-        timing.output_tokens = tokens if isinstance(tokens, int) else scanner.token_events
+        _note(timing, scanner)
         stream.close()
+
+
+def _note(timing: RequestTiming, scanner: SSEScanner) -> None:
+    """What the relay saw of the stream, for the request's timing."""
+    timing.first_token = scanner.first_token
+    timing.last_token = scanner.last_token
+    timing.token_events = scanner.token_events
+    usage = scanner.usage
+    tokens = usage.get("completion_tokens") if usage is not None else None
+    timing.output_tokens = tokens if isinstance(tokens, int) else scanner.token_events

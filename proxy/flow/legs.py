@@ -108,6 +108,7 @@ class Legs:
         tried: list[Worker] = []
         handoff: Handoff | None = None
         body = b""
+        spent = False  # the decode retries are used up
         asked = request if self.transcript is None else with_token_ids(request)
         while True:
             decoder = plan.decoder
@@ -128,12 +129,14 @@ class Legs:
                 except Retryable as exc:
                     flow.failed(decoder, exc)
                     last = exc
-                    if not self.out.started and len(tried) >= flow.failover.decode_retries:
+                    spent = len(tried) >= flow.failover.decode_retries
+                    if spent and not self.out.started and (request.stream or not self.migrations):
                         raise
                 else:
                     pool.record_success(decoder)
                     return
-            if self.out.started:  # the client has part of the answer: continue it elsewhere
+            # the client has part of the answer: continue it elsewhere (a whole answer: again)
+            if self.out.started or spent:
                 await self.migrate(plan, decoder, last)
                 return
             tried.append(decoder)
@@ -160,26 +163,25 @@ class Legs:
             usage = transcript.usage_event() if self.request.include_usage else b""
             await self.out.end(usage + DONE)
             return
-        why = cannot_migrate(self.request, transcript, self.migrations)
+        whole = not self.request.stream  # nothing reached the client: asked for again
+        why = cannot_migrate(self.request, transcript, self.migrations, whole)
         avoid = [failed]  # others that failed before are the breaker's to keep out
         replacement = None if why else flow.planner.migrate(plan, self.info, avoid)
-        if replacement is None or transcript is None:
+        if replacement is None or (transcript is None and not whole):
             metrics.migrations_failed.labels(why or "no_decoder").inc()
             raise exc
         reason = reason_of(exc)
         metrics.migrations.labels(reason).inc()
-        moved = len(transcript.generated)
-        tag = f"m{flow.failover.migrations - self.migrations + 1}"
-        request = continuation(self.request, transcript, tag)
+        moved = 0 if transcript is None else len(transcript.generated)
         log.warning(
             "request %s: decode on %s failed after %d tokens (%s); continuing on %s",
             *(self.request.request_id, failed.url, moved, exc.message, replacement.decoder.url),
         )
-        held = ""
-        if transcript.texts:  # the seam checks the stop strings across it
-            decoder, timeout = replacement.decoder, flow.first_byte_timeout
-            held = await held_text(flow.engine, decoder, self.request, transcript, timeout)
-        out = Seam(self.out, self.request, transcript, held)
+        request, out = self.request, self.out
+        if transcript is not None:
+            tag = f"m{flow.failover.migrations - self.migrations + 1}"
+            request = continuation(self.request, transcript, tag)
+            out = await self._seam(replacement.decoder, transcript)
         timing = RequestTiming(perf_counter(), path=request.path, request_id=request.request_id)
         timing.plan = replacement
         # the continuation's ids stay in its events: the seam counts them, and hides them
@@ -195,6 +197,16 @@ class Legs:
             raise
         finally:
             self.timing.seam(failed.id, reason, moved, timing)
+
+    async def _seam(self, decoder: Worker, transcript: Transcript) -> Seam:
+        """Where the continuation on `decoder` joins the client's stream."""
+        held = ""
+        if transcript.texts:  # the seam checks the stop strings across it
+            flow = self.flow
+            held = await held_text(
+                flow.engine, decoder, self.request, transcript, flow.first_byte_timeout
+            )
+        return Seam(self.out, self.request, transcript, held)
 
     async def prefill(self, plan: Plan) -> Handoff:
         """The prefill leg on the planned prefiller, then on the planner's replacements if it

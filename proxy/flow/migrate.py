@@ -101,14 +101,16 @@ def unmigratable(request: ClientRequest) -> str | None:
 
 
 def cannot_migrate(
-    request: ClientRequest, transcript: Transcript | None, migrations: int
+    request: ClientRequest, transcript: Transcript | None, migrations: int, whole: bool
 ) -> str | None:
-    """Why this broken stream is not continued (the `why` of pdproxy_migrations_failed_total),
-    or None."""
-    if transcript is None:
-        return unmigratable(request) or "limit"
+    """Why this broken answer is not continued (the `why` of pdproxy_migrations_failed_total),
+    or None. A `whole` (non-streamed) answer is asked for again."""
     if migrations <= 0:
         return "limit"
+    if whole:
+        return None
+    if transcript is None:
+        return unmigratable(request) or "limit"
     if transcript.split_out:
         return "reasoning_or_tools"
     if transcript.prompt_ids is None:

@@ -131,6 +131,22 @@ def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> N
     assert sum(1 for e in events[:-1] for c in e["choices"] if "role" in c["delta"]) == 1
 
 
+def test_a_whole_answer_broken_mid_way_is_asked_for_again(
+    proxy: Proxy, decoders: list[Sim]
+) -> None:
+    """Nothing of a non-streamed answer reached the client: the other decoder answers it
+    whole (decode_retries), the same greedy answer, one request's usage."""
+    body = {"model": MODEL, "prompt": unique("all at once"), "max_tokens": 25}
+    expected = whole(decoders[0], body)
+    for sim in decoders:  # the first to serve sends half its body and closes
+        sim.faults(truncate_body=True, count=1)
+    resp = httpx.post(proxy.url + "/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    assert got["choices"][0]["text"] == expected["choices"][0]["text"]
+    assert got["usage"] == expected["usage"]
+
+
 def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: list[Sim]) -> None:
     """The decoder drops after 6 tokens; the stop string is the end of the 6th token's text
     and the start of the 7th's: neither engine can see it, the proxy does."""
