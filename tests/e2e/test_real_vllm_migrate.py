@@ -38,11 +38,12 @@ def doomed(topology: Topology) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def own_proxy(topology: Topology, tmp: Path, name: str) -> Any:
+    assert STARVED_BOX_TIMEOUTS == "timeouts: {connect: 30}\n"  # kept in the one line below
     config = tmp / f"{name}.yaml"
     config.write_text(
         "decode_policy: round_robin\nstats: {interval: 0}\n"
         "health: {interval: 0}\n"  # the test decides what failed, not a health check
-        "timeouts: {decode_idle: 4}\n" + STARVED_BOX_TIMEOUTS
+        "timeouts: {connect: 30, decode_idle: 4}\n"  # STARVED_BOX_TIMEOUTS, and a short idle
     )
     return start_proxy(
         [topology.prefill], [SECOND_DECODER, topology.decode], "--config", str(config),
