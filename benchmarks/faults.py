@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.probes import admin_call, metric_total, post_json, rss_kib, seam_gaps
 from pdsim.launch import Process, SimProcess, start_proxy, start_sim
 from proxy import __version__
