@@ -97,9 +97,10 @@ class RequestTiming:
         gap = None
         if after.first_token is not None and self.last_token is not None:
             gap = round((after.first_token - self.last_token) * 1e3, 3)
+        to = after.seams[0]["from"] if after.seams else after.decoder  # it moved on again
         self.seams.append(
-            {"from": failed, "to": after.decoder, "reason": reason, "tokens_moved": moved,
-             "gap_ms": gap, "kv": after.kv}
+            {"from": failed, "to": to, "reason": reason, "tokens_moved": moved, "gap_ms": gap,
+             "kv": after.kv}
         )  # fmt: skip
         self.seams += after.seams
         self.decoder = after.decoder

@@ -113,8 +113,12 @@ def test_dropped_stream_continues_on_the_other_decoder(proxy: Proxy, decoders: l
     check_one_stream(events, expected, chat=False)
     # each decoder dropped once: the answer crossed two seams (a -> b -> a)
     assert migrations(proxy) == before + 2
-    timeline = httpx.get(proxy.url + "/stats", timeout=5)
-    assert timeline.status_code == 200
+    # the request's timeline shows both seams, the tokens moved adding up to what came before
+    recent = httpx.get(proxy.url + "/admin/requests?limit=1000", timeout=5).json()["data"]
+    (seams,) = [t["seams"] for t in recent if t["seams"]][-1:]
+    assert [s["reason"] for s in seams] == ["connection", "connection"]
+    assert [s["from"] for s in seams] == [seams[1]["to"], seams[0]["to"]]  # a -> b -> a
+    assert 0 < seams[0]["tokens_moved"] < 40 and all(s["gap_ms"] >= 0 for s in seams)
 
 
 def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> None:
