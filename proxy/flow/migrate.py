@@ -9,20 +9,22 @@ When the decoder fails (the connection breaks, the stream goes silent past
 `timeouts.decode_idle`, or the engine sends an error event) the request path plans another
 decoder and sends it the continuation (`continuation`): a completions request whose prompt is
 the prompt's ids followed by the ids generated so far, `max_tokens` and `min_tokens` less what
-was generated, the same sampling parameters. `Seam` writes the continuation's events into the
-client's stream as if one engine had written them all: the first stream's `id`, `created` and
-object (chat chunks stay chat chunks), no second prompt, `usage` as one request (the original
-prompt's tokens, every completion token).
+was generated, the same sampling parameters. `proxy.flow.seam.Seam` writes the continuation's
+events into the client's stream as if one engine had written them all: the first stream's `id`,
+`created` and object (chat chunks stay chat chunks), no second prompt, `usage` as one request
+(the original prompt's tokens, every completion token). A whole (non-streamed) answer, of which
+nothing reached the client, is asked for again instead.
 
 Exactness: greedy decoding continues token for token (a model's next token depends only on the
 sequence so far, whichever engine computed it). A seeded sampled request continues, but not on
-the same random stream (the response says so in `X-PDProxy-Migrated`). Penalties see the moved
-tokens as prompt tokens: presence and frequency penalties count output tokens only, so they
-restart at the seam; repetition penalty counts both, so it does not change.
+the same random stream (the seed starts again at the seam; the response headers went out before,
+so only the README can say so). Penalties see the moved tokens as prompt tokens: vLLM's presence
+and frequency penalties count output tokens only, so they restart at the seam; its repetition
+penalty counts prompt and output alike, so it does not change.
 
 Not migrated (`unmigratable`, the stream ends with the error as before): structured output
 (guided decoding, `response_format` beyond text, tools), beam search, prompt logprobs, output
-logprobs, and a chat answer whose engine split out reasoning or tool calls.
+logprobs, `suffix`, and a chat answer whose engine split out reasoning or tool calls.
 """
 
 from __future__ import annotations
