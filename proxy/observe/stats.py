@@ -103,6 +103,7 @@ class RequestTiming:
              "kv": after.kv}
         )  # fmt: skip
         self.seams += after.seams
+        self.first_token = self.first_token or after.first_token  # a whole answer asked again
         self.decoder = after.decoder
         self.last_token = after.last_token or self.last_token
         self.token_events += after.token_events
