@@ -172,7 +172,7 @@ class Legs:
             raise exc
         reason = reason_of(exc)
         metrics.migrations.labels(reason).inc()
-        moved = 0 if transcript is None else len(transcript.generated)
+        moved = 0 if transcript is None else len(transcript.moved)
         log.warning(
             "request %s: decode on %s failed after %d tokens (%s); continuing on %s",
             *(self.request.request_id, failed.url, moved, exc.message, replacement.decoder.url),

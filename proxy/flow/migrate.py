@@ -146,6 +146,7 @@ class Transcript:
     text: list[str] = field(default_factory=list)
     split_out: bool = False  # a chat engine split out reasoning or tool calls
     broken: ErrorEvent | None = None  # the engine's error event, held back from the client
+    silent: int = 0  # the last generated ids whose text has not come out (see `moved`)
 
     def feed(self, events: bytes) -> bytes:
         """Note `events` (whole SSE events); return them as the client should see them. An
@@ -181,8 +182,21 @@ class Transcript:
         ids = [int(t) for t in match[2].split(b",") if t.strip()]
         if match[1]:
             self.prompt_ids = ids
-        else:
-            self.generated += ids
+            return
+        self.generated += ids
+        event = match.string[match.string.rfind(b"\n\n", 0, match.start()) + 1 : match.start()]
+        if b'"text":""' in event or b'"content":""' in event:
+            self.silent += len(ids)
+        elif ids:
+            self.silent = 0
+
+    @property
+    def moved(self) -> list[int]:
+        """The generated ids a continuation starts from: all but the last ones whose text has
+        not come out yet (a character cut between tokens). vLLM's detokenizer, given a prompt
+        that ends inside a character, answers its first chunk with the whole prompt's text
+        (seen on 0.32); the continuation generates those tokens again instead."""
+        return self.generated[: len(self.generated) - self.silent]
 
     def _take_and_hide(self, match: re.Match[bytes]) -> bytes:
         self._take(match)
@@ -207,8 +221,8 @@ class Transcript:
 
 def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> ClientRequest:
     """The completions request that continues `request` after what `transcript` noted."""
-    moved = len(transcript.generated)
-    prompt = [*(transcript.prompt_ids or ()), *transcript.generated]
+    moved = len(transcript.moved)
+    prompt = [*(transcript.prompt_ids or ()), *transcript.moved]
     body: dict[str, Any] = {k: request.body[k] for k in _KEPT if k in request.body}
     body.update(prompt=prompt, stream=True, return_token_ids=True)
     if request.include_usage:
@@ -237,7 +251,7 @@ async def held_text(
 ) -> str:  # fmt: skip
     """The text of the generated ids that the client has not seen (held back by the failed
     engine for its stop strings), from `decoder`'s /detokenize; "" when it cannot say."""
-    body: dict[str, Any] = {"tokens": transcript.generated}
+    body: dict[str, Any] = {"tokens": transcript.moved}
     if request.body.get("model"):
         body["model"] = request.body["model"]
     try:

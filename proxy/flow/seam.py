@@ -56,7 +56,7 @@ class Seam:
         self._keep_ids = before.keep_ids
         self._head = before.head or {}
         self._prompt = len(before.prompt_ids or ())
-        self._moved = len(before.generated)
+        self._moved = len(before.moved)
         self._usage = request.include_usage
         self._stops = stop_strings(request.body)
         self._include = bool(request.body.get("include_stop_str_in_output"))
