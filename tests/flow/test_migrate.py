@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.flow.migrate import Transcript
 from tests.conftest import MODEL, Proxy, Sim, sse_events, start_proxy, start_sim, wait_for
 from tests.flow.rig import unique
 
@@ -219,3 +220,22 @@ def test_killed_decoder_mid_stream(proxy: Proxy, decoders: list[Sim]) -> None:
     assert len(dead) == 1 and decoders[dead[0]].proc.returncode == -signal.SIGKILL
     assert text_of(events) == expected["choices"][0]["text"]
     check_one_stream(events, expected, chat=False)
+
+
+def test_a_continuation_starts_after_the_last_token_whose_text_came_out() -> None:
+    """vLLM streams a token that ends inside a character with empty text; a continuation from
+    a prompt that ends there would get the whole prompt's text back (vLLM 0.32), so it starts
+    before such tokens and generates them again."""
+    head = b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":'
+    events = [
+        b'[{"index":0,"text":" a","prompt_token_ids":[1,2],"token_ids":[7]}]}\n\n',
+        b'[{"index":0,"text":"","prompt_token_ids":null,"token_ids":[8]}]}\n\n',
+        b'[{"index":0,"text":"","prompt_token_ids":null,"token_ids":[9]}]}\n\n',
+    ]
+    transcript = Transcript(keep_ids=False)
+    out = transcript.feed(b"".join(head + e for e in events))
+    assert b"[7]" not in out and out.count(b'"token_ids":null') == 3
+    assert transcript.prompt_ids == [1, 2] and transcript.generated == [7, 8, 9]
+    assert transcript.moved == [7]
+    transcript.feed(head + b'[{"index":0,"text":"\\u00e9","token_ids":[10]}]}\n\n')
+    assert transcript.moved == [7, 8, 9, 10]
