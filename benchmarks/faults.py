@@ -12,6 +12,10 @@ classifies every request the client sent:
 
     python benchmarks/faults.py            # full run, writes benchmarks/results/faults.{md,json}
     python benchmarks/faults.py --quick    # small and fast (what the test suite runs)
+
+Half the requests stream 12 tokens; in the scenario `LONG`, every one streams 64, so a decoder
+killed under load has many streams in flight: they migrate, and the gap each client saw at the
+seam comes from the proxy's request timelines.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.probes import admin_call, metric_total, post_json, rss_kib, seam_gaps
 from pdsim.launch import Process, SimProcess, start_proxy, start_sim
 from proxy import __version__
 
 MODEL = "pdsim/llama-8b"
+LONG = "kill -9 decoder, streams"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -50,6 +57,7 @@ class Tally:
     lost: int = 0
     retries: float = 0
     fallbacks: float = 0
+    migrations: float = 0
     seconds: float = 0.0
     notes: str = ""
     lost_examples: list[str] = field(default_factory=list)
@@ -85,9 +93,12 @@ def classify(status: int, raw: bytes, stream: bool) -> tuple[str, str]:
     return ("succeeded", "") if finished else ("lost", "stream without a finish_reason")
 
 
-async def one(session: aiohttp.ClientSession, url: str, i: int, deadline: float) -> tuple[str, str]:
-    stream = i % 2 == 0
-    body = {"model": MODEL, "prompt": f"request {i}: " + "word " * (i % 40), "max_tokens": 12}
+async def one(
+    session: aiohttp.ClientSession, url: str, i: int, deadline: float, long: bool
+) -> tuple[str, str]:
+    stream = long or i % 2 == 0
+    body = {"model": MODEL, "prompt": f"request {i}: " + "word " * (i % 40),
+            "max_tokens": 64 if long else 12}  # fmt: skip
     body["stream"] = stream
     try:
         async with session.post(
@@ -100,7 +111,7 @@ async def one(session: aiohttp.ClientSession, url: str, i: int, deadline: float)
 
 
 async def load(
-    url: str, n: int, concurrency: int, hook: Callable[[int], None], deadline: float = 30.0
+    url: str, n: int, concurrency: int, hook: Callable[[int], None], long: bool = False
 ) -> list[tuple[str, str]]:
     """Send n requests, `concurrency` at a time; `hook(i)` runs as request i is sent."""
     results: list[tuple[str, str]] = []
@@ -109,56 +120,12 @@ async def load(
     async def worker(session: aiohttp.ClientSession) -> None:
         for i in queue:
             hook(i)
-            results.append(await one(session, url, i, deadline))
+            results.append(await one(session, url, i, 30.0, long))
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return results
-
-
-def metric_total(url: str, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def admin_call(method: str, url: str, body: dict[str, Any] | None = None) -> str:
-    """The status and state (or error) of one admin API call."""
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else orjson.dumps(body)
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            answer = orjson.loads(resp.read())
-            return f"{resp.status} {answer.get('id')} {answer.get('state')}"
-    except urllib.error.HTTPError as exc:
-        return f"{exc.code} {orjson.loads(exc.read())['error']['message']}"
-
-
-def post_json(url: str, body: dict[str, Any]) -> None:
-    import urllib.request
-
-    req = urllib.request.Request(
-        url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
-    )
-    urllib.request.urlopen(req, timeout=5).close()
 
 
 class Topology:
@@ -254,10 +221,12 @@ def run_scenario(
         spare0 = metric_total(topo.spare.url, "pdsim:kv_pulled_requests_total")
         fallbacks0 = metric_total(proxy.url, "pdproxy_prefill_fallbacks_total")
         t0 = time.monotonic()
-        results = asyncio.run(load(proxy.url, n, concurrency, hook))
+        results = asyncio.run(load(proxy.url, n, concurrency, hook, name == LONG))
         t = tally(name, results, time.monotonic() - t0, notes)
         t.retries = metric_total(proxy.url, "pdproxy_retries_total") - retries0
         t.fallbacks = metric_total(proxy.url, "pdproxy_prefill_fallbacks_total") - fallbacks0
+        t.migrations = metric_total(proxy.url, "pdproxy_migrations_total")
+        t.notes += seam_gaps(proxy.url)
         for thread in topo.changes:
             thread.join(60)
         if topo.change_notes:
@@ -288,6 +257,7 @@ def scenarios(topo: Topology, n: int) -> Iterator[tuple[str, Callable[[int], Non
     yield "baseline", nothing, "no faults"
     yield "kill -9 prefiller", kill(p0), f"SIGKILL prefiller 0 at request {at}"
     yield "kill -9 decoder", kill(d0), f"SIGKILL decoder 0 at request {at}"
+    yield LONG, kill(d0), f"every request streams 64 tokens; SIGKILL decoder 0 at request {at}"
     yield (
         "stalled decoder",
         fault(d0, stall_seconds=5),
@@ -343,13 +313,14 @@ def run(quick: bool, logs: Path) -> tuple[list[Tally], dict[str, int]]:
 
 def table(tallies: list[Tally], memory: dict[str, int]) -> str:
     rows = [
-        "| scenario | sent | succeeded | clear errors | lost | retries | fallbacks | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | sent | succeeded | clear errors | lost | retries | fallbacks | migrations "
+        "| s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in tallies:
         rows.append(
             f"| {t.scenario} | {t.sent} | {t.succeeded} | {t.clear_errors} | {t.lost} | "
-            f"{t.retries:g} | {t.fallbacks:g} | {t.seconds} |"
+            f"{t.retries:g} | {t.fallbacks:g} | {t.migrations:g} | {t.seconds} |"
         )
     rows.append("")
     rows += [f"- {t.scenario}: {t.notes}" for t in tallies]

@@ -198,6 +198,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Drop the connection after this many stream chunks.",
     )
     f.add_argument(
+        "--fault-exit-after-chunks",
+        type=int,
+        default=None,
+        help="Die (SIGKILL of the whole engine process) after this many stream chunks.",
+    )
+    f.add_argument(
         "--fault-error-event-after-chunks",
         type=int,
         default=None,
@@ -249,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         error_status=args.fault_status,
         stall_seconds=args.fault_stall_seconds,
         drop_after_chunks=args.fault_drop_after_chunks,
+        exit_after_chunks=args.fault_exit_after_chunks,
         error_event_after_chunks=args.fault_error_event_after_chunks,
         garbage_body=args.fault_garbage_body,
         truncate_body=args.fault_truncate_body,

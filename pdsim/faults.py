@@ -23,6 +23,8 @@ class Faults(BaseModel):
     # with stall_seconds: stall after this many stream chunks instead of before answering
     stall_after_chunks: int | None = Field(default=None, ge=0)
     drop_after_chunks: int | None = Field(default=None, ge=0)
+    # the whole engine dies (SIGKILL of its own process) after this many stream chunks
+    exit_after_chunks: int | None = Field(default=None, ge=0)
     error_event_after_chunks: int | None = Field(default=None, ge=0)
     garbage_body: bool = False
     truncate_body: bool = False
@@ -38,6 +40,7 @@ class Faults(BaseModel):
             self.error_status is not None
             or self.stall_seconds > 0
             or self.drop_after_chunks is not None
+            or self.exit_after_chunks is not None
             or self.error_event_after_chunks is not None
             or self.garbage_body
             or self.truncate_body

@@ -1,9 +1,12 @@
-"""The deterministic "model": greedy generation where each next token is a hash of the prompt
-token ids and of the tokens generated so far.
+"""The deterministic "model": greedy generation where each next token is a hash of the whole
+sequence so far, prompt and generated tokens alike: the context state is one fold over the
+token ids (``advance``), whether a token came in the prompt or was generated.
 
-Invariant: the same prompt ids and the same ``SamplingSpec`` always give the same tokens,
+Invariants: the same prompt ids and the same ``SamplingSpec`` always give the same tokens,
 text, finish reason and stop reason, in any process: a request served directly and one whose
-KV came from another instance produce identical output.
+KV came from another instance produce identical output. And, as with a real model, a greedy
+answer continued from its prompt followed by its first k generated ids (``max_tokens`` less k)
+yields exactly the rest of the uninterrupted answer: what a migrated stream relies on.
 
 Sampling: with a temperature above vLLM's greedy threshold and a ``seed``, each step takes the
 greedy token or one of the next two candidates (``candidate``), as a hash of the seed and the
@@ -21,6 +24,7 @@ from pdsim.tokenizer import EOS_ID, SimTokenizer
 
 _MASK64 = (1 << 64) - 1
 _EOS_SCALE = 1 << 20
+_ORIGIN = 0x2545F4914F6CDD1D  # the context state of an empty sequence
 FinishReason = Literal["stop", "length"]
 
 
@@ -32,8 +36,12 @@ def splitmix64(x: int) -> int:
 
 
 def prompt_seed(prompt_ids: list[int]) -> int:
-    """Stable across processes: hashing a tuple of ints does not depend on PYTHONHASHSEED."""
-    return hash(tuple(prompt_ids)) & _MASK64
+    """The context state after `prompt_ids`: the fold of ``advance`` from a fixed origin, the
+    same whether these ids were a prompt or generated (stable across processes)."""
+    state = _ORIGIN
+    for token_id in prompt_ids:
+        state = advance(state, token_id)
+    return state
 
 
 def advance(state: int, token_id: int) -> int:

@@ -45,7 +45,7 @@ class GenRequest:
     stream: bool
     include_usage: bool
     kv_params: dict[str, Any] | None
-    return_token_ids: bool = False  # full responses only; streams keep token_ids null
+    return_token_ids: bool = False  # token ids in full responses and in stream chunks
     n: int = 1
     seed: int | None = None  # sampling seed; None: greedy (see model.Generation)
     beam: bool = False  # use_beam_search: n beams

@@ -1,11 +1,14 @@
 """Answers to a generation request: the full JSON body, or the SSE stream with its mid-stream
-faults (stall, drop, error event, garbage, truncation)."""
+faults (stall, drop, error event, death of the engine, garbage, truncation)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import os
+import signal
 import time
 from collections.abc import AsyncGenerator, Callable
 
@@ -20,6 +23,8 @@ from pdsim.render import ChoiceView, PromptView
 from pdsim.request import GenRequest
 from pdsim.response import DONE, Choice, ChunkWriter, full_response, stream_usage
 from pdsim.web import drop
+
+log = logging.getLogger(__name__)
 
 UsageOf = Callable[[int], dict[str, int] | None]
 
@@ -144,6 +149,7 @@ class Responder:
         prompts = [PromptView(req, p, tok) for p in req.prompts]
         views = [ChoiceView(req, tok, k, prompts[k // req.n]) for k in range(len(seqs))]
         plain = len(seqs) == 1 and req.logprobs is None and req.echo is None
+        plain = plain and not req.return_token_ids
         plain = plain and not req.continuous_usage
 
         def usage_of(k: int) -> dict[str, int] | None:
@@ -226,6 +232,9 @@ class _EventSink:
         f = self._faults
         if f is not None and f.stall_after_chunks is not None and self.sent == f.stall_after_chunks:
             await asyncio.sleep(f.stall_seconds)
+        if f is not None and f.exit_after_chunks is not None and self.sent >= f.exit_after_chunks:
+            log.warning("fault exit_after_chunks: the engine dies now")
+            os.kill(os.getpid(), signal.SIGKILL)  # as a decoder killed mid-answer: no goodbye
         if f is not None and f.drop_after_chunks is not None and self.sent >= f.drop_after_chunks:
             self._record.outcome = "dropped"
             drop(self._request)
@@ -255,7 +264,8 @@ async def _chat_head(
     """A chat stream's opening: a role chunk per choice, then (with echo) the echoed last
     message as a chunk of its own per choice, as vLLM sends them."""
     for k in range(len(views)):
-        if not await sink.send(writer.role(k, usage_of(k))):
+        prompt_ids = views[k].prompt.prompt.ids if req.return_token_ids else None
+        if not await sink.send(writer.role(k, usage_of(k), prompt_ids)):
             return False
     if req.echo:
         for k, view in enumerate(views):
@@ -280,12 +290,16 @@ def _chunk(
         if final is not None:
             return writer.final(dataclasses.replace(final, text=text))
         return writer.delta(text) if text else b""
-    echo = view.echo_pending and req.kind == "completion"
+    ids = [step.token_id for step in group] if req.return_token_ids else None
+    # completions: the prompt's ids go in the choice's first chunk (echoed, or asked for)
+    first = (view.echo_pending or not view.tokens) and req.kind == "completion"
+    echo_or_ids = first and (view.echo_pending or ids is not None)
     text, logprobs = view.piece(group)
-    if final is None and not text and logprobs is None:
-        return b""
-    prompt_ids = view.prompt.prompt.ids if echo else None
-    return writer.event(view.index, text, final, logprobs, prompt_ids, usage_of(view.index))
+    if final is None and not text and logprobs is None and not ids:
+        return b""  # vLLM sends a chunk without text only to carry token ids or logprobs
+    prompt_ids = view.prompt.prompt.ids if echo_or_ids else None
+    usage = usage_of(view.index)
+    return writer.event(view.index, text, final, logprobs, prompt_ids, usage, ids)
 
 
 def _finish_record(record: Record, final: Step, seq: Sequence) -> None:

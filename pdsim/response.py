@@ -139,10 +139,17 @@ class ChunkWriter:
                 b'"prompt_token_ids":null,"token_ids":null}]}'
             )
 
-    def role(self, index: int = 0, usage: dict[str, int] | None = None) -> bytes:
+    def role(
+        self,
+        index: int = 0,
+        usage: dict[str, int] | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> bytes:
+        """A chat stream's role chunk; it carries the prompt's ids (the chat template applied)
+        when the request asked for token ids."""
         choice = {"index": index, "delta": {"role": "assistant", "content": ""},
                   "logprobs": None, "finish_reason": None}  # fmt: skip
-        tail: dict[str, Any] = {"prompt_token_ids": None, "prompt_text": None}
+        tail: dict[str, Any] = {"prompt_token_ids": prompt_token_ids, "prompt_text": None}
         if usage is not None:
             tail["usage"] = usage
         return self._event(choice, tail)
@@ -162,8 +169,10 @@ class ChunkWriter:
         logprobs: dict[str, Any] | None = None,
         prompt_token_ids: list[int] | None = None,
         usage: dict[str, int] | None = None,
+        token_ids: list[int] | None = None,
     ) -> bytes:
-        """Any text chunk: choice `index`, finishing when `final` is given."""
+        """Any text chunk: choice `index`, finishing when `final` is given; `token_ids`: the
+        chunk's generated ids, when the request asked for them."""
         choice: dict[str, Any] = {"index": index}
         if self.kind == "chat":
             choice["delta"] = {"content": text}
@@ -175,7 +184,7 @@ class ChunkWriter:
             choice["stop_reason"] = None if final is None else final.stop_reason
         if self.kind == "completion":
             choice["prompt_token_ids"] = prompt_token_ids
-        choice["token_ids"] = None
+        choice["token_ids"] = token_ids
         tail: dict[str, Any] = {}
         if final is not None and self._final_fingerprint is not None:
             tail["system_fingerprint"] = self._final_fingerprint

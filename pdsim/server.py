@@ -17,9 +17,9 @@ for them loads no remote KV: it recomputes the prompt and frees the producer's b
 Deliberately different: incomplete ``do_remote_prefill`` params answer 500 like the real
 decoder but the sim stays up (the real one exits); a failed pull fails at once rather than
 after vLLM's ~5 s; a read of KV blocks reused since their lease ended fails (NIXL would hand
-over another request's KV silently); ``return_token_ids`` fills full responses only; without
-a seed every sample is the greedy one; remote KV in a request with several prompts or n > 1
-is loaded once, for the first prompt; empty text chunks of a plain stream are skipped;
+over another request's KV silently); without a seed every sample is the greedy one; remote KV
+in a request with several prompts or n > 1 is loaded once, for the first prompt; empty text
+chunks of a plain stream are skipped;
 ``/version`` says ``0.32.0+pdsim``.
 """
 

@@ -18,9 +18,9 @@ import pytest
 
 from pdsim import launch
 from pdsim.launch import Process, SimProcess, free_port
-from tests.e2e.real_vllm_fixtures import tiny_model, topology, vllm_python
+from tests.e2e.real_vllm_fixtures import second_decoder, tiny_model, topology, vllm_python
 
-__all__ = ["free_port", "tiny_model", "topology", "vllm_python"]
+__all__ = ["free_port", "second_decoder", "tiny_model", "topology", "vllm_python"]
 
 MODEL = "pdsim/llama-8b"
 

@@ -92,6 +92,12 @@ class HealthConfig(_Model):
 class FailoverConfig(_Model):
     prefill_retries: int = Field(2, ge=0, description="other prefillers tried after a failure")
     decode_retries: int = Field(1, ge=0, description="other decoders tried before the first byte")
+    migrations: int = Field(
+        2,
+        ge=0,
+        description="times a stream whose decoder failed mid-answer continues on another decoder "
+        "(0: it ends with an error)",
+    )
     fallback_local_prefill: bool = Field(
         True, description="no prefiller available: let the decoder compute the prompt itself"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import perf_counter
+from typing import Protocol
 
 import orjson
 
@@ -19,6 +20,15 @@ from proxy.flow.relay import SSEScanner
 from proxy.flow.sink import Sink
 from proxy.observe.stats import RequestTiming
 from proxy.request import ClientRequest
+
+
+class Watch(Protocol):
+    """What sees a stream's events go by (proxy.flow.migrate.Transcript)."""
+
+    @property
+    def broken(self) -> UpstreamError | None: ...
+
+    def feed(self, events: bytes) -> bytes: ...
 
 
 async def decode_whole(
@@ -52,10 +62,13 @@ async def relay_stream(
     timing: RequestTiming,
     idle_timeout: float,
     on_first_event: Callable[[], None],
+    watch: Watch | None = None,
 ) -> None:
     """Relay `stream` (whose first bytes are `data`) to `out` until `data: [DONE]`; closes the
     stream. `on_first_event` runs once the first whole event is in, before the client's
-    response starts."""
+    response starts. `watch` sees every batch of whole events and returns what goes on to the
+    client (proxy.flow.migrate.Transcript); when it says the stream is `broken`, what came
+    before goes on and its error is raised."""
     scanner = SSEScanner()
     try:
         with engine_errors(decoder, "decode"):
@@ -71,16 +84,22 @@ async def relay_stream(
                         f"decode: decode worker {decoder.url} sent a malformed stream: "
                         f"{(scanner.malformed or scanner.pending)[:80]!r}"
                     )
+                if watch is not None:
+                    events = watch.feed(events)
                 on_first_event()
                 await out.start_stream()
-                while not scanner.done:
+                while not scanner.done or (watch is not None and watch.broken is not None):
                     if events:
                         await out.chunk(events)
+                    if watch is not None and watch.broken is not None:
+                        raise watch.broken
                     data = await read()
                     if not data:
                         break
                     idle.last = decoder.last_progress = now = perf_counter()
                     events = scanner.feed(data, now)
+                    if watch is not None and events:
+                        events = watch.feed(events)
                 if scanner.done:
                     await out.end(events)  # the last events and the end: one write
                     while await read():  # to the end, so the connection is reused
@@ -90,10 +109,15 @@ async def relay_stream(
                 f"decode: decode worker {decoder.url} ended the stream without [DONE]"
             )
     finally:
-        timing.first_token = scanner.first_token
-        timing.last_token = scanner.last_token
-        timing.token_events = scanner.token_events
-        usage = scanner.usage
-        tokens = usage.get("completion_tokens") if usage is not None else None
-        timing.output_tokens = tokens if isinstance(tokens, int) else scanner.token_events
+        _note(timing, scanner)
         stream.close()
+
+
+def _note(timing: RequestTiming, scanner: SSEScanner) -> None:
+    """What the relay saw of the stream, for the request's timing."""
+    timing.first_token = scanner.first_token
+    timing.last_token = scanner.last_token
+    timing.token_events = scanner.token_events
+    usage = scanner.usage
+    tokens = usage.get("completion_tokens") if usage is not None else None
+    timing.output_tokens = tokens if isinstance(tokens, int) else scanner.token_events

@@ -16,9 +16,11 @@ single completions). A stream interleaves the sub-streams' events as they come, 
 choice index, `id` and `created` rewritten; their usage chunks are summed into one sent last
 (with `stream_options.include_usage`), then exactly one `data: [DONE]`.
 
-Failures: the first sub-request to fail fails the request and the others are cancelled at once
-(their engine connections close, so vLLM aborts them and frees their KV): before the response
-started, an ordinary error response; after, an SSE error event and `[DONE]`. A client that
+Failures: a sub-stream whose decoder fails mid-answer continues on another decoder on its own
+(proxy.flow.migrate, in the single-request path). The first sub-request to fail for good fails
+the request and the others are cancelled at once (their engine connections close, so vLLM
+aborts them and frees their KV): before the response started, an ordinary error response;
+after, an SSE error event and `[DONE]`. A client that
 leaves cancels every sub-request (the request path's watcher cancels this task).
 """
 

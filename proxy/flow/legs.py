@@ -22,7 +22,17 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.base import Connector, Handoff
 from proxy.errors import NoWorkerAvailable, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.flow.decode import decode_whole, relay_stream
+from proxy.flow.migrate import (
+    Transcript,
+    cannot_migrate,
+    continuation,
+    held_text,
+    reason_of,
+    unmigratable,
+    with_token_ids,
+)
 from proxy.flow.progress import Progress
+from proxy.flow.seam import DONE, Seam, SeamStopped, stop_strings
 from proxy.flow.sink import Sink
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import RequestTiming
@@ -66,6 +76,8 @@ class Legs:
         timing: RequestTiming,
         progress: Progress,
         owner: asyncio.Task[Any] | None,
+        migrations: int | None = None,
+        keep_ids: bool | None = None,
     ) -> None:
         self.flow = flow
         self.request = request
@@ -75,22 +87,36 @@ class Legs:
         self.owner = owner
         self.info = flow.planner.info(request)
         self.prefiller: Worker | None = None  # the one whose prefill leg succeeded
+        # migrations left to this answer; a stream that may migrate notes what it relays
+        self.migrations = flow.failover.migrations if migrations is None else migrations
+        self.transcript: Transcript | None = None
+        self.avoid: list[Worker] = []  # a continuation's: the decoder that failed before it
+        if self.migrations and unmigratable(request) is None:
+            asked = bool(request.body.get("return_token_ids"))
+            texts = bool(stop_strings(request.body))
+            self.transcript = Transcript(asked if keep_ids is None else keep_ids, texts=texts)
 
     async def run(self) -> None:
+        plan = await self.flow.planner.plan(self.request, self.info)
+        self.timing.plan = plan
+        await self.carry(plan)
+
+    async def carry(self, plan: Plan) -> None:
+        """Carry `plan` out."""
         flow, request, timing = self.flow, self.request, self.timing
-        plan = await flow.planner.plan(request, self.info)
-        timing.plan = plan
         local_tokens = (plan.tokens or 0) if plan.local else 0
         tried: list[Worker] = []
         handoff: Handoff | None = None
         body = b""
+        spent = False  # the decode retries are used up
+        asked = request if self.transcript is None else with_token_ids(request)
         while True:
             decoder = plan.decoder
             pool = flow.router.pool_of(decoder)
             with pool.track(decoder, request.prompt_chars, local_tokens, self.owner) as lease:
                 if handoff is None:
                     handoff = Handoff(None) if plan.local else await self.prefill(plan)
-                    body = flow.connector.decode_body(request, handoff)
+                    body = flow.connector.decode_body(asked, handoff)
                     timing.kv = handoff.outcome
                     # KV now waits on the prefiller for the decoder: a client that leaves before
                     # the first decoded byte closes the decode leg, and the decoder's abort frees
@@ -102,16 +128,21 @@ class Legs:
                     await self.decode(decoder, body, lease)
                 except Retryable as exc:
                     flow.failed(decoder, exc)
-                    if self.out.started or len(tried) >= flow.failover.decode_retries:
-                        raise
                     last = exc
+                    spent = len(tried) >= flow.failover.decode_retries
+                    if spent and not self.out.started and (request.stream or not self.migrations):
+                        raise
                 else:
                     pool.record_success(decoder)
                     return
+            # the client has part of the answer: continue it elsewhere (a whole answer: again)
+            if self.out.started or spent:
+                await self.migrate(plan, decoder, last)
+                return
             tried.append(decoder)
             if self.prefiller is not None:  # its KV is for another engine than its own
                 tried.append(self.prefiller)
-            replacement = flow.planner.retry(plan, "decode", self.info, tried)
+            replacement = flow.planner.retry(plan, "decode", self.info, [*self.avoid, *tried])
             if replacement is None:
                 raise last
             flow.metrics.retries.labels("decode").inc()
@@ -123,6 +154,59 @@ class Legs:
             if handoff.kv_transfer_params is not None and flow.connector.decoder_receivers:
                 handoff = self._moved(handoff, decoder, replacement.decoder)
             plan = replacement
+
+    async def migrate(self, plan: Plan, failed: Worker, exc: ProxyError) -> None:
+        """The stream broke after the client's first byte: continue it on another decoder
+        (proxy.flow.migrate), or raise `exc` (the client's stream ends with its error)."""
+        flow, transcript, metrics = self.flow, self.transcript, self.flow.metrics
+        if transcript is not None and transcript.finished:  # every token went out already
+            usage = transcript.usage_event() if self.request.include_usage else b""
+            await self.out.end(usage + DONE)
+            return
+        whole = not self.request.stream  # nothing reached the client: asked for again
+        why = cannot_migrate(self.request, transcript, self.migrations, whole)
+        avoid = [failed]  # others that failed before are the breaker's to keep out
+        replacement = None if why else flow.planner.migrate(plan, self.info, avoid)
+        if replacement is None or (transcript is None and not whole):
+            metrics.migrations_failed.labels(why or "no_decoder").inc()
+            raise exc
+        reason = reason_of(exc)
+        metrics.migrations.labels(reason).inc()
+        moved = 0 if transcript is None else len(transcript.moved)
+        log.warning(
+            "request %s: decode on %s failed after %d tokens (%s); continuing on %s",
+            *(self.request.request_id, failed.url, moved, exc.message, replacement.decoder.url),
+        )
+        request, out = self.request, self.out
+        if transcript is not None:
+            tag = f"m{flow.failover.migrations - self.migrations + 1}"
+            request = continuation(self.request, transcript, tag)
+            out = await self._seam(replacement.decoder, transcript)
+        timing = RequestTiming(perf_counter(), path=request.path, request_id=request.request_id)
+        timing.plan = replacement
+        # the continuation's ids stay in its events: the seam counts them, and hides them
+        legs = Legs(flow, request, out, timing, self.progress, self.owner, self.migrations - 1,
+                    keep_ids=True)  # fmt: skip
+        legs.avoid = avoid
+        try:
+            await legs.carry(replacement)
+        except SeamStopped:
+            pass  # the answer ended at a stop string across the seam
+        except ProxyError:
+            metrics.migrations_failed.labels("continuation_failed").inc()
+            raise
+        finally:
+            self.timing.seam(failed.id, reason, moved, timing)
+
+    async def _seam(self, decoder: Worker, transcript: Transcript) -> Seam:
+        """Where the continuation on `decoder` joins the client's stream."""
+        held = ""
+        if transcript.texts:  # the seam checks the stop strings across it
+            flow = self.flow
+            held = await held_text(
+                flow.engine, decoder, self.request, transcript, flow.first_byte_timeout
+            )
+        return Seam(self.out, self.request, transcript, held)
 
     async def prefill(self, plan: Plan) -> Handoff:
         """The prefill leg on the planned prefiller, then on the planner's replacements if it
@@ -217,5 +301,6 @@ class Legs:
             lease.prefilled()
 
         await relay_stream(
-            stream, data, decoder, self.out, self.timing, flow.idle_timeout, first_event
-        )
+            stream, data, decoder, self.out, self.timing, flow.idle_timeout, first_event,
+            self.transcript,
+        )  # fmt: skip

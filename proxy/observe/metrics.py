@@ -106,6 +106,21 @@ class ProxyMetrics:
             ["role"],
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "pdproxy_migrations",
+            "streams continued on another decoder after theirs failed mid-answer, by what "
+            "failed: connection, timeout (decode_idle), error_event",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.migrations_failed = Counter(
+            "pdproxy_migrations_failed",
+            "streams broken mid-answer that were not continued, by why: limit "
+            "(failover.migrations), no_decoder, continuation_failed, or the request's kind "
+            "(structured_output, logprobs, beam_search, prompt_logprobs, ...)",
+            ["why"],
+            registry=self.registry,
+        )
         self.fallbacks = Counter(
             "pdproxy_prefill_fallbacks",
             "requests whose prompt the decoder computed because no prefiller could",

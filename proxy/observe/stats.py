@@ -6,7 +6,7 @@ Memory is fixed at start-up: each window is a preallocated ring of `window` floa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,6 +88,27 @@ class RequestTiming:
     retries: int = 0
     plan: Described | None = None  # where the planner put it, and why
     error: str | None = None  # the message the client got, if an error
+    # where the stream moved to another decoder mid-answer (proxy.flow.migrate), in order
+    seams: list[dict[str, Any]] = field(default_factory=list)
+
+    def seam(self, failed: str, reason: str, moved: int, after: RequestTiming) -> None:
+        """Take in the continuation (`after`) of this stream, whose decoder `failed` after
+        `moved` tokens: the client's gap between the last token before and the first after."""
+        gap = None
+        if after.first_token is not None and self.last_token is not None:
+            gap = round((after.first_token - self.last_token) * 1e3, 3)
+        to = after.seams[0]["from"] if after.seams else after.decoder  # it moved on again
+        self.seams.append(
+            {"from": failed, "to": to, "reason": reason, "tokens_moved": moved, "gap_ms": gap,
+             "kv": after.kv}
+        )  # fmt: skip
+        self.seams += after.seams
+        self.first_token = self.first_token or after.first_token  # a whole answer asked again
+        self.decoder = after.decoder
+        self.last_token = after.last_token or self.last_token
+        self.token_events += after.token_events
+        self.output_tokens = moved + after.output_tokens
+        self.retries += after.retries
 
 
 # name -> (help text, Prometheus buckets)

@@ -10,7 +10,9 @@ from the request's arrival:
     decode      first token -> last token
     end         the last byte sent to the client
 
-and where the planner put it (`plan`: prefill local or remote, on which workers, and why).
+and where the planner put it (`plan`: prefill local or remote, on which workers, and why), and
+where a stream moved to another decoder mid-answer (`seams`: from which decoder to which, why,
+how many tokens moved, the gap the client saw between the last token before and the first after).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def describe(t: RequestTiming, seq: int, now: float | None = None) -> dict[str, 
         "kv": t.kv,
         "plan": None if t.plan is None else t.plan.describe(),
         "retries": t.retries,
+        "seams": t.seams,
         "output_tokens": t.output_tokens,
         "ms": {
             "admission": _ms(t.admitted, t.start),

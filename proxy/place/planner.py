@@ -6,6 +6,7 @@
            awaited, the placement decides the whole plan; the prefix index notes where the
            prompt goes, and `pdproxy_disagg_decisions_total{decision,reason}` counts it
     retry  after a failed leg: the same plan with another worker for that leg, or None
+    migrate  after a decoder failed mid-stream: the continuation's plan on another decoder
 
 Nothing is awaited between the snapshot and the return, so the request path tracks the chosen
 workers before any other request is placed. Token counts go through `count`, which the app
@@ -91,6 +92,16 @@ class Planner:
         if leg == "prefill":
             return dataclasses.replace(plan, prefiller=worker)
         return dataclasses.replace(plan, decoder=worker)
+
+    def migrate(self, plan: Plan, info: RequestInfo, exclude: Sequence[Worker]) -> Plan | None:
+        """The plan of a stream's continuation after its decoder failed mid-answer: another
+        decoder (none of `exclude`), the prompt computed where `plan` computes it (its
+        prefiller, whose own failover still applies, or the new decoder); None when no
+        decoder is left."""
+        worker = self.placement.another("decode", info, exclude)
+        if worker is None:
+            return None
+        return dataclasses.replace(plan, decoder=worker, reason="migration", tokens=None)
 
     def another(self, leg: Leg, info: RequestInfo, exclude: Sequence[Worker]) -> Worker | None:
         """A worker for `leg` outside any plan (vLLM's other endpoints, passed through)."""

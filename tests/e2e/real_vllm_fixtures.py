@@ -8,13 +8,16 @@ alike (tests/conftest.py registers these fixtures): engines take about a minute.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+import httpx
 import pytest
 
 if str(Path(__file__).parent) not in sys.path:  # pytest runs in importlib mode
@@ -22,9 +25,13 @@ if str(Path(__file__).parent) not in sys.path:  # pytest runs in importlib mode
 
 from vllm_helpers import DECODE_PORT, PREFILL_PORT, PROXY_PORT, SIDE_CHANNEL_PORT, Topology
 
+from proxy.engines.connectors.nixl import prefill_body
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launchers" / "disagg.sh"
 START_TIMEOUT_S = 600
+SECOND_DECODER = f"http://127.0.0.1:{DECODE_PORT + 1}"  # decoder 1 of a 1P2D plan
+XFER = "vllm:nixl_xfer_time_seconds_count"
 # Two CPU cores for two or three vLLM engines, the proxy and the tests: an engine can take
 # seconds to accept a connection (a CI run saw a decoder miss the default 5 s), so the proxies
 # in front of real engines wait longer for one. A CI run also saw an engine's worker hang for
@@ -128,3 +135,86 @@ def topology(
     finally:
         topo.stop()
         topo.kill_leftovers()
+
+
+def second_decoder_command(topo: Topology) -> str:
+    """The launcher's plan for decoder 1 of a 1P2D topology with the session's flags."""
+    plan = subprocess.run(
+        ["bash", str(LAUNCHER), "--device", "cpu", "--connector", "nixl",
+         "--model", str(topo.model_dir), "--python", topo.python, "--prefill", "1",
+         "--decode", "2", "--prefill-port", str(PREFILL_PORT), "--decode-port", str(DECODE_PORT),
+         "--side-channel-port", str(SIDE_CHANNEL_PORT), "--log-dir", str(topo.log_dir),
+         "--dry-run", "--", "--served-model-name", topo.model, "--max-model-len", "1024"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    lines = plan.stdout.splitlines()
+    return lines[lines.index(next(x for x in lines if x.startswith("# decode-1:"))) + 1]
+
+
+@contextmanager
+def second_decoder_running(topology: Topology) -> Iterator[subprocess.Popen[bytes]]:
+    """Decoder 1 of a 1P2D topology (its own process group), started, warmed up and stopped."""
+    command = second_decoder_command(topology)
+    url = SECOND_DECODER
+    assert f"--port {DECODE_PORT + 1}" in command  # not a port of the session topology
+    log = topology.log_dir / "decode-1-joined.log"
+    proc = start_logged(["bash", "-c", "exec " + command], log)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the second decoder did not start"
+            time.sleep(1)
+        warm_up(topology, url)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)  # a test may have stopped it
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def second_decoder(topology: Topology) -> Iterator[str]:
+    """A second decoder's URL, while it runs."""
+    with second_decoder_running(topology):
+        yield SECOND_DECODER
+
+
+def pulls(url: str) -> float:
+    """The decoder's NIXL transfers so far; a starved engine may take a while to answer."""
+    for _ in range(10):
+        try:
+            resp = httpx.get(url + "/metrics", timeout=30)
+        except httpx.TimeoutException:
+            continue
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in resp.text.splitlines()
+            if line.startswith(XFER + "{") or line.startswith(XFER + " ")
+        )
+    raise AssertionError(f"{url}/metrics did not answer")
+
+
+def warm_up(topo: Topology, url: str) -> None:
+    """What an operator's readiness check would do before adding the engine: one request of
+    its own, then one prefilled on the prefiller, until one passes (on a starved CPU the first
+    NIXL handshake can time out: the decoder answers 500 and tries again on the next)."""
+    body = {"model": topo.model, "prompt": "warm up", "max_tokens": 2, "temperature": 0}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=300).status_code == 200
+    for _ in range(5):
+        leg = prefill_body(body)
+        prefilled = httpx.post(topo.prefill + "/v1/completions", json=leg, timeout=300).json()
+        pulled = {**body, "kv_transfer_params": prefilled["kv_transfer_params"]}
+        if httpx.post(url + "/v1/completions", json=pulled, timeout=300).status_code == 200:
+            return
+    raise AssertionError("the second decoder never pulled a prefilled prompt")

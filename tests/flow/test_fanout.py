@@ -251,8 +251,9 @@ def test_priority_goes_on_both_legs(pd: Topology) -> None:
 # -- limits and failures -------------------------------------------------------------------
 
 
-FANOUT_STRICT = (
-    "failover: {prefill_retries: 0, decode_retries: 0, fallback_local_prefill: false}\n"
+FANOUT_STRICT = (  # no failover of any kind: a failure ends the request
+    "failover: {prefill_retries: 0, decode_retries: 0, fallback_local_prefill: false, "
+    "migrations: 0}\n"
     "prefill_policy: round_robin\ndecode_policy: round_robin\nhealth: {interval: 0}\n"
     "fanout: {max_batch_prompts: 4, max_parallel: 2}\n"
 )

@@ -54,3 +54,16 @@ def test_a_request_that_never_reached_an_engine_has_only_what_it_reached() -> No
     d = describe(t, 1, now=5.002)
     assert d["ms"]["total"] == 2.0 and d["ms"]["prefill"] is None and d["ms"]["handoff"] is None
     assert d["error"] == "the proxy is at its limit" and d["prefiller"] is None
+
+
+def test_a_migrated_stream_shows_its_seams() -> None:
+    """The continuation's timing joins the stream's: where it moved, how many tokens moved,
+    the client's gap between the last token before and the first after."""
+    t = timing(0)  # its decoder d1 failed after 4 tokens, its last one at 100.262
+    after = RequestTiming(start=100.3, first_token=100.3125, last_token=100.4)
+    after.decoder, after.kv, after.output_tokens, after.token_events = "d0", "handed_over", 7, 7
+    t.seam("d1", "connection", 4, after)
+    d = describe(t, 1, now=100.5)
+    assert d["seams"] == [{"from": "d1", "to": "d0", "reason": "connection", "tokens_moved": 4,
+                           "gap_ms": 50.5, "kv": "handed_over"}]  # fmt: skip
+    assert (d["decoder"], d["output_tokens"], d["at_ms"]["last_token"]) == ("d0", 11, 400.0)

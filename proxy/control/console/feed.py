@@ -41,6 +41,7 @@ COUNTERS = (
     "pdproxy_kv_recompute_total",
     "pdproxy_prefill_fallbacks_total",
     "pdproxy_retries_total",
+    "pdproxy_migrations_total",
     "pdproxy_client_disconnects_total",
     "pdproxy_upstream_failures_total",
     "pdproxy_admission_rejected_total",

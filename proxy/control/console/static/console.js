@@ -261,6 +261,7 @@ function drawCounters(snap) {
   const recompute = byLabel(c.pdproxy_kv_recompute_total, "reason");
   const fallbacks = byLabel(c.pdproxy_prefill_fallbacks_total, "reason");
   const retries = byLabel(c.pdproxy_retries_total, "role");
+  const migrations = byLabel(c.pdproxy_migrations_total, "reason");
   const disconnects = byLabel(c.pdproxy_client_disconnects_total, "phase");
   const failures = byLabel(c.pdproxy_upstream_failures_total, "role");
   const statuses = byLabel(c.pdproxy_requests_total, "status");
@@ -273,6 +274,7 @@ function drawCounters(snap) {
     ["KV recomputed", sumOf(c.pdproxy_kv_recompute_total), detail(recompute)],
     ["prefill fallbacks", sumOf(c.pdproxy_prefill_fallbacks_total), detail(fallbacks)],
     ["retries", sumOf(c.pdproxy_retries_total), detail(retries)],
+    ["streams migrated", sumOf(c.pdproxy_migrations_total), detail(migrations)],
     ["client disconnects", sumOf(c.pdproxy_client_disconnects_total), detail(disconnects)],
     ["upstream failures", sumOf(c.pdproxy_upstream_failures_total), detail(failures)],
     ["admission rejections (429)", sumOf(c.pdproxy_admission_rejected_total), ""],
@@ -338,7 +340,13 @@ function hopText(t) {
     `first token on ${t.decoder || "-"} at ${fmt(m.ttft, 2)} ms`,
     `decode to last token ${fmt(m.decode, 2)} ms (ITL ${fmt(m.itl, 2)}, TPOT ${fmt(m.tpot, 2)})`,
     `total ${fmt(m.total, 2)} ms` + (t.retries ? `, ${t.retries} retries` : ""),
+    ...(t.seams || []).map(seamText),
   ].join("\n");
+}
+
+// Where a stream moved to another decoder mid-answer (proxy.flow.migrate).
+function seamText(s) {
+  return `moved ${s.from} → ${s.to} after ${s.tokens_moved} tokens (${s.reason}), the client waited ${fmt(s.gap_ms, 1)} ms`;
 }
 
 // The hops in one line, shown under each bar (no hovering needed).
@@ -348,7 +356,8 @@ function hopLine(t) {
   if (m.prefill !== null) parts.push(`prefill ${ms(m.prefill)} on ${t.prefiller || "-"}`);
   if (m.handoff !== null) parts.push(`${t.prefiller ? "KV → 1st token" : "1st token"} ${ms(m.handoff)}`);
   if (m.decode !== null) parts.push(`decode ${ms(m.decode)} on ${t.decoder || "-"}`);
-  return parts.join(" · ") + (t.retries ? ` · ${t.retries} retries` : "");
+  const seams = (t.seams || []).map((s) => `moved ${s.from} → ${s.to} (+${fmt(s.gap_ms, 1)} ms)`);
+  return [...parts, ...seams].join(" · ") + (t.retries ? ` · ${t.retries} retries` : "");
 }
 
 // Where the prompt was computed and why. Outside a pool the plan may not say: then what the

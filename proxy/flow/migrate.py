@@ -1,0 +1,265 @@
+"""A stream whose decoder failed after the client's first byte, continued on another decoder.
+
+The decode leg of a streamed request asks its decoder for token ids (vLLM's
+`return_token_ids`: the prompt's ids in the first chunk, with the chat template applied for
+chat, and each chunk's generated ids); `Transcript` notes them as the events go by and puts
+back the `null`s the client would have seen, unless the client asked for the ids itself.
+
+When the decoder fails (the connection breaks, the stream goes silent past
+`timeouts.decode_idle`, or the engine sends an error event) the request path plans another
+decoder and sends it the continuation (`continuation`): a completions request whose prompt is
+the prompt's ids followed by the ids generated so far, `max_tokens` and `min_tokens` less what
+was generated, the same sampling parameters. `proxy.flow.seam.Seam` writes the continuation's
+events into the client's stream as if one engine had written them all: the first stream's `id`,
+`created` and object (chat chunks stay chat chunks), no second prompt, `usage` as one request
+(the original prompt's tokens, every completion token). A whole (non-streamed) answer, of which
+nothing reached the client, is asked for again instead.
+
+Exactness: greedy decoding continues token for token (a model's next token depends only on the
+sequence so far, whichever engine computed it). A seeded sampled request continues, but not on
+the same random stream (the seed starts again at the seam; the response headers went out before,
+so only the README can say so). Penalties see the moved tokens as prompt tokens: vLLM's presence
+and frequency penalties count output tokens only, so they restart at the seam; its repetition
+penalty counts prompt and output alike, so it does not change.
+
+Not migrated (`unmigratable`, the stream ends with the error as before): structured output
+(guided decoding, `response_format` beyond text, tools), beam search, prompt logprobs, output
+logprobs, `suffix`, and a chat answer whose engine split out reasoning or tool calls.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.control.workers import Worker
+from proxy.engines.client import EngineClient
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.request import COMPLETIONS, ClientRequest
+
+# the token ids of one event: the prompt's (first chunk) and the chunk's generated ones
+_IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')
+_FINISHED = re.compile(rb'"finish_reason":"')
+_SPLIT_OUT = re.compile(rb'"(reasoning|reasoning_content|tool_calls)":[\["{]')
+ERROR_EVENT = re.compile(rb'data: \{"error": ?\{')  # vLLM writes it with json.dumps, a space
+# what a continuation keeps of the client's body: the sampling parameters and the request's
+# own settings (chat-only fields, echo, n and the stream options stay behind)
+_KEPT = (
+    "model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+    "allowed_token_ids", "bad_words", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "priority", "user", "length_penalty", "vllm_xargs",
+)  # fmt: skip
+_GUIDED = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+    "structured_outputs", "guided_decoding_backend", "tools", "functions",
+)  # fmt: skip
+
+
+class ErrorEvent(UpstreamError):
+    """The decoder ended its stream with an error event (an abort, its engine's failure); a
+    stream not continued ends with the engine's own event, as it did before migration."""
+
+    def __init__(self, event: bytes) -> None:
+        super().__init__(
+            "decode: the decode worker ended the stream with an error event: "
+            + event[:200].decode(errors="replace")
+        )
+        self._event = event
+
+    def body(self) -> bytes:
+        return self._event
+
+
+def reason_of(exc: Exception) -> str:
+    """The `reason` label of pdproxy_migrations_total for a decode failure."""
+    if isinstance(exc, ErrorEvent):
+        return "error_event"
+    return "timeout" if isinstance(exc, UpstreamTimeout) else "connection"
+
+
+def unmigratable(request: ClientRequest) -> str | None:
+    """Why this request's stream cannot be continued on another decoder (None: it can)."""
+    body = request.body
+    if not request.stream:
+        return "not_streamed"  # a whole answer is asked for again on another decoder
+    if request.local_reason is not None:
+        return request.local_reason
+    if request.n > 1:
+        return "n"
+    if any(body.get(key) is not None for key in _GUIDED):
+        return "structured_output"
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+        return "structured_output"
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        return "logprobs"
+    if request.path == COMPLETIONS and body.get("suffix"):
+        return "suffix"
+    return None
+
+
+def cannot_migrate(
+    request: ClientRequest, transcript: Transcript | None, migrations: int, whole: bool
+) -> str | None:
+    """Why this broken answer is not continued (the `why` of pdproxy_migrations_failed_total),
+    or None. A `whole` (non-streamed) answer is asked for again."""
+    if migrations <= 0:
+        return "limit"
+    if whole:
+        return None
+    if transcript is None:
+        return unmigratable(request) or "limit"
+    if transcript.split_out:
+        return "reasoning_or_tools"
+    if transcript.prompt_ids is None:
+        return "no_token_ids"  # an engine that does not return them
+    return None
+
+
+def with_token_ids(request: ClientRequest) -> ClientRequest:
+    """The request as the decode leg sends it: asking for the token ids."""
+    if request.body.get("return_token_ids"):
+        return request
+    body = dict(request.body)
+    body["return_token_ids"] = True
+    return ClientRequest(
+        request.path, body, request.request_id, request.stream, request.include_usage,
+        request.prompt_chars, request.priority, request.prompts, request.n, request.max_tokens,
+        request.local_reason,
+    )  # fmt: skip
+
+
+@dataclass
+class Transcript:
+    """What the client got of one streamed answer, noted event by event."""
+
+    keep_ids: bool  # the client asked for token ids: they stay in its events
+    prompt_ids: list[int] | None = None
+    generated: list[int] = field(default_factory=list)
+    head: dict[str, Any] | None = None  # the first event: id, object, created, model
+    finished: bool = False  # a finish_reason went out: every token did
+    texts: bool = False  # note the text sent (a request with stop strings: proxy.flow.seam)
+    text: list[str] = field(default_factory=list)
+    split_out: bool = False  # a chat engine split out reasoning or tool calls
+    broken: ErrorEvent | None = None  # the engine's error event, held back from the client
+    silent: int = 0  # the last generated ids whose text has not come out (see `moved`)
+
+    def feed(self, events: bytes) -> bytes:
+        """Note `events` (whole SSE events); return them as the client should see them. An
+        error event after the first event is not passed on: what came before it is, and
+        `broken` says the stream failed (it may be continued)."""
+        error = ERROR_EVENT.search(events)
+        if error is not None and (self.head is not None or error.start() > 0):
+            self.broken = ErrorEvent(events[error.start() + 6 :].split(b"\n\n", 1)[0])
+            events = events[: error.start()]
+        if self.head is None and events.startswith(b"data: {"):
+            self.head = orjson.loads(events[6:].split(b"\n\n", 1)[0])
+        if _FINISHED.search(events) is not None:
+            self.finished = True
+        if _SPLIT_OUT.search(events) is not None:
+            self.split_out = True
+        if self.texts:
+            self._note_text(events)
+        if not self.keep_ids:
+            return _IDS.sub(self._take_and_hide, events)
+        for match in _IDS.finditer(events):
+            self._take(match)
+        return events
+
+    def _note_text(self, events: bytes) -> None:
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                for choice in orjson.loads(event[6:]).get("choices") or ():
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if piece:
+                        self.text.append(piece)
+
+    def _take(self, match: re.Match[bytes]) -> None:
+        ids = [int(t) for t in match[2].split(b",") if t.strip()]
+        if match[1]:
+            self.prompt_ids = ids
+            return
+        self.generated += ids
+        event = match.string[match.string.rfind(b"\n\n", 0, match.start()) + 1 : match.start()]
+        if b'"text":""' in event or b'"content":""' in event:
+            self.silent += len(ids)
+        elif ids:
+            self.silent = 0
+
+    @property
+    def moved(self) -> list[int]:
+        """The generated ids a continuation starts from: all but the last ones whose text has
+        not come out yet (a character cut between tokens). vLLM's detokenizer, given a prompt
+        that ends inside a character, answers its first chunk with the whole prompt's text
+        (seen on 0.32); the continuation generates those tokens again instead."""
+        return self.generated[: len(self.generated) - self.silent]
+
+    def _take_and_hide(self, match: re.Match[bytes]) -> bytes:
+        self._take(match)
+        return b'"prompt_token_ids":null' if match[1] else b'"token_ids":null'
+
+    def usage_event(self, extra: int = 0) -> bytes:
+        """The usage chunk of the whole answer (`extra`: completion tokens not noted here)."""
+        head = self.head or {}
+        prompt = len(self.prompt_ids or ())
+        completion = len(self.generated) + extra
+        body: dict[str, Any] = {
+            **{k: head.get(k) for k in ("id", "object", "created", "model")},
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "total_tokens": prompt + completion,
+                "completion_tokens": completion,
+            },
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> ClientRequest:
+    """The completions request that continues `request` after what `transcript` noted."""
+    moved = len(transcript.moved)
+    prompt = [*(transcript.prompt_ids or ()), *transcript.moved]
+    body: dict[str, Any] = {k: request.body[k] for k in _KEPT if k in request.body}
+    body.update(prompt=prompt, stream=True, return_token_ids=True)
+    if request.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    max_tokens = None if request.max_tokens is None else request.max_tokens - moved
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    min_tokens = request.body.get("min_tokens")
+    if isinstance(min_tokens, int) and min_tokens:
+        body["min_tokens"] = max(0, min_tokens - moved)
+    return ClientRequest(
+        path=COMPLETIONS,
+        body=body,
+        request_id=f"{request.request_id}-{tag}",
+        stream=True,
+        include_usage=request.include_usage,
+        prompt_chars=4 * len(prompt),
+        priority=request.priority,
+        max_tokens=max_tokens,
+    )
+
+
+async def held_text(
+    engine: EngineClient, decoder: Worker, request: ClientRequest, transcript: Transcript,
+    timeout: float,
+) -> str:  # fmt: skip
+    """The text of the generated ids that the client has not seen (held back by the failed
+    engine for its stop strings), from `decoder`'s /detokenize; "" when it cannot say."""
+    body: dict[str, Any] = {"tokens": transcript.moved}
+    if request.body.get("model"):
+        body["model"] = request.body["model"]
+    try:
+        raw = await engine.call(
+            decoder, "/detokenize", orjson.dumps(body), request.request_id, timeout, "detokenize"
+        )
+        full = orjson.loads(raw).get("prompt")
+    except (ProxyError, orjson.JSONDecodeError, AttributeError):
+        return ""
+    sent = "".join(transcript.text)
+    return full[len(sent) :] if isinstance(full, str) and full.startswith(sent) else ""

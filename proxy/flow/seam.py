@@ -1,0 +1,192 @@
+"""Where a migrated stream's continuation joins the client's stream (proxy.flow.migrate).
+
+`Seam` is the sink the continuation's legs write into: each continuation event is rewritten as
+the first engine would have written it (its `id`, `created` and object; a chat chunk for each
+completion chunk; `usage` of the whole answer) and goes on into the client's stream.
+
+Stop strings: an engine checks them only against text it generated itself, and holds back the
+end of its text that could begin one. At the seam the first engine's held-back text never
+reached the client (`held`: the generated ids' text past what was sent, from the new
+decoder's /detokenize), and a stop string that begins before the seam and ends after it is no
+engine's to see. So the seam sends `held` first, and until the continuation has given enough
+text to rule such a stop out, it holds the continuation's text back and looks for one across
+the seam; found, it ends the answer there as vLLM would (`finish_reason` "stop", the stop
+string as `stop_reason`, the text cut before it or after it with
+`include_stop_str_in_output`), counts the tokens up to the chunk that completed it, and closes
+the continuation (`SeamStopped`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.flow.migrate import ERROR_EVENT, Transcript
+from proxy.flow.sink import Sink
+from proxy.request import CHAT, ClientRequest
+
+DONE = b"data: [DONE]\n\n"
+
+
+class SeamStopped(Exception):
+    """The seam found a stop string across it and ended the client's answer: the
+    continuation is closed (its engine aborts it)."""
+
+
+class _Stop(Exception):
+    pass
+
+
+def stop_strings(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
+
+
+class Seam:
+    """The sink of a continuation: its events, rewritten, go on in the client's stream."""
+
+    def __init__(
+        self, out: Sink, request: ClientRequest, before: Transcript, held: str = ""
+    ) -> None:
+        self._out = out
+        self._chat = request.path == CHAT
+        self._keep_ids = before.keep_ids
+        self._head = before.head or {}
+        self._prompt = len(before.prompt_ids or ())
+        self._moved = len(before.moved)
+        self._usage = request.include_usage
+        self._stops = stop_strings(request.body)
+        self._include = bool(request.body.get("include_stop_str_in_output"))
+        reach = max(map(len, self._stops), default=1) - 1  # chars a stop reaches past the seam
+        self._reach = reach
+        self._tail = "".join(before.text)[-reach:] if reach else ""  # sent text before the seam
+        self._held = held
+        self._pending = held  # text for the client not sent yet
+        self._checking = bool(self._stops)
+        self._tokens = 0  # the continuation's tokens so far
+        self.started = False
+
+    async def whole(self, status: int, body: bytes) -> None:
+        raise AssertionError("a continuation is always streamed")
+
+    async def start_stream(self) -> None:
+        self.started = True  # the client's stream started long ago
+
+    async def chunk(self, data: bytes) -> None:
+        events, stopped = self._rewrite(data)
+        if stopped:
+            await self._out.end(events)
+            raise SeamStopped
+        if events:
+            await self._out.chunk(events)
+
+    async def end(self, data: bytes = b"") -> None:
+        events, stopped = self._rewrite(data)
+        await self._out.end(events)
+        if stopped:
+            raise SeamStopped
+
+    def _rewrite(self, data: bytes) -> tuple[bytes, bool]:
+        """The events for the client; True when a stop across the seam ended the answer (the
+        events then end with the usage, if asked for, and [DONE])."""
+        out = []
+        for event in data.split(b"\n\n"):
+            if not event.startswith(b"data: {") or ERROR_EVENT.match(event):
+                if event:
+                    out.append(event + b"\n\n")
+                continue
+            parsed = orjson.loads(event[6:])
+            try:
+                rewritten = self._event(parsed)
+            except _Stop:
+                out.append(b"data: " + orjson.dumps(parsed) + b"\n\n")
+                if self._usage:
+                    out.append(self._usage_event())
+                out.append(DONE)
+                return b"".join(out), True
+            if rewritten is not None:
+                out.append(b"data: " + orjson.dumps(rewritten) + b"\n\n")
+        return b"".join(out), False
+
+    def _usage_event(self) -> bytes:
+        head = self._head
+        body = {k: head.get(k) for k in ("id", "object", "created", "model")}
+        completion = self._moved + self._tokens
+        body["choices"] = []
+        body["usage"] = {
+            "prompt_tokens": self._prompt,
+            "total_tokens": self._prompt + completion,
+            "completion_tokens": completion,
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def _event(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """One continuation event as the first engine would have written it (a chat chunk per
+        completion chunk: vLLM sends one for every token, with empty content for a token whose
+        text is not whole yet); None while the seam holds its text back; _Stop (`event` then
+        rewritten as the answer's last chunk) when a stop string across the seam ends it."""
+        head = self._head
+        event.update(id=head.get("id"), object=head.get("object"), created=head.get("created"))
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            completion = self._moved + int(usage.get("completion_tokens") or 0)
+            usage.update(
+                prompt_tokens=self._prompt,
+                completion_tokens=completion,
+                total_tokens=self._prompt + completion,
+            )
+        choices = event.get("choices") or []
+        for choice in choices:
+            self._tokens += len(choice.get("token_ids") or ())
+        try:
+            if self._checking and choices and not self._across(choices[0]):
+                return None
+            if self._pending and choices:  # the held-back text goes first
+                choices[0]["text"] = self._pending + (choices[0].get("text") or "")
+                self._pending = ""
+        finally:
+            event["choices"] = [self._choice(c) for c in choices]
+        return event
+
+    def _across(self, choice: dict[str, Any]) -> bool:
+        """Take the continuation's text into the window across the seam; True once the window
+        is cleared (`choice` then carries all of it), False while it is held back; _Stop when
+        a stop string across the seam ends the answer (`choice` then says so)."""
+        self._pending += choice.get("text") or ""
+        window = self._tail + self._pending
+        seam = len(self._tail) + len(self._held)
+        found = [
+            (pos, stop)
+            for stop in self._stops
+            if 0 <= (pos := window.find(stop, max(0, seam - len(stop) + 1))) < seam
+        ]
+        if found:
+            pos, stop = min(found)
+            end = pos + len(stop) if self._include else pos
+            choice.update(finish_reason="stop", stop_reason=stop)
+            choice["text"] = window[len(self._tail) : end]
+            raise _Stop
+        past = len(self._pending) - len(self._held)
+        if past < self._reach and choice.get("finish_reason") is None:
+            return False
+        choice["text"], self._pending, self._checking = self._pending, "", False
+        return True
+
+    def _choice(self, choice: dict[str, Any]) -> dict[str, Any]:
+        ids = choice.get("token_ids") if self._keep_ids else None
+        if not self._chat:
+            choice.update(prompt_token_ids=None, token_ids=ids)
+            return choice
+        out: dict[str, Any] = {
+            "index": choice.get("index", 0),
+            "delta": {"content": choice.get("text") or ""},
+            "logprobs": None,
+            "finish_reason": choice.get("finish_reason"),
+        }
+        if out["finish_reason"] is not None:
+            out["stop_reason"] = choice.get("stop_reason")
+        out["token_ids"] = ids
+        return out

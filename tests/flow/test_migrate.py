@@ -1,0 +1,241 @@
+"""A stream whose decoder fails mid-answer continues on another decoder (proxy.flow.migrate):
+the client's answer equals the uninterrupted one, token for token, with one id, one created
+time and one request's usage. Simulated engines whose greedy model continues a sequence the
+same way whether its tokens came as prompt or as output, as a real model does.
+
+The module's decoders are its own (a test kills one and starts it again); the prefiller is the
+session's. A fault that strikes after k chunks is set on both decoders for one request each:
+the one the proxy picks breaks, the continuation runs on the other. (The breaker's threshold is
+high: every test breaks connections on purpose, and a decoder kept out would leave a broken
+stream nowhere to go.)"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.flow.migrate import Transcript
+from tests.conftest import MODEL, Proxy, Sim, sse_events, start_proxy, start_sim, wait_for
+from tests.flow.rig import unique
+
+Body = dict[str, Any]
+CONFIG = "--config"
+SPEED = ("--speed-factor", "0")  # untimed: one chunk per token, so a fault's k chunks = k tokens
+
+
+@pytest.fixture(scope="module")
+def decoders(logs: Path) -> Iterator[list[Sim]]:
+    started = [start_sim(logs, f"migrate-d{i}", *SPEED, role="decode") for i in range(2)]
+    yield started
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture(scope="module")
+def _proxy(logs: Path, sims: dict[str, Sim], decoders: list[Sim]) -> Iterator[Proxy]:
+    config = logs / "migrate.yaml"
+    config.write_text(
+        "health: {interval: 0.2, timeout: 1, failure_threshold: 100, cooldown: 1}\n"
+        "timeouts: {decode_idle: 2}\n"
+    )
+    proxy = start_proxy(logs, [sims["p0"]], decoders, CONFIG, str(config), name="migrate")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def proxy(_proxy: Proxy, sims: dict[str, Sim], decoders: list[Sim]) -> Proxy:
+    for sim in [sims["p0"], *decoders]:
+        sim.reset()
+    workers = lambda: _proxy.stats()["workers"]["decode"]  # noqa: E731
+    wait_for(lambda: all(w["available"] for w in workers()), timeout=10)
+    return _proxy
+
+
+def stream(proxy: Proxy, body: Body, path: str = "/v1/completions") -> list[Any]:
+    resp = httpx.post(proxy.url + path, json={**body, "stream": True}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return sse_events(resp.content)
+
+
+def text_of(events: list[Any]) -> str:
+    out = []
+    for event in events:
+        for choice in event["choices"] if isinstance(event, dict) else ():
+            out.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    return "".join(out)
+
+
+def whole(sim: Sim, body: Body, path: str = "/v1/completions") -> Body:
+    """The uninterrupted answer, from one engine alone."""
+    body = {k: v for k, v in body.items() if k != "stream_options"}
+    resp = httpx.post(sim.url + path, json={**body, "stream": False}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    data: Body = resp.json()
+    return data
+
+
+def check_one_stream(events: list[Any], expected: Body, chat: bool) -> None:
+    """One id, one created, one object; no error; the usage of one request; [DONE] once."""
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = events[:-1]
+    assert not any("error" in e for e in chunks), chunks
+    assert {e["id"] for e in chunks} == {chunks[0]["id"]}
+    assert {e["created"] for e in chunks} == {chunks[0]["created"]}
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    assert {e["object"] for e in chunks} == {obj}
+    assert all("token_ids" not in c or c["token_ids"] is None for e in chunks
+               for c in e["choices"])  # fmt: skip
+    finishes = [c["finish_reason"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+    assert finishes == [expected["choices"][0]["finish_reason"]]
+    assert chunks[-1]["usage"] == {
+        k: expected["usage"][k] for k in ("prompt_tokens", "total_tokens", "completion_tokens")
+    }
+
+
+def migrations(proxy: Proxy) -> float:
+    return proxy.metrics().total("pdproxy_migrations_total")
+
+
+def test_dropped_stream_continues_on_the_other_decoder(proxy: Proxy, decoders: list[Sim]) -> None:
+    body = {"model": MODEL, "prompt": unique("a long answer"), "max_tokens": 40,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    expected = whole(decoders[0], body)
+    before = migrations(proxy)
+    for sim in decoders:  # the first to serve drops; the continuation runs on the other
+        sim.faults(drop_after_chunks=5, count=1)
+    events = stream(proxy, body)
+    assert text_of(events) == expected["choices"][0]["text"]
+    check_one_stream(events, expected, chat=False)
+    # each decoder dropped once: the answer crossed two seams (a -> b -> a)
+    assert migrations(proxy) == before + 2
+    # the request's timeline shows both seams, the tokens moved adding up to what came before
+    recent = httpx.get(proxy.url + "/admin/requests?limit=1000", timeout=5).json()["data"]
+    (seams,) = [t["seams"] for t in recent if t["seams"]][-1:]
+    assert [s["reason"] for s in seams] == ["connection", "connection"]
+    assert [s["from"] for s in seams] == [seams[1]["to"], seams[0]["to"]]  # a -> b -> a
+    assert 0 < seams[0]["tokens_moved"] < 40 and all(s["gap_ms"] >= 0 for s in seams)
+
+
+def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": unique("talk to me")}],
+            "max_tokens": 30, "stream_options": {"include_usage": True}}  # fmt: skip
+    path = "/v1/chat/completions"
+    expected = whole(decoders[0], body, path)
+    decoders[0].faults(error_event_after_chunks=4, count=1)
+    decoders[1].faults(error_event_after_chunks=4, count=1)
+    events = stream(proxy, body, path)
+    assert text_of(events) == expected["choices"][0]["message"]["content"]
+    check_one_stream(events, expected, chat=True)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sum(1 for e in events[:-1] for c in e["choices"] if "role" in c["delta"]) == 1
+
+
+def test_a_whole_answer_broken_mid_way_is_asked_for_again(
+    proxy: Proxy, decoders: list[Sim]
+) -> None:
+    """Nothing of a non-streamed answer reached the client: the other decoder answers it
+    whole (decode_retries), the same greedy answer, one request's usage."""
+    body = {"model": MODEL, "prompt": unique("all at once"), "max_tokens": 25}
+    expected = whole(decoders[0], body)
+    for sim in decoders:  # the first to serve sends half its body and closes
+        sim.faults(truncate_body=True, count=1)
+    resp = httpx.post(proxy.url + "/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    assert got["choices"][0]["text"] == expected["choices"][0]["text"]
+    assert got["usage"] == expected["usage"]
+
+
+def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: list[Sim]) -> None:
+    """The decoder drops after 6 tokens; the stop string is the end of the 6th token's text
+    and the start of the 7th's: neither engine can see it, the proxy does."""
+    body: Body = {"model": MODEL, "prompt": unique("stop across"), "max_tokens": 30,
+                  "return_token_ids": True, "stream": True}  # fmt: skip
+    resp = httpx.post(decoders[0].url + "/v1/completions", json=body, timeout=30)
+    pieces = [c["text"] for e in sse_events(resp.content)[:-1] for c in e["choices"]]
+    assert len(pieces) == 30  # one chunk per token
+    stop = pieces[5][-2:] + pieces[6][:2]
+    assert stop not in "".join(pieces[:5]) + pieces[5][:-2]  # it first occurs across the seam
+    body = {"model": MODEL, "prompt": body["prompt"], "max_tokens": 30, "stop": [stop],
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    expected = whole(decoders[0], body)
+    assert expected["choices"][0]["finish_reason"] == "stop"
+    for sim in decoders:
+        sim.faults(drop_after_chunks=6, count=1)
+    events = stream(proxy, body)
+    assert text_of(events) == expected["choices"][0]["text"]
+    check_one_stream(events, expected, chat=False)
+    finish = [c for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
+    assert finish[0]["stop_reason"] == stop
+
+
+def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Sim]) -> None:
+    prompts = [unique("first of two"), unique("second of two")]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 30,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    expected = whole(decoders[0], body)
+    before = migrations(proxy)
+    for sim in decoders:
+        sim.faults(drop_after_chunks=3, count=1)
+    events = stream(proxy, body)
+    assert migrations(proxy) > before
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+    texts: dict[int, str] = {}
+    for event in events[:-1]:
+        for c in event["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in expected["choices"]}
+    assert events[-2]["usage"] == {k: expected["usage"][k] for k in events[-2]["usage"]}
+
+
+def test_a_guided_request_is_not_migrated(proxy: Proxy, decoders: list[Sim]) -> None:
+    body = {"model": MODEL, "prompt": unique("json please"), "max_tokens": 30,
+            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
+    for sim in decoders:
+        sim.faults(drop_after_chunks=3, count=1)
+    before = proxy.metrics().total("pdproxy_migrations_failed_total", why="structured_output")
+    events = stream(proxy, body)
+    assert "error" in events[-2] and events[-1] == "[DONE]"
+    after = proxy.metrics().total("pdproxy_migrations_failed_total", why="structured_output")
+    assert after == before + 1
+
+
+def test_killed_decoder_mid_stream(proxy: Proxy, decoders: list[Sim]) -> None:
+    """The decoder's process dies (SIGKILL) after 3 chunks; the answer is 5 tokens, so the
+    continuation (2 tokens) ends before the same fault could strike the survivor. Last in the
+    module: the dead decoder stays dead."""
+    body = {"model": MODEL, "prompt": unique("die now"), "max_tokens": 5, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    expected = whole(decoders[0], body)
+    for sim in decoders:
+        sim.faults(exit_after_chunks=3, count=1)
+    events = stream(proxy, body)
+    dead = [i for i, sim in enumerate(decoders) if sim.proc.poll() is not None]
+    assert len(dead) == 1 and decoders[dead[0]].proc.returncode == -signal.SIGKILL
+    assert text_of(events) == expected["choices"][0]["text"]
+    check_one_stream(events, expected, chat=False)
+
+
+def test_a_continuation_starts_after_the_last_token_whose_text_came_out() -> None:
+    """vLLM streams a token that ends inside a character with empty text; a continuation from
+    a prompt that ends there would get the whole prompt's text back (vLLM 0.32), so it starts
+    before such tokens and generates them again."""
+    head = b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":'
+    events = [
+        b'[{"index":0,"text":" a","prompt_token_ids":[1,2],"token_ids":[7]}]}\n\n',
+        b'[{"index":0,"text":"","prompt_token_ids":null,"token_ids":[8]}]}\n\n',
+        b'[{"index":0,"text":"","prompt_token_ids":null,"token_ids":[9]}]}\n\n',
+    ]
+    transcript = Transcript(keep_ids=False)
+    out = transcript.feed(b"".join(head + e for e in events))
+    assert b"[7]" not in out and out.count(b'"token_ids":null') == 3
+    assert transcript.prompt_ids == [1, 2] and transcript.generated == [7, 8, 9]
+    assert transcript.moved == [7]
+    transcript.feed(head + b'[{"index":0,"text":"\\u00e9","token_ids":[10]}]}\n\n')
+    assert transcript.moved == [7, 8, 9, 10]
