@@ -24,6 +24,7 @@ from proxy.control.admin.service import Admin
 from proxy.control.admin.state import StateError, StateFile
 from proxy.control.health import HealthChecker
 from proxy.control.kvhealth import KvHealth
+from proxy.control.membership.source import membership_source
 from proxy.control.pool import PoolController
 from proxy.control.registry import ROLES, EndRequests, WorkerRegistry
 from proxy.control.stall import StallWatch
@@ -182,6 +183,7 @@ class ControlPlane:
             admin.probe_words or connector_class(config.connector).probe_words,
             admin.probe_pull_wait,
             pool_kv=config.pool_mode == "adaptive",
+            candidate_partners=config.discovery.source != "static",
         )
         self.admin = make_admin(config, registry, prober, auth, end_requests, self.scraper, metrics)
         if self.admin.refusal is not None:
@@ -191,6 +193,8 @@ class ControlPlane:
         except ProxyError as exc:
             raise ConfigError(exc.message) from None
         registry.on_removed.append(self._forget)
+        # workers found outside the config (discovery:), joined and drained through the admin
+        self.membership = membership_source(config.discovery, self.admin, metrics)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -213,6 +217,8 @@ class ControlPlane:
         """Probe the configured workers if asked, then start the health checks and scrapes."""
         health = self.config.health
         await self.admin.start(health.probe_on_start, health.interval or 5.0)
+        if self.membership is not None:
+            await self.membership.start()
         if health.interval > 0:
             self._tasks.append(asyncio.create_task(self.health.run(health.interval)))
         if self.scraper is not None:
@@ -228,4 +234,6 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.membership is not None:
+            await self.membership.close()
         await self.admin.close()

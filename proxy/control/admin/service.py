@@ -182,9 +182,11 @@ class Admin:
                 "nothing was changed"
             ) from None
 
-    async def add(self, spec: AddWorker) -> Worker:
-        """Probe and add a worker; raise a ProxyError saying why not."""
-        if not self.allowed.allows(spec.url):
+    async def add(self, spec: AddWorker, pod: str | None = None) -> Worker:
+        """Probe and add a worker; raise a ProxyError saying why not. `pod`: the Kubernetes pod
+        a discovery source found it in; its host is the pod's address, which the API server
+        named, so the allow-list (for hosts a caller of the admin API names) is not asked."""
+        if pod is None and not self.allowed.allows(spec.url):
             raise Forbidden(
                 f"{spec.url}: its host is not in admin.allowed_worker_hosts "
                 f"({', '.join(self.allowed.entries)})",
@@ -200,7 +202,8 @@ class Admin:
             worker = self.registry.candidate(spec.role, spec.url, receiver, addresses=addresses)
         except RegistryError as exc:
             raise Conflict(str(exc), param="url", code="worker_known") from None
-        self._event("probing", worker)
+        worker.pod = pod
+        self._event("probing", worker, f"pod {pod}" if pod else "")
         try:
             if spec.force:
                 log.warning(
