@@ -41,6 +41,10 @@ TOPOLOGIES: dict[str, tuple[str, dict[str, Any]]] = {
         "connector lmcache",
         {"prefill": ENGINES[:1], "decode": ENGINES[1:], "connector": "lmcache"},
     ),
+    "kubernetes": (
+        "discovery.source kubernetes",
+        {"discovery": {"source": "kubernetes", "selectors": {"decode": "role=decode"}}},
+    ),
 }
 
 
