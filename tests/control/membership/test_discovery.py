@@ -4,6 +4,7 @@ engines behind the fake pods, load through the proxy while pods come and go."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,7 @@ def metric(proxy: Proxy, name: str, **labels: str) -> float:
     return parse_metrics(httpx.get(proxy.url + "/metrics", timeout=5).text).total(name, **labels)
 
 
+OUTAGE = 3.0  # seconds the API server is away (the retry waits are short: start() sets them)
 LABELS = {
     "prefill": {"app": "vllm", "role": "prefill"},
     "decode": {"app": "vllm", "role": "decode"},
@@ -127,6 +129,11 @@ def test_a_ready_pod_is_probed_then_serves_and_a_deleted_one_drains_under_load(
             records = d1.generation_records()
             assert str(records[0]["x_request_id"]).startswith("pdproxy-probe-")
             print(f"Ready to first client request on the new pod: {first:.2f}s (polled)")
+            logged = re.search(r"pod default/d1 serves .*, ([0-9.]+)s after", proxy.log_text())
+            assert logged is not None
+            print(f"Ready to joined, as the proxy logged it: {logged[1]}s")
+            # streams in flight on it when its pod goes
+            wait_for(lambda: workers(proxy)["default/d1"]["inflight"] > 0, 30)
             kubeconfig_path = tmp_path / f"kubeconfig-{api.port}.yaml"
             kubectl(kubeconfig_path, "delete", "pod", "d1", "--wait=false")
             wait_for(lambda: "default/d1" not in serving(proxy), 10)
@@ -192,7 +199,7 @@ def test_an_expired_watch_and_an_api_server_gone_and_back_keep_the_workers(
 
         api.stop()
         wait_for(lambda: metric(proxy, "pdproxy_discovery_watching", role="decode") == 0, 10)
-        time.sleep(2)
+        time.sleep(OUTAGE)
         assert complete(proxy, 4) == [200] * 4
         assert {pod: w["id"] for pod, w in workers(proxy).items()} == ids
         assert metric(proxy, restarts, role="decode", reason="error") >= 2
