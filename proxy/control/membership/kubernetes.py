@@ -16,7 +16,8 @@ the list's resourceVersion. For a pod:
 A watch that expires (410 Gone) lists again at once; known pods absent from the new list are
 drained, the others keep their workers. An API server that cannot be reached leaves the workers
 as they are (log line, `pdproxy_discovery_watching` 0) and is asked again after a doubling wait.
-A worker removed through the admin API stays out until its pod is replaced.
+A worker removed through the admin API stays out until its pod is replaced (or turns Ready again
+after it was not).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lightkube.resources.core_v1 import Pod
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
+from proxy.config import ConfigError
 from proxy.control.admin.probes import ProbeFailed
 from proxy.control.admin.service import AddWorker, Admin
 from proxy.control.membership.config import DiscoveryConfig
@@ -129,11 +131,16 @@ class KubernetesSource:
     # --- running ---
 
     async def start(self) -> None:
-        config = (
-            KubeConfig.from_file(self.config.kubeconfig)
-            if self.config.kubeconfig
-            else KubeConfig.from_env()
-        )
+        try:
+            config = (
+                KubeConfig.from_file(self.config.kubeconfig)
+                if self.config.kubeconfig
+                else KubeConfig.from_env()
+            )
+        except Exception as exc:  # lightkube's own error types, or the file's
+            where = self.config.kubeconfig or "the in-cluster service account or KUBECONFIG"
+            message = f"discovery: cannot load a Kubernetes config from {where}: {exc}"
+            raise ConfigError(message) from None
         self.client = AsyncClient(config, namespace=self.config.namespace)
         for role, selector in self.selectors.items():
             log.info(
@@ -167,6 +174,9 @@ class KubernetesSource:
                     continue
                 self._unreachable(role, f"{exc.status.code} {exc.status.message}", wait)
             except (httpx2.HTTPError, OSError) as exc:
+                self._unreachable(role, f"{type(exc).__name__}: {exc}", wait)
+            except Exception as exc:  # an answer it cannot read: the workers stay, it retries
+                log.exception("the %s pod watch failed", role)
                 self._unreachable(role, f"{type(exc).__name__}: {exc}", wait)
             else:
                 continue  # the stream ended cleanly: list again
@@ -232,6 +242,9 @@ class KubernetesSource:
         elif seen.serves and not tracked.view.serves:
             tracked.ready_at = time.monotonic()
         tracked.view = seen
+        moved = tracked.worker is not None and tracked.worker.url != seen.url
+        if moved and seen.serves:  # its port annotation changed: the old address goes
+            self._leave(tracked, f"moved to {seen.url}")
         if deleted or not seen.serves:
             self._leave(tracked, "deleted" if deleted else seen.state)
             if deleted:

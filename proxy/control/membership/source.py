@@ -6,6 +6,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from proxy.config import ConfigError
 from proxy.control.admin.service import Admin
 from proxy.control.membership.config import DiscoveryConfig
 
@@ -23,7 +24,12 @@ def membership_source(
 ) -> MembershipSource | None:
     """The source `config` names; None for `static` (nothing to watch)."""
     if config.source == "kubernetes":
-        from proxy.control.membership.kubernetes import KubernetesSource
-
+        try:  # an optional dependency: only this source needs it
+            from proxy.control.membership.kubernetes import KubernetesSource
+        except ImportError as exc:
+            raise ConfigError(
+                f"discovery.source kubernetes needs the 'kubernetes' extra (pip install "
+                f"'pdproxy[kubernetes]'): {exc}"
+            ) from None
         return KubernetesSource(config, admin, metrics)
     return None

@@ -208,5 +208,15 @@ def test_an_expired_watch_and_an_api_server_gone_and_back_keep_the_workers(
         wait_for(lambda: "default/d1" in serving(proxy), 30)
         assert metric(proxy, "pdproxy_discovery_watching", role="decode") == 1
         assert {pod: w["id"] for pod, w in workers(proxy).items() if pod in ids} == ids
+
+        # an annotation patched by kubectl: a port that is not one takes the pod out, a good
+        # one brings it back (a new worker, probed again)
+        config = tmp_path / f"kubeconfig-{api.port}.yaml"
+        kubectl(config, "annotate", "pod", "d1", "pdproxy.io/port=eighty")
+        wait_for(lambda: "default/d1" not in serving(proxy), 10)
+        d1_port = str(port(engines["d1"]))
+        kubectl(config, "annotate", "--overwrite", "pod", "d1", f"pdproxy.io/port={d1_port}")
+        wait_for(lambda: "default/d1" in serving(proxy), 30)
+        assert workers(proxy)["default/d1"]["last_probe"]["passed"]
     finally:
         proxy.stop()
