@@ -3,7 +3,6 @@ schemas that kubernetes-validate bundles (offline), then read for what pdproxy r
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,12 @@ import yaml
 
 from proxy.config import ProxyConfig
 from proxy.control.membership.selectors import parse_selector
+from tests.control.membership.kube import needs_kubectl
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 VERSION = "1.32.0"  # the oldest Kubernetes the manifests are checked against
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")
+pytestmark = needs_kubectl
 
 
 def render(path: Path) -> list[dict[str, Any]]:

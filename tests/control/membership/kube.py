@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.control.membership.fakeapi import FakeApi
+
+# kubectl runs the checks (CI installs it and sets PDPROXY_REQUIRE_KUBECTL: never skipped there)
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None and not os.environ.get("PDPROXY_REQUIRE_KUBECTL"),
+    reason="needs kubectl (Debian: kubernetes-client)",
+)
 
 
 def kubeconfig(tmp: Path, api: FakeApi) -> Path:

@@ -16,8 +16,10 @@ import pytest
 from tests.conftest import Proxy, Sim, parse_metrics, start_sim, wait_for
 from tests.control.admin.helpers import Load
 from tests.control.membership.fakeapi import FakeApi
-from tests.control.membership.kube import kubeconfig, kubectl
+from tests.control.membership.kube import kubeconfig, kubectl, needs_kubectl
 from tests.flow.rig import start_proxy_config
+
+pytestmark = needs_kubectl
 
 
 def port(sim: Sim) -> int:
@@ -208,6 +210,12 @@ def test_an_expired_watch_and_an_api_server_gone_and_back_keep_the_workers(
         wait_for(lambda: "default/d1" in serving(proxy), 30)
         assert metric(proxy, "pdproxy_discovery_watching", role="decode") == 1
         assert {pod: w["id"] for pod, w in workers(proxy).items() if pod in ids} == ids
+
+        # Ready no longer: drained; Ready again: probed again, a new worker
+        api.ready("d1", False)
+        wait_for(lambda: "default/d1" not in workers(proxy), 30)
+        api.ready("d1", True)
+        wait_for(lambda: "default/d1" in serving(proxy), 30)
 
         # an annotation patched by kubectl: a port that is not one takes the pod out, a good
         # one brings it back (a new worker, probed again)

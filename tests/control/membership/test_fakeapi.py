@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.control.membership.fakeapi import FakeApi
-from tests.control.membership.kube import kubeconfig, kubectl, kubectl_json
+from tests.control.membership.kube import kubeconfig, kubectl, kubectl_json, needs_kubectl
+
+pytestmark = needs_kubectl
 
 
 @pytest.fixture
