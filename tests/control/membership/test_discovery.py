@@ -143,6 +143,7 @@ def test_a_ready_pod_is_probed_then_serves_and_a_deleted_one_drains_under_load(
             served = load.count()
             wait_for(lambda: load.count() >= served + 3, 30)
         tally = load.tally()
+        print(f"scale-down under streaming load: {tally}")
         assert tally["lost"] == 0 and tally["clear_error"] == 0, (tally, load.lost())
         assert tally["succeeded"] >= 6
         assert metric(proxy, "pdproxy_discovery_drained_total", role="decode") == 1
