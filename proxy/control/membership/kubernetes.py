@@ -87,7 +87,7 @@ class KubernetesSource:
             ("pool", sel.pool),
         )
         self.selectors = {role: lightkube_selector(text) for role, text in chosen if text}
-        self.pods: dict[str, Tracked] = {}
+        self.pods: dict[str, Tracked] = {}  # by role/uid
         self.client: AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connected: dict[Role, bool] = {}
@@ -224,10 +224,10 @@ class KubernetesSource:
         listed = set()
         for pod in pods:
             listed.add(self._seen(role, pod))
-        for uid, tracked in list(self.pods.items()):
-            if tracked.view.role == role and uid not in listed:
+        for key, tracked in list(self.pods.items()):
+            if tracked.view.role == role and key not in listed:
                 self._leave(tracked, "gone from the list")
-                del self.pods[uid]
+                del self.pods[key]
         self._count()
 
     def _seen(self, role: Role, pod: PodModel, deleted: bool = False) -> str:
@@ -236,9 +236,10 @@ class KubernetesSource:
             pod, role, c.port_name, c.port_annotation, c.side_channel_annotation,
             c.lmcache_annotation,
         )  # fmt: skip
-        tracked = self.pods.get(seen.uid)
+        key = f"{role}/{seen.uid}"  # a pod two selectors name is two candidates
+        tracked = self.pods.get(key)
         if tracked is None:
-            tracked = self.pods[seen.uid] = Tracked(seen)
+            tracked = self.pods[key] = Tracked(seen)
         elif seen.serves and not tracked.view.serves:
             tracked.ready_at = time.monotonic()
         tracked.view = seen
@@ -248,12 +249,12 @@ class KubernetesSource:
         if deleted or not seen.serves:
             self._leave(tracked, "deleted" if deleted else seen.state)
             if deleted:
-                del self.pods[seen.uid]
+                del self.pods[key]
         elif tracked.worker is None and tracked.joining is None:
             tracked.ready_at = time.monotonic()
             tracked.joining = asyncio.create_task(self._join(tracked))
         self._count()
-        return seen.uid
+        return key
 
     def _leave(self, tracked: Tracked, why: str) -> None:
         if tracked.joining is not None:
