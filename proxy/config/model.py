@@ -188,7 +188,19 @@ class ProxyConfig(_Model):
                 f"discovery.selectors.pool: pool engines need connector "
                 f"{' or '.join(pool_connectors())}"
             )
+        if self.discovery.leader is not None and self.connector == "lmcache":
+            raise ValueError(
+                "connector lmcache cannot run as several replicas (discovery.leader): an LMCache "
+                "prefiller sends its 'transfer done' notification to the one pd_proxy_host:port "
+                "it was started with, so a request placed by any other replica would wait for a "
+                "notification that never comes; run one replica, or use connector nixl"
+            )
         return self
+
+    @property
+    def has_pool(self) -> bool:
+        """Pool engines configured, or discovered by label (a pool placement either way)."""
+        return bool(self.pool) or bool(self.discovery.selectors.pool)
 
     # --- the decoders' receivers (connector lmcache) ---
     @model_validator(mode="after")

@@ -89,7 +89,7 @@ def watches(
     routing = config.routing
     wanted = (
         bool({config.prefill_policy, config.decode_policy} & LOAD_POLICIES)
-        or bool(config.pool)
+        or config.has_pool
         or config.conditional_disagg.enabled
     )
     found = []
@@ -194,7 +194,7 @@ class ControlPlane:
             raise ConfigError(exc.message) from None
         registry.on_removed.append(self._forget)
         # workers found outside the config (discovery:), joined and drained through the admin
-        self.membership = membership_source(config.discovery, self.admin, metrics)
+        self.membership = membership_source(config.discovery, self.admin, metrics, pool)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property

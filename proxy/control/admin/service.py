@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
@@ -102,6 +102,9 @@ class Admin:
         self.event_seq = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[str, Worker] = {}  # configured workers that failed the start-up probe
+        # drains asked for through the admin API (DELETE /admin/workers), heard by the shared
+        # decisions of several replicas (proxy.control.membership.shared)
+        self.drain_hooks: list[Callable[[Worker], None]] = []
         self.probes = Counter(
             "pdproxy_worker_probes",
             "admission probes by role and result (passed, or the probe that failed); probe "

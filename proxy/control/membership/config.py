@@ -32,6 +32,44 @@ class Selectors(_Model):
         return value
 
 
+class LeaderConfig(_Model):
+    """Several proxy replicas that decide as one (proxy.control.membership.leader, .shared)."""
+
+    lease_name: str = Field(
+        "pdproxy-leader", description="the coordination.k8s.io Lease the replicas contend for"
+    )
+    lease_duration: float = Field(
+        15.0,
+        gt=0,
+        description="seconds a holder that stopped renewing keeps the Lease; another replica "
+        "takes it over after this",
+    )
+    renew_interval: float = Field(
+        5.0,
+        gt=0,
+        description="seconds between the holder's renewals, and between every replica's reads "
+        "of the shared decisions",
+    )
+    identity: str | None = Field(
+        None,
+        description="this replica's holderIdentity; default: the POD_NAME environment variable "
+        "(the downward API), else the host name",
+    )
+    configmap: str = Field(
+        "pdproxy-decisions",
+        description="the ConfigMap the leader publishes the pool's leans, pins and drains in",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LeaderConfig:
+        if self.renew_interval >= self.lease_duration:
+            raise ValueError(
+                "leader.renew_interval must be shorter than leader.lease_duration (the holder "
+                "renews several times before another may take the Lease)"
+            )
+        return self
+
+
 class DiscoveryConfig(_Model):
     source: Literal["static", "kubernetes"] = Field(
         "static",
@@ -75,6 +113,11 @@ class DiscoveryConfig(_Model):
     watch_timeout: int = Field(
         300, ge=1, description="seconds the API server holds one watch open before it is renewed"
     )
+    leader: LeaderConfig | None = Field(
+        None,
+        description="several replicas: one holds a Lease and decides the pool's leans, pins "
+        "and drains for all (README: On Kubernetes); unset: this proxy decides alone",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DiscoveryConfig:
@@ -84,6 +127,8 @@ class DiscoveryConfig(_Model):
                 "source kubernetes needs at least one of selectors.prefill, selectors.decode, "
                 "selectors.pool"
             )
+        if self.leader is not None and self.source != "kubernetes":
+            raise ValueError("discovery.leader needs source kubernetes (the Lease lives there)")
         if self.probe_retry_max < self.probe_retry or self.api_retry_max < self.api_retry:
             raise ValueError("a retry's maximum must not be shorter than its first wait")
         return self

@@ -41,8 +41,11 @@ from proxy.config import ConfigError
 from proxy.control.admin.probes import ProbeFailed
 from proxy.control.admin.service import AddWorker, Admin
 from proxy.control.membership.config import DiscoveryConfig
+from proxy.control.membership.leader import LeaderElector, identity
 from proxy.control.membership.pods import PodView, view
 from proxy.control.membership.selectors import parse_selector
+from proxy.control.membership.shared import SharedDecisions
+from proxy.control.pool import PoolController
 from proxy.control.workers import Lifecycle, Role, Worker
 from proxy.errors import ProxyError
 
@@ -76,10 +79,20 @@ def lightkube_selector(text: str) -> dict[str, Any]:
 
 class KubernetesSource:
     def __init__(
-        self, config: DiscoveryConfig, admin: Admin, metrics: CollectorRegistry | None = None
+        self,
+        config: DiscoveryConfig,
+        admin: Admin,
+        metrics: CollectorRegistry | None = None,
+        pool: PoolController | None = None,
     ) -> None:
         self.config = config
         self.admin = admin
+        # several replicas: the Lease, and the decisions its holder makes for all
+        self.elector: LeaderElector | None = None
+        self.shared: SharedDecisions | None = None
+        if config.leader is not None:
+            self.elector = LeaderElector(config.leader, identity(config.leader), metrics)
+            self.shared = SharedDecisions(config.leader, self.elector, admin, pool)
         sel = config.selectors
         chosen: tuple[tuple[Role, str | None], ...] = (
             ("prefill", sel.prefill),
@@ -150,6 +163,12 @@ class KubernetesSource:
                 getattr(self.config.selectors, role),
             )
             self._tasks.append(asyncio.create_task(self._run(role, selector)))
+        if self.elector is not None and self.shared is not None:
+            self.elector.client = self.shared.client = self.client
+            log.info("contending for Lease %s as %s", self.elector.config.lease_name,
+                     self.elector.identity)  # fmt: skip
+            self._tasks.append(asyncio.create_task(self.elector.run()))
+            self._tasks.append(asyncio.create_task(self.shared.run()))
 
     async def close(self) -> None:
         tasks = [*self._tasks, *(t.joining for t in self.pods.values() if t.joining)]
@@ -157,6 +176,10 @@ class KubernetesSource:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.shared is not None:
+            await self.shared.close()
+        if self.elector is not None:
+            await self.elector.release()
         if self.client is not None:
             await self.client.close()
 

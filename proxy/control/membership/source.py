@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from proxy.config import ConfigError
 from proxy.control.admin.service import Admin
 from proxy.control.membership.config import DiscoveryConfig
+from proxy.control.pool import PoolController
 
 
 class MembershipSource(Protocol):
@@ -20,7 +21,10 @@ class MembershipSource(Protocol):
 
 
 def membership_source(
-    config: DiscoveryConfig, admin: Admin, metrics: CollectorRegistry | None
+    config: DiscoveryConfig,
+    admin: Admin,
+    metrics: CollectorRegistry | None,
+    pool: PoolController | None = None,
 ) -> MembershipSource | None:
     """The source `config` names; None for `static` (nothing to watch)."""
     if config.source == "kubernetes":
@@ -31,5 +35,5 @@ def membership_source(
                 f"discovery.source kubernetes needs the 'kubernetes' extra (pip install "
                 f"'pdproxy[kubernetes]'): {exc}"
             ) from None
-        return KubernetesSource(config, admin, metrics)
+        return KubernetesSource(config, admin, metrics, pool)
     return None

@@ -6,7 +6,8 @@ the collection's resourceVersion; watch from a resourceVersion (events after it,
 ones; `timeoutSeconds`; BOOKMARK events when `allowWatchBookmarks`), with an ERROR event of
 status 410 Gone when that version is older than the history kept (`compact`); get, merge or
 strategic-merge PATCH of labels and annotations, DELETE (deletionTimestamp first, the DELETED
-event after `grace` seconds). Tests change pods with `put`, `ready`, `compact`; `stop` and
+event after `grace` seconds); Leases and ConfigMaps with optimistic concurrency
+(tests.control.membership.fakeobjects). Tests change pods with `put`, `ready`, `compact`; `stop` and
 `start` take the server away and bring it back on the same port.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from pdsim.launch import free_port
+from tests.control.membership.fakeobjects import COORDINATION, Objects, error, resource
 
 Obj = dict[str, Any]
 
@@ -60,7 +62,7 @@ def status(code: int, reason: str, message: str) -> Obj:
 FIXED: dict[str, Obj] = {
     "/version": {"major": "1", "minor": "32", "gitVersion": "v1.32.0"},
     "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
-    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [COORDINATION]},
 }
 
 
@@ -83,6 +85,7 @@ class FakeApi:
         self.oldest = 100  # a watch from before this version gets 410 Gone
         self.watches: set[asyncio.Queue[tuple[str, Obj] | None]] = set()
         self.requests: list[str] = []
+        self.objects = Objects(status, self._next_version)  # Leases and ConfigMaps
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -116,6 +119,7 @@ class FakeApi:
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get)
         app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", self._patch)
         app.router.add_delete("/api/v1/namespaces/{ns}/pods/{name}", self._delete)
+        self.objects.routes(app)
         app.middlewares.append(self._log)
         self.runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self.runner.setup()
@@ -133,6 +137,10 @@ class FakeApi:
         self.requests.append(f"{request.method} {request.path_qs}")
         result: web.StreamResponse = await handler(request)
         return result
+
+    def _next_version(self) -> int:
+        self.rv += 1
+        return self.rv
 
     # --- what tests do ---
 
@@ -217,7 +225,11 @@ class FakeApi:
             "shortNames": ["po"],
         }
         return web.json_response(
-            {"kind": "APIResourceList", "groupVersion": "v1", "resources": [pods]}
+            {
+                "kind": "APIResourceList",
+                "groupVersion": "v1",
+                "resources": [pods, resource("configmaps", "ConfigMap")],
+            }
         )
 
     def _selected(self, request: web.Request, pod: Obj) -> bool:
@@ -285,7 +297,7 @@ class FakeApi:
 
     def _missing(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        return web.json_response(status(404, "NotFound", f'pods "{name}" not found'), status=404)
+        return error(status(404, "NotFound", f'pods "{name}" not found'))
 
     async def _get(self, request: web.Request) -> web.Response:
         pod = self._find(request)

@@ -4,6 +4,7 @@ lightkube and the API documentation describe it (resourceVersion, bookmarks, 410
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,54 @@ def test_watch_from_a_version_bookmarks_and_410_for_an_expired_one(api: FakeApi)
     wait_for(lambda: api.oldest > int(version))
     (gone,) = events(api, resourceVersion=version)
     assert gone["type"] == "ERROR" and gone["object"]["code"] == 410
+
+
+LEASE = {
+    "apiVersion": "coordination.k8s.io/v1",
+    "kind": "Lease",
+    "metadata": {"name": "pdproxy-leader"},
+    "spec": {"holderIdentity": "proxy-a", "leaseDurationSeconds": 2},
+}
+
+
+def test_kubectl_creates_reads_and_replaces_a_lease_with_conflicts(
+    tmp_path: Path, api: FakeApi
+) -> None:
+    config = kubeconfig(tmp_path, api)
+    path = tmp_path / "lease.json"
+    path.write_text(json.dumps(LEASE))
+    # --validate=false: the fake serves no OpenAPI schema for kubectl to check the file against
+    kubectl(config, "create", "--validate=false", "-f", str(path))
+    got = kubectl_json(config, "get", "lease", "pdproxy-leader")
+    assert got["spec"]["holderIdentity"] == "proxy-a"
+    listed = kubectl_json(config, "get", "leases")
+    assert [i["metadata"]["name"] for i in listed["items"]] == ["pdproxy-leader"]
+
+    # a replace at the version read is taken; one at an older version is refused with 409
+    stale = dict(got, spec={**got["spec"], "holderIdentity": "proxy-c"})
+    got["spec"]["holderIdentity"] = "proxy-b"
+    path.write_text(json.dumps(got))
+    kubectl(config, "replace", "--validate=false", "-f", str(path))
+    assert kubectl_json(config, "get", "lease", "pdproxy-leader")["spec"]["holderIdentity"] == (
+        "proxy-b"
+    )
+    path.write_text(json.dumps(stale))
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(config), "replace", "--validate=false", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0 and "the object has been modified" in done.stderr
+    assert api.objects.conflicts == 1
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(config), "create", "--validate=false", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0 and "already exists" in done.stderr
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "decisions"}}
+    path.write_text(json.dumps({**cm, "data": {"leans": "{}"}}))
+    kubectl(config, "create", "--validate=false", "-f", str(path))
+    assert kubectl_json(config, "get", "configmap", "decisions")["data"] == {"leans": "{}"}
