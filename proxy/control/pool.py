@@ -91,6 +91,8 @@ class PoolController:
             pool.refresh()
             routed += pool.workers
         self.controller.load.streams(now, sum(w.decode_streams for w in routed))
+        for worker in self.pooled:  # engines that joined since (discovered) lean to decode
+            worker.lean = worker.lean or "decode"
         if self.manual or self.follows():
             return []
         dedicated = [w for w in routed if w.role != "pool" and w.available]
@@ -104,8 +106,6 @@ class PoolController:
             sum(1 for w in dedicated if w.role == "prefill"),
             sum(1 for w in dedicated if w.role == "decode"),
         )
-        for worker in self.pooled:
-            worker.lean = worker.lean or "decode"
         by_id = {w.id: w for w in self.pooled}
         for change in changes:
             self._lean(by_id[change.id], change.lean, change.why)

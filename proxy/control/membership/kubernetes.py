@@ -155,6 +155,8 @@ class KubernetesSource:
             message = f"discovery: cannot load a Kubernetes config from {where}: {exc}"
             raise ConfigError(message) from None
         self.client = AsyncClient(config, namespace=self.config.namespace)
+        # its HTTP library logs every request at INFO: the renewals and reads would flood the log
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         for role, selector in self.selectors.items():
             log.info(
                 "discovering %s workers: pods in namespace %s with labels %s",

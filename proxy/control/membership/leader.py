@@ -152,7 +152,11 @@ class LeaderElector:
         self._set(self.identity, leading=True)
 
     def _failed(self, exc: BaseException) -> None:
-        what = f"{exc.status.code} {exc.status.message}" if isinstance(exc, ApiError) else exc
+        what = (
+            f"{exc.status.code} {exc.status.message}"
+            if isinstance(exc, ApiError)
+            else f"{type(exc).__name__}: {exc}"
+        )
         if self.leading and self.clock() - self._renewed > self.config.lease_duration:
             log.warning("leader: cannot renew the Lease for %gs (%s): stepping down",
                         self.config.lease_duration, what)  # fmt: skip
@@ -186,4 +190,5 @@ class LeaderElector:
                 lease.spec.holderIdentity = None
                 await self.client.replace(lease)
         except (ApiError, httpx2.HTTPError, OSError) as exc:
-            log.warning("leader: could not release the Lease (%s); it expires on its own", exc)
+            log.warning("leader: could not release the Lease (%s: %s); it expires on its own",
+                        type(exc).__name__, exc)  # fmt: skip

@@ -76,8 +76,8 @@ class SharedDecisions:
             try:
                 await self.sync()
             except ERRORS as exc:
-                log.warning("shared decisions: cannot read ConfigMap %s (%s); the last ones hold",
-                            self.config.configmap, exc)  # fmt: skip
+                log.warning("shared decisions: cannot read ConfigMap %s (%s: %s); the last ones "
+                            "hold", self.config.configmap, type(exc).__name__, exc)  # fmt: skip
             await asyncio.sleep(self.config.renew_interval)
 
     async def sync(self) -> None:
@@ -169,7 +169,8 @@ class SharedDecisions:
                         if await self._try(change):
                             return
                     except ERRORS as exc:
-                        log.warning("shared decisions: cannot publish %s (%s)", what, exc)
+                        log.warning("shared decisions: cannot publish %s (%s: %s)", what,
+                                    type(exc).__name__, exc)  # fmt: skip
                         return
                 log.warning("shared decisions: %s lost ten conflicts in a row", what)
         finally:
