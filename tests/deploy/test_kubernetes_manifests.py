@@ -48,15 +48,36 @@ def test_a_manifest_with_a_wrong_field_is_refused() -> None:
         kubernetes_validate.validate(deployment, VERSION, strict=True)
 
 
-def test_the_proxy_reads_only_pods_and_serves_one_replica() -> None:
+def test_two_replicas_read_pods_and_write_only_their_lease_and_decisions() -> None:
     docs = render(DEPLOY / "base")
     (role,) = by_kind(docs, "Role")
+    (configmap,) = by_kind(docs, "ConfigMap")
+    config = ProxyConfig.model_validate(yaml.safe_load(configmap["data"]["config.yaml"]))
+    leader = config.discovery.leader
+    assert leader is not None
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [leader.lease_name],
+            "verbs": ["get", "update"],
+        },
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [leader.configmap],
+            "verbs": ["get", "update"],
+        },
     ]
     (deployment,) = by_kind(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["replicas"] == 2
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (env,) = container["env"]
+    assert env["name"] == "POD_NAME"  # the identity in the Lease
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     ready, alive = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
     assert ready["path"] == "/health" and alive["path"] != ready["path"]
     (pdb,) = by_kind(docs, "PodDisruptionBudget")
