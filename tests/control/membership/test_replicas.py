@@ -201,6 +201,16 @@ def own_changes(proxy: Proxy) -> list[dict[str, Any]]:
     return [c for c in changes if not c["why"].startswith("published by")]
 
 
+def drain_one(proxy: Proxy) -> str:
+    """DELETE /admin/workers/{id} of one pool engine on this replica: its URL."""
+    listed = httpx.get(proxy.url + "/admin/workers", timeout=5).json()["data"]
+    worker = next(w for w in listed if w["role"] == "pool" and w["state"] == "active")
+    resp = httpx.delete(f"{proxy.url}/admin/workers/{worker['id']}?force=true", timeout=5)
+    assert resp.status_code == 202, resp.text
+    url: str = worker["url"]
+    return url
+
+
 def kill(proxy: Proxy) -> tuple[float, float]:
     """SIGKILL: when it was sent, and when the process was gone."""
     sent = time.monotonic()
@@ -241,6 +251,11 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
             time.sleep(1.5)
             follower = next(p for p in rest if p is not second)
             followed = own_changes(follower)
+            # a drain asked of the follower is written to the shared state: the leader drains it
+            victim = drain_one(follower)
+            asked = time.monotonic()
+            wait_for(lambda: all(victim not in leans(p) for p in rest), 10)
+            drained = time.monotonic() - asked
             gone, gone_dead = kill(follower)
             sampler.live.remove(follower)
             time.sleep(1.5)
@@ -257,6 +272,7 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
               f"{longest:.2f}s")  # fmt: skip
         print(f"leans before the failover {sorted(before.values())}, right after "
               f"{sorted(after.values())}, at the end {sorted(leans(second).values())}")  # fmt: skip
+        print(f"a drain asked of a follower: drained on every replica within {drained:.2f}s")
         assert after == before  # the takeover itself moves nothing
         metrics = second.metrics()
         name = f"r{replicas.index(second)}"
