@@ -77,6 +77,19 @@ def lightkube_selector(text: str) -> dict[str, Any]:
     return out
 
 
+def replicas(
+    config: DiscoveryConfig,
+    admin: Admin,
+    metrics: CollectorRegistry | None,
+    pool: PoolController | None,
+) -> tuple[LeaderElector | None, SharedDecisions | None]:
+    """With discovery.leader: the Lease's elector and the shared decisions; else neither."""
+    if config.leader is None:
+        return None, None
+    elector = LeaderElector(config.leader, identity(config.leader), metrics)
+    return elector, SharedDecisions(config.leader, elector, admin, pool)
+
+
 class KubernetesSource:
     def __init__(
         self,
@@ -88,11 +101,7 @@ class KubernetesSource:
         self.config = config
         self.admin = admin
         # several replicas: the Lease, and the decisions its holder makes for all
-        self.elector: LeaderElector | None = None
-        self.shared: SharedDecisions | None = None
-        if config.leader is not None:
-            self.elector = LeaderElector(config.leader, identity(config.leader), metrics)
-            self.shared = SharedDecisions(config.leader, self.elector, admin, pool)
+        self.elector, self.shared = replicas(config, admin, metrics, pool)
         sel = config.selectors
         chosen: tuple[tuple[Role, str | None], ...] = (
             ("prefill", sel.prefill),
@@ -286,6 +295,8 @@ class KubernetesSource:
             tracked.joining.cancel()  # the admin service discards the candidate
             tracked.joining = None
         worker, tracked.worker = tracked.worker, None
+        if worker is not None and self.shared is not None:  # a drain asked of it ends as it goes
+            self.shared.forget_drain(tracked.view.name)
         if worker is None or worker.state is not Lifecycle.ACTIVE:
             return
         log.info("pod %s is %s: draining %s worker %s", tracked.view.name, why, worker.role,

@@ -2,7 +2,8 @@
 
     leans       {engine URL: "prefill" | "decode"}: the adaptive pool's leans
     controller  "auto" (the leader's controller decides) or "manual" (an operator's pins hold)
-    drains      [{"url", "pod"}]: workers drained through any replica's admin API
+    drains      [{"url", "pod"}]: workers drained through any replica's admin API (the leader
+                drops a pod's entries once the pod leaves: Ready again, it serves again)
     by          the replica that wrote last
 
 One ConfigMap rather than annotations on the engine pods: the leans, the controller's mode and
@@ -154,6 +155,22 @@ class SharedDecisions:
 
         self._spawn(change, f"the drain of {worker.id}")
 
+    def forget_drain(self, pod: str) -> None:
+        """The pod left (deleted, not Ready): the leader drops the drains asked of its worker,
+        so that the pod, Ready again, serves again (as with one replica)."""
+        if not self.elector.leading:
+            return
+
+        def change(data: Data) -> bool:
+            drains = json.loads(data.get("drains") or "[]")
+            kept = [d for d in drains if d.get("pod") != pod]
+            if kept == drains:
+                return False
+            data["drains"] = json.dumps(kept)
+            return True
+
+        self._spawn(change, f"the end of the drains of pod {pod}")
+
     def _spawn(self, change: Callable[[Data], bool], what: str) -> None:
         self._pending += 1
         task = asyncio.create_task(self._write(change, what))
@@ -188,7 +205,7 @@ class SharedDecisions:
             found = None
         data = dict(found.data or {}) if found is not None else {}
         if not change(data):
-            if found is not None:
+            if found is not None and self._pending == 1:  # no other change of ours waits
                 self._apply(data)
             return True
         data["by"] = self.elector.identity

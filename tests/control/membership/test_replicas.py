@@ -201,14 +201,13 @@ def own_changes(proxy: Proxy) -> list[dict[str, Any]]:
     return [c for c in changes if not c["why"].startswith("published by")]
 
 
-def drain_one(proxy: Proxy) -> str:
-    """DELETE /admin/workers/{id} of one pool engine on this replica: its URL."""
+def drain_one(proxy: Proxy) -> tuple[str, str]:
+    """DELETE /admin/workers/{id} of one pool engine on this replica: its URL and pod."""
     listed = httpx.get(proxy.url + "/admin/workers", timeout=5).json()["data"]
     worker = next(w for w in listed if w["role"] == "pool" and w["state"] == "active")
     resp = httpx.delete(f"{proxy.url}/admin/workers/{worker['id']}?force=true", timeout=5)
     assert resp.status_code == 202, resp.text
-    url: str = worker["url"]
-    return url
+    return worker["url"], worker["pod"].split("/")[1]
 
 
 def kill(proxy: Proxy) -> tuple[float, float]:
@@ -252,10 +251,15 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
             follower = next(p for p in rest if p is not second)
             followed = own_changes(follower)
             # a drain asked of the follower is written to the shared state: the leader drains it
-            victim = drain_one(follower)
+            victim, pod = drain_one(follower)
             asked = time.monotonic()
             wait_for(lambda: all(victim not in leans(p) for p in rest), 10)
             drained = time.monotonic() - asked
+            # its pod not Ready, then Ready again: the drain is over, it serves on every replica
+            api.ready(pod, False)
+            time.sleep(1)
+            api.ready(pod, True)
+            wait_for(lambda: all(victim in leans(p) for p in rest), 20)
             gone, gone_dead = kill(follower)
             sampler.live.remove(follower)
             time.sleep(1.5)
