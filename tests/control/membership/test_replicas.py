@@ -210,6 +210,17 @@ def drain_one(proxy: Proxy) -> tuple[str, str]:
     return worker["url"], worker["pod"].split("/")[1]
 
 
+def pin_one(proxy: Proxy) -> dict[str, str]:
+    """PUT /admin/pool on this replica: one active engine turned to the other side, by hand."""
+    listed = httpx.get(proxy.url + "/admin/workers", timeout=5).json()["data"]
+    worker = next(w for w in listed if w["role"] == "pool" and w["state"] == "active")
+    lean = "decode" if worker["lean"] == "prefill" else "prefill"
+    body = {"leans": {worker["id"]: lean}, "controller": "manual"}
+    resp = httpx.put(proxy.url + "/admin/pool", json=body, timeout=5)
+    assert resp.status_code == 200, resp.text
+    return {worker["url"]: lean}
+
+
 def kill(proxy: Proxy) -> tuple[float, float]:
     """SIGKILL: when it was sent, and when the process was gone."""
     sent = time.monotonic()
@@ -255,6 +266,12 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
             asked = time.monotonic()
             wait_for(lambda: all(victim not in leans(p) for p in rest), 10)
             drained = time.monotonic() - asked
+            # a pin asked of the follower holds on every replica, the leader's controller paused
+            pinned = pin_one(follower)
+            wait_for(lambda: all(pinned.items() <= leans(p).items() for p in rest), 10)
+            assert httpx.get(second.url + "/admin/pool", timeout=5).json()["controller"] == "manual"
+            httpx.put(follower.url + "/admin/pool", json={"controller": "auto"}, timeout=5)
+            wait_for(lambda: httpx.get(second.url + "/admin/pool").json()["controller"] == "auto")
             # its pod not Ready, then Ready again: the drain is over, it serves on every replica
             api.ready(pod, False)
             time.sleep(1)
