@@ -20,7 +20,9 @@ pytestmark = needs_kubectl
 
 @pytest.fixture
 def api() -> Iterator[FakeApi]:
-    server = FakeApi(grace=0.2, bookmark_every=0.2)
+    # grace: long enough that kubectl, started as a new process, reads the pod while it is
+    # terminating (0.2 s was shorter than its start-up on a loaded machine)
+    server = FakeApi(grace=2.0, bookmark_every=0.2)
     server.put("p0", {"app": "vllm", "role": "prefill"}, 7100)
     server.put("d0", {"app": "vllm", "role": "decode"}, 7200)
     server.put("d1", {"app": "vllm", "role": "decode"}, 7201, ready=False)
