@@ -108,6 +108,7 @@ class FakeApi:
         self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()  # its self-pipe sockets too, rather than whenever the GC finds them
 
     async def _start(self) -> None:
         app = web.Application()

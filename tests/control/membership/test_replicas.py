@@ -234,9 +234,11 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
 ) -> None:
     for i, sim in enumerate(engines):
         api.put(f"b{i}", {"app": "vllm", "role": "pool"}, int(sim.url.rsplit(":", 1)[1]))
-    replicas = [replica(tmp_path, api, f"r{i}") for i in range(3)]
+    replicas: list[Proxy] = []
     service: subprocess.Popen[bytes] | None = None
     try:
+        for i in range(3):  # inside: those started are stopped if a later one fails to start
+            replicas.append(replica(tmp_path, api, f"r{i}"))
         urls = {sim.url for sim in engines}
         for proxy in replicas:
             wait_for(lambda p=proxy: set(leans(p)) == urls, 30)  # type: ignore[misc]
