@@ -60,7 +60,7 @@ class ProxyApp:
         auth = authenticator(config)
         self.pool = (
             PoolController(self.pools, config.pool_planner, config.pool_mode, self.metrics.registry)
-            if config.pool
+            if config.has_pool
             else None
         )
         self.connector = make_connector(config, self.engine, self.metrics.registry)

@@ -41,6 +41,16 @@ TOPOLOGIES: dict[str, tuple[str, dict[str, Any]]] = {
         "connector lmcache",
         {"prefill": ENGINES[:1], "decode": ENGINES[1:], "connector": "lmcache"},
     ),
+    "kubernetes": (
+        "discovery.source kubernetes",
+        {
+            "discovery": {
+                "source": "kubernetes",
+                "selectors": {"decode": "role=decode"},
+                "leader": {"identity": "docs"},
+            }
+        },
+    ),
 }
 
 
@@ -117,6 +127,9 @@ def config_docs(model: type[BaseModel] = ProxyConfig, prefix: str = "") -> list[
             docs.extend(config_docs(nested, key + "."))
             continue
         docs.append(ConfigDoc(key, type_text(field), default_text(field), field.description or ""))
+        optional = _model_of(_without_none(field.annotation))
+        if optional is not None:  # a section that may be left out: its keys when given
+            docs.extend(config_docs(optional, key + "."))
         item = _list_item_model(field.annotation)
         if item is not None:
             for sub, sub_field in item.model_fields.items():

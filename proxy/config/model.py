@@ -31,6 +31,7 @@ from proxy.config.sections import (
 )
 from proxy.control.admin.config import AdminConfig
 from proxy.control.identity import duplicates
+from proxy.control.membership.config import DiscoveryConfig
 from proxy.engines.connectors.lmcache_config import LMCacheConfig
 from proxy.engines.connectors.registry import connector_class, pool_connectors
 
@@ -100,6 +101,8 @@ class ProxyConfig(_Model):
     workers_state_file: str | None = Field(
         None, description="the workers after each change, read back at start-up"
     )
+    # workers found by watching outside the proxy (see proxy.control.membership)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
 
     @field_validator("connector")
     @classmethod
@@ -118,7 +121,8 @@ class ProxyConfig(_Model):
     def _check_workers(self) -> ProxyConfig:
         for role in ("prefill", "decode", "pool"):
             workers: tuple[WorkerConfig, ...] = getattr(self, role)
-            if not workers and not self.pool and role != "pool":
+            discovered = self.discovery.source != "static"
+            if not workers and not self.pool and role != "pool" and not discovered:
                 raise ValueError(
                     f"no {role} workers: give --{role} URL or a '{role}:' list (or a pool)"
                 )
@@ -171,6 +175,34 @@ class ProxyConfig(_Model):
                 "(pool_planner.min_prefill_tokens); turn conditional_disagg off"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_discovery(self) -> ProxyConfig:
+        if self.discovery.source == "static":
+            return self
+        if self.workers_state_file:
+            raise ValueError(
+                f"discovery.source {self.discovery.source} keeps the workers in step with what "
+                "it watches: drop workers_state_file"
+            )
+        if self.discovery.selectors.pool and not connector_class(self.connector).pool_engines:
+            raise ValueError(
+                f"discovery.selectors.pool: pool engines need connector "
+                f"{' or '.join(pool_connectors())}"
+            )
+        if self.discovery.leader is not None and self.connector == "lmcache":
+            raise ValueError(
+                "connector lmcache cannot run as several replicas (discovery.leader): an LMCache "
+                "prefiller sends its 'transfer done' notification to the one pd_proxy_host:port "
+                "it was started with, so a request placed by any other replica would wait for a "
+                "notification that never comes; run one replica, or use connector nixl"
+            )
+        return self
+
+    @property
+    def has_pool(self) -> bool:
+        """Pool engines configured, or discovered by label (a pool placement either way)."""
+        return bool(self.pool) or bool(self.discovery.selectors.pool)
 
     # --- the decoders' receivers (connector lmcache) ---
     @model_validator(mode="after")

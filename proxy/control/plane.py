@@ -25,6 +25,7 @@ from proxy.control.admin.state import StateError, StateFile
 from proxy.control.health import HealthChecker
 from proxy.control.kvevents import Endpoints, KvEvents
 from proxy.control.kvhealth import KvHealth
+from proxy.control.membership.source import membership_source
 from proxy.control.pool import PoolController
 from proxy.control.registry import ROLES, EndRequests, WorkerRegistry
 from proxy.control.stall import StallWatch
@@ -90,7 +91,7 @@ def watches(
     routing = config.routing
     wanted = (
         bool({config.prefill_policy, config.decode_policy} & LOAD_POLICIES)
-        or bool(config.pool)
+        or config.has_pool
         or config.conditional_disagg.enabled
     )
     found = []
@@ -185,6 +186,7 @@ class ControlPlane:
             admin.probe_words or connector_class(config.connector).probe_words,
             admin.probe_pull_wait,
             pool_kv=config.pool_mode == "adaptive",
+            candidate_partners=config.discovery.source != "static",
         )
         self.admin = make_admin(config, registry, prober, auth, end_requests, self.scraper, metrics)
         if self.admin.refusal is not None:
@@ -194,6 +196,8 @@ class ControlPlane:
         except ProxyError as exc:
             raise ConfigError(exc.message) from None
         registry.on_removed.append(self._forget)
+        # workers found outside the config (discovery:), joined and drained through the admin
+        self.membership = membership_source(config.discovery, self.admin, metrics, pool)
         self._tasks: list[asyncio.Task[None]] = []
         self._kv_refused: set[str] = set()  # workers whose event sockets the rule cannot name
         # what the engines' own KV-cache events say they hold: the planner's (proxy.place.kvindex)
@@ -223,6 +227,8 @@ class ControlPlane:
         """Probe the configured workers if asked, then start the health checks and scrapes."""
         health = self.config.health
         await self.admin.start(health.probe_on_start, health.interval or 5.0)
+        if self.membership is not None:
+            await self.membership.start()
         if health.interval > 0:
             self._tasks.append(asyncio.create_task(self.health.run(health.interval)))
         if self.scraper is not None:
@@ -263,6 +269,8 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.membership is not None:
+            await self.membership.close()
         if self.kv_events is not None:
             await self.kv_events.close()
         await self.admin.close()

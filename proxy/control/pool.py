@@ -59,6 +59,11 @@ class PoolController:
         )
         self.changes: deque[dict[str, Any]] = deque(maxlen=50)
         self.manual = False  # an operator set the leans (PUT /admin/pool): the controller waits
+        # several replicas (discovery.leader): a follower applies the leader's leans and decides
+        # none of its own; `changed` hears of every change this replica made ("controller" or
+        # "admin") so that the shared decisions can publish it
+        self.follows: Callable[[], bool] = lambda: False
+        self.changed: list[Callable[[str], None]] = []
         self.lean_changes = Counter(
             "pdproxy_pool_lean_changes",
             "pool engines moved to lean to prefill or to decode by the controller",
@@ -86,7 +91,9 @@ class PoolController:
             pool.refresh()
             routed += pool.workers
         self.controller.load.streams(now, sum(w.decode_streams for w in routed))
-        if self.manual:
+        for worker in self.pooled:  # engines that joined since (discovered) lean to decode
+            worker.lean = worker.lean or "decode"
+        if self.manual or self.follows():
             return []
         dedicated = [w for w in routed if w.role != "pool" and w.available]
         engines = [
@@ -99,11 +106,12 @@ class PoolController:
             sum(1 for w in dedicated if w.role == "prefill"),
             sum(1 for w in dedicated if w.role == "decode"),
         )
-        for worker in self.pooled:
-            worker.lean = worker.lean or "decode"
         by_id = {w.id: w for w in self.pooled}
         for change in changes:
             self._lean(by_id[change.id], change.lean, change.why)
+        if changes:
+            for hook in self.changed:
+                hook("controller")
         return changes
 
     def _sides(self) -> tuple[int, int]:
@@ -148,6 +156,23 @@ class PoolController:
         for key, lean in leans.items():
             if by_id[key].lean != lean:
                 self._lean(by_id[key], lean, "set through the admin API")
+        for hook in self.changed:
+            hook("admin")
+
+    def leans(self) -> dict[str, Lean]:
+        """Each pool engine's lean, by URL (the same engine on every replica)."""
+        return {w.url: w.lean or "decode" for w in self.pooled}
+
+    def apply(self, leans: dict[str, Lean], manual: bool, who: str) -> None:
+        """Decisions published by `who` (the shared decisions): the engines named take these
+        leans; engines not named keep theirs."""
+        if manual != self.manual:
+            self.manual = manual
+            log.info("pool: the controller is %s by %s", "paused" if manual else "on", who)
+        for worker in self.pooled:
+            lean = leans.get(worker.url)
+            if lean is not None and (worker.lean or "decode") != lean:
+                self._lean(worker, lean, f"published by {who}")
 
     async def run(self) -> None:
         """Decide every `interval` seconds (cancel the task to stop)."""

@@ -164,6 +164,7 @@ class Worker:
     addresses: frozenset[tuple[str, int]] = frozenset()
     engine_ids: set[str] = field(default_factory=set)
     last_probe: dict[str, Any] | None = None  # the result of its last admission probe
+    pod: str | None = None  # the Kubernetes pod it runs in, when discovered (namespace/name)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # requests on it now
     waiting: set[Wait] = field(default_factory=set, repr=False)  # legs it has yet to complete
     last_progress: float = 0.0  # perf_counter() of its last completed leg or streamed bytes
@@ -207,6 +208,7 @@ class Worker:
             "last_error": self.last_error,
             "model": self.model,
             "engine_ids": sorted(self.engine_ids),
+            "pod": self.pod,
             "engine_load": None
             if self.engine_load is None
             else {

@@ -146,7 +146,7 @@ class Views:
 
         prefill, decode, pooled = self.app.pools
         # a request needs an engine that answers and, without a pool, one that prefills
-        ok = healthy(decode, pooled) and (bool(self.app.config.pool) or healthy(prefill))
+        ok = healthy(decode, pooled) and (self.app.config.has_pool or healthy(prefill))
         status = "ok" if ok else "unavailable"
         if self.app.services.draining:
             ok, status = False, "draining"

@@ -67,7 +67,7 @@ def build_placement(
 ) -> tuple[Placement, float]:
     """The placement for the topology, and the /tokenize timeout its counts get."""
     routing = config.routing
-    if config.pool:
+    if config.has_pool:
         planner = config.pool_planner
         rules = Rules(
             config.pool_mode,

@@ -100,6 +100,7 @@ class Prober:
     words: int  # in the probe prompt
     pull_wait: float = 10.0  # how long a decoder's pull may take to show in /metrics
     pool_kv: bool = True  # False: the pool is colocated, its engines move no KV
+    candidate_partners: bool = False  # with no active partner, probe with a candidate one
 
     async def run(self, worker: Worker) -> list[Check]:
         """Every probe in order; raises ProbeFailed at the first that fails. The outcome is noted
@@ -229,6 +230,10 @@ class Prober:
             pool = self.registry.pools[name]
             pool.refresh()
             ready += [w for w in pool.workers if w.available and w is not candidate]
+        if not ready and self.candidate_partners and candidate.role != "pool":
+            # nothing of `role` routed yet (a discovered topology starting from none): its
+            # candidates partner this one, so that the first pair proves itself together
+            ready = [w for w in self.registry.candidates.values() if w.role == role]
         return ready
 
     def _partner(self, role: Role, candidate: Worker) -> Worker:

@@ -78,7 +78,10 @@ def _worker_routes(api: FastAPI, admin: Admin) -> None:
     @api.delete("/admin/workers/{key:path}")
     async def remove_worker(key: str, request: Request, force: bool = False) -> Response:
         admin.guard(request.scope["headers"])
-        return _json(admin.describe(admin.remove(key, force)), 202)
+        worker = admin.remove(key, force)
+        for hook in admin.drain_hooks:
+            hook(worker)
+        return _json(admin.describe(worker), 202)
 
 
 def _request_routes(api: FastAPI, admin: Admin, timelines: TimelineRing) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
@@ -102,6 +102,9 @@ class Admin:
         self.event_seq = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[str, Worker] = {}  # configured workers that failed the start-up probe
+        # drains asked for through the admin API (DELETE /admin/workers), heard by the shared
+        # decisions of several replicas (proxy.control.membership.shared)
+        self.drain_hooks: list[Callable[[Worker], None]] = []
         self.probes = Counter(
             "pdproxy_worker_probes",
             "admission probes by role and result (passed, or the probe that failed); probe "
@@ -182,9 +185,11 @@ class Admin:
                 "nothing was changed"
             ) from None
 
-    async def add(self, spec: AddWorker) -> Worker:
-        """Probe and add a worker; raise a ProxyError saying why not."""
-        if not self.allowed.allows(spec.url):
+    async def add(self, spec: AddWorker, pod: str | None = None) -> Worker:
+        """Probe and add a worker; raise a ProxyError saying why not. `pod`: the Kubernetes pod
+        a discovery source found it in; its host is the pod's address, which the API server
+        named, so the allow-list (for hosts a caller of the admin API names) is not asked."""
+        if pod is None and not self.allowed.allows(spec.url):
             raise Forbidden(
                 f"{spec.url}: its host is not in admin.allowed_worker_hosts "
                 f"({', '.join(self.allowed.entries)})",
@@ -200,7 +205,8 @@ class Admin:
             worker = self.registry.candidate(spec.role, spec.url, receiver, addresses=addresses)
         except RegistryError as exc:
             raise Conflict(str(exc), param="url", code="worker_known") from None
-        self._event("probing", worker)
+        worker.pod = pod
+        self._event("probing", worker, f"pod {pod}" if pod else "")
         try:
             if spec.force:
                 log.warning(

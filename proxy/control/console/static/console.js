@@ -145,7 +145,7 @@ function workerCard(w, engine) {
       el("span", { class: "id" }, w.id),
       lean,
       el("span", { class: "state" }, w.state)),
-    el("div", { class: "url" }, w.url + (w.model ? "  ·  " + w.model : "")),
+    el("div", { class: "url" }, w.url + (w.model ? "  ·  " + w.model : "") + (w.pod ? "  ·  pod " + w.pod : "")),
     el("div", { class: "facts" },
       el("span", {}, "health ", el("b", {}, w.health)),
       el("span", {}, "breaker ", el("b", {}, w.breaker)),

@@ -1,0 +1,42 @@
+"""discovery.leader: validated at start-up, and refused where it cannot work (LMCache)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from proxy.config import ConfigError, load_config
+
+KUBE = {"source": "kubernetes", "selectors": {"decode": "role=decode"}}
+
+
+def test_a_leader_section_is_read_with_its_defaults() -> None:
+    config = load_config(None, discovery={**KUBE, "leader": {"identity": "r0"}})
+    leader = config.discovery.leader
+    assert leader is not None and leader.identity == "r0"
+    assert (leader.lease_name, leader.lease_duration, leader.renew_interval) == (
+        "pdproxy-leader",
+        15.0,
+        5.0,
+    )
+    assert load_config(None, discovery=KUBE).discovery.leader is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"discovery": {**KUBE, "leader": {"lease_duration": 2, "renew_interval": 2}}},
+            "renew_interval must be shorter than leader.lease_duration",
+        ),
+        ({"discovery": {"leader": {}}}, "discovery.leader needs source kubernetes"),
+        (
+            {"discovery": {**KUBE, "leader": {}}, "connector": "lmcache"},
+            "prefiller sends its 'transfer done' notification to the one pd_proxy_host:port",
+        ),
+    ],
+)
+def test_leader_config_errors_say_why(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, **overrides)
