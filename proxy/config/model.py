@@ -33,7 +33,11 @@ from proxy.control.admin.config import AdminConfig
 from proxy.control.identity import duplicates
 from proxy.control.membership.config import DiscoveryConfig
 from proxy.engines.connectors.lmcache_config import LMCacheConfig
-from proxy.engines.connectors.registry import connector_class, pool_connectors
+from proxy.engines.connectors.registry import (
+    connector_class,
+    pool_connectors,
+    replica_connectors,
+)
 
 
 class ProxyConfig(_Model):
@@ -190,12 +194,11 @@ class ProxyConfig(_Model):
                 f"discovery.selectors.pool: pool engines need connector "
                 f"{' or '.join(pool_connectors())}"
             )
-        if self.discovery.leader is not None and self.connector == "lmcache":
+        single = connector_class(self.connector).single_proxy
+        if self.discovery.leader is not None and single is not None:
             raise ValueError(
-                "connector lmcache cannot run as several replicas (discovery.leader): an LMCache "
-                "prefiller sends its 'transfer done' notification to the one pd_proxy_host:port "
-                "it was started with, so a request placed by any other replica would wait for a "
-                "notification that never comes; run one replica, or use connector nixl"
+                f"connector {self.connector} cannot run as several replicas (discovery.leader): "
+                f"{single}; run one replica, or use connector {' or '.join(replica_connectors())}"
             )
         return self
 

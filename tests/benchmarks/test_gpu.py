@@ -42,9 +42,10 @@ def engines(plan: Plan) -> list[Command]:
 
 
 def same_engine(cmd: Command) -> list[str]:
-    """An engine's command line less what differs by role and place (its port, KV connector)."""
+    """An engine's command line less what differs by role and place (its port, KV connector,
+    the sockets of its KV-cache events)."""
     argv = list(cmd.argv)
-    for flag in ("--port", "--kv-transfer-config"):
+    for flag in ("--port", "--kv-transfer-config", "--kv-events-config"):
         if flag in argv:
             i = argv.index(flag)
             del argv[i : i + 2]

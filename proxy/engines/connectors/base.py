@@ -128,6 +128,9 @@ class ConnectorClass(Protocol):
     # the decoders' own transfer metrics (KV health reads them), or None: the connector reports
     # each transfer done before the handoff, which proves it
     transfer_metrics: TransferMetrics | None
+    # why one proxy must be the only one in front of its engines (several replicas cannot share
+    # them), or None when replicas can
+    single_proxy: str | None
     probe_words: int  # words in an admission probe's prompt, unless admin says
 
     def receivers(

@@ -100,6 +100,11 @@ class LMCacheConnector:
         True  # the prefiller pushes into the decoder's receiver ports
     )
     transfer_metrics: ClassVar[TransferMetrics | None] = None  # each transfer is notified instead
+    single_proxy: ClassVar[str | None] = (
+        "an LMCache prefiller sends its 'transfer done' notification to the one "
+        "pd_proxy_host:port it was started with, so a request placed by any other replica would "
+        "wait for a notification that never comes"
+    )
     probe_words: ClassVar[int] = (
         400  # a prompt must fill one LMCache chunk for its transfer to be reported
     )

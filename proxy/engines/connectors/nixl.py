@@ -95,6 +95,7 @@ class NixlConnector:
     pool_engines: ClassVar[bool] = True  # kv_both engines pull and are pulled from
     decoder_receivers: ClassVar[bool] = False  # the decoder pulls: nothing listens for a push
     transfer_metrics: ClassVar[TransferMetrics | None] = NIXL_METRICS
+    single_proxy: ClassVar[str | None] = None  # the decoder pulls: any proxy may place requests
     probe_words: ClassVar[int] = 48
 
     @classmethod

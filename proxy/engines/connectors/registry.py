@@ -26,3 +26,8 @@ def connector_class(name: str) -> ConnectorClass:
 def pool_connectors() -> list[str]:
     """The connectors whose engines may both prefill and decode: those a pool may use."""
     return [name for name, kind in CONNECTORS.items() if kind.pool_engines]
+
+
+def replica_connectors() -> list[str]:
+    """The connectors several proxy replicas may share engines with."""
+    return [name for name, kind in CONNECTORS.items() if kind.single_proxy is None]

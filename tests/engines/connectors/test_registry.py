@@ -14,7 +14,12 @@ from proxy.engines.connectors.factory import make_connector
 from proxy.engines.connectors.lmcache import LMCacheConnector
 from proxy.engines.connectors.lmcache_config import LMCacheReceiverConfig, Receiver
 from proxy.engines.connectors.nixl import NIXL_METRICS, NixlConnector
-from proxy.engines.connectors.registry import CONNECTORS, connector_class, pool_connectors
+from proxy.engines.connectors.registry import (
+    CONNECTORS,
+    connector_class,
+    pool_connectors,
+    replica_connectors,
+)
 
 PROXY = Path(__file__).resolve().parents[3] / "proxy"
 DECODERS = [("http://10.0.0.1:8200", None), ("http://10.0.0.1:8201", None)]
@@ -38,6 +43,8 @@ def test_start_up_facts(
     assert (kind.pool_engines, kind.decoder_receivers) == (pool, receivers)
     assert (kind.transfer_metrics, kind.probe_words) == (metrics, words)
     assert pool_connectors() == ["nixl"]
+    assert replica_connectors() == ["nixl"]  # an LMCache prefiller notifies one proxy
+    assert (kind.single_proxy is None) == (name == "nixl")
 
 
 def test_receivers_only_where_the_prefiller_pushes() -> None:
