@@ -150,8 +150,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(
         key=lambda item: (
             item.get_closest_marker("real_vllm") is not None,
-            item.get_closest_marker("stops_topology") is not None,
             item.get_closest_marker("own_topology") is not None,
+            item.get_closest_marker("stops_topology") is not None,
         )
     )
 

@@ -181,6 +181,20 @@ def second_decoder_running(topology: Topology) -> Iterator[subprocess.Popen[byte
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        wait_group_gone(proc.pid)
+
+
+def wait_group_gone(pgid: int, timeout: float = 60) -> None:
+    """Until no process of the group is left; SIGKILL for the rest after `timeout`. vLLM's
+    engine-core and worker processes outlive the API server for a while, and an idle NIXL
+    worker keeps a core busy (its progress thread polls without sleeping)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline + 10:  # zombies of an init that does not reap stay
+        try:
+            os.killpg(pgid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
 
 
 @pytest.fixture
