@@ -11,6 +11,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -41,6 +42,13 @@ TIMEOUT = 120
 
 def _rid() -> str:
     return f"proto-{uuid.uuid4().hex[:12]}"
+
+
+def wait_until(check: Callable[[], bool], timeout: float, why: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
 
 
 def post(url: str, body: Body, rid: str | None = None, status: int = 200) -> Body:
@@ -607,23 +615,23 @@ def test_prompt_logprobs_after_a_prefill_load_no_kv(engines: Engines, path: str)
     body.update({"messages": MESSAGES} if chat else {"prompt": PROMPT, "echo": True,
                                                      "logprobs": 1})  # fmt: skip
     direct = post(engines.decode + path, body)
-    usage_before = metric(engines.prefill, "vllm:kv_cache_usage_perc")
+    # Blocks that earlier tests' legs left unpulled are freed when their lease (30 s) runs out:
+    # wait until the prefiller holds none, so that what it holds next is this leg's alone.
+
+    def held() -> float:
+        return metric(engines.prefill, "vllm:kv_cache_usage_perc")
+
+    wait_until(lambda: held() == 0, 90, "the prefiller kept earlier legs' blocks past their lease")
     leg = {k: v for k, v in body.items() if k not in ("prompt_logprobs", "echo", "logprobs")}
     leg.update(max_tokens=1, ignore_eos=True, kv_transfer_params=KV0)
     kv = post(engines.prefill + path, leg, _rid())["kv_transfer_params"]
     # The engine publishes its KV usage a moment later: seconds, when CPU engines share a small box.
-    deadline = time.monotonic() + 30
-    while metric(engines.prefill, "vllm:kv_cache_usage_perc") <= usage_before:
-        assert time.monotonic() < deadline, "the prefiller holds no blocks for the decoder"
-        time.sleep(0.1)
+    wait_until(lambda: held() > 0, 30, "the prefiller holds no blocks for the decoder")
     xfer = metric(engines.decode, XFER)
     got = post(engines.decode + path, {**body, "kv_transfer_params": kv})
     assert got["choices"] == direct["choices"] and got["usage"] == direct["usage"]
     assert got.get("prompt_logprobs") == direct.get("prompt_logprobs")
-    deadline = time.monotonic() + 30
-    while metric(engines.prefill, "vllm:kv_cache_usage_perc") > usage_before:
-        assert time.monotonic() < deadline, "the prefiller kept the blocks"
-        time.sleep(0.2)
+    wait_until(lambda: held() == 0, 20, "the prefiller kept the blocks (its lease is 30 s)")
     assert metric(engines.decode, XFER) == xfer
 
 
