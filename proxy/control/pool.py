@@ -73,6 +73,15 @@ class PoolController:
             ["lean"],
             registry=registry,
         )
+        self.prompt_tokens = Counter(
+            "pdproxy_pool_prompt_tokens",
+            "prompt tokens this replica placed that an engine computes, by side: long (a "
+            "prefill-leaning engine's) or local (prefilled where it decodes)",
+            ["side"],
+            registry=registry,
+        )
+        for side in ("long", "local"):
+            self.prompt_tokens.labels(side)
         registry.register(_PoolCollector(self))
         for worker in self.pooled:
             worker.lean = worker.lean or "decode"
@@ -84,6 +93,16 @@ class PoolController:
     def prompt(self, computed: int, long: bool) -> None:
         """A request was placed: `computed` prompt tokens, on the prefill side if `long`."""
         self.controller.load.prompt(self.clock(), computed, long)
+        self.prompt_tokens.labels("long" if long else "local").inc(computed)
+
+    def peer_prompts(self, long: int, local: int) -> None:
+        """The prompt tokens the other replicas placed since the last call (the leader reads
+        them: proxy.control.membership.peers), for the controller's window."""
+        now = self.clock()
+        if long:
+            self.controller.load.prompt(now, long, True)
+        if local:
+            self.controller.load.prompt(now, local, False)
 
     def step(self) -> list[Change]:
         """One controller decision, applied: sample the streams, decide, move the engines it

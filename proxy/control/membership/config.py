@@ -62,10 +62,23 @@ class LeaderConfig(_Model):
         "replica applies it, by its own clock; longer than renew_interval, so that every "
         "replica has read it by then; default: renew_interval + 1",
     )
+    peers: str | None = Field(
+        None,
+        description="label selector of the proxy replicas' pods: the leader reads their placed "
+        "prompt tokens, so that its pool controller sees the whole fleet's prompt load; unset: "
+        "it sees its own share only",
+    )
     configmap: str = Field(
         "pdproxy-decisions",
         description="the ConfigMap the leader publishes the pool's leans, pins and drains in",
     )
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_selector(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> LeaderConfig:

@@ -35,6 +35,10 @@ def test_a_leader_section_is_read_with_its_defaults() -> None:
             {"discovery": {**KUBE, "leader": {"renew_interval": 2, "effective_delay": 2}}},
             "effective_delay must be longer than leader.renew_interval",
         ),
+        (
+            {"discovery": {**KUBE, "leader": {"peers": "app=pdproxy,"}}},
+            "label selector 'app=pdproxy,' has an empty term",
+        ),
         ({"discovery": {"leader": {}}}, "discovery.leader needs source kubernetes"),
         (
             {"discovery": {**KUBE, "leader": {}}, "connector": "lmcache"},

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 LEASE = 2.0  # seconds: short, so that a failover fits in the test
+WINDOW = 3.0  # the pool controller's window
 RENEW = 0.2
 LONG = " ".join(["the river turned toward the sea before the city and the people knew"] * 40)
 
@@ -63,7 +64,7 @@ def replica(tmp: Path, api: FakeApi, name: str) -> Proxy:
             "interval": 0.2,
             "hold": 2,
             "min_dwell": 1.0,
-            "window": 3.0,
+            "window": WINDOW,
             "prefill_tokens_per_second": 2000,
             "decode_streams": 8,
             "decode_prefill_share": 0.2,
@@ -73,7 +74,12 @@ def replica(tmp: Path, api: FakeApi, name: str) -> Proxy:
             "kubeconfig": str(kubeconfig(tmp, api)),
             "namespace": "default",
             "selectors": {"pool": "app=vllm,role=pool"},
-            "leader": {"identity": name, "lease_duration": LEASE, "renew_interval": RENEW},
+            "leader": {
+                "identity": name,
+                "lease_duration": LEASE,
+                "renew_interval": RENEW,
+                "peers": "app=pdproxy",  # the replicas' own pods (put once they listen)
+            },
         },
     }
     path = tmp / f"{name}.yaml"
@@ -213,6 +219,30 @@ def changes(proxy: Proxy) -> list[dict[str, Any]]:
     return list(httpx.get(proxy.url + "/admin/pool", timeout=5).json()["changes"])
 
 
+def placed(proxy: Proxy) -> float:
+    """The prompt tokens this replica placed (its own counter)."""
+    return proxy.metrics().total("pdproxy_pool_prompt_tokens_total")
+
+
+def demand(proxy: Proxy) -> float:
+    """The prompt tokens per second its pool controller measured over its window."""
+    measured = httpx.get(proxy.url + "/admin/pool", timeout=5).json()["demand"]
+    return float(measured["long_tokens_per_second"] + measured["local_tokens_per_second"])
+
+
+def fleet_demand(leader: Proxy, replicas: list[Proxy]) -> tuple[float, float, float]:
+    """Over one controller window: the leader's measured demand at its end, the prompt tokens
+    per second all replicas placed (their counters' rise), and the leader's own share."""
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        start, before = time.monotonic(), list(pool.map(placed, replicas))
+        time.sleep(WINDOW)
+        after, end = list(pool.map(placed, replicas)), time.monotonic()
+        measured = demand(leader)
+    rise = [b - a for a, b in zip(before, after, strict=True)]
+    own = rise[replicas.index(leader)]
+    return measured, sum(rise) / (end - start), own / (end - start)
+
+
 def own_changes(proxy: Proxy, name: str) -> list[dict[str, Any]]:
     """The lean changes this replica decided itself: published by it, or not published."""
     return [
@@ -270,6 +300,8 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
         for proxy in replicas:
             wait_for(lambda p=proxy: set(leans(p)) == urls, 30)  # type: ignore[misc]
         wait_for(lambda: sum(leading(p) for p in replicas) == 1, 10)
+        for i, proxy in enumerate(replicas):  # the replicas' pods, found by label
+            api.put(f"r{i}", {"app": "pdproxy"}, int(proxy.url.rsplit(":", 1)[1]))
         service, url = haproxy(tmp_path, replicas)
         sampler = Sampler(replicas, api)
         sampler.thread.start()
@@ -279,6 +311,8 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
             wait_for(lambda: "prefill" in leans(replicas[0]).values(), 30)
             time.sleep(2)
             leader = next(p for p in replicas if leading(p))
+            # the leader's controller sees the whole fleet's prompt load, not its share
+            fleet = [fleet_demand(leader, replicas) for _ in range(3)]
             before = leans(leader)
             wall = time.time()
             records += changes(leader)
@@ -331,6 +365,18 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
         print(f"leans before the failover {sorted(before.values())}, right after "
               f"{sorted(after.values())}, at the end {sorted(leans(second).values())}")  # fmt: skip
         print(f"a drain asked of a follower: drained on every replica within {drained:.2f}s")
+        for measured, total, own in fleet:
+            print(f"prompt load over {WINDOW:g}s: the leader's controller measured "
+                  f"{measured:.0f} tokens/s; the replicas placed {total:.0f} tokens/s "
+                  f"(measured/placed {measured / total:.0%}), the leader itself "
+                  f"{own:.0f}")  # fmt: skip
+        # the leader's window is offset from the test's by up to two controller intervals (its
+        # last decision, and its last read of the others' counters): 0.4 s of a 3 s window,
+        # under a steady load a few percent; a leader that counted only its own placements
+        # would measure about a third of the fleet's
+        ratios = sorted(measured / total for measured, total, _ in fleet)
+        assert 0.8 <= ratios[1] <= 1.2, fleet
+        assert all(own / total < 0.6 for _, total, own in fleet), fleet
         assert after == before  # the takeover itself moves nothing
         metrics = second.metrics()
         name = f"r{replicas.index(second)}"
