@@ -219,6 +219,11 @@ def changes(proxy: Proxy) -> list[dict[str, Any]]:
     return list(httpx.get(proxy.url + "/admin/pool", timeout=5).json()["changes"])
 
 
+def mode(proxy: Proxy) -> str:
+    """The pool controller's mode on this replica: auto, or manual (an operator's pins)."""
+    return str(httpx.get(proxy.url + "/admin/pool", timeout=5).json()["controller"])
+
+
 def placed(proxy: Proxy) -> float:
     """The prompt tokens this replica placed (its own counter)."""
     return proxy.metrics().total("pdproxy_pool_prompt_tokens_total")
@@ -334,10 +339,13 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
             drained = time.monotonic() - asked
             # a pin asked of the follower holds on every replica, the leader's controller paused
             pinned = pin_one(follower)
+            # (its step in effect: the pinned lean, and the controller paused, on every replica;
+            # the lean alone may come first from a step of the leader's published before it)
             wait_for(lambda: all(pinned.items() <= leans(p).items() for p in rest), 10)
-            assert httpx.get(second.url + "/admin/pool", timeout=5).json()["controller"] == "manual"
+            wait_for(lambda: all(mode(p) == "manual" for p in rest), 10)
+            assert all(pinned.items() <= leans(p).items() for p in rest)
             httpx.put(follower.url + "/admin/pool", json={"controller": "auto"}, timeout=5)
-            wait_for(lambda: httpx.get(second.url + "/admin/pool").json()["controller"] == "auto")
+            wait_for(lambda: all(mode(p) == "auto" for p in rest))
             # its pod not Ready, then Ready again: the drain is over, it serves on every replica
             api.ready(pod, False)
             time.sleep(1)
@@ -371,9 +379,11 @@ def test_three_replicas_decide_as_one_through_a_leader_killed_and_a_follower_kil
                   f"(measured/placed {measured / total:.0%}), the leader itself "
                   f"{own:.0f}")  # fmt: skip
         # the leader's window is offset from the test's by up to two controller intervals (its
-        # last decision, and its last read of the others' counters): 0.4 s of a 3 s window,
-        # under a steady load a few percent; a leader that counted only its own placements
-        # would measure about a third of the fleet's
+        # last decision, and its last read of the others' counters), and it credits the others'
+        # tokens when it reads them, so its window holds up to one interval (0.2 s of 3 s) more
+        # of their two thirds: about +5 % under a steady load, more while the load still ramps
+        # (up to 118 % seen in the first window); a leader that counted only its own
+        # placements would measure about a third of the fleet's
         ratios = sorted(measured / total for measured, total, _ in fleet)
         assert 0.8 <= ratios[1] <= 1.2, fleet
         assert all(own / total < 0.6 for _, total, own in fleet), fleet
