@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 from lightkube import AsyncClient
@@ -61,6 +61,17 @@ ERRORS = (ApiError, httpx2.HTTPError, OSError, ValueError)
 Data = dict[str, str]
 Step = dict[str, Any]  # {"at": float, "leans": {url: lean}, "controller": str, "by": str}
 KEPT = 8  # steps kept in the ConfigMap: more than a reader can miss within one delay
+
+
+def steps_in(data: Data) -> list[Step]:
+    """The steps the ConfigMap holds; leans written without steps (by an earlier version) are
+    one step in effect since ever."""
+    if "steps" in data:
+        return cast(list[Step], json.loads(data["steps"]))
+    if "leans" in data:
+        mode = data.get("controller") or "auto"
+        return [{"at": 0.0, "leans": json.loads(data["leans"]), "controller": mode, "by": "?"}]
+    return []
 
 
 class SharedDecisions:
@@ -122,7 +133,7 @@ class SharedDecisions:
     def _learn(self, data: Data) -> None:
         """What the ConfigMap holds: steps scheduled at their instants, drains done."""
         known = {step["at"] for step in self.steps}
-        for step in json.loads(data.get("steps") or "[]"):
+        for step in steps_in(data):
             if step["at"] > self.effective and step["at"] not in known:
                 self.steps.append(step)
         self.steps.sort(key=lambda step: float(step["at"]))
@@ -188,7 +199,7 @@ class SharedDecisions:
         here = self.pool.leans()
 
         def change(data: Data) -> bool:
-            steps: list[Step] = json.loads(data.get("steps") or "[]")
+            steps = steps_in(data)
             first: Step = {"at": 0.0, "leans": here, "controller": "auto"}
             newest = steps[-1] if steps else first
             if source == "controller" and newest["controller"] == "manual":

@@ -97,3 +97,13 @@ def test_each_step_at_its_instant_a_late_one_at_once_an_older_one_never() -> Non
         await shared.close()
 
     asyncio.run(scenario())
+
+
+def test_leans_written_without_steps_are_in_effect_at_once() -> None:
+    async def scenario() -> None:
+        shared, pool, _ = build()
+        shared._learn({"leans": json.dumps({A: "prefill"}), "controller": "manual"})
+        assert pool.leans() == {A: "prefill", B: "decode"} and pool.manual
+        await shared.close()
+
+    asyncio.run(scenario())
