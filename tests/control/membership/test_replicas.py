@@ -1,9 +1,13 @@
 """Three proxy replicas that decide as one: the fake API server's Lease and ConfigMap, a pool of
-simulated engines behind labelled pods, and HAProxy (Debian's) as the Service in front.
+simulated engines behind labelled pods, the replicas' own labelled pods, and HAProxy (Debian's)
+as the Service in front.
 
-Under load through HAProxy the pool's leans are read from each replica's own port; the leader
-is killed (SIGKILL), then a follower: another takes the Lease, the leans stay, and the only
-requests that fail are those in flight on a killed replica."""
+Under load through HAProxy the pool's leans are read from every replica at once, 0.1 s apart:
+every sample is the same on every replica, but those whose reads straddle a published step's
+instant, and every replica applies each step within milliseconds of its instant. The leader's
+controller measures the prompt load the three placed, not its share. The leader is killed
+(SIGKILL), then a follower: another takes the Lease, the leans stay, and the only requests that
+fail are those in flight on a killed replica."""
 
 from __future__ import annotations
 
