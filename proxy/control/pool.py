@@ -59,17 +59,29 @@ class PoolController:
         )
         self.changes: deque[dict[str, Any]] = deque(maxlen=50)
         self.manual = False  # an operator set the leans (PUT /admin/pool): the controller waits
-        # several replicas (discovery.leader): a follower applies the leader's leans and decides
-        # none of its own; `changed` hears of every change this replica made ("controller" or
-        # "admin") so that the shared decisions can publish it
+        # several replicas (discovery.leader): a follower decides nothing of its own; with
+        # `publish` set, a decision (the leader's controller's, or a pin through PUT
+        # /admin/pool) moves no engine here: it is published, and every replica applies it at
+        # the same instant through `apply` (proxy.control.membership.shared); `pending` holds
+        # the leans published and not yet in effect, which the controller decides from
         self.follows: Callable[[], bool] = lambda: False
-        self.changed: list[Callable[[str], None]] = []
+        self.publish: Callable[[dict[str, Lean], bool | None, str], None] | None = None
+        self.pending: dict[str, Lean] = {}
         self.lean_changes = Counter(
             "pdproxy_pool_lean_changes",
             "pool engines moved to lean to prefill or to decode by the controller",
             ["lean"],
             registry=registry,
         )
+        self.prompt_tokens = Counter(
+            "pdproxy_pool_prompt_tokens",
+            "prompt tokens this replica placed that an engine computes, by side: long (a "
+            "prefill-leaning engine's) or local (prefilled where it decodes)",
+            ["side"],
+            registry=registry,
+        )
+        for side in ("long", "local"):
+            self.prompt_tokens.labels(side)
         registry.register(_PoolCollector(self))
         for worker in self.pooled:
             worker.lean = worker.lean or "decode"
@@ -81,6 +93,16 @@ class PoolController:
     def prompt(self, computed: int, long: bool) -> None:
         """A request was placed: `computed` prompt tokens, on the prefill side if `long`."""
         self.controller.load.prompt(self.clock(), computed, long)
+        self.prompt_tokens.labels("long" if long else "local").inc(computed)
+
+    def peer_prompts(self, long: int, local: int) -> None:
+        """The prompt tokens the other replicas placed since the last call (the leader reads
+        them: proxy.control.membership.peers), for the controller's window."""
+        now = self.clock()
+        if long:
+            self.controller.load.prompt(now, long, True)
+        if local:
+            self.controller.load.prompt(now, local, False)
 
     def step(self) -> list[Change]:
         """One controller decision, applied: sample the streams, decide, move the engines it
@@ -97,7 +119,13 @@ class PoolController:
             return []
         dedicated = [w for w in routed if w.role != "pool" and w.available]
         engines = [
-            EngineState(w.id, w.available, w.lean or "decode", w.decode_streams, w.prefill_tokens)
+            EngineState(
+                w.id,
+                w.available,
+                self.pending.get(w.url) or w.lean or "decode",
+                w.decode_streams,
+                w.prefill_tokens,
+            )
             for w in self.pooled
         ]
         changes = self.controller.decide(
@@ -107,11 +135,15 @@ class PoolController:
             sum(1 for w in dedicated if w.role == "decode"),
         )
         by_id = {w.id: w for w in self.pooled}
+        if self.publish is not None and changes:
+            for change in changes:
+                worker = by_id[change.id]
+                log.info("pool: %s (%s) is to lean to %s, published to every replica: %s",
+                         worker.id, worker.url, change.lean, change.why)  # fmt: skip
+            self.publish({by_id[c.id].url: c.lean for c in changes}, None, "controller")
+            return changes
         for change in changes:
             self._lean(by_id[change.id], change.lean, change.why)
-        if changes:
-            for hook in self.changed:
-                hook("controller")
         return changes
 
     def _sides(self) -> tuple[int, int]:
@@ -120,7 +152,7 @@ class PoolController:
         prefill = sum(1 for w in up if (w.lean or "decode") == "prefill")
         return prefill, len(up) - prefill
 
-    def _lean(self, worker: Worker, lean: Lean, why: str) -> None:
+    def _lean(self, worker: Worker, lean: Lean, why: str, effective: float | None = None) -> None:
         worker.lean = lean
         self.lean_changes.labels(lean).inc()
         prefill, decode = self._sides()
@@ -133,6 +165,7 @@ class PoolController:
                 "prefill": prefill,
                 "decode": decode,
                 "why": why,
+                **({} if effective is None else {"effective": effective}),
             }
         )
         log.info(
@@ -150,29 +183,31 @@ class PoolController:
                 f"no active pool engine {', '.join(unknown)}; the pool has "
                 f"{', '.join(by_id) or 'none'}"
             )
+        if self.publish is not None:  # several replicas: every one applies it at one instant
+            manual = None if controller is None else controller == "manual"
+            self.publish({by_id[k].url: lean for k, lean in leans.items()}, manual, "admin")
+            return
         if controller is not None:
             self.manual = controller == "manual"
             log.info("pool: the controller is %s", "paused (manual leans)" if self.manual else "on")
         for key, lean in leans.items():
             if by_id[key].lean != lean:
                 self._lean(by_id[key], lean, "set through the admin API")
-        for hook in self.changed:
-            hook("admin")
 
     def leans(self) -> dict[str, Lean]:
         """Each pool engine's lean, by URL (the same engine on every replica)."""
         return {w.url: w.lean or "decode" for w in self.pooled}
 
-    def apply(self, leans: dict[str, Lean], manual: bool, who: str) -> None:
-        """Decisions published by `who` (the shared decisions): the engines named take these
-        leans; engines not named keep theirs."""
+    def apply(self, leans: dict[str, Lean], manual: bool, who: str, effective: float) -> None:
+        """Decisions published by `who` (the shared decisions), in effect from `effective`
+        (wall clock): the engines named take these leans; engines not named keep theirs."""
         if manual != self.manual:
             self.manual = manual
             log.info("pool: the controller is %s by %s", "paused" if manual else "on", who)
         for worker in self.pooled:
             lean = leans.get(worker.url)
             if lean is not None and (worker.lean or "decode") != lean:
-                self._lean(worker, lean, f"published by {who}")
+                self._lean(worker, lean, f"published by {who}", effective)
 
     async def run(self) -> None:
         """Decide every `interval` seconds (cancel the task to stop)."""
@@ -198,6 +233,7 @@ class PoolController:
                 "streams": round(demand.streams, 2),
             },
             "split_costs": [round(c, 4) for c in self.controller.last_costs],
+            "pending": dict(self.pending),
             "changes": list(self.changes),
         }
 

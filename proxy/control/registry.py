@@ -54,6 +54,7 @@ class WorkerRegistry:
         }
         self.candidates: dict[str, Worker] = {}  # probing: known, not routed
         self.on_removed: list[Callable[[Worker], None]] = []
+        self.on_added: list[Callable[[Worker], None]] = []  # routed from now on (after add)
         self._next = {role: 0 for role in ROLES}
         self._routed = {role: 0 for role in ROLES}  # past the highest id ever routed
         for pool in self.pools.values():
@@ -169,6 +170,7 @@ class WorkerRegistry:
         self.pools[worker.role].add(worker)
         self._claim(worker.role, worker.id, routed=True)
         log.info("%s worker %s (%s) joined", worker.role, worker.id, worker.url)
+        self._added(worker)
 
     def add(
         self, role: Role, url: str, lmcache: Receiver | None = None, worker_id: str | None = None
@@ -178,6 +180,7 @@ class WorkerRegistry:
         del self.candidates[worker.id]
         self.pools[role].add(worker)
         self._claim(role, worker.id, routed=True)
+        self._added(worker)
         return worker
 
     def hold(self, worker: Worker) -> None:
@@ -208,6 +211,10 @@ class WorkerRegistry:
         self.pools[worker.role].remove(worker)
         self._removed(worker)
         log.info("%s worker %s (%s) removed", worker.role, worker.id, worker.url)
+
+    def _added(self, worker: Worker) -> None:
+        for listener in self.on_added:
+            listener(worker)
 
     def _removed(self, worker: Worker) -> None:
         for listener in self.on_removed:

@@ -48,6 +48,16 @@ class Samples:
         """For each of `names` present: the sum of its samples (absent names are left out)."""
         return {name: total for name in names if (total := self.sum(name)) is not None}
 
+    def by_label(self, name: str, key: str) -> dict[str, float]:
+        """The sum of its samples for each value of label `key` (samples without it left out)."""
+        out: dict[str, float] = {}
+        for labels, value in self._found.get(name, ()):
+            for k, v in _LABEL.findall(labels):
+                if k.decode() == key:
+                    text = _UNESCAPE.sub(lambda m: b"\n" if m[1] == b"n" else m[1], v).decode()
+                    out[text] = out.get(text, 0.0) + value
+        return out
+
     def label(self, name: str, key: str) -> str | None:
         """The value of label `key` on the metric's first sample that has it (info gauges such
         as `vllm:cache_config_info` carry their facts as labels)."""

@@ -108,3 +108,16 @@ def test_label_values_are_unescaped() -> None:
     assert samples.label("m", "path") == "C:\\x"
     assert samples.label("m", "say") == '"hi"\nthere'
     assert samples.label("m", "absent") is None and samples.label("other", "path") is None
+
+
+def test_sums_by_a_labels_value() -> None:
+    registry = CollectorRegistry()
+    tokens = Counter("pdproxy_pool_prompt_tokens", "t", ["side", "engine"], registry=registry)
+    tokens.labels("long", "a").inc(5)
+    tokens.labels("long", "b").inc(2)
+    tokens.labels("lo\\cal", "a").inc(3)
+    samples = parse(generate_latest(registry), ["pdproxy_pool_prompt_tokens_total"])
+    by_side = samples.by_label("pdproxy_pool_prompt_tokens_total", "side")
+    assert by_side == {"long": 7.0, "lo\\cal": 3.0}
+    assert samples.by_label("pdproxy_pool_prompt_tokens_total", "absent") == {}
+    assert samples.by_label("other", "side") == {}

@@ -55,10 +55,30 @@ class LeaderConfig(_Model):
         description="this replica's holderIdentity; default: the POD_NAME environment variable "
         "(the downward API), else the host name",
     )
+    effective_delay: float | None = Field(
+        None,
+        gt=0,
+        description="seconds from a lean decision (the leader's, or a pin) to the instant every "
+        "replica applies it, by its own clock; longer than renew_interval, so that every "
+        "replica has read it by then; default: renew_interval + 1",
+    )
+    peers: str | None = Field(
+        None,
+        description="label selector of the proxy replicas' pods: the leader reads their placed "
+        "prompt tokens, so that its pool controller sees the whole fleet's prompt load; unset: "
+        "it sees its own share only",
+    )
     configmap: str = Field(
         "pdproxy-decisions",
         description="the ConfigMap the leader publishes the pool's leans, pins and drains in",
     )
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_selector(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> LeaderConfig:
@@ -66,6 +86,12 @@ class LeaderConfig(_Model):
             raise ValueError(
                 "leader.renew_interval must be shorter than leader.lease_duration (the holder "
                 "renews several times before another may take the Lease)"
+            )
+        if self.effective_delay is not None and self.effective_delay <= self.renew_interval:
+            raise ValueError(
+                "leader.effective_delay must be longer than leader.renew_interval (every "
+                "replica reads a decision once per renew_interval and must have it before it "
+                "takes effect)"
             )
         return self
 

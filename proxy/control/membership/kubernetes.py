@@ -42,6 +42,7 @@ from proxy.control.admin.probes import ProbeFailed
 from proxy.control.admin.service import AddWorker, Admin
 from proxy.control.membership.config import DiscoveryConfig
 from proxy.control.membership.leader import LeaderElector, identity
+from proxy.control.membership.peers import PeerLoad
 from proxy.control.membership.pods import PodView, view
 from proxy.control.membership.selectors import parse_selector
 from proxy.control.membership.shared import SharedDecisions
@@ -90,6 +91,18 @@ def replicas(
     return elector, SharedDecisions(config.leader, elector, admin, pool)
 
 
+def peer_load(
+    config: DiscoveryConfig,
+    elector: LeaderElector | None,
+    pool: PoolController | None,
+    metrics: CollectorRegistry | None,
+) -> PeerLoad | None:
+    """With leader.peers and a pool: the other replicas' prompt load, for the leader."""
+    if elector is None or pool is None or config.leader is None or not config.leader.peers:
+        return None
+    return PeerLoad(config, lightkube_selector(config.leader.peers), elector, pool, metrics)
+
+
 class KubernetesSource:
     def __init__(
         self,
@@ -102,6 +115,7 @@ class KubernetesSource:
         self.admin = admin
         # several replicas: the Lease, and the decisions its holder makes for all
         self.elector, self.shared = replicas(config, admin, metrics, pool)
+        self.peers = peer_load(config, self.elector, pool, metrics)
         sel = config.selectors
         chosen: tuple[tuple[Role, str | None], ...] = (
             ("prefill", sel.prefill),
@@ -180,6 +194,9 @@ class KubernetesSource:
                      self.elector.identity)  # fmt: skip
             self._tasks.append(asyncio.create_task(self.elector.run()))
             self._tasks.append(asyncio.create_task(self.shared.run()))
+        if self.peers is not None:
+            self.peers.client = self.client
+            self._tasks.append(asyncio.create_task(self.peers.run()))
 
     async def close(self) -> None:
         tasks = [*self._tasks, *(t.joining for t in self.pods.values() if t.joining)]

@@ -20,6 +20,7 @@ def test_a_leader_section_is_read_with_its_defaults() -> None:
         15.0,
         5.0,
     )
+    assert leader.effective_delay is None  # renew_interval + 1 (the shared decisions)
     assert load_config(None, discovery=KUBE).discovery.leader is None
 
 
@@ -29,6 +30,14 @@ def test_a_leader_section_is_read_with_its_defaults() -> None:
         (
             {"discovery": {**KUBE, "leader": {"lease_duration": 2, "renew_interval": 2}}},
             "renew_interval must be shorter than leader.lease_duration",
+        ),
+        (
+            {"discovery": {**KUBE, "leader": {"renew_interval": 2, "effective_delay": 2}}},
+            "effective_delay must be longer than leader.renew_interval",
+        ),
+        (
+            {"discovery": {**KUBE, "leader": {"peers": "app=pdproxy,"}}},
+            "label selector 'app=pdproxy,' has an empty term",
         ),
         ({"discovery": {"leader": {}}}, "discovery.leader needs source kubernetes"),
         (
