@@ -136,9 +136,7 @@ def test_two_replicas_connected_to_the_engines_see_the_same_index(
         for name in ("a", "b"):
             replicas.append(replica(tmp_path, name, engines))
         deadline = time.monotonic() + 30
-        while not all(
-            e["prefix_source"] == "events" for r in replicas for e in index(r).values()
-        ):
+        while not all(e["prefix_source"] == "events" for r in replicas for e in index(r).values()):
             assert time.monotonic() < deadline, [index(r) for r in replicas]
             time.sleep(0.2)
         ids = [tokens(e0, p) for p in prompts]
