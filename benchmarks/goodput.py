@@ -22,6 +22,9 @@ Configurations (prefill policy / decode policy / conditional disaggregation):
   combined       prefix_aware / prefix_aware (load-bounded by the engines' counts) / on
   combined-events  combined, with the exact prefix index from the engines' KV-cache events
                  (kv_events; the simulators publish them) instead of the estimate
+  combined-oracle  combined, every lookup of the exact index answered by the engines themselves
+                 at that moment (what each one's prefix cache holds: benchmarks/oracle_proxy.py),
+                 the reference for the index's hit rate
   vllm-router    vllm-router --policy cache_aware (if installed; see benchmarks/overhead.py)
 
 Each configuration's prefix-cache hit rate is the engines' own: vllm:prefix_cache_hits_total over
@@ -88,7 +91,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "conditional_disagg": {"enabled": True},
         "kv_events": {"enabled": True},  # each engine's sockets are added at start
     },
+    "combined-oracle": {  # run by benchmarks/oracle_proxy.py
+        "prefill_policy": "prefix_aware",
+        "decode_policy": "prefix_aware",
+        "conditional_disagg": {"enabled": True},
+        "kv_events": {"enabled": True},
+    },
 }
+ORACLE = Path(__file__).resolve().parent / "oracle_proxy.py"
 
 
 # -- workload -------------------------------------------------------------------------------
@@ -349,6 +359,10 @@ def start_router(
         config["kv_events"] = {"enabled": True, "endpoints": endpoints}
     path = procs.logdir / f"{name}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
+    if name == "combined-oracle":
+        port = free_port()
+        argv = [sys.executable, str(ORACLE), "serve", "--port", str(port), "--config", str(path)]
+        return procs.start(name, argv, f"http://127.0.0.1:{port}", None, ready="/metrics")
     return procs.pdproxy(name, None, [], [], "--config", str(path))
 
 
@@ -378,6 +392,10 @@ async def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[
         background.cancel()
         rows["prefix_hit_rate"] = await hit_rate([*prefill, *decode])
         rows["decisions"] = await decisions(router) if name != "vllm-router" else {}
+        if name == "combined-oracle":  # the index from the events against the engines
+            async with new_session() as s, s.get(router.url + "/oracle/tally") as resp:
+                rows["index_vs_engines"] = await resp.json()
+            print(f"{name:>13} index vs engines {rows['index_vs_engines']}", flush=True)
         print(f"{name:>13} prefix-cache hit rate {rows['prefix_hit_rate']}", flush=True)
         print(f"{name:>13} decisions {rows['decisions']}", flush=True)
         return rows
@@ -445,8 +463,60 @@ def render(result: dict[str, Any]) -> str:
     for name, rows in configs.items():
         rate = rows.get("prefix_hit_rate")
         lines.append(f"| {name} | {'-' if rate is None else f'{rate:.1%}'} |")
+    lines += render_exact(configs, rates)
     lines += ["", "Plots: goodput.png (goodput vs rate), goodput_ttft.png (TTFT p50/p99 vs rate)."]
     return "\n".join(lines)
+
+
+EXACT = ("combined", "combined-events", "combined-oracle")
+
+
+def render_exact(configs: dict[str, Any], rates: list[float]) -> list[str]:
+    """The estimate, the index from the events and the oracle side by side, if all ran."""
+    if not all(name in configs for name in EXACT):
+        return []
+    oracle = configs["combined-oracle"]["prefix_hit_rate"]
+    lines = [
+        "",
+        "## The prefix index: estimate (combined), events (combined-events), oracle",
+        "",
+        "| | hit rate | vs oracle (points) | "
+        + " | ".join(f"goodput {r:g}" for r in rates)
+        + " | "
+        + " | ".join(f"TTFT p50/p99 {r:g}" for r in rates)
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(rates)),
+    ]
+    for name, label in zip(EXACT, ("estimate", "events", "oracle"), strict=True):
+        rows = configs[name]
+        hit = rows["prefix_hit_rate"]
+        diff = "-" if hit is None or oracle is None else f"{(hit - oracle) * 100:+.1f}"
+        cells = [f"{rows[f'{r:g}']['goodput']:.2f}" for r in rates]
+        cells += [
+            f"{rows[f'{r:g}']['ttft_p50_ms']:.0f} / {rows[f'{r:g}']['ttft_p99_ms']:.0f}"
+            for r in rates
+        ]
+        shown = "-" if hit is None else f"{hit:.1%}"
+        lines.append(f"| {label} | {shown} | {diff} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "The oracle asks every engine what it holds for each request (one more round trip "
+        "before placement), so its TTFT carries that cost; its hit rate is the reference. Each "
+        "configuration is its own run of the same seeded workload (arrival times and follow-up "
+        "turns depend on the answers' timing), so hit rates differ by that too."
+    )
+    t = configs["combined-oracle"].get("index_vs_engines")
+    if t and t["lookups"]:
+        lines += [
+            "",
+            "In the oracle's run, the index from the events answered the same lookups beside it: "
+            f"{t['lookups']} (request, engine) lookups, {t['exact']} exact "
+            f"({t['exact'] / t['lookups']:.1%}); it counted {t['indexed_tokens']} cached tokens "
+            f"where the engines held {t['held_tokens']} "
+            f"({t['indexed_tokens'] / max(1, t['held_tokens']):.1%}), "
+            f"{t['over_tokens']} of them claimed beyond what an engine held.",
+        ]
+    return lines
 
 
 def plot(result: dict[str, Any], stem: Path) -> None:

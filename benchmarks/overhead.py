@@ -18,6 +18,8 @@ batch. Scenarios:
   overhead      concurrency 1, 64 and 256, streaming 64 tokens, --rounds rounds
   latency       concurrency 1, --latency-requests requests per mode: pdproxy vs direct vs floor
   open-streams  --open-streams streams held open on a slow decoder (20 ms per token): TTFT
+  kv-index      pdproxy with the exact prefix index (kv_events) off and on, same engines and
+                requests (each a new prompt, so every one stores blocks): CPU per request, ratio
 
     python benchmarks/overhead.py                    # all scenarios, ~5 min on 2 cores
     python benchmarks/overhead.py --quick            # small, ~1 min
@@ -295,6 +297,57 @@ async def scenario_open_streams(procs: Procs, args: argparse.Namespace) -> dict[
     return {"streams": conc, "decoder_ms_per_token": 20, "rows": rows}
 
 
+async def scenario_kv_index(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
+    """The exact prefix index's cost: pdproxy with kv_events off and on, the same engines
+    (prefix caching, KV events on ipc:// sockets they bind), the same requests: each a new
+    prompt (a unique first line before PROMPT), so every request stores blocks on both engines
+    and, once their caches are full, evicts some: the proxy with the index applies those
+    events and asks the decoder's /tokenize for every request."""
+    endpoints: dict[str, Any] = {}
+    engines: dict[str, Proc] = {}
+    for role in ("prefill", "decode"):
+        pub, replay = f"ipc://{procs.logdir}/{role}-kv-events", f"tcp://127.0.0.1:{free_port()}"
+        events = {"enable_kv_cache_events": True, "endpoint": pub, "replay_endpoint": replay}
+        engines[role] = procs.sim(
+            f"{role}-kv", ENGINE_CPU, "--role", role, "--speed-factor", "0", "--token-per-chunk",
+            "--enable-prefix-caching", "--kv-events-config", json.dumps(events),
+        )  # fmt: skip
+        endpoints[engines[role].url] = {"publisher": pub, "replay": replay, "bind": False}
+
+    def proxy(name: str, index: bool) -> Proc:
+        config: dict[str, Any] = {"prefill": [engines["prefill"].url]}
+        config["decode"] = [engines["decode"].url]
+        if index:
+            config["kv_events"] = {"enabled": True, "endpoints": endpoints}
+        path = procs.logdir / f"{name}.json"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        return procs.pdproxy(name, PROXY_CPU, [], [], *PDPROXY_ARGS, "--config", str(path))
+
+    def unique(url: str) -> Sender:
+        async def send(session: aiohttp.ClientSession) -> Sample:
+            body = chat_body(f"Request {uuid.uuid4().hex}. {PROMPT}", args.tokens)
+            return await stream_once(session, url + CHAT, orjson.dumps(body))
+
+        return send
+
+    off, on = proxy("pdproxy-index-off", False), proxy("pdproxy-index-on", True)
+    targets = [Target("index off", unique(off.url), off.pid)]
+    targets.append(Target("index on", unique(on.url), on.pid))
+    await warm(targets, 64)
+    out: dict[str, Any] = {"by_concurrency": {}}
+    for conc in args.concurrency:
+        requests = max(conc * args.per_worker, args.min_requests if conc == 1 else 0)
+        rows = await interleaved(targets, conc, requests, args.rounds)
+        cpu_on, cpu_off = (rows[n]["proxy_cpu_us_per_req"] for n in ("index on", "index off"))
+        ratio = cpu_on / cpu_off if cpu_on and cpu_off else None
+        out["by_concurrency"][str(conc)] = {"rows": rows, "cpu_ratio_on_off": ratio}
+        print(f"kv index, concurrency {conc}: " + _brief(rows) + f" ratio {ratio}", flush=True)
+    async with new_session() as session, session.get(on.url + "/admin/prefix-index") as resp:
+        out["index"] = (await resp.json())["engines"]  # what the index saw: batches, blocks
+    procs.stop_all()
+    return out
+
+
 def _brief(rows: dict[str, dict[str, Any]]) -> str:
     return "  ".join(
         f"{name} ttft50={r['ttft_p50_ms']:.2f}ms rps={r['req_per_s']:.0f}"
@@ -376,7 +429,30 @@ def render(result: dict[str, Any]) -> str:
             *table(op["rows"]),
             "",
         ]
+    if "kv_index" in scen:
+        lines += render_kv_index(scen["kv_index"], table)
     return "\n".join(lines)
+
+
+def render_kv_index(kv: dict[str, Any], table: Callable[[Any], list[str]]) -> list[str]:
+    lines = [
+        "## The exact prefix index: pdproxy with kv_events off and on (ms)",
+        "",
+        "Every request a new prompt; the engines publish KV events, the proxy with the index",
+        "applies them and asks the decoder's /tokenize per request. CPU ratio = index on / off.",
+        "",
+    ]
+    for conc, data in kv["by_concurrency"].items():
+        ratio = data["cpu_ratio_on_off"]
+        lines += [f"### concurrency {conc}: CPU per request on/off = {_fmt(ratio)}", ""]
+        lines += [*table(data["rows"]), ""]
+    for url, e in kv["index"].items():
+        lines.append(
+            f"- index of {url}: {e['prefix_source']}, {e['batches']} batches applied, "
+            f"{e['blocks']} blocks held, {e['repaired']} repaired, {e['lost']} lost"
+        )
+    lines.append("")
+    return lines
 
 
 def _source(ref: str, logdir: Path) -> Path:
@@ -401,13 +477,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     procs = Procs(logdir)
     args.baseline_src = {ref: _source(ref, logdir) for ref in args.baseline}
     scenarios: dict[str, Any] = {}
-    wanted = ["overhead", "latency", "open-streams"] if args.scenario == "all" else [args.scenario]
+    every = ["overhead", "latency", "open-streams", "kv-index"]
+    wanted = every if args.scenario == "all" else [args.scenario]
     try:
         for name in wanted:
             run = {
                 "overhead": scenario_overhead,
                 "latency": scenario_latency,
                 "open-streams": scenario_open_streams,
+                "kv-index": scenario_kv_index,
             }[name]
             scenarios[name.replace("-", "_")] = await run(procs, args)
     finally:
@@ -428,7 +506,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--scenario", choices=("all", "overhead", "latency", "open-streams"), default="all"
+        "--scenario",
+        choices=("all", "overhead", "latency", "open-streams", "kv-index"),
+        default="all",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")

@@ -11,6 +11,9 @@
 ``POST /_sim/faults`` replaces the fault set (``Faults`` keys; ``{}`` clears it) and answers it;
 ``GET /_sim/faults`` shows it. ``POST /_sim/reset`` clears records and faults.
 ``GET /_sim/info`` -> engine id, ports, running/waiting, held blocks and the leased request ids.
+``POST /_sim/prefix-cache`` ``{"token_ids": [...]}`` -> ``{"cached_tokens": n}``: the leading
+tokens of that prompt the prefix cache holds now, as the engine would count its hit (the truth
+the exact prefix index is checked against; nothing is looked up as a request would).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def add_control_routes(
     records: Records,
     faults: FaultState,
     info: Callable[[], dict[str, Any]],
+    cached_tokens: Callable[[list[int]], int],
 ) -> None:
     async def get_requests(_: web.Request) -> web.Response:
         return json_response({"requests": records.as_json()})
@@ -56,8 +60,18 @@ def add_control_routes(
     async def get_info(_: web.Request) -> web.Response:
         return json_response(info())
 
+    async def prefix_cache(request: web.Request) -> web.Response:
+        try:
+            ids = orjson.loads(await request.read())["token_ids"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            ids = None
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            return error_response(ApiError('expected {"token_ids": [int, ...]}'))
+        return json_response({"cached_tokens": cached_tokens(ids)})
+
     app.router.add_get("/_sim/requests", get_requests)
     app.router.add_post("/_sim/reset", reset)
     app.router.add_get("/_sim/faults", get_faults)
     app.router.add_post("/_sim/faults", set_faults)
     app.router.add_get("/_sim/info", get_info)
+    app.router.add_post("/_sim/prefix-cache", prefix_cache)

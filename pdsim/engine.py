@@ -123,6 +123,10 @@ class Engine:
         self._loop_task = asyncio.create_task(self._step_loop()) if self._timed else None
         self._reaper = asyncio.create_task(self._reap_loop())
 
+    def cached_tokens(self, token_ids: list[int]) -> int:
+        """The leading tokens of a prompt its prefix cache holds now (changing nothing)."""
+        return self._prefix.peek(token_ids)
+
     @property
     def num_running(self) -> int:
         return len(self._running) + self._direct_running

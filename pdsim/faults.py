@@ -2,8 +2,8 @@
 
 A fault set applies to the next ``count`` generation requests (``/v1/completions`` and
 ``/v1/chat/completions``), or to all of them until replaced when ``count`` is null.
-``unhealthy``, ``side_channel_error`` and ``kv_xfer_gbps`` are states, not per-request faults:
-they hold until the fault set is replaced or reset.
+``unhealthy``, ``side_channel_error``, ``kv_xfer_gbps`` and ``kv_events_unsent`` are states, not
+per-request faults: they hold until the fault set is replaced or reset.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class Faults(BaseModel):
     side_channel_error: bool = False
     # a decoder's KV pulls move at this many GB/s, as over TCP (vLLM's NIXL metrics show it)
     kv_xfer_gbps: float | None = Field(default=None, gt=0)
+    # KV-event batches are numbered and kept for replay but not sent, as batches dropped at
+    # the publisher's high-water mark are: subscribers see a gap in the sequence numbers
+    kv_events_unsent: bool = False
 
     @property
     def per_request(self) -> bool:

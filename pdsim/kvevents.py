@@ -77,6 +77,12 @@ def removed(hashes: list[int]) -> BlockRemoved:
     return BlockRemoved(block_hashes=[h & MASK for h in hashes], medium="GPU", group_idx=0)
 
 
+def binds(endpoint: str) -> bool:
+    """vLLM's rule for the PUB socket: bind a wildcard address (tcp://*:port, ::) or an ipc://
+    or inproc:// path, so that any number of subscribers connect; connect to anything else."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
 class KvEventPublisher:
     """Publishes batches with sequence numbers from 0 and serves replays."""
 
@@ -85,9 +91,9 @@ class KvEventPublisher:
         self._context = zmq.asyncio.Context()
         self._pub = self._context.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
-        if "*" in config.endpoint or "::" in config.endpoint:  # vLLM's rule: bind a wildcard
+        if binds(config.endpoint):
             self._pub.bind(config.endpoint)
-        else:  # and connect to anything else (a subscriber bound there)
+        else:  # a subscriber bound there
             self._pub.connect(config.endpoint)
         self._replay: zmq.asyncio.Socket | None = None
         if config.replay_endpoint:

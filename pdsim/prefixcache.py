@@ -34,6 +34,20 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def peek(self, token_ids: list[int]) -> int:
+        """Tokens of the prompt's leading full blocks cached now (before its last token), as
+        `lookup_and_insert` would count them, changing nothing: what the engine truly holds
+        for the prompt (the benchmarks' oracle, the tests' truth)."""
+        usable = (len(token_ids) - 1) // BLOCK_SIZE
+        if self.capacity <= 0 or usable <= 0:
+            return 0
+        hits = 0
+        for content in block_contents(token_ids, usable * BLOCK_SIZE):
+            if content not in self._blocks:
+                break
+            hits += 1
+        return hits * BLOCK_SIZE
+
     def lookup_and_insert(self, token_ids: list[int]) -> int:
         """Tokens of the prompt's leading full blocks already cached (before its last token);
         then cache all of its full blocks (most recently used last)."""

@@ -51,6 +51,7 @@ from pdsim.records import Records
 from pdsim.sidechannel import side_channel_app
 from pdsim.tokenizer import SimTokenizer
 from pdsim.web import MAX_BODY, fastapi_http_errors
+from proxy.engines.kvevents_wire import Event
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class SimServer:
             self.metrics,
             self._producer_params,
             on_prefilled=self.lmcache.on_prefilled if self.lmcache is not None else None,
-            kv_events=self.kv_events.publish if self.kv_events is not None else None,
+            kv_events=self._publish_kv_events if self.kv_events is not None else None,
         )
         consumer = NixlConsumer(
             self._session,
@@ -160,12 +161,16 @@ class SimServer:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[fastapi_http_errors])
         Generate(instance).add_routes(app)
         Endpoints(instance).add_routes(app)
-        add_control_routes(app, self.records, self.faults, self._info)
+        add_control_routes(app, self.records, self.faults, self._info, self.engine.cached_tokens)
         if self.lmcache is not None:
             self.lmcache.add_routes(app)
         if self.config.request_id_headers:
             app.on_response_prepare.append(_echo_request_id)
         return app
+
+    def _publish_kv_events(self, events: list[Event]) -> None:
+        assert self.kv_events is not None
+        self.kv_events.publish(events, send=not self.faults.current.kv_events_unsent)
 
     def _info(self) -> dict[str, Any]:
         engine = self.engine

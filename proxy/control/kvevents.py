@@ -4,18 +4,20 @@ exact prefix index (proxy.place.kvindex).
 Each batch carries a sequence number from 0 at the engine's start. The subscriber applies
 batches in order, once each:
 
-- the first batch it sees, if not number 0 (the proxy joined late, or ZMQ's subscription was
-  not through yet), and any later jump in the numbers (batches dropped at the high-water
-  mark) are repaired through the engine's replay socket: the batches from the first missing
-  one on, each applied once (those that also arrive on the subscription are skipped);
+- on connecting, it asks the engine's replay socket for every batch from 0 (a proxy that
+  joins late, or a second replica, learns what the engine already holds even if it publishes
+  nothing more for a while);
+- the first batch it sees, if not the next one (no replay was answered, or ZMQ's
+  subscription was not through yet), and any later jump in the numbers (batches dropped at
+  the high-water mark) are repaired through the engine's replay socket: the batches from the
+  first missing one on, each applied once (those that also arrive on the subscription are skipped);
 - a repair that cannot be made (no replay socket, no answer within `replay_timeout`, or the
   engine's buffer no longer reaches back far enough) empties the engine's entries: missing a
   removal would make the index claim blocks the engine no longer has, missing a store only
   costs hits, so the index starts over from what it sees next;
 - a lost connection (the engine stopped or restarted: its cache is gone) drops them, and the
-  engine keeps the estimate until it is connected again; then it holds nothing until its
-  events say so, and the next batch is repaired from 0, which rebuilds the entries of an
-  engine that did not restart from its replay buffer.
+  engine keeps the estimate until it is connected again; then it holds what the replay from
+  0 says (nothing for an engine that restarted, all its entries for one that did not).
 
 `Worker.prefix_source` says which index the planner uses for the worker: "events" while its
 subscriber is connected (the index answers for it only then), else "estimate"
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,7 +102,9 @@ class Subscriber:
             while True:
                 ready = dict(await poller.poll())
                 if monitor in ready:
-                    self.on_monitor(parse_monitor_message(await monitor.recv_multipart()))
+                    message = parse_monitor_message(await monitor.recv_multipart())
+                    if self.on_monitor(message) and self.endpoints.replay:
+                        await self.catch_up()
                 if sub in ready:
                     await self.on_message(await sub.recv_multipart())
         finally:
@@ -108,17 +113,47 @@ class Subscriber:
             monitor.close(linger=0)
             sub.close(linger=0)
 
-    def on_monitor(self, message: Mapping[str, object]) -> None:
+    def on_monitor(self, message: Mapping[str, object]) -> bool:
+        """Follow the connection; True when it is (re)connected."""
         if message["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
             log.info("KV events of %s: connected at %s", self.url, self.endpoints.publisher)
             self.index.apply(self.url, ())  # exact from now on: nothing until events say so
             self.worker.prefix_source = "events"
-        elif message["event"] == zmq.EVENT_DISCONNECTED:
+            return True
+        if message["event"] == zmq.EVENT_DISCONNECTED:
             log.info("KV events of %s: disconnected; it keeps the estimate", self.url)
             self.index.forget(self.url)
             self.worker.prefix_source = "estimate"
             self.expected = None
             self.counts.lost += 1
+        return False
+
+    async def catch_up(self) -> None:
+        """On connecting, what the engine published before: its replay buffer from batch 0,
+        so that a proxy joining an engine that publishes nothing more for a while still knows
+        what it holds. Without an answer the next batch is repaired instead (`expected` stays
+        None); a buffer that no longer reaches back to 0 leaves the engine empty, as a gap that
+        cannot be repaired does."""
+        if self.expected is not None:
+            return
+        replayed = await self.replay(0)
+        if replayed is None:
+            return
+        if replayed and replayed[0][0] != 0:
+            log.warning(
+                "KV events of %s: its replay buffer starts at batch %d, not 0; it holds "
+                "nothing here until its events say so",
+                self.url, replayed[0][0],
+            )  # fmt: skip
+            self.counts.lost += 1
+            self.expected = replayed[-1][0] + 1
+            return
+        self.expected = 0
+        for seq, payload in replayed:
+            if seq == self.expected:
+                self.apply(seq, payload)
+        if replayed:
+            self.counts.repaired += 1
 
     def lose(self) -> None:
         """What the engine holds is unknown now: hold nothing, start over at the next batch."""
@@ -211,6 +246,24 @@ class KvEvents:
         task = asyncio.create_task(sub.run(), name=f"kv-events {worker.url}")
         self.running[worker.url] = (sub, task)
         return sub
+
+    def describe(self) -> dict[str, dict[str, object]]:
+        """Per engine: the index it answers from, what the index holds for it, and how its
+        subscriber fared (GET /admin/prefix-index)."""
+        out: dict[str, dict[str, object]] = {}
+        for url, (sub, _) in self.running.items():
+            blocks = self.index.engines.get(url)
+            out[url] = {
+                "prefix_source": sub.worker.prefix_source,
+                "publisher": sub.endpoints.publisher,
+                "bind": sub.endpoints.bind,
+                "next_seq": sub.expected,
+                **dataclasses.asdict(sub.counts),
+                "blocks": None if blocks is None else len(blocks.held),
+                "block_size": None if blocks is None else blocks.block_size,
+                "digest": None if blocks is None else blocks.digest(),
+            }
+        return out
 
     async def stop(self, url: str) -> None:
         entry = self.running.pop(url, None)

@@ -28,6 +28,7 @@ nor are blocks whose parent the index never saw (after a gap that could not be r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -121,6 +122,14 @@ class EngineBlocks:
         self.keys.clear()
         self.copies.clear()
         self.held.clear()
+
+    def digest(self) -> str:
+        """A fingerprint of the keys held and their copies, the same in every process that
+        applied the same events (replicas compare theirs: GET /admin/prefix-index)."""
+        h = hashlib.blake2b(digest_size=8)
+        for key, copies in sorted(self.held.items()):
+            h.update(key.to_bytes(8, "big", signed=True) + copies.to_bytes(4, "big"))
+        return h.hexdigest()
 
     def leading(self, keys: Sequence[int]) -> int:
         """How many of `keys`, from the first, this engine holds."""

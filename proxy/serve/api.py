@@ -96,7 +96,7 @@ def build_api(app: App, lifespan: Lifespan) -> FastAPI:
         services.auth.check_admin(request.scope["headers"])
         return _json(views.stats())
 
-    add_admin_routes(api, app.control.admin, services.timelines, app.pool)
+    add_admin_routes(api, app.control.admin, services.timelines, app.pool, app.control.kv_events)
     feed = ConsoleFeed(
         app.control.admin,
         app.engine,

@@ -69,11 +69,13 @@ def test_a_late_subscriber_catches_up_through_the_replay() -> None:
     async def scenario(pub: KvEventPublisher, events: KvEvents, worker: Worker) -> None:
         store_prompt(pub, send=False)  # before the subscriber could hear them
         await until(lambda: worker.prefix_source == "events")
+        await until(lambda: held(events) == 32)  # replayed on connecting, nothing more sent
+        sub = subscriber(events)
+        assert sub.expected == 2 and sub.counts.repaired == 1
         await asyncio.sleep(0.2)  # the subscription is through
         pub.publish([removed([999])])  # batch 2: the first the subscriber hears
-        await until(lambda: held(events) == 32)
-        sub = subscriber(events)
-        assert sub.expected == 3 and sub.counts.repaired == 1 and sub.counts.lost == 0
+        await until(lambda: sub.expected == 3)
+        assert held(events) == 32 and sub.counts.repaired == 1 and sub.counts.lost == 0
 
     run(scenario)
 

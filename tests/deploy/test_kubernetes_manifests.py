@@ -3,6 +3,7 @@ schemas that kubernetes-validate bundles (offline), then read for what pdproxy r
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,24 @@ def test_the_engines_carry_the_labels_the_proxy_config_selects() -> None:
             '"NixlConnector"' in kv
             and ("kv_producer" if role == "prefill" else "kv_consumer") in kv
         )
+
+
+def test_every_replica_can_connect_to_the_engines_kv_events() -> None:
+    """The engines bind their event sockets where the proxy's rule looks (pod address, HTTP port
+    + offsets), and the replicas connect (bind false): one process only could bind them."""
+    docs = render(DEPLOY / "overlays/vllm-1p1d")
+    (configmap,) = by_kind(docs, "ConfigMap")
+    config = ProxyConfig.model_validate(yaml.safe_load(configmap["data"]["config.yaml"]))
+    assert config.kv_events.enabled and not config.kv_events.bind
+    rule = config.kv_events.endpoint_for("http://10.0.0.7:8000")
+    for name in ("vllm-prefill", "vllm-decode"):
+        (deployment,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == name]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        arg = next(a for a in container["args"] if a.startswith("--kv-events-config="))
+        events = json.loads(arg.partition("=")[2])
+        assert events["enable_kv_cache_events"] and events["publisher"] == "zmq"
+        for key, wanted in (("endpoint", rule.publisher), ("replay_endpoint", rule.replay)):
+            assert events[key].startswith("tcp://*:")  # vLLM binds a wildcard address
+            port = int(events[key].rpartition(":")[2])
+            assert wanted is not None and wanted == f"tcp://10.0.0.7:{port}"
+            assert port in [p["containerPort"] for p in container["ports"]]

@@ -56,3 +56,17 @@ def test_events_say_what_was_stored_and_evicted() -> None:
             index.apply("sim", batch)
         applied = len(batches)
         assert index.cached(probe, ["sim"]) == {"sim": cache.lookup_and_insert(probe)}, probe
+
+
+def test_peek_counts_as_a_lookup_would_and_changes_nothing() -> None:
+    batches: list[list[Event]] = []
+    cache = PrefixCache(capacity=2, publish=batches.append)
+    a, b = list(range(16)), list(range(100, 116))
+    cache.lookup_and_insert([*a, *b])
+    assert cache.peek([*a, *b]) == 16  # never the last token
+    assert cache.peek([*a, *b, 7]) == 32
+    assert cache.peek([*b, 7]) == 0  # b only after a
+    assert len(batches) == 1  # no event, no insertion
+    cache.lookup_and_insert(list(range(200, 217)))  # evicts a (a peek did not refresh it)
+    assert cache.peek([*a, *b, 7]) == 0
+    assert cache.lookup_and_insert([*a, *b, 7]) == 0

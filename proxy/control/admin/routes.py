@@ -12,6 +12,10 @@ GET    /admin/pool                     the pool: mode, each engine's lean, the c
 PUT    /admin/pool                     {"leans": {id: "prefill"|"decode"}?, "controller":
                                        "auto"|"manual"?}: set leans; manual pauses the
                                        controller until "auto"
+GET    /admin/prefix-index             per engine with KV events: its index's source, blocks,
+                                       a digest of them, and its subscriber's counts
+POST   /admin/prefix-index             {"token_ids": [...]}: the leading tokens of that prompt
+                                       each engine holds, by the exact index
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy.control.admin.service import AddWorker, Admin
+from proxy.control.kvevents import KvEvents
 from proxy.control.pool import PoolController
 from proxy.control.workers import Lean
 from proxy.errors import BadRequest, Conflict, NotFound
@@ -51,11 +56,16 @@ async def _body(request: Request) -> Any:
 
 
 def add_admin_routes(
-    api: FastAPI, admin: Admin, timelines: TimelineRing, pool: PoolController | None = None
+    api: FastAPI,
+    admin: Admin,
+    timelines: TimelineRing,
+    pool: PoolController | None = None,
+    kv_events: KvEvents | None = None,
 ) -> None:
     _worker_routes(api, admin)
     _request_routes(api, admin, timelines)
     _pool_routes(api, admin, pool)
+    _prefix_routes(api, admin, kv_events)
 
 
 def _worker_routes(api: FastAPI, admin: Admin) -> None:
@@ -125,3 +135,26 @@ def _pool_routes(api: FastAPI, admin: Admin, pool: PoolController | None) -> Non
             raise Conflict("a colocated pool has no leans: every engine serves whole requests")
         planner.update(update.leans, update.controller)
         return _json(planner.describe())
+
+
+def _prefix_routes(api: FastAPI, admin: Admin, kv_events: KvEvents | None) -> None:
+    def _events() -> KvEvents:
+        if kv_events is None:
+            raise NotFound("this proxy has no exact prefix index (configure kv_events.enabled)")
+        return kv_events
+
+    @api.get("/admin/prefix-index")
+    async def get_index(request: Request) -> Response:
+        admin.guard(request.scope["headers"])
+        return _json({"engines": _events().describe()})
+
+    @api.post("/admin/prefix-index")
+    async def lookup(request: Request) -> Response:
+        admin.guard(request.scope["headers"])
+        events = _events()
+        body = await _body(request)
+        ids = body.get("token_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+            raise BadRequest('expected {"token_ids": [int, ...]}', param="token_ids")
+        cached = events.index.cached(ids, list(events.running))
+        return _json({"cached_tokens": cached})
