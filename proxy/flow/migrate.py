@@ -225,6 +225,11 @@ def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> Cl
     prompt = [*(transcript.prompt_ids or ()), *transcript.moved]
     body: dict[str, Any] = {k: request.body[k] for k in _KEPT if k in request.body}
     body.update(prompt=prompt, stream=True, return_token_ids=True)
+    if body.get("stop"):
+        # the engine then holds no text back for its stop strings: the seam sees each token's
+        # text as it comes (a stop across the seam ends at the token that completed it) and
+        # holds back, and cuts, itself
+        body["include_stop_str_in_output"] = True
     if request.include_usage:
         body["stream_options"] = {"include_usage": True}
     max_tokens = None if request.max_tokens is None else request.max_tokens - moved

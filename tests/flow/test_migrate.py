@@ -80,9 +80,8 @@ def whole(sim: Sim, body: Body, path: str = "/v1/completions") -> Body:
     return data
 
 
-def check_one_stream(events: list[Any], expected: Body, chat: bool, usage_slack: int = 0) -> None:
-    """One id, one created, one object; no error; the usage of one request (within
-    `usage_slack` completion tokens); [DONE] once."""
+def check_one_stream(events: list[Any], expected: Body, chat: bool) -> None:
+    """One id, one created, one object; no error; the usage of one request; [DONE] once."""
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = events[:-1]
     assert not any("error" in e for e in chunks), chunks
@@ -96,7 +95,7 @@ def check_one_stream(events: list[Any], expected: Body, chat: bool, usage_slack:
     assert finishes == [expected["choices"][0]["finish_reason"]]
     usage, want = chunks[-1]["usage"], expected["usage"]
     assert usage["prompt_tokens"] == want["prompt_tokens"]
-    assert 0 <= usage["completion_tokens"] - want["completion_tokens"] <= usage_slack
+    assert usage["completion_tokens"] == want["completion_tokens"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -172,9 +171,7 @@ def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: 
         sim.faults(drop_after_chunks=6, count=1)
     events = stream(proxy, body)
     assert text_of(events) == expected["choices"][0]["text"]
-    # KNOWN DEFECT, not yet understood: in about one run of three here the usage counts one
-    # completion token more than the uninterrupted answer (text, finish and stop reason exact)
-    check_one_stream(events, expected, chat=False, usage_slack=1)
+    check_one_stream(events, expected, chat=False)
     finish = [c for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
     assert finish[0]["stop_reason"] == stop
 
