@@ -137,12 +137,42 @@ def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> N
     assert sum(1 for e in events[:-1] for c in e["choices"] if "role" in c["delta"]) == 1
 
 
-def test_a_whole_answer_broken_mid_way_is_asked_for_again(
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_whole_answer_broken_mid_way_continues(
+    proxy: Proxy, decoders: list[Sim], path: str
+) -> None:
+    """A non-streamed answer is read from its decoder as a stream: the other decoder continues
+    it from the tokens already generated, and the client gets one whole answer, the greedy
+    one, with one request's usage."""
+    chat = path.endswith("chat/completions")
+    prompt = unique("all at once")
+    body: Body = {"model": MODEL, "max_tokens": 25, "stop": ["zzz"]}
+    body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    expected = whole(decoders[0], body, path)
+    before = migrations(proxy)
+    for sim in decoders:  # the first to serve drops after 7 tokens
+        sim.faults(drop_after_chunks=7, count=1)
+    resp = httpx.post(proxy.url + path, json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got, want = resp.json(), expected["choices"][0]
+    assert migrations(proxy) >= before + 1  # continued (the other may drop too), not asked again
+    (choice,) = got["choices"]
+    text = choice["message"]["content"] if chat else choice["text"]
+    assert text == (want["message"]["content"] if chat else want["text"])
+    assert (choice["finish_reason"], choice["stop_reason"]) == (
+        want["finish_reason"], want["stop_reason"]
+    )  # fmt: skip
+    assert got["usage"] == {k: expected["usage"][k] for k in got["usage"]}
+    assert got["object"] == expected["object"]
+
+
+def test_a_whole_answer_that_cannot_migrate_is_asked_for_again(
     proxy: Proxy, decoders: list[Sim]
 ) -> None:
-    """Nothing of a non-streamed answer reached the client: the other decoder answers it
-    whole (decode_retries), the same greedy answer, one request's usage."""
-    body = {"model": MODEL, "prompt": unique("all at once"), "max_tokens": 25}
+    """Structured output is not continued: its whole answer, broken mid-way, is asked for
+    again on the other decoder (decode_retries)."""
+    body = {"model": MODEL, "prompt": unique("all at once"), "max_tokens": 25,
+            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
     expected = whole(decoders[0], body)
     for sim in decoders:  # the first to serve sends half its body and closes
         sim.faults(truncate_body=True, count=1)
@@ -157,14 +187,14 @@ def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: 
     """The decoder drops after 6 tokens; the stop string is the end of the 6th token's text
     and the start of the 7th's: neither engine can see it, the proxy does."""
     body: Body = {"model": MODEL, "prompt": unique("stop across"), "max_tokens": 30,
-                  "return_token_ids": True, "stream": True}  # fmt: skip
+                  "ignore_eos": True, "return_token_ids": True, "stream": True}  # fmt: skip
     resp = httpx.post(decoders[0].url + "/v1/completions", json=body, timeout=30)
     pieces = [c["text"] for e in sse_events(resp.content)[:-1] for c in e["choices"]]
     assert len(pieces) == 30  # one chunk per token
     stop = pieces[5][-2:] + pieces[6][:2]
     assert stop not in "".join(pieces[:5]) + pieces[5][:-2]  # it first occurs across the seam
     body = {"model": MODEL, "prompt": body["prompt"], "max_tokens": 30, "stop": [stop],
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
     assert expected["choices"][0]["finish_reason"] == "stop"
     for sim in decoders:
