@@ -22,6 +22,9 @@ from proxy.flow.sink import Sink
 from proxy.request import CHAT, ClientRequest
 
 
+_USAGE_DETAILS = {"prompt_tokens_details": None, "completion_tokens_details": None}
+
+
 def as_stream(request: ClientRequest) -> ClientRequest:
     """`request` asked for as a stream with usage (the decode leg's view of a whole answer)."""
     body = {**request.body, "stream": True, "stream_options": {"include_usage": True}}
@@ -89,8 +92,8 @@ class Gather:
             "model": self._head.get("model"),
             "choices": choices,
         }
-        if self._usage is not None:
-            answer["usage"] = self._usage
+        if self._usage is not None:  # a stream's usage leaves out the details that are null
+            answer["usage"] = {**_USAGE_DETAILS, **self._usage}
         return answer
 
     def _choice(self, index: int, got: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,13 @@ the seam; found, it ends the answer there as vLLM would (`finish_reason` "stop",
 string as `stop_reason`, the text cut before it or after it with
 `include_stop_str_in_output`), counts the tokens up to the chunk that completed it, and closes
 the continuation (`SeamStopped`).
+
+The continuation itself is asked to include its stop strings in its output: vLLM then holds
+none of its text back, so the seam sees each token's text with that token (a stop across the
+seam is found at the token that completed it, and counted so: held back by the engine, it
+would be found a token or more late). The seam holds back, as the first engine did, the end of
+the text that could begin a stop string, and cuts the stop string off the end of an answer
+that the continuation's engine ended on one (unless the client asked to include it).
 """
 
 from __future__ import annotations
