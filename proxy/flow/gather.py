@@ -18,11 +18,20 @@ from typing import Any
 
 import orjson
 
+from proxy.flow.migrate import unmigratable
 from proxy.flow.sink import Sink
 from proxy.request import CHAT, ClientRequest
 
-
 _USAGE_DETAILS = {"prompt_tokens_details": None, "completion_tokens_details": None}
+_MESSAGE_NULLS = dict.fromkeys(("refusal", "annotations", "audio", "function_call", "reasoning"))
+
+
+def gatherable(request: ClientRequest) -> bool:
+    """Whether this whole answer is read as a stream: one that could be continued, and not
+    an echo (a stream echoes the prompt otherwise than a whole answer)."""
+    if request.stream or request.body.get("echo"):
+        return False
+    return unmigratable(as_stream(request)) is None
 
 
 def as_stream(request: ClientRequest) -> ClientRequest:
@@ -42,6 +51,8 @@ class Gather:
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
+        self._fingerprint: Any = None
+        self._prompt_ids: Any = None  # a chat stream's, at the top of its first event
         self.started = False  # the first event came: from here a failure is continued
 
     async def whole(self, status: int, body: bytes) -> None:
@@ -66,6 +77,10 @@ class Gather:
                 self._head = {k: parsed.get(k) for k in ("id", "created", "model")}
             if isinstance(parsed.get("usage"), dict):
                 self._usage = parsed["usage"]
+            if parsed.get("system_fingerprint") is not None:
+                self._fingerprint = parsed["system_fingerprint"]
+            if self._ids and parsed.get("prompt_token_ids") is not None:
+                self._prompt_ids = parsed["prompt_token_ids"]
             for choice in parsed.get("choices") or ():
                 self._take(choice)
 
@@ -84,32 +99,32 @@ class Gather:
             into["stop_reason"] = choice.get("stop_reason")
 
     def _answer(self) -> dict[str, Any]:
-        choices = [self._choice(i, c) for i, c in sorted(self._choices.items())]
+        """The answer in vLLM 0.32's shape and key order (as the engine writes it whole)."""
+        chat = self._chat
         answer: dict[str, Any] = {
             "id": self._head.get("id"),
-            "object": "chat.completion" if self._chat else "text_completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": self._head.get("created"),
             "model": self._head.get("model"),
-            "choices": choices,
+            "choices": [self._choice(i, c) for i, c in sorted(self._choices.items())],
+            "service_tier": None,
+            "system_fingerprint": self._fingerprint,
         }
         if self._usage is not None:  # a stream's usage leaves out the details that are null
-            answer["usage"] = {**_USAGE_DETAILS, **self._usage}
+            answer["usage"] = {**self._usage, **_USAGE_DETAILS, **self._usage}
+        if chat:
+            answer.update(prompt_logprobs=None, prompt_token_ids=self._prompt_ids, prompt_text=None)
+        answer.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
         return answer
 
     def _choice(self, index: int, got: dict[str, Any]) -> dict[str, Any]:
         text = "".join(got["text"])
-        out: dict[str, Any] = {"index": index}
+        ids = got["ids"] if self._ids else None
+        end = {"finish_reason": got.get("finish_reason"), "stop_reason": got.get("stop_reason")}
         if self._chat:
-            out["message"] = {"role": "assistant", "content": text, "tool_calls": []}
-        else:
-            out["text"] = text
-        out.update(
-            logprobs=None,
-            finish_reason=got.get("finish_reason"),
-            stop_reason=got.get("stop_reason"),
-        )
-        if self._ids:
-            if not self._chat:
-                out["prompt_token_ids"] = got["prompt_ids"]
-            out["token_ids"] = got["ids"]
-        return out
+            message = {"role": "assistant", "content": text, **_MESSAGE_NULLS}
+            return {"index": index, "message": message, "logprobs": None, **end,
+                    "token_ids": ids, "routed_experts": None}  # fmt: skip
+        return {"index": index, "text": text, "logprobs": None, **end, "token_ids": ids,
+                "prompt_logprobs": None, "prompt_token_ids": got["prompt_ids"] if self._ids
+                else None, "routed_experts": None}  # fmt: skip

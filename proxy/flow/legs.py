@@ -22,7 +22,7 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.base import Connector, Handoff
 from proxy.errors import NoWorkerAvailable, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.flow.decode import decode_whole, relay_stream
-from proxy.flow.gather import Gather, as_stream
+from proxy.flow.gather import Gather, as_stream, gatherable
 from proxy.flow.migrate import (
     Transcript,
     cannot_migrate,
@@ -92,7 +92,7 @@ class Legs:
         self.migrations = flow.failover.migrations if migrations is None else migrations
         self.transcript: Transcript | None = None
         self.avoid: list[Worker] = []  # a continuation's: the decoder that failed before it
-        if self.migrations and not request.stream and unmigratable(as_stream(request)) is None:
+        if self.migrations and gatherable(request):
             # a whole answer that could be continued is read as a stream (proxy.flow.gather)
             self.out = Gather(out, request)
             self.request = request = as_stream(request)
