@@ -1,7 +1,8 @@
 """A stream whose decoder fails mid-answer continues on another decoder (proxy.flow.migrate):
 the client's answer equals the uninterrupted one, token for token, with one id, one created
 time and one request's usage. Simulated engines whose greedy model continues a sequence the
-same way whether its tokens came as prompt or as output, as a real model does.
+same way whether its tokens came as prompt or as output, as a real model does. (Each answer
+ignores EOS: the simulated model may end one before the fault it was set up to meet.)
 
 The module's decoders are its own (a test kills one and starts it again); the prefiller is the
 session's. A fault that strikes after k chunks is set on both decoders for one request each:
@@ -105,7 +106,7 @@ def migrations(proxy: Proxy) -> float:
 
 def test_dropped_stream_continues_on_the_other_decoder(proxy: Proxy, decoders: list[Sim]) -> None:
     body = {"model": MODEL, "prompt": unique("a long answer"), "max_tokens": 40,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
     before = migrations(proxy)
     for sim in decoders:  # the first to serve drops; the continuation runs on the other
@@ -125,7 +126,8 @@ def test_dropped_stream_continues_on_the_other_decoder(proxy: Proxy, decoders: l
 
 def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": unique("talk to me")}],
-            "max_tokens": 30, "stream_options": {"include_usage": True}}  # fmt: skip
+            "max_tokens": 30, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     path = "/v1/chat/completions"
     expected = whole(decoders[0], body, path)
     decoders[0].faults(error_event_after_chunks=4, count=1)
@@ -146,7 +148,7 @@ def test_a_whole_answer_broken_mid_way_continues(
     one, with one request's usage."""
     chat = path.endswith("chat/completions")
     prompt = unique("all at once")
-    body: Body = {"model": MODEL, "max_tokens": 25, "stop": ["zzz"]}
+    body: Body = {"model": MODEL, "max_tokens": 25, "stop": ["zzz"], "ignore_eos": True}
     body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     expected = whole(decoders[0], body, path)
     before = migrations(proxy)
@@ -208,7 +210,7 @@ def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: 
 
 def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Sim]) -> None:
     prompts = [unique("first of two"), unique("second of two")]
-    body = {"model": MODEL, "prompt": prompts, "max_tokens": 30,
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 30, "ignore_eos": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
     before = migrations(proxy)
@@ -227,7 +229,7 @@ def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Si
 
 def test_a_guided_request_is_not_migrated(proxy: Proxy, decoders: list[Sim]) -> None:
     body = {"model": MODEL, "prompt": unique("json please"), "max_tokens": 30,
-            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
+            "ignore_eos": True, "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
     for sim in decoders:
         sim.faults(drop_after_chunks=3, count=1)
     before = proxy.metrics().total("pdproxy_migrations_failed_total", why="structured_output")
