@@ -99,7 +99,11 @@ class Generation:
         self._spec = spec
         self._state = prompt_seed(prompt_ids)
         self._eos_threshold = int(eos_probability * _EOS_SCALE)
-        self._holdback = max((len(s) for s in spec.stop), default=1) - 1
+        # vLLM holds back the text that could begin a stop string only when the stop string
+        # is cut from the output (with include_stop_str_in_output nothing is held)
+        self._holdback = (
+            0 if spec.include_stop_str_in_output else max(map(len, spec.stop), default=1) - 1
+        )
         self._text = ""
         self._emitted = 0
         self._sampler = None if spec.seed is None else splitmix64(spec.seed & _MASK64)

@@ -22,6 +22,7 @@ from proxy.engines.client import EngineClient
 from proxy.engines.connectors.base import Connector, Handoff
 from proxy.errors import NoWorkerAvailable, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.flow.decode import decode_whole, relay_stream
+from proxy.flow.gather import Gather, as_stream, gatherable
 from proxy.flow.migrate import (
     Transcript,
     cannot_migrate,
@@ -81,7 +82,7 @@ class Legs:
     ) -> None:
         self.flow = flow
         self.request = request
-        self.out = out
+        self.out: Sink = out
         self.timing = timing
         self.progress = progress
         self.owner = owner
@@ -91,6 +92,10 @@ class Legs:
         self.migrations = flow.failover.migrations if migrations is None else migrations
         self.transcript: Transcript | None = None
         self.avoid: list[Worker] = []  # a continuation's: the decoder that failed before it
+        if self.migrations and gatherable(request):
+            # a whole answer that could be continued is read as a stream (proxy.flow.gather)
+            self.out = Gather(out, request)
+            self.request = request = as_stream(request)
         if self.migrations and unmigratable(request) is None:
             asked = bool(request.body.get("return_token_ids"))
             texts = bool(stop_strings(request.body))

@@ -12,8 +12,9 @@ the prompt's ids followed by the ids generated so far, `max_tokens` and `min_tok
 was generated, the same sampling parameters. `proxy.flow.seam.Seam` writes the continuation's
 events into the client's stream as if one engine had written them all: the first stream's `id`,
 `created` and object (chat chunks stay chat chunks), no second prompt, `usage` as one request
-(the original prompt's tokens, every completion token). A whole (non-streamed) answer, of which
-nothing reached the client, is asked for again instead.
+(the original prompt's tokens, every completion token). A whole (non-streamed) answer that
+could be continued is read as a stream (proxy.flow.gather) and migrates the same way; one that
+cannot, of which nothing reached the client, is asked for again instead.
 
 Exactness: greedy decoding continues token for token (a model's next token depends only on the
 sequence so far, whichever engine computed it). A seeded sampled request continues, but not on
@@ -85,7 +86,7 @@ def unmigratable(request: ClientRequest) -> str | None:
     """Why this request's stream cannot be continued on another decoder (None: it can)."""
     body = request.body
     if not request.stream:
-        return "not_streamed"  # a whole answer is asked for again on another decoder
+        return "not_streamed"  # read whole (proxy.flow.gather makes it a stream if it can be)
     if request.local_reason is not None:
         return request.local_reason
     if request.n > 1:
@@ -179,7 +180,7 @@ class Transcript:
                         self.text.append(piece)
 
     def _take(self, match: re.Match[bytes]) -> None:
-        ids = [int(t) for t in match[2].split(b",") if t.strip()]
+        ids: list[int] = orjson.loads(b"[" + match[2] + b"]")  # digits, commas, spaces
         if match[1]:
             self.prompt_ids = ids
             return
@@ -225,6 +226,11 @@ def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> Cl
     prompt = [*(transcript.prompt_ids or ()), *transcript.moved]
     body: dict[str, Any] = {k: request.body[k] for k in _KEPT if k in request.body}
     body.update(prompt=prompt, stream=True, return_token_ids=True)
+    if body.get("stop"):
+        # the engine then holds no text back for its stop strings: the seam sees each token's
+        # text as it comes (a stop across the seam ends at the token that completed it) and
+        # holds back, and cuts, itself
+        body["include_stop_str_in_output"] = True
     if request.include_usage:
         body["stream_options"] = {"include_usage": True}
     max_tokens = None if request.max_tokens is None else request.max_tokens - moved

@@ -14,6 +14,13 @@ the seam; found, it ends the answer there as vLLM would (`finish_reason` "stop",
 string as `stop_reason`, the text cut before it or after it with
 `include_stop_str_in_output`), counts the tokens up to the chunk that completed it, and closes
 the continuation (`SeamStopped`).
+
+The continuation itself is asked to include its stop strings in its output: vLLM then holds
+none of its text back, so the seam sees each token's text with that token (a stop across the
+seam is found at the token that completed it, and counted so: held back by the engine, it
+would be found a token or more late). The seam holds back, as the first engine did, the end of
+the text that could begin a stop string, and cuts the stop string off the end of an answer
+that the continuation's engine ended on one (unless the client asked to include it).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class Seam:
         self._include = bool(request.body.get("include_stop_str_in_output"))
         reach = max(map(len, self._stops), default=1) - 1  # chars a stop reaches past the seam
         self._reach = reach
+        self._hold = 0 if self._include else reach  # chars held back that could begin a stop
         self._tail = "".join(before.text)[-reach:] if reach else ""  # sent text before the seam
         self._held = held
         self._pending = held  # text for the client not sent yet
@@ -123,11 +131,11 @@ class Seam:
         }
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
-    def _event(self, event: dict[str, Any]) -> dict[str, Any] | None:
+    def _event(self, event: dict[str, Any]) -> dict[str, Any]:
         """One continuation event as the first engine would have written it (a chat chunk per
         completion chunk: vLLM sends one for every token, with empty content for a token whose
-        text is not whole yet); None while the seam holds its text back; _Stop (`event` then
-        rewritten as the answer's last chunk) when a stop string across the seam ends it."""
+        text is held back or not whole yet); _Stop (`event` then rewritten as the answer's last
+        chunk) when a stop string across the seam ends it."""
         head = self._head
         event.update(id=head.get("id"), object=head.get("object"), created=head.get("created"))
         usage = event.get("usage")
@@ -142,20 +150,34 @@ class Seam:
         for choice in choices:
             self._tokens += len(choice.get("token_ids") or ())
         try:
-            if self._checking and choices and not self._across(choices[0]):
-                return None
-            if self._pending and choices:  # the held-back text goes first
-                choices[0]["text"] = self._pending + (choices[0].get("text") or "")
-                self._pending = ""
+            if choices:
+                self._text(choices[0])
         finally:
             event["choices"] = [self._choice(c) for c in choices]
         return event
 
-    def _across(self, choice: dict[str, Any]) -> bool:
-        """Take the continuation's text into the window across the seam; True once the window
-        is cleared (`choice` then carries all of it), False while it is held back; _Stop when
-        a stop string across the seam ends the answer (`choice` then says so)."""
+    def _text(self, choice: dict[str, Any]) -> None:
+        """Set `choice`'s text to what the client gets now. The continuation's engine holds
+        nothing back for stop strings (it was asked to include them in its output), so the
+        seam holds back what could begin one, as the first engine did, and cuts the stop
+        string off the end of an answer that ended on one; while a stop across the seam is
+        still possible it holds back everything (`_across`)."""
         self._pending += choice.get("text") or ""
+        if self._checking:
+            self._across(choice)
+        if choice.get("finish_reason") is not None:
+            text, stop = self._pending, choice.get("stop_reason")
+            if isinstance(stop, str) and stop and not self._include and text.endswith(stop):
+                text = text[: -len(stop)]
+            choice["text"], self._pending = text, ""
+            return
+        cut = 0 if self._checking else max(0, len(self._pending) - self._hold)
+        choice["text"], self._pending = self._pending[:cut], self._pending[cut:]
+
+    def _across(self, choice: dict[str, Any]) -> None:
+        """Look for a stop string that begins before the seam and ends in the continuation's
+        text; _Stop when one ends the answer (`choice` then says so), else clear `_checking`
+        once the continuation's text reaches past where any could end."""
         window = self._tail + self._pending
         seam = len(self._tail) + len(self._held)
         found = [
@@ -169,11 +191,8 @@ class Seam:
             choice.update(finish_reason="stop", stop_reason=stop)
             choice["text"] = window[len(self._tail) : end]
             raise _Stop
-        past = len(self._pending) - len(self._held)
-        if past < self._reach and choice.get("finish_reason") is None:
-            return False
-        choice["text"], self._pending, self._checking = self._pending, "", False
-        return True
+        if len(self._pending) - len(self._held) >= self._reach:
+            self._checking = False
 
     def _choice(self, choice: dict[str, Any]) -> dict[str, Any]:
         ids = choice.get("token_ids") if self._keep_ids else None

@@ -6,9 +6,9 @@ The test starts a second decoder (the launcher's decoder 1) and, for each scenar
 its own over the prefiller and [second decoder, session decoder] with round-robin routing, so
 the first request goes to the second decoder. A chat stream loses that decoder to SIGSTOP (the
 proxy's decode_idle fires; the decoder is let go on afterwards), a completion stream to SIGKILL.
-(Fan-out, a whole answer and a stop string across the seam are left to the simulator's tests:
-on a starved 2-core box the moment a signal lands is too loose to aim at one sub-stream or one
-token.)
+(Fan-out, a whole answer and a stop string across the seam are in test_real_vllm_migrate_cut.py,
+whose cuts are aimed at one token by a relay: on a starved 2-core box the moment a signal lands
+is too loose to aim at one sub-stream or one token.)
 """
 
 from __future__ import annotations

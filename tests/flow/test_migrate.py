@@ -1,7 +1,8 @@
 """A stream whose decoder fails mid-answer continues on another decoder (proxy.flow.migrate):
 the client's answer equals the uninterrupted one, token for token, with one id, one created
 time and one request's usage. Simulated engines whose greedy model continues a sequence the
-same way whether its tokens came as prompt or as output, as a real model does.
+same way whether its tokens came as prompt or as output, as a real model does. (Each answer
+ignores EOS: the simulated model may end one before the fault it was set up to meet.)
 
 The module's decoders are its own (a test kills one and starts it again); the prefiller is the
 session's. A fault that strikes after k chunks is set on both decoders for one request each:
@@ -80,9 +81,8 @@ def whole(sim: Sim, body: Body, path: str = "/v1/completions") -> Body:
     return data
 
 
-def check_one_stream(events: list[Any], expected: Body, chat: bool, usage_slack: int = 0) -> None:
-    """One id, one created, one object; no error; the usage of one request (within
-    `usage_slack` completion tokens); [DONE] once."""
+def check_one_stream(events: list[Any], expected: Body, chat: bool) -> None:
+    """One id, one created, one object; no error; the usage of one request; [DONE] once."""
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = events[:-1]
     assert not any("error" in e for e in chunks), chunks
@@ -96,7 +96,7 @@ def check_one_stream(events: list[Any], expected: Body, chat: bool, usage_slack:
     assert finishes == [expected["choices"][0]["finish_reason"]]
     usage, want = chunks[-1]["usage"], expected["usage"]
     assert usage["prompt_tokens"] == want["prompt_tokens"]
-    assert 0 <= usage["completion_tokens"] - want["completion_tokens"] <= usage_slack
+    assert usage["completion_tokens"] == want["completion_tokens"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -106,7 +106,7 @@ def migrations(proxy: Proxy) -> float:
 
 def test_dropped_stream_continues_on_the_other_decoder(proxy: Proxy, decoders: list[Sim]) -> None:
     body = {"model": MODEL, "prompt": unique("a long answer"), "max_tokens": 40,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
     before = migrations(proxy)
     for sim in decoders:  # the first to serve drops; the continuation runs on the other
@@ -126,7 +126,8 @@ def test_dropped_stream_continues_on_the_other_decoder(proxy: Proxy, decoders: l
 
 def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": unique("talk to me")}],
-            "max_tokens": 30, "stream_options": {"include_usage": True}}  # fmt: skip
+            "max_tokens": 30, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     path = "/v1/chat/completions"
     expected = whole(decoders[0], body, path)
     decoders[0].faults(error_event_after_chunks=4, count=1)
@@ -138,12 +139,42 @@ def test_chat_stays_chat_across_the_seam(proxy: Proxy, decoders: list[Sim]) -> N
     assert sum(1 for e in events[:-1] for c in e["choices"] if "role" in c["delta"]) == 1
 
 
-def test_a_whole_answer_broken_mid_way_is_asked_for_again(
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_whole_answer_broken_mid_way_continues(
+    proxy: Proxy, decoders: list[Sim], path: str
+) -> None:
+    """A non-streamed answer is read from its decoder as a stream: the other decoder continues
+    it from the tokens already generated, and the client gets one whole answer, the greedy
+    one, with one request's usage."""
+    chat = path.endswith("chat/completions")
+    prompt = unique("all at once")
+    body: Body = {"model": MODEL, "max_tokens": 25, "stop": ["zzz"], "ignore_eos": True}
+    body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    expected = whole(decoders[0], body, path)
+    before = migrations(proxy)
+    for sim in decoders:  # the first to serve drops after 7 tokens
+        sim.faults(drop_after_chunks=7, count=1)
+    resp = httpx.post(proxy.url + path, json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got, want = resp.json(), expected["choices"][0]
+    assert migrations(proxy) >= before + 1  # continued (the other may drop too), not asked again
+    (choice,) = got["choices"]
+    text = choice["message"]["content"] if chat else choice["text"]
+    assert text == (want["message"]["content"] if chat else want["text"])
+    assert (choice["finish_reason"], choice["stop_reason"]) == (
+        want["finish_reason"], want["stop_reason"]
+    )  # fmt: skip
+    assert got["usage"] == {k: expected["usage"][k] for k in got["usage"]}
+    assert got["object"] == expected["object"]
+
+
+def test_a_whole_answer_that_cannot_migrate_is_asked_for_again(
     proxy: Proxy, decoders: list[Sim]
 ) -> None:
-    """Nothing of a non-streamed answer reached the client: the other decoder answers it
-    whole (decode_retries), the same greedy answer, one request's usage."""
-    body = {"model": MODEL, "prompt": unique("all at once"), "max_tokens": 25}
+    """Structured output is not continued: its whole answer, broken mid-way, is asked for
+    again on the other decoder (decode_retries)."""
+    body = {"model": MODEL, "prompt": unique("all at once"), "max_tokens": 25,
+            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
     expected = whole(decoders[0], body)
     for sim in decoders:  # the first to serve sends half its body and closes
         sim.faults(truncate_body=True, count=1)
@@ -158,30 +189,28 @@ def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: 
     """The decoder drops after 6 tokens; the stop string is the end of the 6th token's text
     and the start of the 7th's: neither engine can see it, the proxy does."""
     body: Body = {"model": MODEL, "prompt": unique("stop across"), "max_tokens": 30,
-                  "return_token_ids": True, "stream": True}  # fmt: skip
+                  "ignore_eos": True, "return_token_ids": True, "stream": True}  # fmt: skip
     resp = httpx.post(decoders[0].url + "/v1/completions", json=body, timeout=30)
     pieces = [c["text"] for e in sse_events(resp.content)[:-1] for c in e["choices"]]
     assert len(pieces) == 30  # one chunk per token
     stop = pieces[5][-2:] + pieces[6][:2]
     assert stop not in "".join(pieces[:5]) + pieces[5][:-2]  # it first occurs across the seam
     body = {"model": MODEL, "prompt": body["prompt"], "max_tokens": 30, "stop": [stop],
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
     assert expected["choices"][0]["finish_reason"] == "stop"
     for sim in decoders:
         sim.faults(drop_after_chunks=6, count=1)
     events = stream(proxy, body)
     assert text_of(events) == expected["choices"][0]["text"]
-    # KNOWN DEFECT, not yet understood: in about one run of three here the usage counts one
-    # completion token more than the uninterrupted answer (text, finish and stop reason exact)
-    check_one_stream(events, expected, chat=False, usage_slack=1)
+    check_one_stream(events, expected, chat=False)
     finish = [c for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
     assert finish[0]["stop_reason"] == stop
 
 
 def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Sim]) -> None:
     prompts = [unique("first of two"), unique("second of two")]
-    body = {"model": MODEL, "prompt": prompts, "max_tokens": 30,
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 30, "ignore_eos": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
     before = migrations(proxy)
@@ -200,7 +229,7 @@ def test_a_fanned_out_sub_request_migrates_alone(proxy: Proxy, decoders: list[Si
 
 def test_a_guided_request_is_not_migrated(proxy: Proxy, decoders: list[Sim]) -> None:
     body = {"model": MODEL, "prompt": unique("json please"), "max_tokens": 30,
-            "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
+            "ignore_eos": True, "structured_outputs": {"regex": "[a-z ]+"}}  # fmt: skip
     for sim in decoders:
         sim.faults(drop_after_chunks=3, count=1)
     before = proxy.metrics().total("pdproxy_migrations_failed_total", why="structured_output")
