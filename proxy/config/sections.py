@@ -64,10 +64,14 @@ class TimeoutsConfig(_Model):
     decode_first_byte: float = Field(
         600.0,
         gt=0,
-        description="decode leg until its first chunk (the whole answer when not streaming)",
+        description="decode leg until its first chunk (a non-streamed answer that cannot migrate: "
+        "the whole answer)",
     )
     decode_idle: float = Field(
-        120.0, gt=0, description="longest gap between two streamed decode chunks"
+        120.0,
+        gt=0,
+        description="longest gap between two decode chunks (streamed answers, and non-streamed "
+        "ones read as a stream so that they can migrate)",
     )
 
 
