@@ -148,10 +148,7 @@ class Subscriber:
             self.counts.lost += 1
             self.expected = replayed[-1][0] + 1
             return
-        self.expected = 0
-        for seq, payload in replayed:
-            if seq == self.expected:
-                self.apply(seq, payload)
+        self._apply_replayed(0, replayed)
         if replayed:
             self.counts.repaired += 1
 
@@ -198,11 +195,15 @@ class Subscriber:
             self.counts.lost += 1
             self.expected = seen
             return
+        self._apply_replayed(start, replayed)
+        self.counts.repaired += 1
+
+    def _apply_replayed(self, start: int, replayed: list[tuple[int, bytes]]) -> None:
+        """The replayed batches from `start` on, in order, each once."""
         self.expected = start
         for seq, payload in replayed:
             if seq == self.expected:
                 self.apply(seq, payload)
-        self.counts.repaired += 1
 
     async def replay(self, start: int) -> list[tuple[int, bytes]] | None:
         """The engine's kept batches from `start` on; None if it does not answer in time."""

@@ -52,20 +52,27 @@ class Samples:
         """The sum of its samples for each value of label `key` (samples without it left out)."""
         out: dict[str, float] = {}
         for labels, value in self._found.get(name, ()):
-            for k, v in _LABEL.findall(labels):
-                if k.decode() == key:
-                    text = _UNESCAPE.sub(lambda m: b"\n" if m[1] == b"n" else m[1], v).decode()
-                    out[text] = out.get(text, 0.0) + value
+            text = _label_value(labels, key)
+            if text is not None:
+                out[text] = out.get(text, 0.0) + value
         return out
 
     def label(self, name: str, key: str) -> str | None:
         """The value of label `key` on the metric's first sample that has it (info gauges such
         as `vllm:cache_config_info` carry their facts as labels)."""
         for labels, _ in self._found.get(name, ()):
-            for k, v in _LABEL.findall(labels):
-                if k.decode() == key:
-                    return _UNESCAPE.sub(lambda m: b"\n" if m[1] == b"n" else m[1], v).decode()
+            text = _label_value(labels, key)
+            if text is not None:
+                return text
         return None
+
+
+def _label_value(labels: bytes, key: str) -> str | None:
+    """The value of label `key` in one sample's labels, unescaped; None without it."""
+    for k, v in _LABEL.findall(labels):
+        if k.decode() == key:
+            return _UNESCAPE.sub(lambda m: b"\n" if m[1] == b"n" else m[1], v).decode()
+    return None
 
 
 def parse(text: bytes, names: Iterable[str]) -> Samples:

@@ -92,8 +92,8 @@ class PeerLoad:
             self.seen[name] = counts
             if before is None:
                 continue  # its first read: where its counters stand
-            long += counts[0] - before[0] if counts[0] >= before[0] else counts[0]
-            local += counts[1] - before[1] if counts[1] >= before[1] else counts[1]
+            long += _rise(counts[0], before[0])
+            local += _rise(counts[1], before[1])
         for name in set(self.seen) - set(self.peers):
             del self.seen[name]
         self.pool.peer_prompts(int(long), int(local))
@@ -126,3 +126,8 @@ class PeerLoad:
         self._failing.discard(name)
         sides = parse(resp.content, [COUNTER]).by_label(COUNTER, "side")
         return sides.get("long", 0.0), sides.get("local", 0.0)
+
+
+def _rise(now: float, before: float) -> float:
+    """A counter's rise since `before`; from zero when it went back (the replica restarted)."""
+    return now - before if now >= before else now
