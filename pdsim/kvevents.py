@@ -42,6 +42,8 @@ class KvEventsConfig:
     replay_endpoint: str | None = None
     buffer_steps: int = 10_000
     topic: str = ""
+    # the replay's answers as vLLM 0.32 frames them (with the topic), or as vLLM 0.24 (without)
+    replay_topic_frame: bool = True
 
     @classmethod
     def parse(cls, text: str) -> KvEventsConfig | None:
@@ -101,6 +103,7 @@ class KvEventPublisher:
             self._replay.setsockopt(zmq.LINGER, 0)
             self._replay.bind(config.replay_endpoint)
         self._topic = config.topic.encode()
+        self._replay_topic = (self._topic,) if config.replay_topic_frame else ()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self._next = 0
         self._server = asyncio.create_task(self._serve_replays()) if self._replay else None
@@ -135,9 +138,10 @@ class KvEventPublisher:
             for seq, payload in list(self._buffer):
                 if seq >= first:
                     await self._replay.send_multipart(
-                        (client, b"", self._topic, seq_bytes(seq), payload)
+                        (client, b"", *self._replay_topic, seq_bytes(seq), payload)
                     )
-            await self._replay.send_multipart((client, b"", b"", END_SEQ, b""))
+            end = (b"",) if self._replay_topic else ()
+            await self._replay.send_multipart((client, b"", *end, END_SEQ, b""))
 
     async def close(self) -> None:
         if self._server is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +39,13 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from proxy.control.workers import Worker
-from proxy.engines.kvevents_wire import END_SEQ, WireError, decode_batch, seq_bytes, seq_of
+from proxy.engines.kvevents_wire import (
+    WireError,
+    decode_batch,
+    replayed_frame,
+    seq_bytes,
+    seq_of,
+)
 from proxy.place.kvindex import KvIndex
 
 log = logging.getLogger("pdproxy")
@@ -57,6 +64,7 @@ class Counts:
     duplicates: int = 0
     repaired: int = 0  # gaps closed through the replay socket
     lost: int = 0  # gaps that could not be closed, and lost connections
+    stale: int = 0  # batches read after their connection went: an engine that left
 
 
 class Subscriber:
@@ -78,6 +86,7 @@ class Subscriber:
         self.topic = topic.encode()
         self.replay_timeout = replay_timeout
         self.expected: int | None = None  # the next batch's number; None: start over
+        self.connected = False
         self.counts = Counts()
 
     @property
@@ -119,9 +128,14 @@ class Subscriber:
             log.info("KV events of %s: connected at %s", self.url, self.endpoints.publisher)
             self.index.apply(self.url, ())  # exact from now on: nothing until events say so
             self.worker.prefix_source = "events"
+            # a new connection may be a restarted engine, whose numbers start again at 0:
+            # what came before (even a batch of the old engine read after it left) is no guide
+            self.expected = None
+            self.connected = True
             return True
         if message["event"] == zmq.EVENT_DISCONNECTED:
             log.info("KV events of %s: disconnected; it keeps the estimate", self.url)
+            self.connected = False
             self.index.forget(self.url)
             self.worker.prefix_source = "estimate"
             self.expected = None
@@ -163,6 +177,9 @@ class Subscriber:
             if len(frames) != 3:
                 raise WireError(f"{len(frames)} frames, not 3 (topic, sequence, batch)")
             seq = seq_of(frames[1])
+            if not self.connected:  # queued before its engine left: that engine is gone
+                self.counts.stale += 1
+                return
             if self.expected is None or seq > self.expected:
                 await self.repair(0 if self.expected is None else self.expected, seq)
             if self.expected is not None and seq < self.expected:
@@ -216,17 +233,27 @@ class Subscriber:
             async with asyncio.timeout(self.replay_timeout):
                 await sock.send_multipart((b"", seq_bytes(start)))
                 while True:
-                    frames = await sock.recv_multipart()
-                    if len(frames) != 4:
-                        raise WireError(f"a replayed batch in {len(frames)} frames, not 4")
-                    if frames[2] == END_SEQ:
+                    batch = replayed_frame(await sock.recv_multipart())
+                    if batch is None:
                         return out
-                    out.append((seq_of(frames[2]), frames[3]))
+                    out.append(batch)
         except TimeoutError:
             log.warning("KV events of %s: no replay from %s", self.url, self.endpoints.replay)
             return None
+        except WireError as exc:
+            log.warning("KV events of %s: its replay answered %s", self.url, exc)
+            return None
         finally:
             sock.close(linger=0)
+
+
+def _ended(url: str, task: asyncio.Task[None]) -> None:
+    """A subscriber that stopped on an error says so: its engine is back on the estimate."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "KV events of %s: the subscriber stopped (%r); the engine keeps the estimate",
+            url, task.exception(),
+        )  # fmt: skip
 
 
 class KvEvents:
@@ -245,6 +272,7 @@ class KvEvents:
             worker, endpoints, self.index, self.context, self.topic, self.replay_timeout
         )
         task = asyncio.create_task(sub.run(), name=f"kv-events {worker.url}")
+        task.add_done_callback(functools.partial(_ended, worker.url))
         self.running[worker.url] = (sub, task)
         return sub
 

@@ -20,7 +20,9 @@ engine's start) and the batch, msgpack-encoded by msgspec. The batch is an array
 Block hashes are bytes (sha256 by default) or, with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES,
 64-bit ints. The engine keeps its last `buffer_steps` batches for replay on a ROUTER socket: a
 DEALER sends `["", start_seq (8 bytes, big-endian)]` and gets back `["", topic, seq, batch]`
-for every kept batch from `start_seq` on, then `["", "", -1 (8 bytes, signed), ""]`.
+for every kept batch from `start_seq` on, then `["", "", -1 (8 bytes, signed), ""]`. vLLM
+0.24 answers without the topic frame: `["", seq, batch]`, then `["", -1, ""]`
+(`replayed_frame` reads both).
 
 The proxy decodes (its subscriber, proxy.control.kvevents) and the simulator encodes
 (pdsim.kvevents) with these declarations; fields the proxy does not use are left out of them,
@@ -90,6 +92,20 @@ def encode_batch(batch: EventBatch) -> bytes:
 
 def seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big", signed=True)
+
+
+def replayed_frame(frames: list[bytes]) -> tuple[int, bytes] | None:
+    """One answer of the replay socket as (seq, batch); None for the end marker. vLLM 0.32
+    sends ["", topic, seq, batch], vLLM 0.24 ["", seq, batch]."""
+    if len(frames) == 4:
+        seq, payload = frames[2], frames[3]
+    elif len(frames) == 3:
+        seq, payload = frames[1], frames[2]
+    else:
+        raise WireError(f"a replayed batch in {len(frames)} frames, not 3 or 4")
+    if seq == END_SEQ:
+        return None
+    return seq_of(seq), payload
 
 
 def seq_of(frame: bytes) -> int:

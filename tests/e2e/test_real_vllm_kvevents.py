@@ -133,9 +133,9 @@ AFTER_RESTART = [SYSTEM, SYSTEM, text(6, 60)]
 
 async def scenario(engine: Engine) -> tuple[list[tuple[str, int, int]], int]:
     index = KvIndex()
-    # one run of five on a heavily loaded 2-core box saw the replay after the restart go
-    # unanswered for 10 s (the cause was not established; the engine's publisher thread answers
-    # replays): the test gives it 30 s
+    # the first engine's last batch can be read after it left; its repair then asks the
+    # replay socket of a dead engine, which answers only once the restarted engine binds it
+    # (seen taking 10 s and more on a loaded 2-core box): the test gives it 30 s
     events = KvEvents(index, "", replay_timeout=30.0)
     sub = events.start(
         Worker("pool", "e0", URL),
