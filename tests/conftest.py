@@ -5,6 +5,7 @@ Each process is started in its own session and stopped by its PID (process group
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,6 +106,22 @@ class Sim(SimProcess):
 def start_sim(tmp: Path, name: str, *args: str, role: str = "both") -> Sim:
     s = launch.start_sim(role, "--model", MODEL, *args, log=tmp / f"{name}.log")
     return Sim(s.url, s.args, s.log, s.proc, s.side_channel_port)
+
+
+def start_publishing_sim(tmp: Path, name: str, publisher: str, replay: str, blocks: int) -> Sim:
+    """A simulated engine with prefix caching and `blocks` KV blocks that publishes its
+    KV-cache events at `publisher` (bound for wildcard and ipc:// addresses, else connected, as
+    vLLM does) and answers replays at `replay`."""
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": publisher,
+        "replay_endpoint": replay,
+    }
+    return start_sim(
+        tmp, name, "--enable-prefix-caching", "--num-gpu-blocks", str(blocks),
+        "--kv-events-config", json.dumps(config),
+    )  # fmt: skip
 
 
 @dataclass

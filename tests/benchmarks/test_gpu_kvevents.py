@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pdsim.launch import free_port
-from tests.conftest import Sim, start_sim
+from tests.conftest import Sim, start_publishing_sim
 from tests.flow.rig import start_proxy_config
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kvevents.py"
@@ -24,22 +24,10 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kvevents.py"
 def engines(tmp_path: Path) -> Iterator[list[tuple[Sim, dict[str, object]]]]:
     started: list[tuple[Sim, dict[str, object]]] = []
     try:
-        for name, blocks in (("p0", "200"), ("d0", "2000")):
-            endpoint: dict[str, object] = {
-                "publisher": f"tcp://127.0.0.1:{free_port()}",
-                "replay": f"tcp://127.0.0.1:{free_port()}",
-            }
-            config = {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": endpoint["publisher"],
-                "replay_endpoint": endpoint["replay"],
-            }
-            sim = start_sim(
-                tmp_path, name, "--enable-prefix-caching", "--num-gpu-blocks", blocks,
-                "--kv-events-config", json.dumps(config),
-            )  # fmt: skip
-            started.append((sim, endpoint))
+        for name, blocks in (("p0", 200), ("d0", 2000)):
+            publisher, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+            sim = start_publishing_sim(tmp_path, name, publisher, replay, blocks)
+            started.append((sim, {"publisher": publisher, "replay": replay}))
         yield started
     finally:
         for sim, _ in started:

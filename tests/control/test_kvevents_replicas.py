@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from pdsim.launch import free_port
-from tests.conftest import MODEL, Proxy, Sim, start_sim
+from tests.conftest import MODEL, Proxy, Sim, start_publishing_sim
 from tests.flow.rig import start_proxy_config
 
 WORDS = ["block", "cache", "event", "index", "token", "river", "stone", "light"]
@@ -45,16 +45,9 @@ def engines(tmp_path: Path) -> Iterator[list[tuple[Sim, dict[str, Any]]]]:
                 "replay": f"tcp://127.0.0.1:{free_port()}",
                 "bind": False,
             }
-            config = {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": endpoint["publisher"],
-                "replay_endpoint": endpoint["replay"],
-            }
-            sim = start_sim(
-                tmp_path, name, "--enable-prefix-caching", "--num-gpu-blocks", "64",
-                "--kv-events-config", json.dumps(config),
-            )  # fmt: skip
+            sim = start_publishing_sim(
+                tmp_path, name, endpoint["publisher"], endpoint["replay"], 64
+            )
             started.append((sim, endpoint))
         yield started
     finally:
