@@ -11,6 +11,7 @@ request's (or one sub-request's) trip through the engines.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from time import perf_counter
@@ -27,6 +28,7 @@ from proxy.flow.migrate import (
     Transcript,
     cannot_migrate,
     continuation,
+    detokenize,
     held_text,
     reason_of,
     unmigratable,
@@ -205,13 +207,16 @@ class Legs:
 
     async def _seam(self, decoder: Worker, transcript: Transcript) -> Seam:
         """Where the continuation on `decoder` joins the client's stream."""
-        held = ""
-        if transcript.texts:  # the seam checks the stop strings across it
-            flow = self.flow
-            held = await held_text(
-                flow.engine, decoder, self.request, transcript, flow.first_byte_timeout
-            )
-        return Seam(self.out, self.request, transcript, held)
+        if not transcript.texts:
+            return Seam(self.out, self.request, transcript)
+        flow = self.flow  # the seam checks the stop strings across it
+        held = await held_text(
+            flow.engine, decoder, self.request, transcript, flow.first_byte_timeout
+        )
+        measure = functools.partial(
+            detokenize, flow.engine, decoder, self.request, timeout=flow.first_byte_timeout
+        )
+        return Seam(self.out, self.request, transcript, held, measure)
 
     async def prefill(self, plan: Plan) -> Handoff:
         """The prefill leg on the planned prefiller, then on the planner's replacements if it

@@ -251,21 +251,29 @@ def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> Cl
     )
 
 
-async def held_text(
-    engine: EngineClient, decoder: Worker, request: ClientRequest, transcript: Transcript,
-    timeout: float,
-) -> str:  # fmt: skip
-    """The text of the generated ids that the client has not seen (held back by the failed
-    engine for its stop strings), from `decoder`'s /detokenize; "" when it cannot say."""
-    body: dict[str, Any] = {"tokens": transcript.moved}
+async def detokenize(
+    engine: EngineClient, decoder: Worker, request: ClientRequest, ids: list[int], timeout: float
+) -> str | None:
+    """`ids`' text from `decoder`'s /detokenize; None when it cannot say."""
+    body: dict[str, Any] = {"tokens": ids}
     if request.body.get("model"):
         body["model"] = request.body["model"]
     try:
         raw = await engine.call(
             decoder, "/detokenize", orjson.dumps(body), request.request_id, timeout, "detokenize"
         )
-        full = orjson.loads(raw).get("prompt")
+        text = orjson.loads(raw).get("prompt")
     except (ProxyError, orjson.JSONDecodeError, AttributeError):
-        return ""
+        return None
+    return text if isinstance(text, str) else None
+
+
+async def held_text(
+    engine: EngineClient, decoder: Worker, request: ClientRequest, transcript: Transcript,
+    timeout: float,
+) -> str:  # fmt: skip
+    """The text of the generated ids that the client has not seen (held back by the failed
+    engine for its stop strings), from `decoder`'s /detokenize; "" when it cannot say."""
+    full = await detokenize(engine, decoder, request, transcript.moved, timeout)
     sent = "".join(transcript.text)
-    return full[len(sent) :] if isinstance(full, str) and full.startswith(sent) else ""
+    return full[len(sent) :] if full is not None and full.startswith(sent) else ""

@@ -25,6 +25,7 @@ that the continuation's engine ended on one (unless the client asked to include 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -34,6 +35,8 @@ from proxy.flow.sink import Sink
 from proxy.request import CHAT, ClientRequest
 
 DONE = b"data: [DONE]\n\n"
+CONTEXT = 8  # ids before the seam that a continuation token's text is measured after
+Detokenize = Callable[[list[int]], Awaitable[str | None]]  # ids -> the engine's text, or None
 
 
 class SeamStopped(Exception):
@@ -56,9 +59,14 @@ class Seam:
     """The sink of a continuation: its events, rewritten, go on in the client's stream."""
 
     def __init__(
-        self, out: Sink, request: ClientRequest, before: Transcript, held: str = ""
-    ) -> None:
+        self, out: Sink, request: ClientRequest, before: Transcript, held: str = "",
+        detokenize: Detokenize | None = None,
+    ) -> None:  # fmt: skip
         self._out = out
+        self._detokenize = detokenize
+        self._context = list(before.moved[-CONTEXT:])  # ids before the seam, for /detokenize
+        self._ids: list[int] = []  # the continuation's ids before the current event
+        self._split: tuple[list[int], list[int], int] | None = None  # see _count_to_stop
         self._chat = request.path == CHAT
         self._keep_ids = before.keep_ids
         self._head = before.head or {}
@@ -86,16 +94,42 @@ class Seam:
     async def chunk(self, data: bytes) -> None:
         events, stopped = self._rewrite(data)
         if stopped:
-            await self._out.end(events)
+            await self._out.end(events + await self._last())
             raise SeamStopped
         if events:
             await self._out.chunk(events)
 
     async def end(self, data: bytes = b"") -> None:
         events, stopped = self._rewrite(data)
-        await self._out.end(events)
         if stopped:
+            await self._out.end(events + await self._last())
             raise SeamStopped
+        await self._out.end(events)
+
+    async def _last(self) -> bytes:
+        """What ends an answer that a stop across the seam ended: its usage, if asked for,
+        counting the tokens up to the one that completed the stop, then [DONE]."""
+        if not self._usage:
+            return DONE
+        await self._count_to_stop()
+        return self._usage_event() + DONE
+
+    async def _count_to_stop(self) -> None:
+        """The stop completed inside an event of several tokens (an engine under load sends
+        what it generated since the client last read in one event): count only the tokens up
+        to the one whose text reaches the stop's end, measured by the engine's /detokenize
+        after the ids before the seam (a token's text depends on the one before it)."""
+        if self._split is None or self._detokenize is None:
+            return
+        before, ids, need = self._split
+        base = await self._detokenize(self._context + before)
+        for j in range(1, len(ids)):
+            text = await self._detokenize(self._context + before + ids[:j])
+            if base is None or text is None:
+                return  # the engine cannot say: every token of the event stays counted
+            if len(text) - len(base) >= need:
+                self._tokens = len(before) + j
+                return
 
     def _rewrite(self, data: bytes) -> tuple[bytes, bool]:
         """The events for the client; True when a stop across the seam ended the answer (the
@@ -111,10 +145,7 @@ class Seam:
                 rewritten = self._event(parsed)
             except _Stop:
                 out.append(b"data: " + orjson.dumps(parsed) + b"\n\n")
-                if self._usage:
-                    out.append(self._usage_event())
-                out.append(DONE)
-                return b"".join(out), True
+                return b"".join(out), True  # the usage and [DONE] follow (_last)
             if rewritten is not None:
                 out.append(b"data: " + orjson.dumps(rewritten) + b"\n\n")
         return b"".join(out), False
@@ -154,6 +185,8 @@ class Seam:
                 self._text(choices[0])
         finally:
             event["choices"] = [self._choice(c) for c in choices]
+            if self._checking and choices:
+                self._ids += choices[0].get("token_ids") or ()
         return event
 
     def _text(self, choice: dict[str, Any]) -> None:
@@ -187,6 +220,11 @@ class Seam:
         ]
         if found:
             pos, stop = min(found)
+            ids = list(choice.get("token_ids") or ())
+            # the continuation's characters up to the stop's end, less those before this event
+            need = pos + len(stop) - len(window) + len(choice.get("text") or "")
+            if len(ids) > 1 and need < len(choice.get("text") or ""):
+                self._split = (list(self._ids), ids, need)
             end = pos + len(stop) if self._include else pos
             choice.update(finish_reason="stop", stop_reason=stop)
             choice["text"] = window[len(self._tail) : end]
