@@ -57,7 +57,7 @@ class Topology:
 
 def metrics(url: str) -> str:
     """An engine's /metrics text."""
-    resp = httpx.get(url + "/metrics", timeout=10)
+    resp = httpx.get(url + "/metrics", timeout=60)  # a starved CI box once took over 10 s
     assert resp.status_code == 200
     return resp.text
 
