@@ -148,8 +148,6 @@ class Subscriber:
         what it holds. Without an answer the next batch is repaired instead (`expected` stays
         None); a buffer that no longer reaches back to 0 leaves the engine empty, as a gap that
         cannot be repaired does."""
-        if self.expected is not None:
-            return
         replayed = await self.replay(0)
         if replayed is None:
             return

@@ -210,12 +210,10 @@ class Legs:
         if not transcript.texts:
             return Seam(self.out, self.request, transcript)
         flow = self.flow  # the seam checks the stop strings across it
-        held = await held_text(
-            flow.engine, decoder, self.request, transcript, flow.first_byte_timeout
-        )
         measure = functools.partial(
             detokenize, flow.engine, decoder, self.request, timeout=flow.first_byte_timeout
         )
+        held = await held_text(measure, transcript)
         return Seam(self.out, self.request, transcript, held, measure)
 
     async def prefill(self, plan: Plan) -> Handoff:

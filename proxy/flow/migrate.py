@@ -31,6 +31,7 @@ logprobs, `suffix`, and a chat answer whose engine split out reasoning or tool c
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +252,9 @@ def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> Cl
     )
 
 
+Detokenize = Callable[[list[int]], Awaitable[str | None]]  # ids -> the engine's text, or None
+
+
 async def detokenize(
     engine: EngineClient, decoder: Worker, request: ClientRequest, ids: list[int], timeout: float
 ) -> str | None:
@@ -268,12 +272,10 @@ async def detokenize(
     return text if isinstance(text, str) else None
 
 
-async def held_text(
-    engine: EngineClient, decoder: Worker, request: ClientRequest, transcript: Transcript,
-    timeout: float,
-) -> str:  # fmt: skip
+async def held_text(measure: Detokenize, transcript: Transcript) -> str:
     """The text of the generated ids that the client has not seen (held back by the failed
-    engine for its stop strings), from `decoder`'s /detokenize; "" when it cannot say."""
-    full = await detokenize(engine, decoder, request, transcript.moved, timeout)
+    engine for its stop strings), from the new decoder's /detokenize (`measure`); "" when it
+    cannot say."""
+    full = await measure(transcript.moved)
     sent = "".join(transcript.text)
     return full[len(sent) :] if full is not None and full.startswith(sent) else ""

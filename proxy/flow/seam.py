@@ -25,18 +25,16 @@ that the continuation's engine ended on one (unless the client asked to include 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from proxy.flow.migrate import ERROR_EVENT, Transcript
+from proxy.flow.migrate import ERROR_EVENT, Detokenize, Transcript
 from proxy.flow.sink import Sink
 from proxy.request import CHAT, ClientRequest
 
 DONE = b"data: [DONE]\n\n"
 CONTEXT = 8  # ids before the seam that a continuation token's text is measured after
-Detokenize = Callable[[list[int]], Awaitable[str | None]]  # ids -> the engine's text, or None
 
 
 class SeamStopped(Exception):
@@ -123,10 +121,12 @@ class Seam:
             return
         before, ids, need = self._split
         base = await self._detokenize(self._context + before)
+        if base is None:
+            return  # the engine cannot say: every token of the event stays counted
         for j in range(1, len(ids)):
             text = await self._detokenize(self._context + before + ids[:j])
-            if base is None or text is None:
-                return  # the engine cannot say: every token of the event stays counted
+            if text is None:
+                return
             if len(text) - len(base) >= need:
                 self._tokens = len(before) + j
                 return
@@ -220,10 +220,10 @@ class Seam:
         ]
         if found:
             pos, stop = min(found)
-            ids = list(choice.get("token_ids") or ())
+            ids, text = list(choice.get("token_ids") or ()), choice.get("text") or ""
             # the continuation's characters up to the stop's end, less those before this event
-            need = pos + len(stop) - len(window) + len(choice.get("text") or "")
-            if len(ids) > 1 and need < len(choice.get("text") or ""):
+            need = pos + len(stop) - len(window) + len(text)
+            if len(ids) > 1 and need < len(text):
                 self._split = (list(self._ids), ids, need)
             end = pos + len(stop) if self._include else pos
             choice.update(finish_reason="stop", stop_reason=stop)
