@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +28,13 @@ def ephemeral_ports() -> range:
     return range(49152, 65536)
 
 
-def free_port() -> int:
+def free_port(besides: Collection[int] = ()) -> int:
     """A port on 127.0.0.1 that nothing listens on now, for a server started next. Taken at random
     from 20000 up to the kernel's ephemeral range (fixed ports, such as the launcher's and the
     tests', stay below 20000): a port that the kernel can hand out by itself (to another server
     binding port 0, or to an outgoing connection) could be gone by the time the server binds it,
-    and so could a port two calls in a row returned."""
+    and so could a port two calls in a row returned. `besides`: ports already promised to the
+    server being started (free now, bound only once it runs), which must not be returned again."""
     below = ephemeral_ports().start
     candidates = range(20000, below) if below > 21000 else range(1024, below)
     for _ in range(200):
@@ -44,6 +45,8 @@ def free_port() -> int:
             except OSError:
                 continue
             found: int = sock.getsockname()[1]
+            if found in besides:
+                continue
             return found
     raise OSError("no free port on 127.0.0.1 below the ephemeral range")
 
@@ -155,9 +158,12 @@ def start_sim(
     *args: str,
     port: int = 0,
     log: Path | None = None,
+    besides: Collection[int] = (),
 ) -> SimProcess:
-    port = port or free_port()
-    side = free_port()
+    """A simulated engine; `besides`: ports its arguments already name (a replay endpoint), which
+    its HTTP and side-channel ports must not take."""
+    port = port or free_port(besides)
+    side = free_port({*besides, port})
     cmd = ["sim", "--role", role, "--port", str(port), "--side-channel-port", str(side), *args]
     process = spawn(cmd, f"http://127.0.0.1:{port}", log)
     return SimProcess(process.url, process.args, process.log, process.proc, side)

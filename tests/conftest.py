@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +103,10 @@ class Sim(SimProcess):
         return self.metrics().total(name, **labels) - self.baseline.total(name, **labels)
 
 
-def start_sim(tmp: Path, name: str, *args: str, role: str = "both") -> Sim:
-    s = launch.start_sim(role, "--model", MODEL, *args, log=tmp / f"{name}.log")
+def start_sim(
+    tmp: Path, name: str, *args: str, role: str = "both", besides: Collection[int] = ()
+) -> Sim:
+    s = launch.start_sim(role, "--model", MODEL, *args, log=tmp / f"{name}.log", besides=besides)
     return Sim(s.url, s.args, s.log, s.proc, s.side_channel_port)
 
 
@@ -121,6 +123,7 @@ def start_publishing_sim(tmp: Path, name: str, publisher: str, replay: str, bloc
     return start_sim(
         tmp, name, "--enable-prefix-caching", "--num-gpu-blocks", str(blocks),
         "--kv-events-config", json.dumps(config),
+        besides=[int(e.rsplit(":", 1)[1]) for e in (publisher, replay) if e.startswith("tcp://")],
     )  # fmt: skip
 
 
