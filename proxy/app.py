@@ -5,6 +5,8 @@
     data plane      proxy.serve.plane: the router, the planner, the legs' services and the
                     endpoints of the generation paths (and vLLM's other paths)
     HTTP surface    proxy.serve.api: /health, /stats, /v1/models, /metrics, /admin, /console
+    companions      what else lives as long as the app (`Companion`): with `workers` > 1, the
+                    serving processes' supervisor (proxy.procs.supervisor); none by default
 
 The two generation paths are served by their endpoints directly (a front dispatcher sends them
 there before any framework code runs); FastAPI serves everything else.
@@ -29,7 +31,7 @@ from proxy.control.workers import WorkerPool
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
 from proxy.observe.metrics import ProxyMetrics
-from proxy.serve.api import build_api
+from proxy.serve.api import Companion, build_api
 from proxy.serve.plane import build_data_plane
 from proxy.serve.responder import Receive, Scope, Send
 
@@ -80,6 +82,7 @@ class ProxyApp:
             self.pool,
             self.plane.planner.kv_index,
         )
+        self.companions: list[Companion] = []
         self.api = build_api(self, self.lifespan)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -107,6 +110,8 @@ class ProxyApp:
         await self.connector.start()  # first: nothing to undo if its bind fails
         await self.engine.start()
         await self.control.start()
+        for companion in self.companions:
+            await companion.start()
         self._loop = asyncio.get_running_loop()
         # everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes over it stall the loop for milliseconds (p99 TTFT)
@@ -120,6 +125,8 @@ class ProxyApp:
         finally:
             if report is not None:
                 report.cancel()
+            for companion in reversed(self.companions):
+                await companion.close()
             await self.control.close()
             await self.connector.close()
             await self.engine.close()

@@ -52,8 +52,13 @@ class ClientRequest:
         return len(self.prompts or (None,)) * self.samples
 
 
+# what a fresh request id starts with; a serving process adds its name (`pdp-w2-...`, see
+# proxy.procs.serving) so that an answer's X-Request-Id says which process served it
+request_id_prefix = "pdp-"
+
+
 def new_request_id() -> str:
-    return f"pdp-{uuid.uuid4().hex}"
+    return f"{request_id_prefix}{uuid.uuid4().hex}"
 
 
 def check_request_id(value: bytes | None) -> str:

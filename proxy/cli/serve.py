@@ -8,18 +8,25 @@ import signal
 import socket
 import sys
 import types
+from typing import Any, Protocol
 
 import uvicorn
 
 from proxy import __version__
-from proxy.app import ProxyApp, build_app
+from proxy.app import build_app
 from proxy.config import ConfigError, ProxyConfig
+
+
+class Drains(Protocol):
+    """An app that drains on a signal (proxy.app.ProxyApp, proxy.procs.serving.ServingApp)."""
+
+    def begin_drain(self) -> None: ...
 
 
 class Server(uvicorn.Server):
     """uvicorn, plus: on SIGTERM/SIGINT the app drains before uvicorn stops."""
 
-    def __init__(self, uv_config: uvicorn.Config, proxy: ProxyApp) -> None:
+    def __init__(self, uv_config: uvicorn.Config, proxy: Drains) -> None:
         super().__init__(uv_config)
         self.proxy = proxy
         self.stopped_by: int | None = None  # the first signal that stopped it
@@ -30,7 +37,7 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def uvicorn_config(app: ProxyApp, config: ProxyConfig) -> uvicorn.Config:
+def uvicorn_config(app: Any, config: ProxyConfig) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=config.host,
@@ -65,20 +72,28 @@ def run_server(config: ProxyConfig) -> int:
     """Serve until stopped; the exit status says what stopped it (2: the config is unusable)."""
     try:
         app = build_app(config)
+        sockets = bind(config)
     except ConfigError as exc:
         print(f"pdproxy: {exc}", file=sys.stderr)
         return 2
+    log_start(config)
+    return serve(Server(uvicorn_config(app, config), app), sockets)
+
+
+def bind(config: ProxyConfig) -> list[socket.socket]:
+    """`listen` on the configured address; ConfigError saying what to change when it cannot."""
     try:
-        sockets = listen(config.host, config.port)
+        return listen(config.host, config.port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             why = f"port {config.port} is taken on {config.host}; pass --port N"
         else:
             why = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-        print(f"pdproxy: {why}", file=sys.stderr)
-        return 2
-    log_start(config)
-    server = Server(uvicorn_config(app, config), app)
+        raise ConfigError(why) from None
+
+
+def serve(server: Server, sockets: list[socket.socket]) -> int:
+    """Run `server` on `sockets` until a signal stops it; the exit status says which."""
     # uvicorn restores the handlers it found and re-raises the signal that stopped it, once it has
     # shut down gracefully: turn SIGTERM, like Ctrl+C, into an exception, so that callers' clean-up
     # (the demo stopping its engines) runs instead of the process dying at the default action.

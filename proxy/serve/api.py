@@ -38,6 +38,22 @@ from proxy.serve.passthrough import RESPONSES_UNSUPPORTED
 from proxy.serve.plane import DataPlane
 
 
+class Companion(Protocol):
+    """What lives as long as the app beside its two planes (proxy.app.ProxyApp.companions)."""
+
+    async def start(self) -> None:
+        """After the control plane started."""
+
+    async def close(self) -> None:
+        """Before the control plane closes."""
+
+    def begin_drain(self) -> None:
+        """SIGTERM/SIGINT arrived; called from the signal handler."""
+
+    def describe(self) -> dict[str, Any]:
+        """Its part of /stats."""
+
+
 class App(Protocol):
     """What the surface reads of the app (proxy.app.ProxyApp)."""
 
@@ -50,6 +66,7 @@ class App(Protocol):
     metrics: ProxyMetrics
     engine: EngineClient
     connector: Connector
+    companions: list[Companion]
 
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -193,6 +210,7 @@ class Views:
                 if w.kv_transfer is not None
             },
             **self.console(),
+            **{k: v for c in self.app.companions for k, v in c.describe().items()},
         }
 
     async def models(self) -> Response:
