@@ -46,6 +46,22 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="index prefixes from the engines' KV-cache events (kv_events.enabled)",
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N|auto",
+        help="serving processes sharing the port (default 1: one process); auto: the usable "
+        "cores less one",
+    )
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or auto: {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -64,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         stats=stats,
         kv_events={"enabled": True} if args.kv_events else None,
         log_level=args.log_level,
+        workers=args.workers,
     )
 
 
@@ -107,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pdproxy: {exc}", file=sys.stderr)
         return 2
+    setup_logging(config.log_level)
+    if config.serving_processes > 1:
+        from proxy.procs.supervisor import run_supervised
+
+        return run_supervised(config)
     from proxy.cli.serve import run_server  # (uvicorn and the app: only to serve)
 
-    setup_logging(config.log_level)
     return run_server(config)

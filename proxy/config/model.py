@@ -4,6 +4,7 @@ what to change."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +84,12 @@ class ProxyConfig(_Model):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     fanout: FanoutConfig = Field(default_factory=FanoutConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="serving processes (--workers): 1 serves in one process, as always; N > 1 "
+        "starts a control process and N serving processes that share the port (README: "
+        "Serving processes); auto: the usable cores less one, at least 1",
+    )
     drain_timeout: float = Field(
         30.0,
         ge=0,
@@ -107,6 +114,36 @@ class ProxyConfig(_Model):
     )
     # workers found by watching outside the proxy (see proxy.control.membership)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("workers must be at least 1, or auto")
+        return value
+
+    @property
+    def serving_processes(self) -> int:
+        """How many serving processes `workers` asks for (auto: the usable cores less one)."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) - 1)
+        return self.workers
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> ProxyConfig:
+        if self.serving_processes == 1:
+            return self
+        single = connector_class(self.connector).single_proxy
+        if single is not None:
+            raise ValueError(
+                f"connector {self.connector} runs in one process ({single}): set workers: 1"
+            )
+        if self.kv_events.enabled:
+            raise ValueError(
+                "kv_events with workers > 1 is not supported yet (the serving processes would "
+                "not see the engines' KV-cache events): set workers: 1 or turn kv_events off"
+            )
+        return self
 
     @field_validator("connector")
     @classmethod

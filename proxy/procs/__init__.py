@@ -1,0 +1,15 @@
+"""Several processes behind one port (`workers` > 1): one control process, N serving processes.
+
+    supervisor.py   the control process: the control plane (as in one process) and the serving
+                    processes' keeper; publishes the workers, takes the reports in
+    serving.py      a serving process's entry: the data plane on the shared listening socket
+    channel.py      the framed JSON channel between the two (one Unix socket per process)
+    snapshot.py     the workers as published, and their mirror in a serving process's pools
+    report.py       what a serving process reports (timings, breaker outcomes, counters,
+                    in-flight load), and the control process's intake of it
+    link.py         a serving process's end of the channel
+    forward.py      the paths a serving process forwards to the control process (admin API,
+                    console, /metrics, /stats, /health, /v1/models)
+
+With `workers: 1` (the default) none of this is imported: the proxy is one process, as before.
+"""

@@ -1,0 +1,221 @@
+"""What a serving process reports to the control process, and how the control process takes it in.
+
+A serving process serves with the data plane as it is; two hooks, set only in a serving process,
+note what it did for the next report (so the request path of one process pays nothing for them):
+
+    ReportingRing   its TimelineRing: every finished request's RequestTiming (the timeline,
+                    and through it the latency windows and histograms of the one /stats and
+                    /metrics)
+    ReportingPool   its WorkerPools: every breaker outcome (success, failure with its reason)
+
+and each report adds what its metrics' counters gained since the last one (all of ProxyMetrics'
+counters: requests, retries, migrations, the planner's decisions, ...) and its in-flight load per
+worker. A report goes every `every` seconds when there is something to say.
+
+The control process (`Intake`) replays the timings into its stats and timelines, the outcomes into
+its breakers (so the breakers it publishes count every process's failures), the counter gains into
+its own counters, and sums the processes' in-flight loads onto its workers, so /metrics, /stats,
+the console and an admin drain's wait see every process. A process that dies takes its load with
+it (`Intake.forget`).
+
+The global in-flight table and admission across processes (proxy.procs.loadtable,
+proxy.procs.admission, built apart) plug in beside this: they would replace the summed `load`
+here and the per-process admission slots; the reports stay for what is recorded after the fact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter
+
+from proxy.control.workers import Worker, WorkerPool
+from proxy.observe.metrics import ProxyMetrics
+from proxy.observe.stats import LatencyStats, RequestTiming
+from proxy.observe.timeline import TimelineRing
+
+TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(RequestTiming) if f.name != "plan")
+LOAD_FIELDS = ("inflight", "inflight_chars", "prefill_tokens", "decode_streams")
+CounterKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+@dataclass
+class Reports:
+    """A serving process's report in the making."""
+
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[tuple[str, bool, str | None]] = field(default_factory=list)
+    seq: int = 0  # reports sent
+    outcomes_seq: int = 0  # the last report that carried outcomes
+    counted: dict[CounterKey, float] = field(default_factory=dict)  # counters, as last sent
+    load: dict[str, list[int]] = field(default_factory=dict)  # as last sent
+    routing_changed_at: float = 0.0  # as last sent (proxy.procs.snapshot.Mirror.changed_at)
+
+    def timing(self, t: RequestTiming) -> None:
+        item = {name: getattr(t, name) for name in TIMING_FIELDS}
+        item["plan"] = None if t.plan is None else t.plan.describe()
+        self.timings.append(item)
+
+    def breakers_settled(self, ack: int) -> bool:
+        """Whether the control process, having applied reports up to `ack`, knows every outcome
+        this process saw (then its published breakers may replace this process's)."""
+        return not self.outcomes and ack >= self.outcomes_seq
+
+    def take(
+        self, metrics: ProxyMetrics, pools: Iterable[WorkerPool], routing_changed_at: float = 0.0
+    ) -> dict[str, Any] | None:
+        """The next report, or None when nothing changed since the last."""
+        counters = self._counter_gains(metrics)
+        load = {w.id: [getattr(w, f) for f in LOAD_FIELDS] for p in pools for w in p.members}
+        news = self.timings or self.outcomes or counters or load != self.load
+        if not news and routing_changed_at == self.routing_changed_at:
+            return None
+        self.routing_changed_at = routing_changed_at
+        self.seq += 1
+        if self.outcomes:
+            self.outcomes_seq = self.seq
+        report = {
+            "t": "report",
+            "seq": self.seq,
+            "timings": self.timings,
+            "outcomes": self.outcomes,
+            "counters": counters,
+            "load": load,
+            "routing_changed_at": routing_changed_at,
+        }
+        self.timings, self.outcomes, self.load = [], [], load
+        return report
+
+    def _counter_gains(self, metrics: ProxyMetrics) -> list[tuple[str, dict[str, str], float]]:
+        gains = []
+        for key, value in counter_values(metrics).items():
+            gain = value - self.counted.get(key, 0.0)
+            if gain:
+                self.counted[key] = value
+                gains.append((key[0], dict(key[1]), gain))
+        return gains
+
+
+def counter_values(metrics: ProxyMetrics) -> dict[CounterKey, float]:
+    """Every counter sample of `metrics`, keyed by its attribute and labels."""
+    values: dict[CounterKey, float] = {}
+    for attr, counter in vars(metrics).items():
+        if not isinstance(counter, Counter):
+            continue
+        for family in counter.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    values[(attr, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+class ReportingRing(TimelineRing):
+    """A serving process's timelines: each finished request is also noted for the next report."""
+
+    def __init__(self, reports: Reports, capacity: int = 1000) -> None:
+        super().__init__(capacity)
+        self.reports = reports
+
+    def add(self, timing: RequestTiming) -> None:
+        super().add(timing)
+        self.reports.timing(timing)
+
+
+@dataclass(eq=False)
+class ReportingPool(WorkerPool):
+    """A serving process's pool: each breaker outcome is also noted for the next report."""
+
+    reports: Reports = field(default_factory=Reports)
+
+    def record_success(self, worker: Worker) -> None:
+        super().record_success(worker)
+        self.reports.outcomes.append((worker.id, True, None))
+
+    def record_failure(self, worker: Worker, reason: str, now: float | None = None) -> None:
+        super().record_failure(worker, reason, now)
+        self.reports.outcomes.append((worker.id, False, reason))
+
+
+class PlanView:
+    """A reported timing's plan, as its timeline shows it."""
+
+    __slots__ = ("_described",)
+
+    def __init__(self, described: dict[str, Any]) -> None:
+        self._described = described
+
+    def describe(self) -> dict[str, Any]:
+        return self._described
+
+
+def timing_of(item: dict[str, Any]) -> RequestTiming:
+    plan = item.get("plan")
+    values = {name: item[name] for name in TIMING_FIELDS if name in item}
+    timing = RequestTiming(**values)
+    timing.plan = None if plan is None else PlanView(plan)
+    return timing
+
+
+class Intake:
+    """The control process's side: every serving process's reports, taken into the one set of
+    stats, timelines, breakers, counters and in-flight loads."""
+
+    def __init__(
+        self,
+        pools: Iterable[WorkerPool],
+        stats: LatencyStats,
+        timelines: TimelineRing,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self.pools = tuple(pools)
+        self.stats = stats
+        self.timelines = timelines
+        self.metrics = metrics
+        self.loads: dict[str, dict[str, list[int]]] = {}  # process -> worker id -> load
+        self.reported: dict[str, int] = {}  # process -> requests it reported
+
+    def take(self, process: str, report: dict[str, Any]) -> None:
+        workers = {w.id: (p, w) for p in self.pools for w in p.members}
+        for item in report.get("timings", ()):
+            timing = timing_of(item)
+            self.stats.record(timing)
+            self.timelines.add(timing)
+            self.reported[process] = self.reported.get(process, 0) + 1
+        for worker_id, ok, reason in report.get("outcomes", ()):
+            found = workers.get(worker_id)
+            if found is not None:
+                pool, worker = found
+                if ok:
+                    pool.record_success(worker)
+                else:
+                    pool.record_failure(worker, reason or "failed")
+        for attr, labels, gain in report.get("counters", ()):
+            self._count(attr, labels, gain)
+        self.loads[process] = report.get("load", {})
+        self.sum_loads()
+
+    def _count(self, attr: str, labels: dict[str, str], gain: float) -> None:
+        counter = getattr(self.metrics, attr, None)
+        if isinstance(counter, Counter) and gain > 0:
+            (counter.labels(**labels) if labels else counter).inc(gain)
+
+    def forget(self, process: str) -> None:
+        """`process` is gone: its requests with it."""
+        self.loads.pop(process, None)
+        self.sum_loads()
+
+    def sum_loads(self) -> None:
+        """Every member's in-flight load: the sum of the processes' last reports."""
+        for pool in self.pools:
+            for worker in pool.members:
+                totals = [0] * len(LOAD_FIELDS)
+                for load in self.loads.values():
+                    for i, value in enumerate(load.get(worker.id, ())):
+                        totals[i] += value
+                for name, total in zip(LOAD_FIELDS, totals, strict=True):
+                    setattr(worker, name, total)
+                if not worker.inflight and worker.idle is not None:
+                    worker.idle.set()  # an admin drain waits for this (WorkerRegistry.retire)

@@ -1,0 +1,188 @@
+"""A serving process (`workers` > 1): the data plane on the shared listening socket.
+
+Started by the control process (proxy.procs.supervisor) as
+
+    python -m proxy.procs.serving --name w1 --dir DIR --parent PID --fd 5 [--fd 6 ...]
+
+with the listening sockets' descriptors inherited (`--fd`; bound once by the control process,
+accepted from by every serving process: one accept queue, so a connection that a process that
+died never accepted is accepted by another), and in DIR (the control process's private 0700
+directory) the config it validated (`config.json`), the channel's socket and the API's socket.
+
+What it holds: the data plane as in one process (router, planner, legs, admission: its own
+slots), on pools that mirror the control process's snapshots, with the two reporting hooks
+(proxy.procs.report). What it serves: the generation paths and vLLM's other paths itself; every
+other path is forwarded to the control process (proxy.procs.forward). Its name (`w1`) is in its
+log lines and in the request ids it makes (`pdp-w1-...`, the X-Request-Id of every answer whose
+client sent none).
+
+It dies with the control process: PR_SET_PDEATHSIG (Linux) sends it SIGTERM when the control
+process's thread ends, and the channel's EOF does the same anywhere; either way it drains (no new
+connection; those in flight get `drain_timeout`) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy import request
+from proxy.app import authenticator
+from proxy.cli.serve import Server, serve, uvicorn_config
+from proxy.config import ProxyConfig
+from proxy.control.registry import ROLES
+from proxy.control.workers import Worker
+from proxy.engines.client import EngineClient
+from proxy.engines.connectors.factory import make_connector
+from proxy.observe.metrics import ProxyMetrics
+from proxy.procs.forward import forward
+from proxy.procs.link import Link
+from proxy.procs.report import ReportingPool, ReportingRing, Reports
+from proxy.procs.snapshot import Mirror
+from proxy.serve.plane import build_data_plane
+from proxy.serve.responder import Receive, Scope, Send
+
+log = logging.getLogger("pdproxy")
+
+PR_SET_PDEATHSIG = 1
+CONFIG = "config.json"
+CHANNEL = "channel.sock"
+API = "api.sock"
+
+
+class ServingApp:
+    """The ASGI app of a serving process, and its lifespan."""
+
+    def __init__(self, config: ProxyConfig, name: str, directory: Path) -> None:
+        self.config = config
+        self.api = str(directory / API)
+        self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
+        self.reports = Reports()
+        health = config.health
+        self.pools = tuple(
+            ReportingPool(role, (), health.failure_threshold, health.cooldown, reports=self.reports)
+            for role in ROLES
+        )
+        self.metrics = ProxyMetrics(self.pools)
+        self.connector = make_connector(config, self.engine, self.metrics.registry)
+        prefill, decode, pooled = self.pools
+        self.plane = build_data_plane(
+            config, (prefill, decode, pooled), self.engine, self.connector, self.metrics,
+            authenticator(config), None,
+        )  # fmt: skip
+        self.services = self.plane.services
+        self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
+        mirror = Mirror(self.pools, self._forget, self._end_requests)
+        self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
+                         self.pools)  # fmt: skip
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _forget(self, worker: Worker) -> None:
+        self.plane.planner.forget(worker)
+        self.engine.forget(worker.url)
+
+    def _end_requests(self, worker: Worker) -> None:
+        why = f"{worker.role} worker {worker.url} was removed before the answer was complete"
+        self.services.end_requests(list(worker.tasks), why)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.plane.endpoints.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+            else:
+                await forward(self.api, scope, receive, send, self.config.max_body_bytes)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            await self.connector.start()
+            await self.engine.start()
+            await self.link.start()
+        except Exception as exc:
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
+        self._loop = asyncio.get_running_loop()
+        gc.collect()
+        gc.freeze()  # as in one process (proxy.app): keep what lives for good out of the GC's scans
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.link.close()
+        await self.connector.close()
+        await self.engine.close()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    def begin_drain(self) -> None:
+        """As proxy.app.ProxyApp.begin_drain: no new request; those in flight get
+        drain_timeout. Safe to call from a signal handler."""
+        if self.services.draining or self._loop is None:
+            return
+        self.services.draining = True
+        self._loop.call_soon_threadsafe(
+            self._loop.call_later, self.config.drain_timeout, self.services.end_inflight
+        )
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM when the control process ends (Linux); exit now if it has already ended."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        sys.exit(f"pdproxy: the control process {parent} is gone")
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[{name}]: %(message)s",
+    )
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pdproxy-serving")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--parent", required=True, type=int)
+    parser.add_argument("--fd", action="append", type=int, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    die_with_parent(args.parent)
+    config = ProxyConfig.model_validate_json((args.dir / CONFIG).read_bytes())
+    setup_logging(config.log_level, args.name)
+    request.request_id_prefix = f"pdp-{args.name}-"
+    app = ServingApp(config, args.name, args.dir)
+    server = Server(uvicorn_config(app, config), app)
+    app.link.lost = lambda: server.handle_exit(signal.SIGTERM, None)
+    sockets = [socket.socket(fileno=fd) for fd in args.fd]
+    log.info("serving process %s (pid %d) serving", args.name, os.getpid())
+    return serve(server, sockets)
+
+
+def describe_args(name: str, directory: Path, fds: Sequence[int]) -> list[str]:
+    """The command line that starts serving process `name` (for the control process)."""
+    args: list[Any] = [sys.executable, "-m", "proxy.procs.serving", "--name", name]
+    args += ["--dir", directory, "--parent", os.getpid()]
+    for fd in fds:
+        args += ["--fd", fd]
+    return [str(a) for a in args]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The control process (`workers` > 1): the control plane, and the serving processes' keeper.
+
+    pdproxy serve --workers N
+      control process   ProxyApp as in one process (the registry, health checks, scrapes, KV
+                        health, the pool's controller, admin API, console, state file), served by
+                        uvicorn on a private Unix socket (DIR/api.sock) instead of the port;
+                        the `Supervisor` (a companion of the app's lifespan, proxy.app)
+      serving process   x N (proxy.procs.serving): the data plane on the port
+
+DIR is a temporary directory made 0700 at start-up, removed at exit; it holds the validated config
+(config.json, which the serving processes read), the channel's socket (channel.sock) and the API's.
+
+What is shared, and how:
+
+    the port            bound once here (proxy.cli.serve.listen: a port in use is one clear line,
+                        exit 2), inherited by every serving process (one accept queue)
+    the workers         published from here on every change (looked for every `tick` s) and every
+                        `heartbeat` s: a snapshot (proxy.procs.snapshot) over the channel
+                        (proxy.procs.channel); a drain or removal reaches every process with it
+    what was served     reported back in batches (proxy.procs.report): timings, breaker outcomes,
+                        counter gains, in-flight loads, taken into this process's one /metrics,
+                        /stats, timelines and breakers
+    the other paths     forwarded by the serving processes to DIR/api.sock (proxy.procs.forward)
+
+Lifecycle: a serving process that exits is started again (after 0.5 s, doubling while they keep
+dying young, at most 10 s; logged with the process's name and how it ended); what it held goes
+(its in-flight load). Its clients' connections die with it; a connection it had not accepted yet
+is accepted by another. SIGTERM/SIGINT here (proxy.cli.serve.Server -> ProxyApp.begin_drain ->
+`begin_drain`) sends SIGTERM to every serving process: they stop accepting and give their requests
+`drain_timeout`; this process waits for them (`drain_timeout` + a margin, then SIGKILL) and exits
+with the status one process would. The serving processes die with this one (see
+proxy.procs.serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.app import ProxyApp, build_app
+from proxy.cli.serve import Server, bind, log_start, serve, uvicorn_config
+from proxy.config import ConfigError, ProxyConfig
+from proxy.procs.channel import ChannelClosed, frame, read_message
+from proxy.procs.report import Intake
+from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args
+from proxy.procs.snapshot import describe
+
+log = logging.getLogger("pdproxy")
+
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 10.0
+YOUNG = 30.0  # a process that lived less than this and died counts towards a longer backoff
+MAX_BUFFERED = 16 * 1024 * 1024  # a channel this far behind gets no snapshot until it drains
+
+
+@dataclass
+class ServingProcess:
+    """One serving process's slot: the process now in it and how the earlier ones ended."""
+
+    name: str
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    young_deaths: int = 0
+    next_start: float = 0.0  # monotonic(): when to start it again
+    last_exit: str | None = None
+    writer: asyncio.StreamWriter | None = None  # its channel, once it said hello
+    acked: int = 0  # the last report taken from it
+    routing_changed_at: float = 0.0  # time(): when a snapshot last changed who it routes to
+
+    def describe(self) -> dict[str, Any]:
+        alive = self.proc is not None and self.proc.poll() is None
+        return {
+            "name": self.name,
+            "pid": self.proc.pid if alive and self.proc is not None else None,
+            "connected": self.writer is not None,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "routing_changed_at": self.routing_changed_at,
+        }
+
+
+def how_it_ended(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+class Supervisor:
+    """Starts, feeds, watches and stops the serving processes (a companion of ProxyApp)."""
+
+    def __init__(
+        self,
+        app: ProxyApp,
+        count: int,
+        sockets: list[socket.socket],
+        directory: Path,
+        tick: float = 0.05,
+        heartbeat: float = 1.0,
+    ) -> None:
+        self.app = app
+        self.sockets = sockets
+        self.directory = directory
+        self.tick = tick
+        self.heartbeat = heartbeat
+        services = app.services
+        self.intake = Intake(app.pools, services.stats, services.timelines, app.metrics)
+        self.slots = {f"w{i}": ServingProcess(f"w{i}") for i in range(1, count + 1)}
+        self.draining = False
+        self.seq = 0  # snapshots published
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- the companion's side (proxy.serve.api.Companion) ---
+
+    async def start(self) -> None:
+        (self.directory / CONFIG).write_text(self.app.config.model_dump_json())
+        self._server = await asyncio.start_unix_server(
+            self._connected, path=str(self.directory / CHANNEL)
+        )
+        for slot in self.slots.values():
+            self._spawn(slot)
+        self._tasks = [
+            asyncio.create_task(self._publish()),
+            asyncio.create_task(self._watch()),
+        ]
+
+    def begin_drain(self) -> None:
+        """Every serving process drains; none is started again. Safe in a signal handler."""
+        self.draining = True
+        for sock in self.sockets:
+            sock.close()  # once the serving processes close theirs, new connections are refused
+        for slot in self.slots.values():
+            if slot.proc is not None and slot.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.send_signal(signal.SIGTERM)
+
+    async def close(self) -> None:
+        """Drain the serving processes (if no signal did), wait for them, then stop."""
+        self.begin_drain()
+        deadline = time.monotonic() + self.app.config.drain_timeout + 10
+        while time.monotonic() < deadline:
+            if not self._alive():
+                break
+            await asyncio.sleep(0.05)
+        for slot in self._alive():
+            log.warning("serving process %s did not stop: killing it", slot.name)
+            assert slot.proc is not None
+            slot.proc.kill()
+            slot.proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"processes": [slot.describe() for slot in self.slots.values()]}
+
+    # --- the processes ---
+
+    def _alive(self) -> list[ServingProcess]:
+        return [s for s in self.slots.values() if s.proc is not None and s.proc.poll() is None]
+
+    def _spawn(self, slot: ServingProcess) -> None:
+        fds = [sock.fileno() for sock in self.sockets]
+        slot.proc = subprocess.Popen(describe_args(slot.name, self.directory, fds), pass_fds=fds)
+        slot.started = time.monotonic()
+        log.info("serving process %s started (pid %d)", slot.name, slot.proc.pid)
+
+    async def _watch(self, every: float = 0.1) -> None:
+        """Notice a serving process that ended, and start its slot again after its backoff."""
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for slot in self.slots.values():
+                if slot.proc is not None and slot.proc.poll() is not None:
+                    self._ended(slot, now)
+                elif slot.proc is None and not self.draining and now >= slot.next_start:
+                    slot.restarts += 1
+                    self._spawn(slot)
+
+    def _ended(self, slot: ServingProcess, now: float) -> None:
+        assert slot.proc is not None
+        slot.last_exit = how_it_ended(slot.proc.returncode)
+        pid, slot.proc = slot.proc.pid, None
+        self._disconnect(slot)
+        if self.draining:
+            log.info("serving process %s (pid %d) %s", slot.name, pid, slot.last_exit)
+            return
+        slot.young_deaths = slot.young_deaths + 1 if now - slot.started < YOUNG else 1
+        backoff = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (slot.young_deaths - 1))
+        slot.next_start = now + backoff
+        log.warning(
+            "serving process %s (pid %d) %s: starting it again in %gs",
+            slot.name, pid, slot.last_exit, backoff,
+        )  # fmt: skip
+
+    def _disconnect(self, slot: ServingProcess) -> None:
+        if slot.writer is not None:
+            slot.writer.close()
+            slot.writer = None
+        self.intake.forget(slot.name)
+
+    # --- the channel ---
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        slot = None
+        try:
+            hello = await read_message(reader)
+            slot = self.slots.get(str(hello.get("name")))
+            if slot is None or hello.get("t") != "hello":
+                log.warning("the channel refused a peer that said %r", hello)
+                return
+            slot.writer, slot.acked = writer, 0
+            self._send(slot, describe(self.app.pools))
+            while True:
+                report = await read_message(reader)
+                self.intake.take(slot.name, report)
+                slot.acked = int(report.get("seq", slot.acked))
+                slot.routing_changed_at = float(report.get("routing_changed_at", 0.0))
+        except ChannelClosed:
+            pass
+        finally:
+            if slot is not None and slot.writer is writer:
+                self._disconnect(slot)
+            writer.close()
+
+    async def _publish(self) -> None:
+        """The workers to every serving process: when they changed, and every `heartbeat` s."""
+        last: list[dict[str, Any]] = []
+        sent = 0.0
+        while True:
+            await asyncio.sleep(self.tick)
+            workers = describe(self.app.pools)
+            if workers != last or time.monotonic() - sent >= self.heartbeat:
+                for slot in self.slots.values():
+                    self._send(slot, workers)
+                last, sent = workers, time.monotonic()
+
+    def _send(self, slot: ServingProcess, workers: list[dict[str, Any]]) -> None:
+        writer = slot.writer
+        if writer is None or writer.transport.get_write_buffer_size() > MAX_BUFFERED:
+            return
+        self.seq += 1
+        writer.write(frame({"t": "snapshot", "seq": self.seq, "ack": slot.acked,
+                            "workers": workers}))  # fmt: skip
+
+
+def run_supervised(config: ProxyConfig) -> int:
+    """`pdproxy serve` with `workers` > 1: this process is the control process."""
+    try:
+        app = build_app(config)
+        sockets = bind(config)
+    except ConfigError as exc:
+        print(f"pdproxy: {exc}", file=sys.stderr)
+        return 2
+    directory = Path(tempfile.mkdtemp(prefix="pdproxy-"))  # 0700
+    try:
+        api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        api.bind(str(directory / API))
+        app.companions.append(Supervisor(app, config.serving_processes, sockets, directory))
+        log_start(config)
+        log.info("control process (pid %d): %d serving processes", os.getpid(),
+                 config.serving_processes)  # fmt: skip
+        return serve(Server(uvicorn_config(app, config), app), [api])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
