@@ -1,0 +1,137 @@
+"""The process model's parts, in one process: the `workers` setting, the channel's frames, the
+snapshot and its mirror, the reports and their intake."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.cli.main import main
+from proxy.config import ConfigError, load_config
+from proxy.control.workers import Breaker, EngineLoad, Lifecycle, Worker, WorkerPool
+from proxy.observe.metrics import ProxyMetrics
+from proxy.observe.stats import LatencyStats, RequestTiming
+from proxy.observe.timeline import TimelineRing
+from proxy.procs.channel import ChannelClosed, frame, read_message
+from proxy.procs.report import Intake, ReportingPool, ReportingRing, Reports
+from proxy.procs.snapshot import Mirror, describe
+
+TOPOLOGY: dict[str, Any] = {
+    "prefill": ["http://127.0.0.1:7100"],
+    "decode": ["http://127.0.0.1:7200"],
+}
+
+
+def test_workers_default_to_one_process_and_auto_leaves_a_core() -> None:
+    assert load_config(**TOPOLOGY).serving_processes == 1
+    assert load_config(**TOPOLOGY, workers=3).serving_processes == 3
+    auto = load_config(**TOPOLOGY, workers="auto").serving_processes
+    assert auto == max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"workers": "many"}, "workers"),
+        ({"workers": 2, "connector": "lmcache"}, "set workers: 1"),
+        ({"workers": 2, "kv_events": {"enabled": True}}, "kv_events with workers > 1"),
+    ],
+)
+def test_workers_that_cannot_be_served_are_refused(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(**TOPOLOGY, **overrides)
+
+
+def test_the_flag_takes_a_number_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--workers", "two"])
+    assert "not a number or auto: 'two'" in capsys.readouterr().err
+    assert main(["serve", "--decode", "http://127.0.0.1:1", "--workers", "0"]) == 2
+
+
+def test_frames_round_trip_and_a_broken_peer_is_a_closed_channel() -> None:
+    async def read(data: bytes) -> dict[str, Any]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_message(reader)
+
+    assert asyncio.run(read(frame({"t": "hello", "name": "w1"}))) == {"t": "hello", "name": "w1"}
+    for broken in (frame({"t": "x"})[:-1], b"\x00\x00\x00\x02[]", b"\xff\xff\xff\xff"):
+        with pytest.raises(ChannelClosed):
+            asyncio.run(read(broken))
+
+
+def control_pools() -> tuple[WorkerPool, WorkerPool, WorkerPool]:
+    prefill = WorkerPool.from_urls("prefill", ["http://p0"])
+    decode = WorkerPool.from_urls("decode", ["http://d0", "http://d1"])
+    return prefill, decode, WorkerPool("pool")
+
+
+def test_the_mirror_follows_drains_and_removals_and_keeps_its_own_counters() -> None:
+    control = control_pools()
+    local = tuple(WorkerPool(p.role) for p in control)
+    ended: list[str] = []
+    forgotten: list[str] = []
+    mirror = Mirror(local, lambda w: forgotten.append(w.id), lambda w: ended.append(w.id))
+    mirror.apply(describe(control), True)
+    d1 = local[1].workers[1]
+    d1.inflight = 2
+    control[1].members[1].engine_load = EngineLoad(3, 1, 0.5, 0)
+    control[1].drain(control[1].members[1])
+    mirror.apply(describe(control), True)
+    assert [w.id for w in local[1].workers] == ["d0"] and local[1].members[1] is d1
+    assert d1.state is Lifecycle.DRAINING and d1.inflight == 2  # its own count stays
+    assert d1.engine_load == EngineLoad(3, 1, 0.5, 2)  # measured from its own count now
+    control[1].remove(control[1].members[1])
+    mirror.apply(describe(control), True)
+    assert [w.id for w in local[1].members] == ["d0"] and d1.state is Lifecycle.REMOVED
+    assert ended == ["d1"] and forgotten == ["d1"]  # its requests here end with an error
+
+
+def test_a_failure_seen_here_holds_until_the_control_process_has_it() -> None:
+    control = control_pools()
+    reports = Reports()
+    local = tuple(ReportingPool(p.role, (), 1, 10.0, reports=reports) for p in control)
+    mirror = Mirror(local, lambda w: None, lambda w: None)
+    mirror.apply(describe(control), True)
+    d0 = local[1].workers[0]
+    local[1].record_failure(d0, "boom")  # threshold 1: open here at once
+    assert d0.breaker is Breaker.OPEN
+    mirror.apply(describe(control), reports.breakers_settled(0))  # taken before it heard
+    assert d0.breaker is Breaker.OPEN
+    metrics = ProxyMetrics(local)
+    report = reports.take(metrics, local)
+    assert report is not None and report["outcomes"] == [("d0", False, "boom")]
+    assert not reports.breakers_settled(0) and reports.breakers_settled(report["seq"])
+
+
+def test_the_intake_counts_every_process_once() -> None:
+    control = control_pools()
+    metrics = ProxyMetrics(control)
+    stats = LatencyStats(100, CollectorRegistry())
+    timelines = TimelineRing()
+    intake = Intake(control, stats, timelines, metrics)
+    for name in ("w1", "w2"):
+        reports = Reports()
+        local = tuple(ReportingPool(p.role, (), reports=reports) for p in control)
+        ring = ReportingRing(reports)
+        mine = ProxyMetrics(local)
+        mine.requests.labels("/v1/completions", "200").inc()
+        ring.add(RequestTiming(start=1.0, end=2.0, request_id=f"pdp-{name}-1", status=200))
+        local[1].members = local[1].workers = (Worker("decode", "d0", "http://d0", inflight=2),)
+        local[1].record_success(local[1].members[0])
+        report = reports.take(mine, local)
+        assert report is not None
+        intake.take(name, report)
+        assert reports.take(mine, local) is None  # nothing new
+    assert stats.recorded == 2 and len(timelines) == 2
+    assert metrics.requests.labels("/v1/completions", "200")._value.get() == 2
+    assert control[1].members[0].inflight == 4  # both processes' requests on d0
+    intake.forget("w1")
+    assert control[1].members[0].inflight == 2  # a process that died takes its own with it
