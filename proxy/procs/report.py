@@ -8,7 +8,8 @@ note what it did for the next report (so the request path of one process pays no
                     /metrics)
     ReportingPool   its WorkerPools: every breaker outcome (success, failure with its reason)
 
-and each report adds what its metrics' counters gained since the last one (all of ProxyMetrics'
+and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
+its metrics' counters gained since the last one (all of ProxyMetrics'
 counters: requests, retries, migrations, the planner's decisions, ...) and its in-flight load per
 worker. A report goes every `every` seconds when there is something to say.
 
@@ -36,6 +37,7 @@ from proxy.control.workers import Worker, WorkerPool
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
+from proxy.serve.plane import Prompts
 
 TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(RequestTiming) if f.name != "plan")
 LOAD_FIELDS = ("inflight", "inflight_chars", "prefill_tokens", "decode_streams")
@@ -53,6 +55,12 @@ class Reports:
     counted: dict[CounterKey, float] = field(default_factory=dict)  # counters, as last sent
     load: dict[str, list[int]] = field(default_factory=dict)  # as last sent
     routing_changed_at: float = 0.0  # as last sent (proxy.procs.snapshot.Mirror.changed_at)
+    prompts: list[int] = field(default_factory=lambda: [0, 0])  # placed prompt tokens: long, local
+
+    def prompt(self, computed: int, long: bool) -> None:
+        """A request was placed (a pool's planner): for the pool's controller (proxy.serve.plane
+        .Prompts), which runs in the control process."""
+        self.prompts[0 if long else 1] += computed
 
     def timing(self, t: RequestTiming) -> None:
         item = {name: getattr(t, name) for name in TIMING_FIELDS}
@@ -70,7 +78,7 @@ class Reports:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
         load = {w.id: [getattr(w, f) for f in LOAD_FIELDS] for p in pools for w in p.members}
-        news = self.timings or self.outcomes or counters or load != self.load
+        news = self.timings or self.outcomes or counters or load != self.load or any(self.prompts)
         if not news and routing_changed_at == self.routing_changed_at:
             return None
         self.routing_changed_at = routing_changed_at
@@ -85,8 +93,9 @@ class Reports:
             "counters": counters,
             "load": load,
             "routing_changed_at": routing_changed_at,
+            "prompts": self.prompts,
         }
-        self.timings, self.outcomes, self.load = [], [], load
+        self.timings, self.outcomes, self.load, self.prompts = [], [], load, [0, 0]
         return report
 
     def _counter_gains(self, metrics: ProxyMetrics) -> list[tuple[str, dict[str, str], float]]:
@@ -169,8 +178,10 @@ class Intake:
         stats: LatencyStats,
         timelines: TimelineRing,
         metrics: ProxyMetrics,
+        prompts: Prompts | None = None,
     ) -> None:
         self.pools = tuple(pools)
+        self.prompts = prompts  # the pool's controller, where there is one
         self.stats = stats
         self.timelines = timelines
         self.metrics = metrics
@@ -194,6 +205,11 @@ class Intake:
                     pool.record_failure(worker, reason or "failed")
         for attr, labels, gain in report.get("counters", ()):
             self._count(attr, labels, gain)
+        long, local = report.get("prompts", (0, 0))
+        if self.prompts is not None:
+            for computed, is_long in ((long, True), (local, False)):
+                if computed:
+                    self.prompts.prompt(computed, is_long)
         self.loads[process] = report.get("load", {})
         self.sum_loads()
 

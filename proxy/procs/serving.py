@@ -79,7 +79,7 @@ class ServingApp:
         prefill, decode, pooled = self.pools
         self.plane = build_data_plane(
             config, (prefill, decode, pooled), self.engine, self.connector, self.metrics,
-            authenticator(config), None,
+            authenticator(config), self.reports if config.has_pool else None,
         )  # fmt: skip
         self.services = self.plane.services
         self.services.timelines = ReportingRing(self.reports, config.stats.timelines)

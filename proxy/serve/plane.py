@@ -5,11 +5,10 @@ generation paths and of vLLM's other paths (passed through)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.auth import Authenticator
 from proxy.config import ProxyConfig
-from proxy.control.pool import PoolController
 from proxy.control.workers import WorkerPool
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.base import Connector
@@ -31,6 +30,13 @@ from proxy.request import CHAT, COMPLETIONS
 from proxy.serve.admission import Admission
 from proxy.serve.endpoint import CompletionEndpoint, Services
 from proxy.serve.passthrough import ROUTES, PassThrough
+
+
+class Prompts(Protocol):
+    """Who hears of each placed prompt: the pool's controller (proxy.control.pool), or in a
+    serving process the report to the control process's controller (proxy.procs.report)."""
+
+    def prompt(self, computed: int, long: bool) -> None: ...
 
 
 @dataclass
@@ -63,7 +69,7 @@ def build_router(
 
 
 def build_placement(
-    config: ProxyConfig, router: Router, pool: PoolController | None
+    config: ProxyConfig, router: Router, pool: Prompts | None
 ) -> tuple[Placement, float]:
     """The placement for the topology, and the /tokenize timeout its counts get."""
     routing = config.routing
@@ -108,7 +114,7 @@ def build_data_plane(
     connector: Connector,
     metrics: ProxyMetrics,
     authenticator: Authenticator,
-    pool: PoolController | None,
+    pool: Prompts | None,
 ) -> DataPlane:
     routing = config.routing
     index = PrefixIndex()  # the proxy's one prefix index: the planner's and prefix_aware's

@@ -109,6 +109,19 @@ def test_both_processes_serve_and_the_control_process_counts_every_request(
     assert httpx.get(procs.url + "/nope", timeout=10).json()["error"]["type"]
 
 
+def test_a_pool_is_placed_by_both_processes_and_its_controller_hears_of_every_prompt(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    engines = ("--pool", clean_sims["p1"].url, "--pool", clean_sims["d1"].url)
+    proxy = start(tmp_path, [], [], *engines)
+    try:
+        assert served_by(proxy, 20) == {"w1", "w2"}
+        wait_for(lambda: proxy.metrics().total("pdproxy_disagg_decisions_total") == 20, 30)
+        wait_for(lambda: proxy.metrics().total("pdproxy_pool_prompt_tokens_total") > 0, 30)
+    finally:
+        proxy.stop()
+
+
 def test_a_removed_worker_gets_no_new_request_from_either_process(
     procs: Proxy, clean_sims: dict[str, Sim]
 ) -> None:
