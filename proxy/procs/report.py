@@ -9,9 +9,9 @@ note what it did for the next report (so the request path of one process pays no
     ReportingPool   its WorkerPools: every breaker outcome (success, failure with its reason)
 
 and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
-its metrics' counters gained since the last one (all of ProxyMetrics'
-counters: requests, retries, migrations, the planner's decisions, ...) and its in-flight load per
-worker. A report goes every `every` seconds when there is something to say.
+its metrics' counters gained since the last one (all of ProxyMetrics' counters: requests, retries,
+migrations, the planner's decisions, ...), its in-flight load per worker and its admission's
+numbers. A report goes every `every` seconds (proxy.procs.link) when there is something to say.
 
 The control process (`Intake`) replays the timings into its stats and timelines, the outcomes into
 its breakers (so the breakers it publishes count every process's failures), the counter gains into
@@ -37,6 +37,7 @@ from proxy.control.workers import Worker, WorkerPool
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
+from proxy.serve.admission import Admission
 from proxy.serve.plane import Prompts
 
 TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(RequestTiming) if f.name != "plan")
@@ -73,11 +74,17 @@ class Reports:
         return not self.outcomes and ack >= self.outcomes_seq
 
     def take(
-        self, metrics: ProxyMetrics, pools: Iterable[WorkerPool], routing_changed_at: float = 0.0
+        self,
+        metrics: ProxyMetrics,
+        pools: Iterable[WorkerPool],
+        routing_changed_at: float = 0.0,
+        admission: Admission | None = None,
     ) -> dict[str, Any] | None:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
         load = {w.id: [getattr(w, f) for f in LOAD_FIELDS] for p in pools for w in p.members}
+        if admission is not None:  # under a key no worker id can take
+            load["admission"] = [admission.active, admission.queued, admission.rejected]
         news = self.timings or self.outcomes or counters or load != self.load or any(self.prompts)
         if not news and routing_changed_at == self.routing_changed_at:
             return None
@@ -179,7 +186,9 @@ class Intake:
         timelines: TimelineRing,
         metrics: ProxyMetrics,
         prompts: Prompts | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission  # the control process's, showing the processes' sums
         self.pools = tuple(pools)
         self.prompts = prompts  # the pool's controller, where there is one
         self.stats = stats
@@ -235,3 +244,11 @@ class Intake:
                     setattr(worker, name, total)
                 if not worker.inflight and worker.idle is not None:
                     worker.idle.set()  # an admin drain waits for this (WorkerRegistry.retire)
+        if self.admission is not None:
+            sums = [
+                sum(n)
+                for n in zip(
+                    *(x.get("admission", (0, 0, 0)) for x in self.loads.values()), strict=True
+                )
+            ]
+            self.admission.show(*(sums or (0, 0, 0)))

@@ -85,7 +85,7 @@ class ServingApp:
         self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
         mirror = Mirror(self.pools, self._forget, self._end_requests)
         self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
-                         self.pools)  # fmt: skip
+                         self.pools, self.services.admission)  # fmt: skip
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _forget(self, worker: Worker) -> None:

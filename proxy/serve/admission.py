@@ -37,6 +37,12 @@ class Admission:
     def queued(self) -> int:
         return self._queued
 
+    def show(self, active: int, queued: int, rejected: int) -> None:
+        """Take the serving processes' sums (proxy.procs.report) as this admission's numbers: in
+        the control process, which admits nothing itself, they are what /stats and the console
+        show."""
+        self.active, self._queued, self.rejected = active, queued, rejected
+
     def _retry_after(self) -> int:
         return max(1, int(self.queue_timeout / 4))
 

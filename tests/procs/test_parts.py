@@ -19,6 +19,7 @@ from proxy.observe.timeline import TimelineRing
 from proxy.procs.channel import ChannelClosed, frame, read_message
 from proxy.procs.report import Intake, ReportingPool, ReportingRing, Reports
 from proxy.procs.snapshot import Mirror, describe
+from proxy.serve.admission import Admission
 
 TOPOLOGY: dict[str, Any] = {
     "prefill": ["http://127.0.0.1:7100"],
@@ -116,7 +117,8 @@ def test_the_intake_counts_every_process_once() -> None:
     metrics = ProxyMetrics(control)
     stats = LatencyStats(100, CollectorRegistry())
     timelines = TimelineRing()
-    intake = Intake(control, stats, timelines, metrics)
+    admission = Admission(0, 0, 1.0)
+    intake = Intake(control, stats, timelines, metrics, admission=admission)
     for name in ("w1", "w2"):
         reports = Reports()
         local = tuple(ReportingPool(p.role, (), reports=reports) for p in control)
@@ -126,12 +128,16 @@ def test_the_intake_counts_every_process_once() -> None:
         ring.add(RequestTiming(start=1.0, end=2.0, request_id=f"pdp-{name}-1", status=200))
         local[1].members = local[1].workers = (Worker("decode", "d0", "http://d0", inflight=2),)
         local[1].record_success(local[1].members[0])
-        report = reports.take(mine, local)
+        theirs = Admission(4, 4, 1.0)
+        theirs.active = 1
+        report = reports.take(mine, local, admission=theirs)
         assert report is not None
         intake.take(name, report)
-        assert reports.take(mine, local) is None  # nothing new
+        assert reports.take(mine, local, admission=theirs) is None  # nothing new
     assert stats.recorded == 2 and len(timelines) == 2
     assert metrics.requests.labels("/v1/completions", "200")._value.get() == 2
     assert control[1].members[0].inflight == 4  # both processes' requests on d0
+    assert admission.active == 2
     intake.forget("w1")
     assert control[1].members[0].inflight == 2  # a process that died takes its own with it
+    assert admission.active == 1
