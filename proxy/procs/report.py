@@ -6,7 +6,8 @@ note what it did for the next report (so the request path of one process pays no
     ReportingRing   its TimelineRing: every finished request's RequestTiming (the timeline,
                     and through it the latency windows and histograms of the one /stats and
                     /metrics)
-    ReportingPool   its WorkerPools: every breaker outcome (success, failure with its reason)
+    ReportingPool   its WorkerPools: every breaker outcome (success, failure with its reason,
+                    a trip by its stall watch)
 
 and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
 its metrics' counters gained since the last one (all of ProxyMetrics' counters: requests, retries,
@@ -50,7 +51,8 @@ class Reports:
     """A serving process's report in the making."""
 
     timings: list[dict[str, Any]] = field(default_factory=list)
-    outcomes: list[tuple[str, bool, str | None]] = field(default_factory=list)
+    # (worker id, "ok" | "failed" | "stalled", reason)
+    outcomes: list[tuple[str, str, str | None]] = field(default_factory=list)
     seq: int = 0  # reports sent
     outcomes_seq: int = 0  # the last report that carried outcomes
     counted: dict[CounterKey, float] = field(default_factory=dict)  # counters, as last sent
@@ -148,11 +150,15 @@ class ReportingPool(WorkerPool):
 
     def record_success(self, worker: Worker) -> None:
         super().record_success(worker)
-        self.reports.outcomes.append((worker.id, True, None))
+        self.reports.outcomes.append((worker.id, "ok", None))
 
     def record_failure(self, worker: Worker, reason: str, now: float | None = None) -> None:
         super().record_failure(worker, reason, now)
-        self.reports.outcomes.append((worker.id, False, reason))
+        self.reports.outcomes.append((worker.id, "failed", reason))
+
+    def trip(self, worker: Worker, reason: str, now: float | None = None) -> None:
+        super().trip(worker, reason, now)
+        self.reports.outcomes.append((worker.id, "stalled", reason))
 
 
 class PlanView:
@@ -204,14 +210,16 @@ class Intake:
             self.stats.record(timing)
             self.timelines.add(timing)
             self.reported[process] = self.reported.get(process, 0) + 1
-        for worker_id, ok, reason in report.get("outcomes", ()):
+        for worker_id, outcome, reason in report.get("outcomes", ()):
             found = workers.get(worker_id)
             if found is not None:
                 pool, worker = found
-                if ok:
+                if outcome == "ok":
                     pool.record_success(worker)
+                elif outcome == "stalled":
+                    pool.trip(worker, reason or outcome)
                 else:
-                    pool.record_failure(worker, reason or "failed")
+                    pool.record_failure(worker, reason or outcome)
         for attr, labels, gain in report.get("counters", ()):
             self._count(attr, labels, gain)
         long, local = report.get("prompts", (0, 0))

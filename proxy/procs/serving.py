@@ -11,10 +11,11 @@ directory) the config it validated (`config.json`), the channel's socket and the
 
 What it holds: the data plane as in one process (router, planner, legs, admission: its own
 slots), on pools that mirror the control process's snapshots, with the two reporting hooks
-(proxy.procs.report). What it serves: the generation paths and vLLM's other paths itself; every
-other path is forwarded to the control process (proxy.procs.forward). Its name (`w1`) is in its
-log lines and in the request ids it makes (`pdp-w1-...`, the X-Request-Id of every answer whose
-client sent none).
+(proxy.procs.report), and a stall watch over its own legs (the engines' progress comes from the
+control process's scrapes, in the snapshot; a trip goes back as an outcome). What it serves:
+the generation paths and vLLM's other paths itself; every other path is forwarded to the control
+process (proxy.procs.forward). Its name (`w1`) is in its log lines and in the request ids it
+makes (`pdp-w1-...`, the X-Request-Id of every answer whose client sent none).
 
 It dies with the control process: PR_SET_PDEATHSIG (Linux) sends it SIGTERM when the control
 process's thread ends, and the channel's EOF does the same anywhere; either way it drains (no new
@@ -42,6 +43,7 @@ from proxy.app import authenticator
 from proxy.cli.serve import Server, serve, uvicorn_config
 from proxy.config import ProxyConfig
 from proxy.control.registry import ROLES
+from proxy.control.stall import StallWatch
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
@@ -86,6 +88,10 @@ class ServingApp:
         mirror = Mirror(self.pools, self._forget, self._end_requests)
         self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
                          self.pools, self.services.admission)  # fmt: skip
+        stall = config.health.stall_timeout
+        # its own legs' waits, with the engines' progress as the control process scrapes it
+        self.stalls = StallWatch(lambda: self.pools, stall) if stall > 0 else None
+        self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _forget(self, worker: Worker) -> None:
@@ -116,10 +122,16 @@ class ServingApp:
             await send({"type": "lifespan.startup.failed", "message": repr(exc)})
             return
         self._loop = asyncio.get_running_loop()
+        if self.stalls is not None:
+            every = min(1.0, self.stalls.timeout / 4)
+            self._tasks.append(asyncio.create_task(self.stalls.run(every)))
         gc.collect()
         gc.freeze()  # as in one process (proxy.app): keep what lives for good out of the GC's scans
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.link.close()
         await self.connector.close()
         await self.engine.close()

@@ -68,6 +68,9 @@ def describe_worker(w: Worker) -> Item:
         "prefix_source": w.prefix_source,
         "lean": w.lean,
         "model": w.model,
+        # perf_counter() (one clock for the host) of its engine's last work, as scraped: the
+        # serving processes' stall watches take it as progress (proxy.control.stall)
+        "progress": w.last_progress,
     }
 
 
@@ -149,3 +152,4 @@ def update(w: Worker, item: Item, breakers: bool) -> None:
     w.prefix_source = item["prefix_source"]
     w.lean = item["lean"]
     w.model = item["model"]
+    w.last_progress = max(w.last_progress, float(item["progress"]))

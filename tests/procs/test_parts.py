@@ -108,7 +108,7 @@ def test_a_failure_seen_here_holds_until_the_control_process_has_it() -> None:
     assert d0.breaker is Breaker.OPEN
     metrics = ProxyMetrics(local)
     report = reports.take(metrics, local)
-    assert report is not None and report["outcomes"] == [("d0", False, "boom")]
+    assert report is not None and report["outcomes"] == [("d0", "failed", "boom")]
     assert not reports.breakers_settled(0) and reports.breakers_settled(report["seq"])
 
 

@@ -19,6 +19,8 @@ import pytest
 from benchmarks.faults import classify
 from pdsim import launch
 from tests.conftest import MODEL, Proxy, Sim, start_sim, wait_for
+from tests.control.test_stall import WEDGED
+from tests.control.test_stall import config as stall_config
 
 BODY = {"model": MODEL, "prompt": "tell me a story", "max_tokens": 8}
 
@@ -267,4 +269,24 @@ def test_sigterm_drains_every_process_then_exits_143(tmp_path: Path, slow: tuple
         print(f"drained and exited {time.monotonic() - started:.1f} s after SIGTERM")
         assert not any(alive(pid) for pid in pids)
     finally:
+        proxy.stop()
+
+
+def test_a_wedged_prefiller_is_taken_out_by_the_serving_processes_stall_watches(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    p0, p1, d0 = clean_sims["p0"], clean_sims["p1"], clean_sims["d0"]
+    proxy = start(tmp_path, [p0, p1], [d0], "--config", stall_config(tmp_path))
+    try:
+        wait_for(lambda: all(w["available"] for w in proxy.stats()["workers"]["prefill"]), 30)
+        p0.faults(**WEDGED)
+        started = time.monotonic()
+        names = served_by(proxy, 8)  # each waits for its prefill, at most 600 s, unless...
+        print(f"8 requests past a wedged prefiller in {time.monotonic() - started:.1f} s")
+        stalled = next(w for w in proxy.stats()["workers"]["prefill"] if w["id"] == "p0")
+        assert stalled["stalls_total"] >= 1 and stalled["breaker"] != "closed", (names, stalled)
+        assert "stopped completing requests" in str(stalled["last_error"])
+        assert "stopped completing requests" in proxy.log_text()
+    finally:
+        p0.faults()
         proxy.stop()
