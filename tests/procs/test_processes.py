@@ -212,13 +212,15 @@ def test_killing_the_control_process_leaves_no_serving_process(
     tmp_path: Path, clean_sims: dict[str, Sim]
 ) -> None:
     proxy = start(tmp_path, [clean_sims["p0"]], [clean_sims["d0"]])
+    pids = [p["pid"] for p in processes(proxy)]
     try:
-        pids = [p["pid"] for p in processes(proxy)]
         assert all(alive(pid) for pid in pids)
         os.kill(proxy.pid, signal.SIGKILL)  # the control process alone, not its group
         wait_for(lambda: not any(alive(pid) for pid in pids), 60)
     finally:
         proxy.stop()
+        for pid in filter(alive, pids):  # orphans, if the test failed
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -257,8 +259,8 @@ def streaming(url: str, count: int) -> Iterator[list[tuple[str, str]]]:
 def test_sigterm_drains_every_process_then_exits_143(tmp_path: Path, slow: tuple[Sim, Sim]) -> None:
     prefill, decode = slow
     proxy = start(tmp_path, [prefill], [decode])
+    pids = [p["pid"] for p in processes(proxy)]
     try:
-        pids = [p["pid"] for p in processes(proxy)]
         with streaming(proxy.url, 6) as outcomes:
             wait_for(lambda: len(decode.records()) >= 6, 30)
             started = time.monotonic()
@@ -270,6 +272,8 @@ def test_sigterm_drains_every_process_then_exits_143(tmp_path: Path, slow: tuple
         assert not any(alive(pid) for pid in pids)
     finally:
         proxy.stop()
+        for pid in filter(alive, pids):  # orphans, if the test failed
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_wedged_prefiller_is_taken_out_by_the_serving_processes_stall_watches(
