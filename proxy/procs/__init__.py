@@ -12,4 +12,11 @@
                     console, /metrics, /stats, /health, /v1/models)
 
 With `workers: 1` (the default) none of this is imported: the proxy is one process, as before.
+
+Seams for what comes next (built apart): a shared per-engine in-flight table with one column per
+serving process (loadtable.py) takes column N-1 for serving process `wN` (its `--name`; a slot
+keeps its name across restarts), is zeroed for a process that died where the supervisor forgets
+it (`Supervisor._disconnect` -> `Intake.forget`), and replaces the summed `load` of the reports
+for the control process's view; admission across processes (admission.py) replaces the per-process
+`Admission` a serving process builds with its data plane (`ServingApp.services.admission`).
 """

@@ -157,11 +157,11 @@ def die_with_parent(parent: int) -> None:
         sys.exit(f"pdproxy: the control process {parent} is gone")
 
 
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[{name}]: %(message)s",
-    )
+def name_logs(name: str) -> None:
+    """This process's log lines name it: `pdproxy[w2]: ...` (the control process's: `[ctl]`)."""
+    formatter = logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[{name}]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     die_with_parent(args.parent)
     config = ProxyConfig.model_validate_json((args.dir / CONFIG).read_bytes())
-    setup_logging(config.log_level, args.name)
+    logging.basicConfig(level=config.log_level.upper())
+    name_logs(args.name)
     request.request_id_prefix = f"pdp-{args.name}-"
     app = ServingApp(config, args.name, args.dir)
     server = Server(uvicorn_config(app, config), app)

@@ -54,7 +54,7 @@ from proxy.cli.serve import Server, bind, log_start, serve, uvicorn_config
 from proxy.config import ConfigError, ProxyConfig
 from proxy.procs.channel import ChannelClosed, frame, read_message
 from proxy.procs.report import Intake
-from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args
+from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
 from proxy.procs.snapshot import describe
 
 log = logging.getLogger("pdproxy")
@@ -272,6 +272,7 @@ def run_supervised(config: ProxyConfig) -> int:
         api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         api.bind(str(directory / API))
         app.companions.append(Supervisor(app, config.serving_processes, sockets, directory))
+        name_logs("ctl")
         log_start(config)
         log.info("control process (pid %d): %d serving processes", os.getpid(),
                  config.serving_processes)  # fmt: skip

@@ -105,6 +105,8 @@ def test_both_processes_serve_and_the_control_process_counts_every_request(
     assert metrics.total("pdproxy_disagg_decisions_total") == 30
     timelines = httpx.get(procs.url + "/admin/requests", timeout=10).json()
     assert {process_of(t["request_id"]) for t in timelines["data"]} == {"w1", "w2"}
+    log = procs.log_text()
+    assert all(f"pdproxy[{name}]: " in log for name in ("ctl", "w1", "w2"))  # logs name them
     # forwarded paths answer as in one process
     assert httpx.get(procs.url + "/health", timeout=10).json()["status"] == "ok"
     assert httpx.get(procs.url + "/v1/models", timeout=10).json()["data"][0]["id"] == MODEL
