@@ -111,6 +111,12 @@ def test_both_processes_serve_and_the_control_process_counts_every_request(
     assert httpx.get(procs.url + "/health", timeout=10).json()["status"] == "ok"
     assert httpx.get(procs.url + "/v1/models", timeout=10).json()["data"][0]["id"] == MODEL
     assert httpx.get(procs.url + "/nope", timeout=10).json()["error"]["type"]
+    for _ in range(2):  # the console's event stream, relayed as it comes; leaving ends it
+        with httpx.stream("GET", procs.url + "/console/events", timeout=30) as resp:
+            events = resp.iter_lines()
+            first = next(line for line in events if line.startswith("data: "))
+            second = next(line for line in events if line.startswith("data: "))
+        assert '"requests"' in first and second
 
 
 def test_a_pool_is_placed_by_both_processes_and_its_controller_hears_of_every_prompt(
