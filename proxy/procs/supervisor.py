@@ -116,7 +116,10 @@ class Supervisor:
         self.tick = tick
         self.heartbeat = heartbeat
         services = app.services
-        self.intake = Intake(app.pools, services.stats, services.timelines, app.metrics, app.pool)
+        self.intake = Intake(
+            app.pools, services.stats, services.timelines, app.metrics, app.pool,
+            services.admission,
+        )  # fmt: skip
         self.slots = {f"w{i}": ServingProcess(f"w{i}") for i in range(1, count + 1)}
         self.draining = False
         self.seq = 0  # snapshots published

@@ -302,3 +302,19 @@ def test_a_wedged_prefiller_is_taken_out_by_the_serving_processes_stall_watches(
     finally:
         p0.faults()
         proxy.stop()
+
+
+def test_admission_shows_the_serving_processes_sums(tmp_path: Path, slow: tuple[Sim, Sim]) -> None:
+    prefill, decode = slow
+    config = tmp_path / "admission.yaml"
+    config.write_text("admission: {max_concurrent: 1, max_queue: 0}\n")
+    proxy = start(tmp_path, [prefill], [decode], "--config", str(config))
+    try:
+        with streaming(proxy.url, 8) as outcomes:
+            pass
+        refused = [why for kind, why in outcomes if kind == "clear_error"]
+        assert refused and len(outcomes) == 8, outcomes  # one slot per process
+        wait_for(lambda: proxy.stats()["admission"]["rejected"] == len(refused), 30)
+        assert proxy.metrics().total("pdproxy_requests_total", status="429") == len(refused)
+    finally:
+        proxy.stop()
