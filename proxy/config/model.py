@@ -41,6 +41,14 @@ from proxy.engines.connectors.registry import (
 )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS says), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class ProxyConfig(_Model):
     host: str = Field("127.0.0.1", description="address the proxy listens on (--host)")
     port: int = Field(9100, ge=0, le=65535, description="port the proxy listens on (--port)")
@@ -126,7 +134,7 @@ class ProxyConfig(_Model):
     def serving_processes(self) -> int:
         """How many serving processes `workers` asks for (auto: the usable cores less one)."""
         if self.workers == "auto":
-            return max(1, len(os.sched_getaffinity(0)) - 1)
+            return max(1, usable_cores() - 1)
         return self.workers
 
     @model_validator(mode="after")
