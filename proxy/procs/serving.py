@@ -44,7 +44,7 @@ from proxy.cli.serve import Server, serve, uvicorn_config
 from proxy.config import ProxyConfig
 from proxy.control.registry import ROLES
 from proxy.control.stall import StallWatch
-from proxy.control.workers import Worker
+from proxy.control.workers import Lifecycle, Worker
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
 from proxy.observe.metrics import ProxyMetrics
@@ -85,7 +85,7 @@ class ServingApp:
         )  # fmt: skip
         self.services = self.plane.services
         self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
-        mirror = Mirror(self.pools, self._forget, self._end_requests)
+        mirror = Mirror(self.pools, self._forget, self._end_requests, self._draining)
         self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
                          self.pools, self.services.admission)  # fmt: skip
         stall = config.health.stall_timeout
@@ -102,6 +102,16 @@ class ServingApp:
         why = f"{worker.role} worker {worker.url} was removed before the answer was complete"
         self.services.end_requests(list(worker.tasks), why)
 
+    def _draining(self, worker: Worker) -> None:
+        """`worker` began its drain: what of this process still runs on it after
+        `drain_timeout` ends with an error (proxy.control.registry.WorkerRegistry.retire)."""
+        if self._loop is not None:
+            self._loop.call_later(self.config.drain_timeout, self._drain_ended, worker)
+
+    def _drain_ended(self, worker: Worker) -> None:
+        if worker.state is Lifecycle.DRAINING and worker.inflight:
+            self._end_requests(worker)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             endpoint = self.plane.endpoints.get(scope["path"])
@@ -114,6 +124,7 @@ class ServingApp:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
+        self._loop = asyncio.get_running_loop()  # (the first snapshot may start a drain's clock)
         try:
             await self.connector.start()
             await self.engine.start()
@@ -121,7 +132,6 @@ class ServingApp:
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": repr(exc)})
             return
-        self._loop = asyncio.get_running_loop()
         if self.stalls is not None:
             every = min(1.0, self.stalls.timeout / 4)
             self._tasks.append(asyncio.create_task(self.stalls.run(every)))

@@ -15,8 +15,10 @@ saw opens its breaker at once and is not undone by a snapshot taken before the c
 heard of it.
 
 A worker that leaves the snapshot leaves the mirror: no process routes to it from the next
-publication on; requests of this process still on it (the control process's drain ran out of
-time) end with an error, as they would in one process.
+publication on; requests of this process still on it end with an error, as they would in one
+process. A worker that begins to drain gives this process's requests on it `drain_timeout`
+(`on_draining`: the serving process ends those still running then, as the control process's
+drain would in one process; its own ends none, since it runs no request).
 """
 
 from __future__ import annotations
@@ -87,11 +89,13 @@ class Mirror:
         pools: Sequence[WorkerPool],
         on_removed: Callable[[Worker], None],
         end_requests: Callable[[Worker], None],
+        on_draining: Callable[[Worker], None] = lambda worker: None,
     ) -> None:
         self.pools = tuple(pools)
         self.known: dict[str, Worker] = {}  # id -> this process's object for it
         self.on_removed = on_removed  # the data plane forgets what it kept about it
         self.end_requests = end_requests  # this process's requests still on a removed worker
+        self.on_draining = on_draining  # a worker began its drain: its deadline starts here
         self.applied = 0  # snapshots applied
         self.changed_at = 0.0  # time(): when a snapshot last changed who is routed
 
@@ -119,7 +123,10 @@ class Mirror:
             if worker is not None:
                 self._remove(worker)
             worker = Worker(item["role"], item["id"], item["url"])
+        was = worker.state
         update(worker, item, breakers)
+        if worker.state is Lifecycle.DRAINING and was is not Lifecycle.DRAINING:
+            self.on_draining(worker)
         return worker
 
     def _remove(self, worker: Worker) -> None:

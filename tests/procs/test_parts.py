@@ -79,7 +79,13 @@ def test_the_mirror_follows_drains_and_removals_and_keeps_its_own_counters() -> 
     local = tuple(WorkerPool(p.role) for p in control)
     ended: list[str] = []
     forgotten: list[str] = []
-    mirror = Mirror(local, lambda w: forgotten.append(w.id), lambda w: ended.append(w.id))
+    draining: list[str] = []
+    mirror = Mirror(
+        local,
+        lambda w: forgotten.append(w.id),
+        lambda w: ended.append(w.id),
+        lambda w: draining.append(w.id),
+    )
     mirror.apply(describe(control), True)
     d1 = local[1].workers[1]
     d1.inflight = 2
@@ -89,6 +95,8 @@ def test_the_mirror_follows_drains_and_removals_and_keeps_its_own_counters() -> 
     assert [w.id for w in local[1].workers] == ["d0"] and local[1].members[1] is d1
     assert d1.state is Lifecycle.DRAINING and d1.inflight == 2  # its own count stays
     assert d1.engine_load == EngineLoad(3, 1, 0.5, 2)  # measured from its own count now
+    mirror.apply(describe(control), True)
+    assert draining == ["d1"]  # its drain's clock started once, here
     control[1].remove(control[1].members[1])
     mirror.apply(describe(control), True)
     assert [w.id for w in local[1].members] == ["d0"] and d1.state is Lifecycle.REMOVED
