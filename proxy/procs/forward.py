@@ -19,10 +19,10 @@ import httptools
 from proxy.errors import NoWorkerAvailable, ProxyError
 from proxy.serve.responder import Receive, Responder, Scope, Send, read_body
 
-# not forwarded: they describe the hop, not the request or the answer
-HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"content-length")
-)
+# not forwarded: they describe the hop, not the request or the answer (the request's length is
+# set anew; an answer's body arrives de-chunked, so its length stays where it had one)
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade"))
+SET_ANEW = HOP_BY_HOP | {b"content-length"}
 
 
 class _Answer:
@@ -56,7 +56,7 @@ def request_head(scope: Scope, length: int) -> bytes:
         target += b"?" + scope["query_string"]
     lines = [b"%s %s HTTP/1.1" % (scope["method"].encode(), target)]
     for name, value in scope["headers"]:
-        if name.lower() not in HOP_BY_HOP:
+        if name.lower() not in SET_ANEW:
             lines.append(name + b": " + value)
     lines += [b"Content-Length: %d" % length, b"Connection: close", b"", b""]
     return b"\r\n".join(lines)
