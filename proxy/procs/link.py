@@ -70,6 +70,9 @@ class Link:
                 self._apply(await read_message(reader))
         except ChannelClosed as exc:
             self._gone(str(exc))
+        except Exception as exc:  # a snapshot it cannot take: stale routing is worse than a restart
+            log.exception("a snapshot from the control process could not be applied")
+            self._gone(repr(exc))
 
     async def _report(self) -> None:
         try:
