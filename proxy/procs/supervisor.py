@@ -236,6 +236,8 @@ class Supervisor:
                 slot.routing_changed_at = float(report.get("routing_changed_at", 0.0))
         except ChannelClosed:
             pass
+        except Exception:  # a report it cannot take: hang up (the process drains, then restarts)
+            log.exception("serving process %s: a report could not be taken", slot and slot.name)
         finally:
             if slot is not None and slot.writer is writer:
                 self._disconnect(slot)
