@@ -58,13 +58,15 @@ def process_of(request_id: str) -> str:
     return request_id.split("-")[1]
 
 
-def served_by(proxy: Proxy, count: int = 20) -> set[str]:
-    """The processes that answered `count` requests, each on a new connection."""
-    names = set()
-    for _ in range(count):
+def served_by(proxy: Proxy, count: int = 20, both: bool = True) -> list[str]:
+    """The processes that answered `count` requests, each on a new connection, and more until
+    both processes answered (`both`; at most 500: the kernel wakes every process waiting on the
+    shared socket and the first to accept wins, which a busy box can skew)."""
+    names = []
+    while len(names) < count or (both and len(set(names)) < 2 and len(names) < 500):
         resp = httpx.post(proxy.url + "/v1/completions", json=BODY, timeout=60)
         assert resp.status_code == 200, resp.text
-        names.add(process_of(resp.headers["x-request-id"]))
+        names.append(process_of(resp.headers["x-request-id"]))
     return names
 
 
@@ -97,12 +99,13 @@ def procs(tmp_path: Path, clean_sims: dict[str, Sim]) -> Iterator[Proxy]:
 def test_both_processes_serve_and_the_control_process_counts_every_request(
     procs: Proxy,
 ) -> None:
-    assert served_by(procs, 30) == {"w1", "w2"}
-    wait_for(lambda: procs.stats()["requests"] == 30, 30)
+    sent = len(names := served_by(procs, 30))
+    assert set(names) == {"w1", "w2"}
+    wait_for(lambda: procs.stats()["requests"] == sent, 30)
     metrics = procs.metrics()
-    assert metrics.total("pdproxy_requests_total", endpoint="/v1/completions", status="200") == 30
-    assert metrics.total("pdproxy_e2e_seconds_count") == 30
-    assert metrics.total("pdproxy_disagg_decisions_total") == 30
+    assert metrics.total("pdproxy_requests_total", endpoint="/v1/completions", status="200") == sent
+    assert metrics.total("pdproxy_e2e_seconds_count") == sent
+    assert metrics.total("pdproxy_disagg_decisions_total") == sent
     timelines = httpx.get(procs.url + "/admin/requests", timeout=10).json()
     assert {process_of(t["request_id"]) for t in timelines["data"]} == {"w1", "w2"}
     log = procs.log_text()
@@ -125,8 +128,9 @@ def test_a_pool_is_placed_by_both_processes_and_its_controller_hears_of_every_pr
     engines = ("--pool", clean_sims["p1"].url, "--pool", clean_sims["d1"].url)
     proxy = start(tmp_path, [], [], *engines)
     try:
-        assert served_by(proxy, 20) == {"w1", "w2"}
-        wait_for(lambda: proxy.metrics().total("pdproxy_disagg_decisions_total") == 20, 30)
+        sent = len(names := served_by(proxy, 20))
+        assert set(names) == {"w1", "w2"}
+        wait_for(lambda: proxy.metrics().total("pdproxy_disagg_decisions_total") == sent, 30)
         wait_for(lambda: proxy.metrics().total("pdproxy_pool_prompt_tokens_total") > 0, 30)
     finally:
         proxy.stop()
@@ -159,7 +163,7 @@ def test_a_removed_worker_gets_no_new_request_from_either_process(
     for thread in threads:
         thread.join(60)
     d1.reset()
-    assert served_by(procs, 30) == {"w1", "w2"}
+    assert set(served_by(procs, 30)) == {"w1", "w2"}
     assert d1.generation_records() == []
     assert [w["id"] for w in httpx.get(procs.url + "/admin/workers").json()["data"]] == [
         "p0",
@@ -209,7 +213,7 @@ def test_a_serving_process_killed_under_load_is_replaced_and_no_request_hangs(
         kinds = [kind for kind, _ in outcomes]
         assert "hung" not in kinds and "lost" not in kinds, outcomes
         assert kinds.count("reset") <= len(threads)  # at most the requests it held
-        assert served_by(proxy) == {"w1", "w2"}
+        assert set(served_by(proxy)) == {"w1", "w2"}
         assert "serving process w1" in proxy.log_text() and "killed by SIGKILL" in proxy.log_text()
     finally:
         stop.set()
@@ -293,7 +297,7 @@ def test_a_wedged_prefiller_is_taken_out_by_the_serving_processes_stall_watches(
         wait_for(lambda: all(w["available"] for w in proxy.stats()["workers"]["prefill"]), 30)
         p0.faults(**WEDGED)
         started = time.monotonic()
-        names = served_by(proxy, 8)  # each waits for its prefill, at most 600 s, unless...
+        names = served_by(proxy, 8, both=False)  # each waits for its prefill up to 600 s, unless
         print(f"8 requests past a wedged prefiller in {time.monotonic() - started:.1f} s")
         stalled = next(w for w in proxy.stats()["workers"]["prefill"] if w["id"] == "p0")
         assert stalled["stalls_total"] >= 1 and stalled["breaker"] != "closed", (names, stalled)
