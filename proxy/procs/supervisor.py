@@ -275,7 +275,12 @@ def run_supervised(config: ProxyConfig) -> int:
     directory = Path(tempfile.mkdtemp(prefix="pdproxy-"))  # 0700
     try:
         api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        api.bind(str(directory / API))
+        try:
+            api.bind(str(directory / API))
+        except OSError as exc:  # a Unix socket's path is at most ~100 bytes
+            print(f"pdproxy: cannot bind {directory / API}: {exc}; set TMPDIR to a short path",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         app.companions.append(Supervisor(app, config.serving_processes, sockets, directory))
         name_logs("ctl")
         log_start(config)

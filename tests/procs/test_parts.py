@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +152,16 @@ def test_the_intake_counts_every_process_once() -> None:
     intake.forget("w1")
     assert control[1].members[0].inflight == 2  # a process that died takes its own with it
     assert admission.active == 1
+
+
+def test_a_private_directory_too_deep_for_a_socket_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--prefill", "http://127.0.0.1:1",
+         "--decode", "http://127.0.0.1:2", "--port", "0", "--workers", "2"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(deep)},
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "set TMPDIR to a short path" in run.stderr
+    assert list(deep.iterdir()) == []  # its directory went with it
