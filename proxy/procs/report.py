@@ -54,7 +54,7 @@ class Reports:
     # (worker id, "ok" | "failed" | "stalled", reason)
     outcomes: list[tuple[str, str, str | None]] = field(default_factory=list)
     seq: int = 0  # reports sent
-    outcomes_seq: int = 0  # the last report that carried outcomes
+    failures_seq: int = 0  # the last report that carried a failure (or a stall's trip)
     counted: dict[CounterKey, float] = field(default_factory=dict)  # counters, as last sent
     load: dict[str, list[int]] = field(default_factory=dict)  # as last sent
     routing_changed_at: float = 0.0  # as last sent (proxy.procs.snapshot.Mirror.changed_at)
@@ -71,9 +71,15 @@ class Reports:
         self.timings.append(item)
 
     def breakers_settled(self, ack: int) -> bool:
-        """Whether the control process, having applied reports up to `ack`, knows every outcome
-        this process saw (then its published breakers may replace this process's)."""
-        return not self.outcomes and ack >= self.outcomes_seq
+        """Whether the control process, having applied reports up to `ack`, knows every failure
+        this process saw (then its published breakers may replace this process's). Successes do
+        not hold it back: under load nearly every report carries some, and a success the control
+        process has not heard of yet only closes a breaker a moment later."""
+        return not self._failures(self.outcomes) and ack >= self.failures_seq
+
+    @staticmethod
+    def _failures(outcomes: list[tuple[str, str, str | None]]) -> bool:
+        return any(kind != "ok" for _, kind, _ in outcomes)
 
     def take(
         self,
@@ -92,8 +98,8 @@ class Reports:
             return None
         self.routing_changed_at = routing_changed_at
         self.seq += 1
-        if self.outcomes:
-            self.outcomes_seq = self.seq
+        if self._failures(self.outcomes):
+            self.failures_seq = self.seq
         report = {
             "t": "report",
             "seq": self.seq,

@@ -10,15 +10,15 @@ so that the data plane's policies, placements and planner run on them unchanged.
 What a serving process keeps for itself, and the snapshot never overwrites: its in-flight
 counters (`inflight`, `inflight_chars`, `prefill_tokens`, `decode_streams`: its own requests;
 the processes' sum is the control process's, proxy.procs.report) and, until the control process
-has applied this process's last outcomes (the snapshot's `ack`), its breakers: a failure it just
+has applied this process's last failures (the snapshot's `ack`), its breakers: a failure it just
 saw opens its breaker at once and is not undone by a snapshot taken before the control process
 heard of it.
 
 A worker that leaves the snapshot leaves the mirror: no process routes to it from the next
 publication on; requests of this process still on it end with an error, as they would in one
 process. A worker that begins to drain gives this process's requests on it `drain_timeout`
-(`on_draining`: the serving process ends those still running then, as the control process's
-drain would in one process; its own ends none, since it runs no request).
+(`on_draining`: the serving process ends those still running then, as the drain would in one
+process; the control process's own drain ends none, since it runs no request).
 """
 
 from __future__ import annotations

@@ -121,6 +121,8 @@ def test_a_failure_seen_here_holds_until_the_control_process_has_it() -> None:
     report = reports.take(metrics, local)
     assert report is not None and report["outcomes"] == [("d0", "failed", "boom")]
     assert not reports.breakers_settled(0) and reports.breakers_settled(report["seq"])
+    local[1].record_success(d0)  # a success the control process has not heard of holds nothing
+    assert reports.breakers_settled(report["seq"])
 
 
 def test_the_intake_counts_every_process_once() -> None:
