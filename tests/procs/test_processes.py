@@ -322,3 +322,29 @@ def test_admission_shows_the_serving_processes_sums(tmp_path: Path, slow: tuple[
         assert proxy.metrics().total("pdproxy_requests_total", status="429") == len(refused)
     finally:
         proxy.stop()
+
+
+def test_every_process_s_failures_move_the_one_published_breaker(
+    tmp_path: Path, clean_sims: dict[str, Sim]
+) -> None:
+    d0 = clean_sims["d0"]
+    config = tmp_path / "breaker.yaml"
+    config.write_text("health: {cooldown: 600}\n")  # no trial request while the test runs
+    procs = start(tmp_path, [clean_sims["p0"]], [d0, clean_sims["d1"]], "--config", str(config))
+    d0.faults(error_status=500)  # every request it gets fails; each is retried on d1
+    try:
+        names = served_by(procs, 20)
+        assert set(names) == {"w1", "w2"}
+
+        def breaker() -> str:
+            found = next(w for w in procs.stats()["workers"]["decode"] if w["id"] == "d0")
+            return str(found["breaker"])
+
+        wait_for(lambda: breaker() == "open", 30)
+        wait_for(lambda: procs.metrics().total("pdproxy_upstream_failures_total") >= 3, 30)
+        d0.reset()
+        assert set(served_by(procs, 10)) == {"w1", "w2"}
+        assert d0.generation_records() == []  # out of rotation in both, until its cool-down
+    finally:
+        d0.faults()
+        procs.stop()
