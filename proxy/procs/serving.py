@@ -31,6 +31,7 @@ import ctypes
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -195,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.link.lost = lambda: server.handle_exit(signal.SIGTERM, None)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]
     log.info("serving process %s (pid %d) serving", args.name, os.getpid())
-    return serve(server, sockets)
+    try:
+        return serve(server, sockets)
+    finally:
+        if os.getppid() != args.parent:  # the control process died without removing its directory
+            shutil.rmtree(args.dir, ignore_errors=True)
 
 
 def describe_args(name: str, directory: Path, fds: Sequence[int]) -> list[str]:

@@ -227,8 +227,12 @@ def test_killing_the_control_process_leaves_no_serving_process(
     pids = [p["pid"] for p in processes(proxy)]
     try:
         assert all(alive(pid) for pid in pids)
+        args = Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode().split("\0")
+        directory = Path(args[args.index("--dir") + 1])  # the control process's private one
+        assert directory.is_dir()
         os.kill(proxy.pid, signal.SIGKILL)  # the control process alone, not its group
         wait_for(lambda: not any(alive(pid) for pid in pids), 60)
+        wait_for(lambda: not directory.exists(), 10)  # the last serving process out removed it
     finally:
         proxy.stop()
         for pid in filter(alive, pids):  # orphans, if the test failed
