@@ -7,7 +7,8 @@
                         the `Supervisor` (a companion of the app's lifespan, proxy.app)
       serving process   x N (proxy.procs.serving): the data plane on the port
 
-DIR is a temporary directory made 0700 at start-up, removed at exit; it holds the validated config
+DIR is a temporary directory made 0700 at start-up, removed at exit (by the last serving process
+out when this process was killed); it holds the validated config
 (config.json, which the serving processes read), the channel's socket (channel.sock) and the API's.
 
 What is shared, and how:
