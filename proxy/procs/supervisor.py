@@ -8,8 +8,8 @@
       serving process   x N (proxy.procs.serving): the data plane on the port
 
 DIR is a temporary directory made 0700 at start-up, removed at exit (by the last serving process
-out when this process was killed); it holds the validated config
-(config.json, which the serving processes read), the channel's socket (channel.sock) and the API's.
+out when this process was killed); it holds the validated config (config.json, which the serving
+processes read), the channel's socket (channel.sock) and the API's.
 
 What is shared, and how:
 
