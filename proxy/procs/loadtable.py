@@ -39,6 +39,7 @@ from proxy.procs.segment import Segment, line_aligned
 
 _HEADER = 2  # columns, slots
 _FIELDS = 2  # inflight, chars
+_NO_COLUMN = -(1 << 62)
 
 
 class LoadTable:
@@ -57,7 +58,8 @@ class LoadTable:
         self._stride = line_aligned(_FIELDS * self.slots)  # cells from one column to the next
         self._first = self._gen + line_aligned(self.slots)  # column 0's first cell
         self._end = self._first + self.columns * self._stride
-        self._own = -1 if column is None else self._first + column * self._stride
+        # no column: a write indexes far outside the table, which fails at no cost to the others
+        self._own = _NO_COLUMN if column is None else self._first + column * self._stride
         self._free: deque[int] = deque(range(self.slots))  # the creator's: slots to assign
 
     @classmethod
@@ -89,7 +91,10 @@ class LoadTable:
 
     def sub(self, slot: int, inflight: int = 1, chars: int = 0) -> None:
         """Undo an `add` of the same amounts."""
-        self.add(slot, -inflight, -chars)
+        cell = self._own + _FIELDS * slot
+        cells = self.cells
+        cells[cell] -= inflight
+        cells[cell + 1] -= chars
 
     def inflight(self, slot: int) -> int:
         """Requests in flight on `slot`, summed over the serving processes."""
@@ -155,32 +160,48 @@ def _zeros(cells: int) -> memoryview:
 
 class Row:
     """One engine's counters as a serving process's worker holds them: its own column's writes,
-    the summed reads, both only while the slot still has the generation it was assigned at."""
+    the summed reads, both only while the slot still has the generation it was assigned at.
+    The cells' places are worked out once: this is what a request's path calls."""
 
-    __slots__ = ("generation", "slot", "table")
+    __slots__ = ("_cells", "_end", "_gen", "_own", "_stride", "_sum", "generation", "slot")
 
     def __init__(self, table: LoadTable, slot: int, generation: int) -> None:
-        self.table = table
         self.slot = slot
         self.generation = generation
+        self._cells = table.cells
+        self._gen = table._gen + slot
+        self._own = table._own + _FIELDS * slot
+        self._sum = table._first + _FIELDS * slot  # column 0's inflight cell
+        self._end = table._end
+        self._stride = table._stride
 
     @property
     def current(self) -> bool:
         """The slot still belongs to this row's engine (it was not reused since)."""
-        return self.table.generation(self.slot) == self.generation
+        return self._cells[self._gen] == self.generation
 
     def add(self, inflight: int = 1, chars: int = 0) -> None:
-        if self.current:
-            self.table.add(self.slot, inflight, chars)
+        cells = self._cells
+        if cells[self._gen] == self.generation:
+            cells[self._own] += inflight
+            cells[self._own + 1] += chars
 
     def sub(self, inflight: int = 1, chars: int = 0) -> None:
-        if self.current:
-            self.table.sub(self.slot, inflight, chars)
+        cells = self._cells
+        if cells[self._gen] == self.generation:
+            cells[self._own] -= inflight
+            cells[self._own + 1] -= chars
 
     @property
     def inflight(self) -> int:
-        return self.table.inflight(self.slot) if self.current else 0
+        cells = self._cells
+        if cells[self._gen] != self.generation:
+            return 0
+        return sum(cells[self._sum : self._end : self._stride])
 
     @property
     def chars(self) -> int:
-        return self.table.chars(self.slot) if self.current else 0
+        cells = self._cells
+        if cells[self._gen] != self.generation:
+            return 0
+        return sum(cells[self._sum + 1 : self._end : self._stride])

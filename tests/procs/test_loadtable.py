@@ -3,12 +3,17 @@ process reads the sums; a dead process's column is reset; a reused slot is seen 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from proxy.procs.loadtable import LoadTable
-from tests.procs.agents import Agent, load_agent
+from tests.procs.agents import DEADLINE, Agent, load_agent
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -103,3 +108,47 @@ def test_assign_prefers_a_freed_slot_that_nothing_is_in_flight_on() -> None:
         writer.close()
         table.close()
         table.unlink()
+
+
+def test_the_control_process_has_no_column_to_write() -> None:
+    table = LoadTable.create(columns=1, slots=1)
+    try:
+        slot, generation = table.assign()
+        with pytest.raises(IndexError):
+            table.add(slot)
+        with pytest.raises(IndexError):
+            table.row(slot, generation).add()
+        assert table.inflight(slot) == 0
+    finally:
+        table.close()
+        table.unlink()
+
+
+def test_a_serving_process_that_exits_leaves_the_table_to_the_others(table: LoadTable) -> None:
+    """Python before 3.13 registers every segment a process attaches with that process's
+    resource tracker, which unlinks it when the process exits: a serving process that ends
+    would take the table with it. Attaching must leave the tracker out."""
+    attach = (
+        "import sys\n"
+        "from multiprocessing import resource_tracker\n"
+        "tracked = []\n"
+        "resource_tracker.register = lambda name, rtype: tracked.append(name)\n"
+        "from proxy.procs.loadtable import LoadTable\n"
+        "table = LoadTable.attach(sys.argv[1], 0)\n"
+        "table.add(0)\n"
+        "table.close()\n"
+        "print(len(tracked))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", attach, table.name],
+        timeout=DEADLINE,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "0"), run.stderr
+    again = LoadTable.attach(table.name, 1)  # the name is still there
+    try:
+        assert again.inflight(0) == 1
+    finally:
+        again.close()
