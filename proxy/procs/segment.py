@@ -7,11 +7,12 @@ multiple of 8 bytes, so every cell is naturally aligned.
 
 Why a lone store or load is never torn: CPython's memoryview packs and unpacks a 'q' item with a
 fixed-size 8-byte copy, which compilers emit as one 64-bit move; an aligned 8-byte store or load
-is single-copy atomic on x86-64 (Intel SDM vol. 3, 9.1.1) and on arm64 (Arm ARM, B2.2.1). A
-reader sees the old value or the new one, never half of each. Nothing orders one cell against
-another, and nothing flushes a store to the other cores at once: a reader may see a value one
-update old, and two cells from slightly different moments. Counters read as load hints can live
-with that; what must be exact (admission) takes `locked`.
+is single-copy atomic on x86-64 (Intel SDM vol. 3A, "Guaranteed Atomic Operations") and on
+arm64 (Arm ARM, "single-copy atomicity"). A reader sees the old value or the new one, never half
+of each. Nothing orders one cell against another, and nothing makes a store visible to the other
+cores at once: a reader may see a value one update old, and two cells from slightly different
+moments. Counters read as load hints can live with that; what must be exact (admission) takes
+`locked`.
 
 Lifetime: Python 3.11 and 3.12 register every SharedMemory, attached or created, with the
 process's resource tracker, which unlinks it when that process exits; a serving process that
