@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 from typing import Any
 
+import proxy.procs.admission as admission_module
 from proxy.errors import TooManyRequests
 from proxy.procs.admission import SharedAdmission
 from proxy.procs.loadtable import LoadTable
@@ -115,6 +116,14 @@ class _Requests:
     def do_exit(self) -> None:
         self.exit.set()
 
+    def do_configure(self, poll: float, rings: bool) -> None:
+        """Look at this process's waiters every `poll` seconds; with `rings` False, ring no
+        other process's doorbell (as a sender that died before its ring)."""
+        admission_module.POLL = poll
+        if not rings:
+            self.admission._doorbell.ring = lambda process: None  # type: ignore[method-assign]
+        self.conn.send(("configured", None))
+
     def do_request(self, name: str, priority: int, hold: float | None = None) -> None:
         """Ask for a slot; once in, hold it `hold` seconds, or until released by name."""
         self.releases[name] = asyncio.Event()
@@ -155,6 +164,9 @@ class _Requests:
 
 
 def admission_agent(name: str, index: int, conn: Connection, gate: Event) -> None:
+    # waiters are told by the doorbell alone, unless a test configures the poll back
+    admission_module.POLL = DEADLINE * 100
+
     async def serve() -> None:
         admission = SharedAdmission.attach(name, index)
         requests = _Requests(admission, conn, gate)

@@ -116,6 +116,18 @@ def test_a_full_queue_evicts_the_worst_waiter_in_the_other_process(setup: Setup)
     wait_until(lambda: (table.active, table.queued) == (0, 0))
 
 
+def test_a_grant_whose_ring_was_lost_is_seen_by_the_poll(setup: Setup) -> None:
+    table, a, b = setup(max_concurrent=1)
+    a.send("configure", 3600, False)  # A's rings are lost
+    a.expect("configured")
+    b.send("configure", 0.05, True)
+    b.expect("configured")
+    hold(table, a)
+    queue(table, b, "next", 0)
+    a.send("release", "hold")
+    b.expect("admitted", "next")
+
+
 def test_a_queue_timeout_is_a_429(setup: Setup) -> None:
     table, a, b = setup(max_concurrent=1, queue_timeout=0.5)
     hold(table, a)
