@@ -115,8 +115,13 @@ class LoadTable:
 
     # the control process's part
 
+    def _control(self) -> None:
+        if not self._segment.owner:
+            raise RuntimeError("only the process that created the load table manages its slots")
+
     def assign(self) -> tuple[int, int]:
         """A zeroed slot for a new worker, and its generation (control process)."""
+        self._control()
         slot = self._reusable()
         self.cells[self._gen + slot] += 1  # first: stale rows stop writing
         for column in range(self.columns):
@@ -136,12 +141,14 @@ class LoadTable:
 
     def release(self, slot: int) -> None:
         """The worker on `slot` was removed: the slot may be assigned again (control)."""
+        self._control()
         if slot in self._free:
             raise ValueError(f"slot {slot} is not assigned")
         self._free.append(slot)
 
     def reset_column(self, column: int) -> None:
         """Zero serving process `column`'s counters (it died; before its replacement starts)."""
+        self._control()
         first = self._first + column * self._stride
         self.cells[first : first + self._stride] = _zeros(self._stride)
 

@@ -73,8 +73,9 @@ class Segment:
         assert shm.buf is not None  # None only once closed
         self._buf = shm.buf
         self.cells = shm.buf.cast("q")
-        self._arrays: list[npt.NDArray[np.int64]] = []
         self._lock_fd = -1
+        self._lock_pid = -1  # the process that opened _lock_fd: flock locks an open file, which
+        # a forked child would share with its parent, and then they would not exclude each other
 
     @classmethod
     def create(cls, name: str | None, cells: int) -> Segment:
@@ -88,15 +89,14 @@ class Segment:
 
     def array(self, offset: int, length: int) -> npt.NDArray[np.int64]:
         """Cells `offset` .. `offset + length` as a numpy array over the same memory."""
-        array = np.ndarray((length,), dtype=np.int64, buffer=self._buf, offset=offset * CELL)
-        self._arrays.append(array)
-        return array
+        return np.ndarray((length,), dtype=np.int64, buffer=self._buf, offset=offset * CELL)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the segment's lock (flock on its file; Linux). Never across an await."""
-        if self._lock_fd < 0:
+        if self._lock_pid != os.getpid():  # first use, or a forked child: a descriptor of its own
             self._lock_fd = os.open(os.path.join(_SHM_DIR, self.name.lstrip("/")), os.O_RDWR)
+            self._lock_pid = os.getpid()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             yield
@@ -104,13 +104,13 @@ class Segment:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        """Let go of the memory in this process (views first: an exported buffer pins it)."""
-        self._arrays.clear()
+        """Let go of the memory in this process (its users drop their arrays first: an
+        exported buffer pins it)."""
         self.cells.release()
         del self._buf
-        if self._lock_fd >= 0:
+        if self._lock_pid == os.getpid():
             os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock_fd = self._lock_pid = -1
         self._shm.close()
 
     def unlink(self) -> None:

@@ -152,3 +152,13 @@ def test_a_serving_process_that_exits_leaves_the_table_to_the_others(table: Load
         assert again.inflight(0) == 1
     finally:
         again.close()
+
+
+def test_only_the_control_process_manages_slots(table: LoadTable) -> None:
+    serving = LoadTable.attach(table.name, 0)
+    try:
+        for manage in (serving.assign, lambda: serving.release(0), lambda: serving.reset_column(0)):
+            with pytest.raises(RuntimeError, match="only the process that created"):
+                manage()
+    finally:
+        serving.close()
