@@ -14,9 +14,9 @@ Each process writes only its own column, from its event loop's thread: one write
 write is a plain read-modify-write of a cell, with no lock and no atomic instruction on the hot
 path. A reader sums the slot's cells across the columns; each cell it reads is whole (aligned
 64-bit loads are not torn, see proxy.procs.segment) but may be one update old, and the sum is not
-a snapshot of one moment: the same slack as a count read between two awaits in one process, a
-few requests' worth, which a load heuristic tolerates. A column is contiguous and starts on a
-cache line, so processes never write to the same line (no false sharing between writers).
+a snapshot of one moment: it may miss what other processes did in the last microseconds, against
+the seconds of a scrape it replaces, which a load heuristic tolerates. A column is contiguous and
+starts on a cache line, so processes never write to the same line (no false sharing).
 
 Slots are the control process's to give: `assign` hands out a slot for a new worker (the worker
 carries the slot and its generation to the serving processes) and `release` takes it back when

@@ -10,16 +10,17 @@ them and is exact, as one process's heap is today (proxy.serve.admission):
 
 A row is WAITING until a slot is handed to it (GRANTED: the slot is its owner's from then, counted
 in `active`) or a better newcomer takes it over (the row is rewritten with the newcomer's ticket).
-Only the owner frees its row: when it sees the grant (`settle`), or when its waiter leaves
-(`leave`: a timeout or a cancel). An owner tells what happened to its waiter by the row's ticket
-(tickets are unique, so a row whose ticket changed was taken over) and state, so nothing is lost
-if it looks late. Waiting rows never exceed max_queue and granted rows hold active slots, so
-max_queue + max_concurrent rows always leave a free one for a newcomer that may queue.
+Only the owner frees its row: when it sees the grant (`settle`), or when its waiter leaves (`leave`:
+a timeout or a cancel); the control process frees a dead owner's rows (`reset`). An owner tells what
+happened to its waiter by the row's ticket (tickets are unique, so a row whose ticket changed was
+taken over) and state, so nothing is lost if it looks late. Waiting rows never exceed max_queue and
+granted rows hold active slots, so max_queue + max_concurrent rows always leave a free one for a
+newcomer that may queue.
 
 Arrival tickets come from one counter, so first come, first served holds across processes; the
 order of service is (priority, ticket), lowest first, as vLLM orders priorities.
 
-Every method here runs with the table's lock held (`locked`), by whichever process acts: the lock
+Every decision here runs with the table's lock held (`locked`), by whichever process acts: the lock
 is the segment's flock (proxy.procs.segment), held for the few microseconds of one decision and
 never across an await. Scans over the rows are numpy operations on the shared arrays.
 """
