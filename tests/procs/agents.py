@@ -8,6 +8,7 @@ Every wait has a deadline; every process is stopped by its handle (exit, then ki
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 from collections.abc import Callable
@@ -41,12 +42,16 @@ class Agent:
     def send(self, *command: Any) -> None:
         self.conn.send(command)
 
-    def expect(self, kind: str, key: Any = None, timeout: float = DEADLINE) -> Message:
-        """The first event of `kind` (and `key`, its second field) not yet taken."""
+    def expect(
+        self, kind: str | tuple[str, ...], key: Any = None, timeout: float = DEADLINE
+    ) -> Message:
+        """The first event of `kind` (or of one of several) and `key` (its second field), not
+        yet taken."""
+        kinds = (kind,) if isinstance(kind, str) else kind
         deadline = time.monotonic() + timeout
         while True:
             for event in self.events:
-                if event[0] == kind and (key is None or event[1] == key):
+                if event[0] in kinds and (key is None or event[1] == key):
                     self.events.remove(event)
                     return event
             left = deadline - time.monotonic()
@@ -127,7 +132,14 @@ class _Requests:
     def do_request(self, name: str, priority: int, hold: float | None = None) -> None:
         """Ask for a slot; once in, hold it `hold` seconds, or until released by name."""
         self.releases[name] = asyncio.Event()
-        self.tasks[name] = asyncio.create_task(self.request(name, priority, hold))
+        task = self.tasks[name] = asyncio.create_task(self.request(name, priority, hold))
+        task.add_done_callback(lambda task: self.cancelled(name, task))
+
+    def cancelled(self, name: str, task: asyncio.Task[None]) -> None:
+        """Tell a cancel, even of a task cancelled before it ran (at exit: to nobody)."""
+        if task.cancelled():
+            with contextlib.suppress(OSError):
+                self.conn.send(("cancelled", name))
 
     def do_release(self, name: str) -> None:
         self.releases[name].set()
@@ -159,8 +171,6 @@ class _Requests:
                 self.conn.send(("done", name, time.monotonic()))
         except TooManyRequests as error:
             self.conn.send(("rejected", name, error.message))
-        except asyncio.CancelledError:
-            self.conn.send(("cancelled", name))
 
 
 def admission_agent(name: str, index: int, conn: Connection, gate: Event) -> None:

@@ -5,6 +5,8 @@ process: it creates the table, reads it, and drives two serving processes A and 
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -193,3 +195,27 @@ def test_unlimited_admission_takes_no_lock(setup: Setup) -> None:
         a.send("release", name)
     b.send("release", "b1")
     wait_until(lambda: table.active == 0)
+
+
+def test_a_busy_mix_keeps_the_limit_and_ends_with_nothing_held(setup: Setup) -> None:
+    """Both processes at once: random priorities and holds, 429s of every kind, cancels."""
+    table, a, b = setup(max_concurrent=3, max_queue=6, queue_timeout=0.4)
+    rng = random.Random(7)
+    names = {a: [f"a{i}" for i in range(30)], b: [f"b{i}" for i in range(30)]}
+    for i in range(30):
+        for agent in (a, b):
+            agent.send("request", names[agent][i], rng.randrange(4), rng.uniform(0, 0.03))
+        if i % 7 == 3:
+            a.send("cancel", names[a][i])
+        time.sleep(0.005)
+    spans, outcomes = [], []
+    for agent, mine in names.items():
+        for name in mine:
+            event = agent.expect(("admitted", "rejected", "cancelled"), name)
+            if event[0] == "admitted":
+                spans.append((event[2], agent.expect(("done", "cancelled"), name)[-1]))
+            outcomes.append(event[0])
+    starts = [start for start, _ in spans]
+    assert max(sum(s <= t < e for s, e in spans if isinstance(e, float)) for t in starts) <= 3
+    assert outcomes.count("admitted") >= 3 and len(outcomes) == 60
+    wait_until(lambda: (table.active, table.queued) == (0, 0))
