@@ -11,12 +11,23 @@
     forward.py      the paths a serving process forwards to the control process (admin API,
                     console, /metrics, /stats, /health, /v1/models)
 
+State the serving processes share, so that N processes route and admit as one, over named shared
+memory (segment.py) that the control process creates and each serving process attaches to with its
+own index:
+
+    loadtable.py    the engines' load counters (requests in flight, prompt characters): one
+                    column per serving process, one row (slot) per engine
+    admission.py    the global admission, on the shared slot table of slots.py, with wake-ups
+                    between processes in doorbell.py
+
+The load table is plain shared memory; the admission also needs Linux (its lock is flock on the
+segment's file under /dev/shm, its doorbells abstract Unix sockets).
+
 With `workers: 1` (the default) none of this is imported: the proxy is one process, as before.
 
-Seams for what comes next (built apart): a shared per-engine in-flight table with one column per
-serving process (loadtable.py) takes column N-1 for serving process `wN` (its `--name`; a slot
-keeps its name across restarts), is zeroed for a process that died where the supervisor forgets
-it (`Supervisor._disconnect` -> `Intake.forget`), and replaces the summed `load` of the reports
-for the control process's view; admission across processes (admission.py) replaces the per-process
+Seams for what comes next: the load table takes column N-1 for serving process `wN` (its
+`--name`; a slot keeps its name across restarts), is zeroed for a process that died where the
+supervisor forgets it (`Supervisor._disconnect` -> `Intake.forget`), and replaces the summed `load`
+of the reports for the control process's view; the shared admission replaces the per-process
 `Admission` a serving process builds with its data plane (`ServingApp.services.admission`).
 """
