@@ -6,28 +6,28 @@
     channel.py      the framed JSON channel between the two (one Unix socket per process)
     snapshot.py     the workers as published, and their mirror in a serving process's pools
     report.py       what a serving process reports (timings, breaker outcomes, counters,
-                    in-flight load), and the control process's intake of it
+                    prefill tokens and decode streams), and the control process's intake of it
     link.py         a serving process's end of the channel
     forward.py      the paths a serving process forwards to the control process (admin API,
                     console, /metrics, /stats, /health, /v1/models)
 
 State the serving processes share, so that N processes route and admit as one, over named shared
-memory (segment.py) that the control process creates and each serving process attaches to with its
-own index:
+memory (segment.py) that the control process creates (shared.py) and each serving process
+attaches to with its own index (`wN`: N-1):
 
     loadtable.py    the engines' load counters (requests in flight, prompt characters): one
-                    column per serving process, one row (slot) per engine
+                    column per serving process, one row (slot) per engine; a serving process's
+                    workers read and write them through their row (snapshot.SharedWorker,
+                    report.ReportingPool.track), so every policy sees every process's picks
     admission.py    the global admission, on the shared slot table of slots.py, with wake-ups
-                    between processes in doorbell.py
+                    between processes in doorbell.py: a serving process's in place of one
+                    process's `Admission`
+    shared.py       the control process's side: creates both, gives each worker its slot (the
+                    snapshot carries it), reads both for /stats, /metrics and the console, and
+                    frees what a dead serving process held before its replacement starts
 
 The load table is plain shared memory; the admission also needs Linux (its lock is flock on the
 segment's file under /dev/shm, its doorbells abstract Unix sockets).
 
 With `workers: 1` (the default) none of this is imported: the proxy is one process, as before.
-
-Seams for what comes next: the load table takes column N-1 for serving process `wN` (its
-`--name`; a slot keeps its name across restarts), is zeroed for a process that died where the
-supervisor forgets it (`Supervisor._disconnect` -> `Intake.forget`), and replaces the summed `load`
-of the reports for the control process's view; the shared admission replaces the per-process
-`Admission` a serving process builds with its data plane (`ServingApp.services.admission`).
 """

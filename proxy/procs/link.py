@@ -18,7 +18,6 @@ from proxy.observe.metrics import ProxyMetrics
 from proxy.procs.channel import ChannelClosed, read_message, send_message
 from proxy.procs.report import Reports
 from proxy.procs.snapshot import Mirror
-from proxy.serve.admission import Admission
 
 log = logging.getLogger("pdproxy")
 
@@ -32,10 +31,8 @@ class Link:
         reports: Reports,
         metrics: ProxyMetrics,
         pools: Sequence[WorkerPool],
-        admission: Admission | None = None,
         every: float = 0.1,
     ) -> None:
-        self.admission = admission
         self.path = path
         self.name = name
         self.mirror = mirror
@@ -84,7 +81,7 @@ class Link:
 
     async def flush(self) -> None:
         """Send what happened since the last report, if anything did."""
-        report = self.reports.take(self.metrics, self.pools, self.mirror.changed_at, self.admission)
+        report = self.reports.take(self.metrics, self.pools, self.mirror.changed_at)
         if report is not None and self._writer is not None:
             await send_message(self._writer, report)
 

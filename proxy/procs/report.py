@@ -1,48 +1,53 @@
 """What a serving process reports to the control process, and how the control process takes it in.
 
 A serving process serves with the data plane as it is; two hooks, set only in a serving process,
-note what it did for the next report (so the request path of one process pays nothing for them):
+note what it did for the next report and the shared load table (so the request path of one
+process pays nothing for them):
 
     ReportingRing   its TimelineRing: every finished request's RequestTiming (the timeline,
                     and through it the latency windows and histograms of the one /stats and
                     /metrics)
     ReportingPool   its WorkerPools: every breaker outcome (success, failure with its reason,
-                    a trip by its stall watch)
+                    a trip by its stall watch); every tracked request, on the load table
 
 and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
 its metrics' counters gained since the last one (all of ProxyMetrics' counters: requests, retries,
-migrations, the planner's decisions, ...), its in-flight load per worker and its admission's
-numbers. A report goes every `every` seconds (proxy.procs.link) when there is something to say.
+migrations, the planner's decisions, ...) and its prefill tokens and decode streams per worker.
+A report goes every `every` seconds (proxy.procs.link) when there is something to say.
+
+The pool counts each request on the shared load table as it is tracked (`ReportingPool.track`,
+through the worker's row: proxy.procs.snapshot.SharedWorker), so that every process's policies
+see it at once; the reports carry no requests in flight, nor admission numbers (the admission is
+shared: proxy.procs.admission).
 
 The control process (`Intake`) replays the timings into its stats and timelines, the outcomes into
 its breakers (so the breakers it publishes count every process's failures), the counter gains into
-its own counters, and sums the processes' in-flight loads onto its workers, so /metrics, /stats,
-the console and an admin drain's wait see every process. A process that dies takes its load with
-it (`Intake.forget`).
-
-The global in-flight table and admission across processes (proxy.procs.loadtable,
-proxy.procs.admission, built apart) plug in beside this: they would replace the summed `load`
-here and the per-process admission slots; the reports stay for what is recorded after the fact.
+its own counters, and sums the processes' prefill tokens and decode streams onto its workers, so
+/metrics, /stats and the console see every process. A process that dies takes its own with it
+(`Intake.forget`). Requests in flight and admission numbers it reads from the shared tables
+(proxy.procs.shared).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
 
-from proxy.control.workers import Worker, WorkerPool
+from proxy.control.workers import Lease, Worker, WorkerPool
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
-from proxy.serve.admission import Admission
+from proxy.procs.snapshot import SharedWorker
 from proxy.serve.plane import Prompts
 
 TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(RequestTiming) if f.name != "plan")
-LOAD_FIELDS = ("inflight", "inflight_chars", "prefill_tokens", "decode_streams")
+LOAD_FIELDS = ("prefill_tokens", "decode_streams")  # in flight: the load table's
 CounterKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -86,13 +91,10 @@ class Reports:
         metrics: ProxyMetrics,
         pools: Iterable[WorkerPool],
         routing_changed_at: float = 0.0,
-        admission: Admission | None = None,
     ) -> dict[str, Any] | None:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
         load = {w.id: [getattr(w, f) for f in LOAD_FIELDS] for p in pools for w in p.members}
-        if admission is not None:  # under a key no worker id can take
-            load["admission"] = [admission.active, admission.queued, admission.rejected]
         news = self.timings or self.outcomes or counters or load != self.load or any(self.prompts)
         if not news and routing_changed_at == self.routing_changed_at:
             return None
@@ -154,6 +156,27 @@ class ReportingPool(WorkerPool):
 
     reports: Reports = field(default_factory=Reports)
 
+    @contextmanager
+    def track(
+        self,
+        worker: Worker,
+        chars: int,
+        prefill_tokens: int = 0,
+        owner: asyncio.Task[Any] | None = None,
+    ) -> Iterator[Lease]:
+        """WorkerPool.track, with the request counted in this process's column of the load table
+        (the worker's row) and in the worker's `own` while inside."""
+        assert isinstance(worker, SharedWorker)  # a serving process's workers are the mirror's
+        row = worker.row
+        row.add(1, chars)
+        worker.own += 1
+        try:
+            with super().track(worker, chars, prefill_tokens, owner) as lease:
+                yield lease
+        finally:
+            worker.own -= 1
+            row.sub(1, chars)
+
     def record_success(self, worker: Worker) -> None:
         super().record_success(worker)
         self.reports.outcomes.append((worker.id, "ok", None))
@@ -189,7 +212,7 @@ def timing_of(item: dict[str, Any]) -> RequestTiming:
 
 class Intake:
     """The control process's side: every serving process's reports, taken into the one set of
-    stats, timelines, breakers, counters and in-flight loads."""
+    stats, timelines, breakers, counters and loads."""
 
     def __init__(
         self,
@@ -198,9 +221,7 @@ class Intake:
         timelines: TimelineRing,
         metrics: ProxyMetrics,
         prompts: Prompts | None = None,
-        admission: Admission | None = None,
     ) -> None:
-        self.admission = admission  # the control process's, showing the processes' sums
         self.pools = tuple(pools)
         self.prompts = prompts  # the pool's controller, where there is one
         self.stats = stats
@@ -247,7 +268,8 @@ class Intake:
         self.sum_loads()
 
     def sum_loads(self) -> None:
-        """Every member's in-flight load: the sum of the processes' last reports."""
+        """Every member's prefill tokens and decode streams: the sums of the processes' last
+        reports."""
         for pool in self.pools:
             for worker in pool.members:
                 totals = [0] * len(LOAD_FIELDS)
@@ -256,13 +278,3 @@ class Intake:
                         totals[i] += value
                 for name, total in zip(LOAD_FIELDS, totals, strict=True):
                     setattr(worker, name, total)
-                if not worker.inflight and worker.idle is not None:
-                    worker.idle.set()  # an admin drain waits for this (WorkerRegistry.retire)
-        if self.admission is not None:
-            sums = [
-                sum(n)
-                for n in zip(
-                    *(x.get("admission", (0, 0, 0)) for x in self.loads.values()), strict=True
-                )
-            ]
-            self.admission.show(*(sums or (0, 0, 0)))

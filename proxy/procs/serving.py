@@ -3,19 +3,23 @@
 Started by the control process (proxy.procs.supervisor) as
 
     python -m proxy.procs.serving --name w1 --dir DIR --parent PID --fd 5 [--fd 6 ...]
+        --load-table NAME --admission NAME
 
 with the listening sockets' descriptors inherited (`--fd`; bound once by the control process,
 accepted from by every serving process: one accept queue, so a connection that a process that
 died never accepted is accepted by another), and in DIR (the control process's private 0700
-directory) the config it validated (`config.json`), the channel's socket and the API's socket.
+directory) the config it validated (`config.json`), the channel's socket and the API's socket;
+`--load-table` and `--admission` name the shared tables it attaches to, with its index (`w1`: 0).
 
-What it holds: the data plane as in one process (router, planner, legs, admission: its own
-slots), on pools that mirror the control process's snapshots, with the two reporting hooks
-(proxy.procs.report), and a stall watch over its own legs (the engines' progress comes from the
-control process's scrapes, in the snapshot; a trip goes back as an outcome). What it serves:
-the generation paths and vLLM's other paths itself; every other path is forwarded to the control
-process (proxy.procs.forward). Its name (`w1`) is in its log lines and in the request ids it
-makes (`pdp-w1-...`, the X-Request-Id of every answer whose client sent none).
+What it holds: the data plane as in one process (router, planner, legs), on pools that mirror the
+control process's snapshots, whose workers count their requests in flight on the shared load table
+(proxy.procs.snapshot.SharedWorker), with the global admission (proxy.procs.admission) in place of
+one process's, with the two reporting hooks (proxy.procs.report), and a stall watch over its own
+legs (the engines' progress comes from the control process's scrapes, in the snapshot; a trip goes
+back as an outcome). What it serves: the generation paths and vLLM's other paths itself; every other
+path is forwarded to the control process (proxy.procs.forward). Its name (`w1`) is in its log lines
+and in the request ids it makes (`pdp-w1-...`, the X-Request-Id of every answer whose client sent
+none).
 
 It dies with the control process: PR_SET_PDEATHSIG (Linux) sends it SIGTERM when the control
 process's thread ends, and the channel's EOF does the same anywhere; either way it drains (no new
@@ -49,9 +53,12 @@ from proxy.control.workers import Lifecycle, Worker
 from proxy.engines.client import EngineClient
 from proxy.engines.connectors.factory import make_connector
 from proxy.observe.metrics import ProxyMetrics
+from proxy.procs.admission import SharedAdmission
 from proxy.procs.forward import forward
 from proxy.procs.link import Link
+from proxy.procs.loadtable import LoadTable
 from proxy.procs.report import ReportingPool, ReportingRing, Reports
+from proxy.procs.shared import index_of
 from proxy.procs.snapshot import Mirror
 from proxy.serve.plane import build_data_plane
 from proxy.serve.responder import Receive, Scope, Send
@@ -67,7 +74,9 @@ API = "api.sock"
 class ServingApp:
     """The ASGI app of a serving process, and its lifespan."""
 
-    def __init__(self, config: ProxyConfig, name: str, directory: Path) -> None:
+    def __init__(
+        self, config: ProxyConfig, name: str, directory: Path, load_table: str, admission: str
+    ) -> None:
         self.config = config
         self.api = str(directory / API)
         self.engine = EngineClient(config.timeouts.connect, config.engine_api_key)
@@ -86,9 +95,13 @@ class ServingApp:
         )  # fmt: skip
         self.services = self.plane.services
         self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
-        mirror = Mirror(self.pools, self._forget, self._end_requests, self._draining)
+        index = index_of(name)  # the shared tables, until the lifespan ends
+        self.admission = SharedAdmission.attach(admission, index)
+        self.services.admission = self.admission
+        self.table = LoadTable.attach(load_table, index)
+        mirror = Mirror(self.pools, self.table, self._forget, self._end_requests, self._draining)
         self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
-                         self.pools, self.services.admission)  # fmt: skip
+                         self.pools)  # fmt: skip
         stall = config.health.stall_timeout
         # its own legs' waits, with the engines' progress as the control process scrapes it
         self.stalls = StallWatch(lambda: self.pools, stall) if stall > 0 else None
@@ -110,7 +123,7 @@ class ServingApp:
             self._loop.call_later(self.config.drain_timeout, self._drain_ended, worker)
 
     def _drain_ended(self, worker: Worker) -> None:
-        if worker.state is Lifecycle.DRAINING and worker.inflight:
+        if worker.state is Lifecycle.DRAINING and worker.tasks:  # this process's requests
             self._end_requests(worker)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -146,6 +159,8 @@ class ServingApp:
         await self.link.close()
         await self.connector.close()
         await self.engine.close()
+        self.admission.close()  # every request has ended
+        self.table.close()
         await send({"type": "lifespan.shutdown.complete"})
 
     def begin_drain(self) -> None:
@@ -181,6 +196,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--parent", required=True, type=int)
     parser.add_argument("--fd", action="append", type=int, required=True)
+    parser.add_argument("--load-table", required=True)
+    parser.add_argument("--admission", required=True)
     return parser.parse_args(argv)
 
 
@@ -191,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper())
     name_logs(args.name)
     request.request_id_prefix = f"pdp-{args.name}-"
-    app = ServingApp(config, args.name, args.dir)
+    app = ServingApp(config, args.name, args.dir, args.load_table, args.admission)
     server = Server(uvicorn_config(app, config), app)
     app.link.lost = lambda: server.handle_exit(signal.SIGTERM, None)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]
@@ -203,12 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(args.dir, ignore_errors=True)
 
 
-def describe_args(name: str, directory: Path, fds: Sequence[int]) -> list[str]:
-    """The command line that starts serving process `name` (for the control process)."""
+def describe_args(
+    name: str, directory: Path, fds: Sequence[int], shared: Sequence[str]
+) -> list[str]:
+    """The command line that starts serving process `name` (for the control process); `shared`:
+    the shared tables' arguments (proxy.procs.shared.Shared.args)."""
     args: list[Any] = [sys.executable, "-m", "proxy.procs.serving", "--name", name]
     args += ["--dir", directory, "--parent", os.getpid()]
     for fd in fds:
         args += ["--fd", fd]
+    args += shared
     return [str(a) for a in args]
 
 

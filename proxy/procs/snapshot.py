@@ -1,18 +1,24 @@
 """The workers as the control process publishes them, and their mirror in a serving process.
 
-The control process owns the workers (proxy.control.registry): membership, lifecycle, health,
-the breakers as every process's outcomes move them, the engines' scraped load, KV-transfer
-health, the pool's leans. `describe` turns them into one snapshot (plain JSON); `Mirror` applies
-a snapshot to a serving process's own `WorkerPool`s, keeping each worker's object for its whole
-life there (the requests in flight hold it, and its in-flight counters are this process's own),
-so that the data plane's policies, placements and planner run on them unchanged.
+The control process owns the workers (proxy.control.registry): membership, lifecycle, health, the
+breakers as every process's outcomes move them, the engines' scraped load, KV-transfer health, the
+pool's leans. `describe` turns them into one snapshot (plain JSON); `Mirror` applies a snapshot to a
+serving process's own `WorkerPool`s, keeping each worker's object for its whole life there (the
+requests in flight hold it), so that the data plane's policies, placements and planner run on them
+unchanged.
 
-What a serving process keeps for itself, and the snapshot never overwrites: its in-flight
-counters (`inflight`, `inflight_chars`, `prefill_tokens`, `decode_streams`: its own requests;
-the processes' sum is the control process's, proxy.procs.report) and, until the control process
-has applied this process's last failures (the snapshot's `ack`), its breakers: a failure it just
-saw opens its breaker at once and is not undone by a snapshot taken before the control process
-heard of it.
+Every worker carries its slot in the shared load table (proxy.procs.loadtable) and the slot's
+generation, which the control process assigned when the worker joined. A serving process's
+worker (`SharedWorker`) reads its requests in flight and their prompt characters (`inflight`,
+`inflight_chars`, what the policies read) from that row, summed over every serving process, and
+writes its own requests into its own column (proxy.procs.report.ReportingPool.track): a policy in
+any process sees every process's picks at once.
+
+What a serving process keeps for itself, and the snapshot never overwrites: its requests on each
+worker (`own`), its `prefill_tokens` and `decode_streams` (the processes' sums are the control
+process's, proxy.procs.report) and, until the control process has applied this process's last
+failures (the snapshot's `ack`), its breakers: a failure it just saw opens its breaker at once
+and is not undone by a snapshot taken before the control process heard of it.
 
 A worker that leaves the snapshot leaves the mirror: no process routes to it from the next
 publication on; requests of this process still on it end with an error, as they would in one
@@ -24,7 +30,7 @@ process; the control process's own drain ends none, since it runs no request).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from proxy.control.workers import (
@@ -33,9 +39,11 @@ from proxy.control.workers import (
     Health,
     KvTransfer,
     Lifecycle,
+    Role,
     Worker,
     WorkerPool,
 )
+from proxy.procs.loadtable import LoadTable, Row
 
 Item = dict[str, Any]
 
@@ -52,9 +60,10 @@ def _kv(w: Worker) -> list[Any] | None:
     return None if t is None else [t.transfers, t.seconds, t.nbytes, t.window_s, t.slow]
 
 
-def describe_worker(w: Worker) -> Item:
+def describe_worker(w: Worker, slot: tuple[int, int]) -> Item:
     return {
         "id": w.id,
+        "slot": slot,  # its row of the load table: (slot, generation)
         "url": w.url,
         "role": w.role,
         "state": w.state.value,
@@ -76,9 +85,38 @@ def describe_worker(w: Worker) -> Item:
     }
 
 
-def describe(pools: Iterable[WorkerPool]) -> list[Item]:
-    """Every member (active and draining) of every pool, in each pool's order."""
-    return [describe_worker(w) for pool in pools for w in pool.members]
+def describe(pools: Iterable[WorkerPool], slots: Mapping[Worker, tuple[int, int]]) -> list[Item]:
+    """Every member (active and draining) of every pool that has a slot of the load table
+    (`slots`: the control process's assignments), in each pool's order."""
+    return [describe_worker(w, slots[w]) for pool in pools for w in pool.members if w in slots]
+
+
+class SharedWorker(Worker):
+    """A serving process's worker: `inflight` and `inflight_chars` are its row of the load table,
+    summed over every serving process. This process's own requests go into its column through
+    the row, and into `own`, in its pool's `track` (proxy.procs.report.ReportingPool): an
+    assignment to either counter (WorkerPool.track's own `+=`) lands nowhere."""
+
+    def __init__(self, role: Role, id: str, url: str, row: Row) -> None:
+        self.row = row
+        self.own = 0  # this process's requests on it
+        super().__init__(role, id, url)
+
+    @property
+    def inflight(self) -> int:
+        return self.row.inflight
+
+    @inflight.setter
+    def inflight(self, value: int) -> None:
+        pass
+
+    @property
+    def inflight_chars(self) -> int:
+        return self.row.chars
+
+    @inflight_chars.setter
+    def inflight_chars(self, value: int) -> None:
+        pass
 
 
 class Mirror:
@@ -87,12 +125,14 @@ class Mirror:
     def __init__(
         self,
         pools: Sequence[WorkerPool],
+        table: LoadTable,
         on_removed: Callable[[Worker], None],
         end_requests: Callable[[Worker], None],
         on_draining: Callable[[Worker], None] = lambda worker: None,
     ) -> None:
         self.pools = tuple(pools)
-        self.known: dict[str, Worker] = {}  # id -> this process's object for it
+        self.table = table  # attached with this process's column
+        self.known: dict[str, SharedWorker] = {}  # id -> this process's object for it
         self.on_removed = on_removed  # the data plane forgets what it kept about it
         self.end_requests = end_requests  # this process's requests still on a removed worker
         self.on_draining = on_draining  # a worker began its drain: its deadline starts here
@@ -102,7 +142,7 @@ class Mirror:
     def apply(self, items: Sequence[Item], breakers: bool) -> None:
         """Make the pools the snapshot's `items`; `breakers`: take the snapshot's breakers too
         (the control process has applied every outcome this process sent)."""
-        seen: dict[str, Worker] = {}
+        seen: dict[str, SharedWorker] = {}
         routed = [w.id for p in self.pools for w in p.workers]
         for pool in self.pools:
             members = [self._worker(i, breakers) for i in items if i["role"] == pool.role]
@@ -117,21 +157,28 @@ class Mirror:
         if routed != [w.id for p in self.pools for w in p.workers]:
             self.changed_at = time.time()
 
-    def _worker(self, item: Item, breakers: bool) -> Worker:
+    def _worker(self, item: Item, breakers: bool) -> SharedWorker:
         worker = self.known.get(item["id"])
-        if worker is None or worker.url != item["url"] or worker.role != item["role"]:
+        slot, generation = item["slot"]
+        if (
+            worker is None
+            or worker.url != item["url"]
+            or worker.role != item["role"]
+            or (worker.row.slot, worker.row.generation) != (slot, generation)
+        ):
             if worker is not None:
                 self._remove(worker)
-            worker = Worker(item["role"], item["id"], item["url"])
+            row = self.table.row(slot, generation)
+            worker = SharedWorker(item["role"], item["id"], item["url"], row)
         was = worker.state
         update(worker, item, breakers)
         if worker.state is Lifecycle.DRAINING and was is not Lifecycle.DRAINING:
             self.on_draining(worker)
         return worker
 
-    def _remove(self, worker: Worker) -> None:
+    def _remove(self, worker: SharedWorker) -> None:
         worker.state = Lifecycle.REMOVED
-        if worker.inflight:
+        if worker.own:
             self.end_requests(worker)
         self.on_removed(worker)
 
@@ -151,7 +198,7 @@ def update(w: Worker, item: Item, breakers: bool) -> None:
         w.engine_load = None
     elif _load(w) != load:
         running, waiting, kv_usage, caching = load
-        # a new scrape: what this process sent since is its own in-flight count from now
+        # a new scrape: what every process sent since is counted from the table's sum now
         w.engine_load = EngineLoad(running, waiting, kv_usage, w.inflight, caching)
     kv = item["kv"]
     w.kv_transfer = None if kv is None else KvTransfer(*kv)

@@ -18,19 +18,24 @@ What is shared, and how:
     the workers         published from here on every change (looked for every `tick` s) and every
                         `heartbeat` s: a snapshot (proxy.procs.snapshot) over the channel
                         (proxy.procs.channel); a drain or removal reaches every process with it
+    the engines' load   one table in shared memory (proxy.procs.loadtable, created here: see
+                        proxy.procs.shared): every process counts its requests in flight on each
+                        engine in its own column, every policy reads the sums at once
+    admission           one global admission in shared memory (proxy.procs.admission, created
+                        here): max_concurrent and the queue hold for all processes together
     what was served     reported back in batches (proxy.procs.report): timings, breaker outcomes,
-                        counter gains, in-flight loads, taken into this process's one /metrics,
-                        /stats, timelines and breakers
+                        counter gains, prefill tokens and decode streams, taken into this
+                        process's one /metrics, /stats, timelines and breakers
     the other paths     forwarded by the serving processes to DIR/api.sock (proxy.procs.forward)
 
 Lifecycle: a serving process that exits is started again (after 0.5 s, doubling while they keep
 dying young, at most 10 s; logged with the process's name and how it ended); what it held goes
-(its in-flight load). Its clients' connections die with it; a connection it had not accepted yet
-is accepted by another. SIGTERM/SIGINT here (proxy.cli.serve.Server -> ProxyApp.begin_drain ->
-`begin_drain`) sends SIGTERM to every serving process: they stop accepting and give their requests
-`drain_timeout`; this process waits for them (`drain_timeout` + a margin, then SIGKILL) and exits
-with the status one process would. The serving processes die with this one (see
-proxy.procs.serving).
+before the replacement starts (its column of the load table, its admission slots and waiters). Its
+clients' connections die with it; a connection it had not accepted yet is accepted by another.
+SIGTERM/SIGINT here (proxy.cli.serve.Server -> ProxyApp.begin_drain -> `begin_drain`) sends SIGTERM
+to every serving process: they stop accepting and give their requests `drain_timeout`; this process
+waits for them (`drain_timeout` + a margin, then SIGKILL) and exits with the status one process
+would. The serving processes die with this one (see proxy.procs.serving).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from proxy.config import ConfigError, ProxyConfig
 from proxy.procs.channel import ChannelClosed, frame, read_message
 from proxy.procs.report import Intake
 from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
+from proxy.procs.shared import AdmissionView, Shared
 from proxy.procs.snapshot import describe
 
 log = logging.getLogger("pdproxy")
@@ -117,10 +123,8 @@ class Supervisor:
         self.tick = tick
         self.heartbeat = heartbeat
         services = app.services
-        self.intake = Intake(
-            app.pools, services.stats, services.timelines, app.metrics, app.pool,
-            services.admission,
-        )  # fmt: skip
+        self.intake = Intake(app.pools, services.stats, services.timelines, app.metrics, app.pool)
+        self.shared: Shared | None = None  # at start
         self.slots = {f"w{i}": ServingProcess(f"w{i}") for i in range(1, count + 1)}
         self.draining = False
         self.seq = 0  # snapshots published
@@ -131,6 +135,8 @@ class Supervisor:
 
     async def start(self) -> None:
         (self.directory / CONFIG).write_text(self.app.config.model_dump_json())
+        self.shared = Shared(len(self.slots), self.app.config.admission)
+        self.app.services.admission = AdmissionView(self.shared.admission)
         self._server = await asyncio.start_unix_server(
             self._connected, path=str(self.directory / CHANNEL)
         )
@@ -169,6 +175,8 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             self._server.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def describe(self) -> dict[str, Any]:
         return {"processes": [slot.describe() for slot in self.slots.values()]}
@@ -179,8 +187,10 @@ class Supervisor:
         return [s for s in self.slots.values() if s.proc is not None and s.proc.poll() is None]
 
     def _spawn(self, slot: ServingProcess) -> None:
+        assert self.shared is not None
         fds = [sock.fileno() for sock in self.sockets]
-        slot.proc = subprocess.Popen(describe_args(slot.name, self.directory, fds), pass_fds=fds)
+        args = describe_args(slot.name, self.directory, fds, self.shared.args())
+        slot.proc = subprocess.Popen(args, pass_fds=fds)
         slot.started = time.monotonic()
         log.info("serving process %s started (pid %d)", slot.name, slot.proc.pid)
 
@@ -201,6 +211,8 @@ class Supervisor:
         slot.last_exit = how_it_ended(slot.proc.returncode)
         pid, slot.proc = slot.proc.pid, None
         self._disconnect(slot)
+        assert self.shared is not None
+        self.shared.reset(slot.name)  # what it held, before its replacement starts
         if self.draining:
             log.info("serving process %s (pid %d) %s", slot.name, pid, slot.last_exit)
             return
@@ -229,7 +241,7 @@ class Supervisor:
                 log.warning("the channel refused a peer that said %r", hello)
                 return
             slot.writer, slot.acked = writer, 0
-            self._send(slot, describe(self.app.pools))
+            self._send(slot, self._describe())
             while True:
                 report = await read_message(reader)
                 self.intake.take(slot.name, report)
@@ -244,13 +256,21 @@ class Supervisor:
                 self._disconnect(slot)
             writer.close()
 
+    def _describe(self) -> list[dict[str, Any]]:
+        """The snapshot's workers, each with its slot of the load table."""
+        assert self.shared is not None
+        return describe(self.app.pools, self.shared.assign(self.app.pools))
+
     async def _publish(self) -> None:
-        """The workers to every serving process: when they changed, and every `heartbeat` s."""
+        """The workers to every serving process: when they changed, and every `heartbeat` s;
+        every `tick`, the load table's sums onto this process's workers."""
+        assert self.shared is not None
         last: list[dict[str, Any]] = []
         sent = 0.0
         while True:
             await asyncio.sleep(self.tick)
-            workers = describe(self.app.pools)
+            workers = self._describe()
+            self.shared.show()
             if workers != last or time.monotonic() - sent >= self.heartbeat:
                 for slot in self.slots.values():
                     self._send(slot, workers)

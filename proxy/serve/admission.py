@@ -14,12 +14,32 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 from proxy.errors import TooManyRequests
 
 # (priority, arrival number, waiter): heap order is the order of service
 _Entry = tuple[int, int, "asyncio.Future[None]"]
+
+
+class Gate(Protocol):
+    """What the request path and /stats use of an admission: this process's `Admission`, or the
+    one shared by the serving processes of `workers` > 1 (proxy.procs.admission)."""
+
+    @property
+    def max_concurrent(self) -> int: ...
+    @property
+    def max_queue(self) -> int: ...
+    @property
+    def queue_timeout(self) -> float: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    def slot(self, priority: int = 0) -> AbstractAsyncContextManager[None]: ...
 
 
 class Admission:
@@ -36,12 +56,6 @@ class Admission:
     @property
     def queued(self) -> int:
         return self._queued
-
-    def show(self, active: int, queued: int, rejected: int) -> None:
-        """Take the serving processes' sums (proxy.procs.report) as this admission's numbers: in
-        the control process, which admits nothing itself, they are what /stats and the console
-        show."""
-        self.active, self._queued, self.rejected = active, queued, rejected
 
     def _retry_after(self) -> int:
         return max(1, int(self.queue_timeout / 4))

@@ -29,7 +29,7 @@ from proxy.flow.sink import Sink
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
 from proxy.request import ClientRequest, check_request_id, parse_request
-from proxy.serve.admission import Admission
+from proxy.serve.admission import Gate
 from proxy.serve.responder import Receive, Responder, Scope, Send, read_body, request_header
 
 log = logging.getLogger("pdproxy")
@@ -41,7 +41,7 @@ class Services:
 
     flow: Flow
     stats: LatencyStats
-    admission: Admission
+    admission: Gate  # proxy.serve.admission.Admission, or the serving processes' shared one
     auth: Authenticator
     max_body_bytes: int
     fanout: FanoutConfig = field(default_factory=FanoutConfig)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,16 @@ from prometheus_client import CollectorRegistry
 
 from proxy.cli.main import main
 from proxy.config import ConfigError, load_config
+from proxy.config.sections import AdmissionConfig
 from proxy.control.workers import Breaker, EngineLoad, Lifecycle, Worker, WorkerPool
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
 from proxy.procs.channel import ChannelClosed, frame, read_message
+from proxy.procs.loadtable import LoadTable
 from proxy.procs.report import Intake, ReportingPool, ReportingRing, Reports
-from proxy.procs.snapshot import Mirror, describe
-from proxy.serve.admission import Admission
+from proxy.procs.shared import Shared
+from proxy.procs.snapshot import Mirror, SharedWorker, describe
 
 TOPOLOGY: dict[str, Any] = {
     "prefill": ["http://127.0.0.1:7100"],
@@ -77,45 +80,108 @@ def control_pools() -> tuple[WorkerPool, WorkerPool, WorkerPool]:
     return prefill, decode, WorkerPool("pool")
 
 
-def test_the_mirror_follows_drains_and_removals_and_keeps_its_own_counters() -> None:
+@pytest.fixture
+def shared() -> Iterator[Shared]:
+    """The control process's shared tables, for two serving processes."""
+    tables = Shared(2, AdmissionConfig(max_concurrent=2))
+    try:
+        yield tables
+    finally:
+        tables.close()
+
+
+@pytest.fixture
+def attach(shared: Shared) -> Iterator[Callable[[int], LoadTable]]:
+    """The load table as serving process `column` attaches to it."""
+    attached: list[LoadTable] = []
+
+    def column(index: int) -> LoadTable:
+        attached.append(LoadTable.attach(shared.load.name, index))
+        return attached[-1]
+
+    yield column
+    for table in attached:
+        table.close()
+
+
+def snapshot(control: tuple[WorkerPool, ...], shared: Shared) -> list[dict[str, Any]]:
+    return describe(control, shared.assign(control))
+
+
+def test_the_mirror_follows_drains_and_removals_and_counts_on_the_shared_table(
+    shared: Shared, attach: Callable[[int], LoadTable]
+) -> None:
     control = control_pools()
-    local = tuple(WorkerPool(p.role) for p in control)
+    local = tuple(ReportingPool(p.role) for p in control)
     ended: list[str] = []
     forgotten: list[str] = []
     draining: list[str] = []
     mirror = Mirror(
         local,
+        attach(0),
         lambda w: forgotten.append(w.id),
         lambda w: ended.append(w.id),
         lambda w: draining.append(w.id),
     )
-    mirror.apply(describe(control), True)
+    mirror.apply(snapshot(control, shared), True)
     d1 = local[1].workers[1]
-    d1.inflight = 2
-    control[1].members[1].engine_load = EngineLoad(3, 1, 0.5, 0)
-    control[1].drain(control[1].members[1])
-    mirror.apply(describe(control), True)
-    assert [w.id for w in local[1].workers] == ["d0"] and local[1].members[1] is d1
-    assert d1.state is Lifecycle.DRAINING and d1.inflight == 2  # its own count stays
-    assert d1.engine_load == EngineLoad(3, 1, 0.5, 2)  # measured from its own count now
-    mirror.apply(describe(control), True)
-    assert draining == ["d1"]  # its drain's clock started once, here
-    control[1].remove(control[1].members[1])
-    mirror.apply(describe(control), True)
-    assert [w.id for w in local[1].members] == ["d0"] and d1.state is Lifecycle.REMOVED
-    assert ended == ["d1"] and forgotten == ["d1"]  # its requests here end with an error
+    assert isinstance(d1, SharedWorker)
+    other = attach(1)  # the other serving process's column
+    other.add(shared.slots[control[1].members[1]][0], 1, 7)
+    with local[1].track(d1, 10):
+        assert (d1.inflight, d1.inflight_chars, d1.own) == (2, 17, 1)  # both processes' requests
+        shared.show()
+        assert control[1].members[1].inflight == 2  # the control process reads the sums too
+        control[1].members[1].engine_load = EngineLoad(3, 1, 0.5, 0)
+        control[1].drain(control[1].members[1])
+        mirror.apply(snapshot(control, shared), True)
+        assert [w.id for w in local[1].workers] == ["d0"] and local[1].members[1] is d1
+        assert d1.state is Lifecycle.DRAINING and d1.inflight == 2  # its row stays
+        assert d1.engine_load == EngineLoad(3, 1, 0.5, 2)  # measured from the table's sum now
+        mirror.apply(snapshot(control, shared), True)
+        assert draining == ["d1"]  # its drain's clock started once, here
+        control[1].remove(control[1].members[1])
+        mirror.apply(snapshot(control, shared), True)
+        assert [w.id for w in local[1].members] == ["d0"] and d1.state is Lifecycle.REMOVED
+        assert ended == ["d1"] and forgotten == ["d1"]  # its requests here end with an error
+    assert d1.own == 0
 
 
-def test_a_failure_seen_here_holds_until_the_control_process_has_it() -> None:
+def test_the_control_process_gives_slots_reads_the_sums_and_resets_a_dead_process(
+    shared: Shared, attach: Callable[[int], LoadTable]
+) -> None:
+    control = control_pools()
+    slots = shared.assign(control)
+    d0, d1 = control[1].members
+    assert len({slot for slot, _ in slots.values()}) == 3  # one slot per engine
+    mine, other = attach(0), attach(1)
+    mine.add(slots[d0][0], 1, 5)
+    other.add(slots[d0][0], 2, 5)
+    shared.show()
+    assert (d0.inflight, d0.inflight_chars, d1.inflight) == (3, 10, 0)
+    shared.reset("w2")  # it died: its column goes, before its replacement starts
+    shared.show()
+    assert (d0.inflight, d0.inflight_chars) == (1, 5)
+    control[1].remove(d1)
+    slot = slots[d1]
+    assert d1 not in shared.assign(control)  # a removed worker gives its slot back
+    control[1].add(Worker("decode", "d2", "http://d2"))
+    shared.assign(control)
+    assert shared.slots[control[1].members[-1]] != slot  # a joining worker gets one
+
+
+def test_a_failure_seen_here_holds_until_the_control_process_has_it(
+    shared: Shared, attach: Callable[[int], LoadTable]
+) -> None:
     control = control_pools()
     reports = Reports()
     local = tuple(ReportingPool(p.role, (), 1, 10.0, reports=reports) for p in control)
-    mirror = Mirror(local, lambda w: None, lambda w: None)
-    mirror.apply(describe(control), True)
+    mirror = Mirror(local, attach(0), lambda w: None, lambda w: None)
+    mirror.apply(snapshot(control, shared), True)
     d0 = local[1].workers[0]
     local[1].record_failure(d0, "boom")  # threshold 1: open here at once
     assert d0.breaker is Breaker.OPEN
-    mirror.apply(describe(control), reports.breakers_settled(0))  # taken before it heard
+    mirror.apply(snapshot(control, shared), reports.breakers_settled(0))  # taken before it heard
     assert d0.breaker is Breaker.OPEN
     metrics = ProxyMetrics(local)
     report = reports.take(metrics, local)
@@ -130,8 +196,7 @@ def test_the_intake_counts_every_process_once() -> None:
     metrics = ProxyMetrics(control)
     stats = LatencyStats(100, CollectorRegistry())
     timelines = TimelineRing()
-    admission = Admission(0, 0, 1.0)
-    intake = Intake(control, stats, timelines, metrics, admission=admission)
+    intake = Intake(control, stats, timelines, metrics)
     for name in ("w1", "w2"):
         reports = Reports()
         local = tuple(ReportingPool(p.role, (), reports=reports) for p in control)
@@ -139,21 +204,19 @@ def test_the_intake_counts_every_process_once() -> None:
         mine = ProxyMetrics(local)
         mine.requests.labels("/v1/completions", "200").inc()
         ring.add(RequestTiming(start=1.0, end=2.0, request_id=f"pdp-{name}-1", status=200))
-        local[1].members = local[1].workers = (Worker("decode", "d0", "http://d0", inflight=2),)
+        d0 = Worker("decode", "d0", "http://d0", prefill_tokens=2, decode_streams=1)
+        local[1].members = local[1].workers = (d0,)
         local[1].record_success(local[1].members[0])
-        theirs = Admission(4, 4, 1.0)
-        theirs.active = 1
-        report = reports.take(mine, local, admission=theirs)
+        report = reports.take(mine, local)
         assert report is not None
         intake.take(name, report)
-        assert reports.take(mine, local, admission=theirs) is None  # nothing new
+        assert reports.take(mine, local) is None  # nothing new
     assert stats.recorded == 2 and len(timelines) == 2
     assert metrics.requests.labels("/v1/completions", "200")._value.get() == 2
-    assert control[1].members[0].inflight == 4  # both processes' requests on d0
-    assert admission.active == 2
+    d0 = control[1].members[0]
+    assert (d0.prefill_tokens, d0.decode_streams) == (4, 2)  # both processes' on d0
     intake.forget("w1")
-    assert control[1].members[0].inflight == 2  # a process that died takes its own with it
-    assert admission.active == 1
+    assert (d0.prefill_tokens, d0.decode_streams) == (2, 1)  # a process that died takes its own
 
 
 def test_a_private_directory_too_deep_for_a_socket_is_one_line_and_exit_2(tmp_path: Path) -> None:
