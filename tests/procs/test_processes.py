@@ -34,11 +34,11 @@ def all_connected(proxy: Proxy) -> bool:
     return all(p["connected"] and p["pid"] for p in processes(proxy))
 
 
-def start(tmp: Path, prefill: list[Sim], decode: list[Sim], *args: str) -> Proxy:
-    """A proxy with two serving processes, once both take requests (three processes start:
-    minutes on a busy box)."""
+def start(tmp: Path, prefill: list[Sim], decode: list[Sim], *args: str, workers: int = 2) -> Proxy:
+    """A proxy with two serving processes (`workers`), once all take requests (three processes
+    start: minutes on a busy box)."""
     port = launch.free_port()
-    cmd = ["serve", "--port", str(port), "--stats-interval", "0", "--workers", "2", *args]
+    cmd = ["serve", "--port", str(port), "--stats-interval", "0", "--workers", str(workers), *args]
     for role, sims in (("--prefill", prefill), ("--decode", decode)):
         for sim in sims:
             cmd += [role, sim.url]
@@ -46,7 +46,7 @@ def start(tmp: Path, prefill: list[Sim], decode: list[Sim], *args: str) -> Proxy
     s = launch.spawn(cmd, f"http://127.0.0.1:{port}", log, ready_path="/metrics", timeout=120)
     proxy = Proxy(s.url, s.args, s.log, s.proc, prefill, decode)
     try:
-        wait_for(lambda: all_connected(proxy), 60)
+        wait_for(lambda: workers == 1 or all_connected(proxy), 60)
     except AssertionError:
         proxy.stop()
         raise
@@ -312,7 +312,7 @@ def test_a_wedged_prefiller_is_taken_out_by_the_serving_processes_stall_watches(
         proxy.stop()
 
 
-def test_admission_shows_the_serving_processes_sums(tmp_path: Path, slow: tuple[Sim, Sim]) -> None:
+def test_admission_shows_the_global_numbers(tmp_path: Path, slow: tuple[Sim, Sim]) -> None:
     prefill, decode = slow
     config = tmp_path / "admission.yaml"
     config.write_text("admission: {max_concurrent: 1, max_queue: 0}\n")
@@ -321,8 +321,9 @@ def test_admission_shows_the_serving_processes_sums(tmp_path: Path, slow: tuple[
         with streaming(proxy.url, 8) as outcomes:
             pass
         refused = [why for kind, why in outcomes if kind == "clear_error"]
-        assert refused and len(outcomes) == 8, outcomes  # one slot per process
+        assert refused and len(outcomes) == 8, outcomes  # one slot for both processes
         wait_for(lambda: proxy.stats()["admission"]["rejected"] == len(refused), 30)
+        assert proxy.stats()["admission"]["active"] == 0
         assert proxy.metrics().total("pdproxy_requests_total", status="429") == len(refused)
     finally:
         proxy.stop()
