@@ -29,8 +29,9 @@ MODEL = "pdsim/llama-8b"
 Service = Process
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds (generous: what
+    takes milliseconds alone can take seconds on a small box that runs real engines beside)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

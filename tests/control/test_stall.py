@@ -147,10 +147,10 @@ def test_a_wedged_prefiller_with_a_green_health_is_taken_out_and_no_request_is_l
         assert "stopped completing requests" in proxy.log.read_text()
         # it comes back only after a trial request succeeds
         p0.faults()
-        wait_for(lambda: prefiller(proxy, "p0")["breaker"] == "half_open", timeout=5)
+        wait_for(lambda: prefiller(proxy, "p0")["breaker"] == "half_open")
         for _ in range(4):
             assert httpx.post(proxy.url + "/v1/completions", json=BODY).status_code == 200
-        wait_for(lambda: prefiller(proxy, "p0")["breaker"] == "closed", timeout=5)
+        wait_for(lambda: prefiller(proxy, "p0")["breaker"] == "closed")
 
 
 @pytest.mark.parametrize("fallback", [True, False])

@@ -326,7 +326,7 @@ def test_an_engine_error_event_ends_the_merged_stream(fresh: Topology) -> None:
     events = stream(fresh.url + "/v1/completions", body)
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     assert events[-2]["error"]["message"] == "the engine broke"  # the engine's own event
-    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1, timeout=5)
+    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1)
 
 
 def held(sims: list[Sim], rid: str) -> bool:
@@ -367,8 +367,8 @@ def test_a_prefiller_dying_fails_the_batch_and_cancels_the_rest(engines: Engines
         thread.join(timeout=15)
         assert result and result[0].status_code == 502 and time.monotonic() - t0 < 5
         assert dying.url in result[0].json()["error"]["message"]
-        wait_for(lambda: aborted([d0]) == 1, timeout=5)  # the decoder aborted the other one
-        wait_for(lambda: not held([p0], rid), timeout=5)  # ... and freed its KV on p0
+        wait_for(lambda: aborted([d0]) == 1)  # the decoder aborted the other one
+        wait_for(lambda: not held([p0], rid))  # ... and freed its KV on p0
     finally:
         topo.stop()
 
@@ -388,7 +388,7 @@ def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
     assert "closed the connection early" in events[-2]["error"]["message"]
     assert not any(isinstance(e, dict) and e.get("usage") for e in events)
     assert any(isinstance(e, dict) and e.get("choices") for e in events)  # it had started
-    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1, timeout=5)
+    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1)
     # no KV of the request left behind on the prefillers (earlier tests' faults may have left
     # blocks of theirs, until the lease runs out)
     assert not held(fresh.prefill, rid)
@@ -405,7 +405,7 @@ def test_a_client_leaving_cancels_every_sub_request(pd: Topology) -> None:
         "POST", pd.url + "/v1/completions", json=body, headers=headers, timeout=20
     ) as resp:
         assert resp.status_code == 200
-        wait_for(lambda: len(d0.generation_records()) == 3, timeout=10)
+        wait_for(lambda: len(d0.generation_records()) == 3)
         next(resp.iter_bytes())  # the stream started; then the client goes
     wait_for(lambda: d0.metric("pdsim:aborted_requests_total", phase="decode") == 3, 5)
     after = pd.proxy.metrics().total("pdproxy_client_disconnects_total", phase="decode")

@@ -54,7 +54,7 @@ def proxy(_proxy: Proxy, sims: dict[str, Sim], decoders: list[Sim]) -> Proxy:
     for sim in [sims["p0"], *decoders]:
         sim.reset()
     workers = lambda: _proxy.stats()["workers"]["decode"]  # noqa: E731
-    wait_for(lambda: all(w["available"] for w in workers()), timeout=10)
+    wait_for(lambda: all(w["available"] for w in workers()))
     return _proxy
 
 
