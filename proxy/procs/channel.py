@@ -13,7 +13,7 @@ Messages (`"t"` says which):
 
     hello     serving -> control, first: {"name": "w1", "pid": 123}
     snapshot  control -> serving: {"seq", "ack", "workers": [...]} (proxy.procs.snapshot)
-    report    serving -> control: {"seq", "timings", "outcomes", "counters", "load"}
+    report    serving -> control: {"seq", "timings", "outcomes", "counters", ...}
               (proxy.procs.report)
 """
 

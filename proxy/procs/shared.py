@@ -30,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from proxy.config.sections import AdmissionConfig
 from proxy.control.workers import Worker, WorkerPool
 from proxy.procs.admission import reset_process
-from proxy.procs.loadtable import LoadTable
+from proxy.procs.loadtable import DECODE_STREAMS, PREFILL_TOKENS, LoadTable
 from proxy.procs.slots import SlotTable
 
 log = logging.getLogger("pdproxy")
@@ -105,11 +105,14 @@ class Shared:
         return self.slots
 
     def show(self) -> None:
-        """Copy each worker's requests in flight and prompt characters, summed over the serving
-        processes, onto the control process's worker (and end an admin drain's wait at 0)."""
+        """Copy each worker's requests in flight, prompt characters, prefill tokens and decode
+        streams, summed over the serving processes, onto the control process's worker (and end
+        an admin drain's wait at 0)."""
         for worker, (slot, _) in self.slots.items():
             worker.inflight = self.load.inflight(slot)
             worker.inflight_chars = self.load.chars(slot)
+            worker.prefill_tokens = self.load.total(slot, PREFILL_TOKENS)
+            worker.decode_streams = self.load.total(slot, DECODE_STREAMS)
             if not worker.inflight and worker.idle is not None:
                 worker.idle.set()  # an admin drain waits for this (WorkerRegistry.retire)
 

@@ -228,7 +228,6 @@ class Supervisor:
         if slot.writer is not None:
             slot.writer.close()
             slot.writer = None
-        self.intake.forget(slot.name)
 
     # --- the channel ---
 
