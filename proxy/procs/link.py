@@ -41,6 +41,8 @@ class Link:
         self.pools = tuple(pools)
         self.every = every
         self.lost: Callable[[], None] = lambda: None  # the control process is gone
+        # the other processes' prefix placements (proxy.procs.prefixes)
+        self.learn: Callable[[list[tuple[list[int], str]]], None] = lambda placements: None
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -60,6 +62,8 @@ class Link:
         if message.get("t") == "snapshot":
             settled = self.reports.breakers_settled(int(message.get("ack", 0)))
             self.mirror.apply(message["workers"], settled)
+        elif message.get("t") == "prefixes":
+            self.learn(message["placements"])
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -61,6 +61,9 @@ class Reports:
     counted: dict[CounterKey, float] = field(default_factory=dict)  # counters, as last sent
     routing_changed_at: float = 0.0  # as last sent (proxy.procs.snapshot.Mirror.changed_at)
     prompts: list[int] = field(default_factory=lambda: [0, 0])  # placed prompt tokens: long, local
+    # new prefix placements, for the other processes' indexes (proxy.procs.prefixes)
+    prefixes: list[tuple[list[int], str]] = field(default_factory=list)
+    prefixes_dropped: int = 0  # left out of the reports: more than a report's limit
 
     def prompt(self, computed: int, long: bool) -> None:
         """A request was placed (a pool's planner): for the pool's controller (proxy.serve.plane
@@ -91,7 +94,7 @@ class Reports:
     ) -> dict[str, Any] | None:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
-        news = self.timings or self.outcomes or counters or any(self.prompts)
+        news = self.timings or self.outcomes or counters or any(self.prompts) or self.prefixes
         if not news and routing_changed_at == self.routing_changed_at:
             return None
         self.routing_changed_at = routing_changed_at
@@ -107,6 +110,10 @@ class Reports:
             "routing_changed_at": routing_changed_at,
             "prompts": self.prompts,
         }
+        if self.prefixes:
+            report["prefixes"] = self.prefixes
+            report["prefixes_dropped"] = self.prefixes_dropped  # since the process started
+            self.prefixes = []
         self.timings, self.outcomes, self.prompts = [], [], [0, 0]
         return report
 

@@ -86,6 +86,7 @@ class ServingProcess:
     writer: asyncio.StreamWriter | None = None  # its channel, once it said hello
     acked: int = 0  # the last report taken from it
     routing_changed_at: float = 0.0  # time(): when a snapshot last changed who it routes to
+    prefixes_dropped: int = 0  # new prefix placements it left out of its reports (over a limit)
 
     def describe(self) -> dict[str, Any]:
         alive = self.proc is not None and self.proc.poll() is None
@@ -96,6 +97,7 @@ class ServingProcess:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "routing_changed_at": self.routing_changed_at,
+            "prefixes_dropped": self.prefixes_dropped,
         }
 
 
@@ -244,6 +246,9 @@ class Supervisor:
             while True:
                 report = await read_message(reader)
                 self.intake.take(slot.name, report)
+                if "prefixes" in report:
+                    self._relay(slot, report["prefixes"])
+                    slot.prefixes_dropped = int(report.get("prefixes_dropped", 0))
                 slot.acked = int(report.get("seq", slot.acked))
                 slot.routing_changed_at = float(report.get("routing_changed_at", 0.0))
         except ChannelClosed:
@@ -274,6 +279,16 @@ class Supervisor:
                 for slot in self.slots.values():
                     self._send(slot, workers)
                 last, sent = workers, time.monotonic()
+
+    def _relay(self, source: ServingProcess, placements: list[Any]) -> None:
+        """One process's new prefix placements, to every other (proxy.procs.prefixes)."""
+        message = frame({"t": "prefixes", "placements": placements})
+        for slot in self.slots.values():
+            writer = slot.writer
+            if slot is source or writer is None:
+                continue
+            if writer.transport.get_write_buffer_size() <= MAX_BUFFERED:
+                writer.write(message)
 
     def _send(self, slot: ServingProcess, workers: list[dict[str, Any]]) -> None:
         writer = slot.writer
