@@ -55,9 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.app import ProxyApp, build_app
-from proxy.cli.serve import Server, bind, log_start, serve, uvicorn_config
-from proxy.config import ConfigError, ProxyConfig
+from proxy.app import ProxyApp
+from proxy.cli.serve import Server, build_and_bind, log_start, serve, uvicorn_config
+from proxy.config import ProxyConfig
 from proxy.procs.channel import ChannelClosed, frame, read_message
 from proxy.procs.report import Intake
 from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
@@ -301,12 +301,10 @@ class Supervisor:
 
 def run_supervised(config: ProxyConfig) -> int:
     """`pdproxy serve` with `workers` > 1: this process is the control process."""
-    try:
-        app = build_app(config)
-        sockets = bind(config)
-    except ConfigError as exc:
-        print(f"pdproxy: {exc}", file=sys.stderr)
+    built = build_and_bind(config)
+    if built is None:
         return 2
+    app, sockets = built
     directory = Path(tempfile.mkdtemp(prefix="pdproxy-"))  # 0700
     try:
         api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
