@@ -505,48 +505,31 @@ async def variant(
     return row
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+async def main_async(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Runs every variant, filling `result` as it goes (what is there is written even if the
+    run is cut short); a variant that fails is recorded under `failed` and the rest run."""
     cores = parse_cores(args.cores) if args.cores else sorted(os.sched_getaffinity(0))
     rig_start = args.rig_start if args.rig_start is not None else len(cores) // 2
     split = tuple(args.fakes) if args.fakes else None
-    wanted = [("pdproxy", n) for n in args.procs]
     args.router_bin = router_binary(args.router)
-    if args.router_bin:
-        wanted += [("vllm-router", n) for n in args.router_procs]
-    else:
+    if not args.router_bin:
         print("vllm-router not found (--router): left out", flush=True)
+    routers = args.router_procs if args.router_bin else []
+    wanted = [  # pdproxy N, then vllm-router on the same cores, so that drift hits both alike
+        (kind, n)
+        for n in sorted({*args.procs, *routers})
+        for kind, ns in (("pdproxy", args.procs), ("vllm-router", routers))
+        if n in ns
+    ]
     by_rig: dict[tuple[Any, ...], list[tuple[str, int]]] = {}
     for kind, n in wanted:
         by_rig.setdefault(layout(n, cores, rig_start, split).rig(), []).append((kind, n))
     logdir = Path(tempfile.mkdtemp(prefix="pdproxy-scale-"))
     args.tmp = logdir
     procs = Procs(logdir)
-    rigs: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    try:
-        for r, runs in enumerate(by_rig.values()):
-            lay = layout(runs[0][1], cores, rig_start, split)
-            rig = start_rig(procs, lay, args.writes, f"rig{r}")
-            ports = [int(p.url.rsplit(":", 1)[1]) for p in rig.decode]
-            ceiling = await throughput(args, rig, rig.decode[0].url, None, ports)
-            print(f"rig {r} {lay.describe()}: decode fakes alone {ceiling['req_per_s']:.0f} req/s")
-            rig_cores = {k: v for k, v in lay.describe().items() if k != "proxy"}
-            rigs.append({"cores": rig_cores, "decode_direct": ceiling})
-            for kind, n in runs:
-                proxy = layout(n, cores, rig_start, split).proxy
-                row = await variant(args, procs, rig, kind, n, proxy)
-                row["rig"] = r
-                rows.append(row)
-                partial = Path(args.out).with_suffix(".partial.json")
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                partial.write_text(json.dumps({"rigs": rigs, "rows": rows}, indent=1))
-            procs.stop_all()
-    finally:
-        procs.stop_all()
-    return {
-        "provenance": provenance([Path(sys.executable).name, *sys.argv]),
-        "router": router_version(args.router_bin),
-        "settings": {
+    result.update(
+        router=router_version(args.router_bin),
+        settings={
             "cores": cores_str(cores),
             "rig_start": rig_start,
             "conc": args.conc,
@@ -559,10 +542,40 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "pdproxy_args": [*PDPROXY_ARGS, *args.pdproxy_args],
             "wrk": args.wrk,
         },
-        "logs": str(logdir),
-        "rigs": rigs,
-        "rows": rows,
-    }
+        logs=str(logdir),
+        rigs=[],
+        rows=[],
+        failed=[],
+    )
+    partial = Path(args.out).with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        for r, runs in enumerate(by_rig.values()):
+            lay = layout(runs[0][1], cores, rig_start, split)
+            rig = start_rig(procs, lay, args.writes, f"rig{r}")
+            ports = [int(p.url.rsplit(":", 1)[1]) for p in rig.decode]
+            ceiling = await throughput(args, rig, rig.decode[0].url, None, ports)
+            print(f"rig {r} {lay.describe()}: decode fakes alone {ceiling['req_per_s']:.0f} req/s")
+            rig_cores = {k: v for k, v in lay.describe().items() if k != "proxy"}
+            result["rigs"].append({"cores": rig_cores, "decode_direct": ceiling})
+            for kind, n in runs:
+                proxy = layout(n, cores, rig_start, split).proxy
+                t0 = time.monotonic()
+                try:
+                    row = await variant(args, procs, rig, kind, n, proxy)
+                except Exception as exc:  # one variant's failure leaves the others' figures
+                    why = f"{kind} {n}: {type(exc).__name__}: {exc}"
+                    print(f"failed: {why}", flush=True)
+                    result["failed"].append(" / ".join(why.splitlines())[:600])
+                    continue
+                row["rig"], row["variant_wall_s"] = r, round(time.monotonic() - t0, 1)
+                result["rows"].append(row)
+                partial.write_text(json.dumps(result, indent=1))
+            procs.stop_all()
+    finally:
+        procs.stop_all()
+        result["wall_s"] = round(time.monotonic() - started, 1)
 
 
 def router_version(binary: str | None) -> str:
@@ -661,6 +674,7 @@ def _ok(flag: bool) -> str:
 
 def render(result: dict[str, Any]) -> str:
     s = result["settings"]
+    cut = result.get("interrupted")
     lines = [
         "# Serving processes: scaling across cores (lean fake engines, zero delay)",
         "",
@@ -668,11 +682,14 @@ def render(result: dict[str, Any]) -> str:
         f"- vllm-router: {result['router']} (policy {s['router_policy']})",
         f"- cores used: {s['cores']}; {s['conc']} connections for {s['duration_s']} s per "
         f"throughput run (wrk), {s['tokens']} tokens streamed per request (fake writes: "
-        f"{s['fake_writes']}); pdproxy flags {' '.join(s['pdproxy_args'])}",
+        f"{s['fake_writes']}); pdproxy flags {' '.join(s['pdproxy_args'])}; the whole run "
+        f"{result.get('wall_s', '-')} s",
         "- CPU µs/req: the proxy's processes (all of them, all threads) during the wrk run, over "
         "the requests wrk completed; cores used = that CPU over the wall time.",
         "- added TTFT: through the proxy minus the floor (the client calls prefiller then decoder "
         "itself), same client processes, interleaved.",
+        *(["- **cut short**: only the variants below finished"] if cut else []),
+        *(f"- failed: {f}" for f in result.get("failed", [])),
         "",
         "## Goals",
         "",
@@ -836,9 +853,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS / "scale"), help="results path stem")
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.duration, args.warmup = 3.0, 1.0
-        args.ttft_requests, args.ttft_requests_c64, args.ttft_rounds = 100, 256, 2
+    if args.quick:  # smaller defaults; flags given still win
+        p.set_defaults(duration=3.0, warmup=1.0, ttft_requests=100, ttft_requests_c64=256)
+        p.set_defaults(ttft_rounds=2)
+        args = p.parse_args(argv)
     if not args.client and not args.wrk:
         p.error("--wrk PATH is needed")
     return args
@@ -854,7 +872,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(client_main(json.loads(args.client)))))
         return 0
     signal.signal(signal.SIGTERM, _exit_on_term)  # so `finally` stops every process started
-    result = asyncio.run(main_async(args))
+    result: dict[str, Any] = {"provenance": provenance([Path(sys.executable).name, *sys.argv])}
+    try:
+        asyncio.run(main_async(args, result))
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        print("interrupted: writing the variants done so far", flush=True)
+    if not result.get("rows"):
+        print("no variant finished", flush=True)
+        return 1
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
