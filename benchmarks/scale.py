@@ -142,6 +142,19 @@ def layout(n: int, cores: list[int], rig_start: int, split: tuple[int, int] | No
 # ---------------------------------------------------------------- CPU accounting
 
 
+def siblings(cores: list[int]) -> list[str]:
+    """The hyperthread sibling groups among `cores` (a proxy core and a rig core that share a
+    physical core share its cycles: say so in the report)."""
+    groups = set()
+    for core in cores:
+        path = Path(f"/sys/devices/system/cpu/cpu{core}/topology/thread_siblings_list")
+        with contextlib.suppress(OSError):
+            text = path.read_text().strip()
+            if len(parse_cores(text)) > 1:
+                groups.add(text)
+    return sorted(groups)
+
+
 def core_times() -> dict[int, tuple[int, int]]:
     """(busy, total) jiffies per core from /proc/stat."""
     out: dict[int, tuple[int, int]] = {}
@@ -531,6 +544,7 @@ async def main_async(args: argparse.Namespace, result: dict[str, Any]) -> None:
         router=router_version(args.router_bin),
         settings={
             "cores": cores_str(cores),
+            "hyperthread_siblings": siblings(cores),
             "rig_start": rig_start,
             "conc": args.conc,
             "duration_s": args.duration,
@@ -688,6 +702,8 @@ def render(result: dict[str, Any]) -> str:
         "the requests wrk completed; cores used = that CPU over the wall time.",
         "- added TTFT: through the proxy minus the floor (the client calls prefiller then decoder "
         "itself), same client processes, interleaved.",
+        "- hyperthread siblings among the cores: "
+        + (", ".join(s.get("hyperthread_siblings", [])) or "none (one thread per core)"),
         *(["- **cut short**: only the variants below finished"] if cut else []),
         *(f"- failed: {f}" for f in result.get("failed", [])),
         "",
