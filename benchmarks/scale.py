@@ -13,7 +13,7 @@ rig: the report lists any rig core 90% busy or more. Measured per variant:
 
   throughput  wrk, --conc (256) connections, --duration s, each request a streamed chat of
               --tokens (64) tokens: req/s, wrk's latency p50/p99 (whole answer), proxy CPU per
-              request (/proc/<pid>/stat of the proxy and every process under it), the CPU each
+              request (/proc/<pid>/stat of every process in the proxy's process group), the CPU each
               fake and load generator used and each core's busy share (to show the rig was not
               the bottleneck), each serving process's and the control process's CPU share,
               requests per engine (each fake counts its prefill and decode legs)
@@ -276,6 +276,22 @@ def run_wrk(
     return out
 
 
+def group_cpu(pgid: int) -> float:
+    """user + system CPU seconds of every live process in process group `pgid` (all threads):
+    the proxy's control and serving processes, whichever thread started them."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp (field 5)
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
 def own_cpu(pid: int) -> float:
     """user + system CPU seconds of one process (all its threads, not its children)."""
     try:
@@ -300,7 +316,7 @@ async def throughput(
     threads = len(ports) if ports else max(len(lay.loadgen), args.wrk_threads)
     await counts(rig, reset=True)
     fake0 = {p.name: cpu_seconds(p.pid) for p in rig.fakes()}
-    proxy0 = cpu_seconds(pid) if pid else 0.0
+    proxy0 = group_cpu(pid) if pid else 0.0
     each0 = {k: own_cpu(v) for k, v in (each or {}).items()}
     cores0, t0 = core_times(), time.perf_counter()
     res = await asyncio.to_thread(
@@ -308,7 +324,7 @@ async def throughput(
     )
     wall = time.perf_counter() - t0
     busy = core_busy(cores0, core_times())
-    proxy_cpu = cpu_seconds(pid) - proxy0 if pid else None
+    proxy_cpu = group_cpu(pid) - proxy0 if pid else None
     fakes = {
         p.name: round(100 * (cpu_seconds(p.pid) - fake0[p.name]) / wall, 1) for p in rig.fakes()
     }
@@ -698,8 +714,8 @@ def render(result: dict[str, Any]) -> str:
         f"throughput run (wrk), {s['tokens']} tokens streamed per request (fake writes: "
         f"{s['fake_writes']}); pdproxy flags {' '.join(s['pdproxy_args'])}; the whole run "
         f"{result.get('wall_s', '-')} s",
-        "- CPU µs/req: the proxy's processes (all of them, all threads) during the wrk run, over "
-        "the requests wrk completed; cores used = that CPU over the wall time.",
+        "- CPU µs/req: every process in the proxy's process group (all threads) during the wrk "
+        "run, over the requests wrk completed; cores used = that CPU over the wall time.",
         "- added TTFT: through the proxy minus the floor (the client calls prefiller then decoder "
         "itself), same client processes, interleaved.",
         "- hyperthread siblings among the cores: "
