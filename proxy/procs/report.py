@@ -12,7 +12,9 @@ process pays nothing for them):
 
 and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
 its metrics' counters gained since the last one (all of ProxyMetrics' counters: requests, retries,
-migrations, the planner's decisions, ...) and its prefill tokens and decode streams per worker.
+migrations, the planner's decisions, ...; and the connector's, `extra`: LMCache's notifications
+and timeouts), its gauges that the control process sums (`gauges`: LMCache's waiting requests)
+and its prefill tokens and decode streams per worker.
 A report goes every `every` seconds (proxy.procs.link) when there is something to say.
 
 The pool counts each request on the shared load table as it is tracked (`ReportingPool.track`,
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,11 @@ class Reports:
     load: dict[str, list[int]] = field(default_factory=dict)  # as last sent
     routing_changed_at: float = 0.0  # as last sent (proxy.procs.snapshot.Mirror.changed_at)
     prompts: list[int] = field(default_factory=lambda: [0, 0])  # placed prompt tokens: long, local
+    # counters outside ProxyMetrics whose gains are reported too (the connector's), by name
+    extra: dict[str, Counter] = field(default_factory=dict)
+    # values the control process sums over the processes (proxy.procs.report.Intake.gauge)
+    gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
+    gauged: dict[str, float] = field(default_factory=dict)  # as last sent
 
     def prompt(self, computed: int, long: bool) -> None:
         """A request was placed (a pool's planner): for the pool's controller (proxy.serve.plane
@@ -95,7 +102,9 @@ class Reports:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
         load = {w.id: [getattr(w, f) for f in LOAD_FIELDS] for p in pools for w in p.members}
+        gauged = {name: read() for name, read in self.gauges.items()}
         news = self.timings or self.outcomes or counters or load != self.load or any(self.prompts)
+        news = news or gauged != self.gauged
         if not news and routing_changed_at == self.routing_changed_at:
             return None
         self.routing_changed_at = routing_changed_at
@@ -111,13 +120,15 @@ class Reports:
             "load": load,
             "routing_changed_at": routing_changed_at,
             "prompts": self.prompts,
+            "gauges": gauged,
         }
         self.timings, self.outcomes, self.load, self.prompts = [], [], load, [0, 0]
+        self.gauged = gauged
         return report
 
     def _counter_gains(self, metrics: ProxyMetrics) -> list[tuple[str, dict[str, str], float]]:
         gains = []
-        for key, value in counter_values(metrics).items():
+        for key, value in counter_values(metrics, self.extra).items():
             gain = value - self.counted.get(key, 0.0)
             if gain:
                 self.counted[key] = value
@@ -125,10 +136,13 @@ class Reports:
         return gains
 
 
-def counter_values(metrics: ProxyMetrics) -> dict[CounterKey, float]:
-    """Every counter sample of `metrics`, keyed by its attribute and labels."""
+def counter_values(
+    metrics: ProxyMetrics, extra: Mapping[str, Counter] | None = None
+) -> dict[CounterKey, float]:
+    """Every counter sample of `metrics` and of `extra`, keyed by its attribute (or name in
+    `extra`) and labels."""
     values: dict[CounterKey, float] = {}
-    for attr, counter in vars(metrics).items():
+    for attr, counter in {**vars(metrics), **(extra or {})}.items():
         if not isinstance(counter, Counter):
             continue
         for family in counter.collect():
@@ -228,6 +242,8 @@ class Intake:
         self.timelines = timelines
         self.metrics = metrics
         self.loads: dict[str, dict[str, list[int]]] = {}  # process -> worker id -> load
+        self.gauges: dict[str, dict[str, float]] = {}  # process -> name -> its last value
+        self.extra: dict[str, Counter] = {}  # the counters of Reports.extra, by the same names
         self.reported: dict[str, int] = {}  # process -> requests it reported
 
     def take(self, process: str, report: dict[str, Any]) -> None:
@@ -255,16 +271,22 @@ class Intake:
                 if computed:
                     self.prompts.prompt(computed, is_long)
         self.loads[process] = report.get("load", {})
+        self.gauges[process] = report.get("gauges", {})
         self.sum_loads()
 
+    def gauge(self, name: str) -> float:
+        """The sum over the processes of one of their reported gauges."""
+        return sum(gauges.get(name, 0.0) for gauges in self.gauges.values())
+
     def _count(self, attr: str, labels: dict[str, str], gain: float) -> None:
-        counter = getattr(self.metrics, attr, None)
+        counter = self.extra.get(attr) or getattr(self.metrics, attr, None)
         if isinstance(counter, Counter) and gain > 0:
             (counter.labels(**labels) if labels else counter).inc(gain)
 
     def forget(self, process: str) -> None:
         """`process` is gone: its requests with it."""
         self.loads.pop(process, None)
+        self.gauges.pop(process, None)
         self.sum_loads()
 
     def sum_loads(self) -> None:
