@@ -57,6 +57,7 @@ from proxy.procs.admission import SharedAdmission
 from proxy.procs.forward import forward
 from proxy.procs.link import Link
 from proxy.procs.loadtable import LoadTable
+from proxy.procs.notify import NOTES, serving_side
 from proxy.procs.report import ReportingPool, ReportingRing, Reports
 from proxy.procs.shared import index_of
 from proxy.procs.snapshot import Mirror
@@ -102,6 +103,9 @@ class ServingApp:
         mirror = Mirror(self.pools, self.table, self._forget, self._end_requests, self._draining)
         self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
                          self.pools)  # fmt: skip
+        notes = serving_side(self.connector, name, self.reports)  # LMCache: relayed to it
+        if notes is not None:
+            self.link.handlers[NOTES] = notes
         stall = config.health.stall_timeout
         # its own legs' waits, with the engines' progress as the control process scrapes it
         self.stalls = StallWatch(lambda: self.pools, stall) if stall > 0 else None

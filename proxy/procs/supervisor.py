@@ -26,6 +26,8 @@ What is shared, and how:
     what was served     reported back in batches (proxy.procs.report): timings, breaker outcomes,
                         counter gains, prefill tokens and decode streams, taken into this
                         process's one /metrics, /stats, timelines and breakers
+    LMCache's notes     this process binds the notification socket and relays each notification
+                        to the serving process that made its transfer id (proxy.procs.notify)
     the other paths     forwarded by the serving processes to DIR/api.sock (proxy.procs.forward)
 
 Lifecycle: a serving process that exits is started again (after 0.5 s, doubling while they keep
@@ -58,7 +60,8 @@ from typing import Any
 from proxy.app import ProxyApp, build_app
 from proxy.cli.serve import Server, bind, log_start, serve, uvicorn_config
 from proxy.config import ConfigError, ProxyConfig
-from proxy.procs.channel import ChannelClosed, frame, read_message
+from proxy.procs.channel import MAX_BUFFERED, ChannelClosed, frame, read_message
+from proxy.procs.notify import control_side
 from proxy.procs.report import Intake
 from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
 from proxy.procs.shared import AdmissionView, Shared
@@ -69,7 +72,6 @@ log = logging.getLogger("pdproxy")
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 YOUNG = 30.0  # a process that lived less than this and died counts towards a longer backoff
-MAX_BUFFERED = 16 * 1024 * 1024  # a channel this far behind gets no snapshot until it drains
 
 
 @dataclass
@@ -130,11 +132,12 @@ class Supervisor:
         self.seq = 0  # snapshots published
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        control_side(app.connector, self.slots, self._send_message, self.intake)
 
     # --- the companion's side (proxy.serve.api.Companion) ---
 
     async def start(self) -> None:
-        (self.directory / CONFIG).write_text(self.app.config.model_dump_json())
+        (self.directory / CONFIG).write_text(self._config().model_dump_json())
         self.shared = Shared(len(self.slots), self.app.config.admission)
         self.app.services.admission = AdmissionView(self.shared.admission)
         self._server = await asyncio.start_unix_server(
@@ -180,6 +183,16 @@ class Supervisor:
 
     def describe(self) -> dict[str, Any]:
         return {"processes": [slot.describe() for slot in self.slots.values()]}
+
+    def _config(self) -> ProxyConfig:
+        """The config the serving processes read: LMCache's notification port as bound here
+        (port 0 picks one), which their messages name."""
+        config = self.app.config
+        notifications = getattr(self.app.connector, "notifications", None)
+        if notifications is None:
+            return config
+        lmcache = config.lmcache.model_copy(update={"notify_port": notifications.port})
+        return config.model_copy(update={"lmcache": lmcache})
 
     # --- the processes ---
 
@@ -275,6 +288,14 @@ class Supervisor:
                 for slot in self.slots.values():
                     self._send(slot, workers)
                 last, sent = workers, time.monotonic()
+
+    def _send_message(self, name: str, message: dict[str, Any]) -> bool:
+        """One message to serving process `name`; False when its channel is down."""
+        writer = self.slots[name].writer
+        if writer is None:
+            return False
+        writer.write(frame(message))
+        return True
 
     def _send(self, slot: ServingProcess, workers: list[dict[str, Any]]) -> None:
         writer = slot.writer
