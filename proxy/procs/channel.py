@@ -17,6 +17,8 @@ Messages (`"t"` says which):
               (proxy.procs.report)
     notes     control -> serving: {"ids": [...]}: LMCache notifications for its transfers
               (proxy.procs.notify)
+    kv        control -> serving: {"op", ...}: a change of the exact prefix index, or the whole
+              index (proxy.procs.kvreplica)
 """
 
 from __future__ import annotations

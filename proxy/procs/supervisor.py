@@ -28,6 +28,8 @@ What is shared, and how:
                         process's one /metrics, /stats, timelines and breakers
     LMCache's notes     this process binds the notification socket and relays each notification
                         to the serving process that made its transfer id (proxy.procs.notify)
+    the KV index        this process subscribes to the engines' KV-cache events; every change of
+                        its index goes to every serving process's copy (proxy.procs.kvreplica)
     the other paths     forwarded by the serving processes to DIR/api.sock (proxy.procs.forward)
 
 Lifecycle: a serving process that exits is started again (after 0.5 s, doubling while they keep
@@ -61,6 +63,7 @@ from proxy.app import ProxyApp, build_app
 from proxy.cli.serve import Server, bind, log_start, serve, uvicorn_config
 from proxy.config import ConfigError, ProxyConfig
 from proxy.procs.channel import MAX_BUFFERED, ChannelClosed, frame, read_message
+from proxy.procs.kvreplica import IndexPublisher
 from proxy.procs.notify import control_side
 from proxy.procs.report import Intake
 from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
@@ -133,6 +136,11 @@ class Supervisor:
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         control_side(app.connector, self.slots, self._send_message, self.intake)
+        self.kv: IndexPublisher | None = None
+        if app.control.kv_events is not None:  # (no subscriber has started yet)
+            self.kv = IndexPublisher(self._writers)
+            index = self.kv.index
+            app.control.kv_events.index = app.control.kv_index = app.plane.planner.kv_index = index
 
     # --- the companion's side (proxy.serve.api.Companion) ---
 
@@ -254,6 +262,8 @@ class Supervisor:
                 log.warning("the channel refused a peer that said %r", hello)
                 return
             slot.writer, slot.acked = writer, 0
+            if self.kv is not None:  # the whole index first: it serves from the snapshot on
+                self.kv.joined(slot.name, writer)
             self._send(slot, self._describe())
             while True:
                 report = await read_message(reader)
@@ -284,10 +294,15 @@ class Supervisor:
             await asyncio.sleep(self.tick)
             workers = self._describe()
             self.shared.show()
+            if self.kv is not None:
+                self.kv.catch_up()
             if workers != last or time.monotonic() - sent >= self.heartbeat:
                 for slot in self.slots.values():
                     self._send(slot, workers)
                 last, sent = workers, time.monotonic()
+
+    def _writers(self) -> dict[str, asyncio.StreamWriter]:
+        return {s.name: s.writer for s in self.slots.values() if s.writer is not None}
 
     def _send_message(self, name: str, message: dict[str, Any]) -> bool:
         """One message to serving process `name`; False when its channel is down."""
