@@ -190,7 +190,11 @@ class Supervisor:
             self.shared.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"processes": [slot.describe() for slot in self.slots.values()]}
+        processes = [slot.describe() for slot in self.slots.values()]
+        if self.kv is not None:  # its copy of the KV index misses changes until it is sent whole
+            for process in processes:
+                process["kv_index_behind"] = process["name"] in self.kv.behind
+        return {"processes": processes}
 
     def _config(self) -> ProxyConfig:
         """The config the serving processes read: LMCache's notification port as bound here

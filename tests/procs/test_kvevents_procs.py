@@ -227,6 +227,7 @@ def test_every_process_finds_what_the_decoder_cached_as_one_process_does(
         made = plans(proxy, later, workers)
         assert all(p["reason"] == "cached" for ps in made.values() for p in ps), made
         assert "w1" in made
+        assert [p["kv_index_behind"] for p in proxy.stats()["processes"]] == [False, False]
         # /metrics says which index answers for each engine, as the serving processes use it
         metrics = proxy.metrics()
         for sim in (e0, e1):
