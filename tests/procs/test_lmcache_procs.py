@@ -99,6 +99,22 @@ def test_requests_through_both_processes_all_complete_over_lmcache(lmc: Topology
     )
 
 
+def test_a_client_s_own_request_id_does_not_matter(lmc: Topology) -> None:
+    """The transfer id is the proxy's own, named after the process, whatever X-Request-Id the
+    client sent."""
+    before = lmc.proxy.metrics().total(NOTIFICATIONS, result="matched")
+    for i in range(8):
+        body = {"model": MODEL, "prompt": f"own id {i} {time.monotonic()}", "max_tokens": 2}
+        headers = {"x-request-id": f"client-chosen-{i}"}
+        resp = httpx.post(lmc.url + "/v1/completions", json=body, headers=headers, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-request-id"] == f"client-chosen-{i}"
+    records = lmc.prefill[0].generation_records()
+    owners = [owner_of(r["body"]["kv_transfer_params"]["disagg_spec"]["req_id"]) for r in records]
+    assert len(owners) == 8 and set(owners) <= {"w1", "w2"}, owners
+    wait_for(lambda: lmc.proxy.metrics().total(NOTIFICATIONS, result="matched") - before == 8)
+
+
 def test_a_notification_goes_to_the_process_its_transfer_id_names(lmc: Topology) -> None:
     before = lmc.proxy.metrics().total(NOTIFICATIONS, result="unknown")
     ids = ["pdp-lmc-w1-0bad", "pdp-lmc-w2-0bad", "pdp-lmc-w9-0bad", "pdp-lmc-0bad"]
