@@ -178,7 +178,8 @@ class Notifications:
                 self._remember(req_id)
 
     def deliver(self, raw: bytes) -> str:
-        """Route one received message; returns what became of it (the metric label)."""
+        """Route one received message; returns what became of it (the metric label, or
+        `relayed`: passed on to a serving process, which counts it)."""
         try:
             req_id = decode(raw)
         except MalformedNotification as exc:
