@@ -12,7 +12,9 @@ process pays nothing for them):
 
 and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
 its metrics' counters gained since the last one (all of ProxyMetrics' counters: requests, retries,
-migrations, the planner's decisions, ...).
+migrations, the planner's decisions, ...; and the connector's, `extra`: LMCache's notifications
+and timeouts), and its gauges that the control process sums (`gauges`: LMCache's waiting
+requests).
 A report goes every `every` seconds (proxy.procs.link) when there is something to say.
 
 The pool counts each request on the shared load table as it is tracked (`ReportingPool.track`,
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,11 @@ class Reports:
     # new prefix placements, for the other processes' indexes (proxy.procs.prefixes)
     prefixes: list[tuple[list[int], str]] = field(default_factory=list)
     prefixes_dropped: int = 0  # left out of the reports: more than a report's limit
+    # counters outside ProxyMetrics whose gains are reported too (the connector's), by name
+    extra: dict[str, Counter] = field(default_factory=dict)
+    # values the control process sums over the processes (proxy.procs.report.Intake.gauge)
+    gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
+    gauged: dict[str, float] = field(default_factory=dict)  # as last sent
 
     def prompt(self, computed: int, long: bool) -> None:
         """A request was placed (a pool's planner): for the pool's controller (proxy.serve.plane
@@ -94,7 +101,9 @@ class Reports:
     ) -> dict[str, Any] | None:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
-        news = self.timings or self.outcomes or counters or any(self.prompts) or self.prefixes
+        gauged = {name: read() for name, read in self.gauges.items()}
+        news = bool(self.timings or self.outcomes or counters or any(self.prompts) or self.prefixes)
+        news = news or gauged != self.gauged
         if not news and routing_changed_at == self.routing_changed_at:
             return None
         self.routing_changed_at = routing_changed_at
@@ -109,17 +118,19 @@ class Reports:
             "counters": counters,
             "routing_changed_at": routing_changed_at,
             "prompts": self.prompts,
+            "gauges": gauged,
         }
         if self.prefixes:
             report["prefixes"] = self.prefixes
             report["prefixes_dropped"] = self.prefixes_dropped  # since the process started
             self.prefixes = []
         self.timings, self.outcomes, self.prompts = [], [], [0, 0]
+        self.gauged = gauged
         return report
 
     def _counter_gains(self, metrics: ProxyMetrics) -> list[tuple[str, dict[str, str], float]]:
         gains = []
-        for key, value in counter_values(metrics).items():
+        for key, value in counter_values(metrics, self.extra).items():
             gain = value - self.counted.get(key, 0.0)
             if gain:
                 self.counted[key] = value
@@ -127,10 +138,13 @@ class Reports:
         return gains
 
 
-def counter_values(metrics: ProxyMetrics) -> dict[CounterKey, float]:
-    """Every counter sample of `metrics`, keyed by its attribute and labels."""
+def counter_values(
+    metrics: ProxyMetrics, extra: Mapping[str, Counter] | None = None
+) -> dict[CounterKey, float]:
+    """Every counter sample of `metrics` and of `extra`, keyed by its attribute (or name in
+    `extra`) and labels."""
     values: dict[CounterKey, float] = {}
-    for attr, counter in vars(metrics).items():
+    for attr, counter in {**vars(metrics), **(extra or {})}.items():
         if not isinstance(counter, Counter):
             continue
         for family in counter.collect():
@@ -229,6 +243,8 @@ class Intake:
         self.stats = stats
         self.timelines = timelines
         self.metrics = metrics
+        self.gauges: dict[str, dict[str, float]] = {}  # process -> name -> its last value
+        self.extra: dict[str, Counter] = {}  # the counters of Reports.extra, by the same names
         self.reported: dict[str, int] = {}  # process -> requests it reported
 
     def take(self, process: str, report: dict[str, Any]) -> None:
@@ -255,8 +271,17 @@ class Intake:
             for computed, is_long in ((long, True), (local, False)):
                 if computed:
                     self.prompts.prompt(computed, is_long)
+        self.gauges[process] = report.get("gauges", {})
+
+    def gauge(self, name: str) -> float:
+        """The sum over the processes of one of their reported gauges."""
+        return sum(gauges.get(name, 0.0) for gauges in self.gauges.values())
 
     def _count(self, attr: str, labels: dict[str, str], gain: float) -> None:
-        counter = getattr(self.metrics, attr, None)
+        counter = self.extra.get(attr) or getattr(self.metrics, attr, None)
         if isinstance(counter, Counter) and gain > 0:
             (counter.labels(**labels) if labels else counter).inc(gain)
+
+    def forget(self, process: str) -> None:
+        """`process` is gone: its gauges with it."""
+        self.gauges.pop(process, None)

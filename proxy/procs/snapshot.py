@@ -43,6 +43,7 @@ from proxy.control.workers import (
     Worker,
     WorkerPool,
 )
+from proxy.engines.connectors.lmcache_config import Receiver
 from proxy.procs.loadtable import DECODE_STREAMS, PREFILL_TOKENS, LoadTable, Row
 
 Item = dict[str, Any]
@@ -58,6 +59,11 @@ def _load(w: Worker) -> list[Any] | None:
 def _kv(w: Worker) -> list[Any] | None:
     t = w.kv_transfer
     return None if t is None else [t.transfers, t.seconds, t.nbytes, t.window_s, t.slow]
+
+
+def _receiver(w: Worker) -> list[Any] | None:
+    rx = w.lmcache
+    return None if rx is None else [rx.host, list(rx.init_ports), list(rx.alloc_ports)]
 
 
 def describe_worker(w: Worker, slot: tuple[int, int]) -> Item:
@@ -79,6 +85,7 @@ def describe_worker(w: Worker, slot: tuple[int, int]) -> Item:
         "prefix_source": w.prefix_source,
         "lean": w.lean,
         "model": w.model,
+        "lmcache": _receiver(w),  # connector lmcache: the decoder's receiver, pushed into
         # perf_counter() (one clock for the host) of its engine's last work, as scraped: the
         # serving processes' stall watches take it as progress (proxy.control.stall)
         "progress": w.last_progress,
@@ -236,4 +243,9 @@ def update(w: Worker, item: Item, breakers: bool) -> None:
     w.prefix_source = item["prefix_source"]
     w.lean = item["lean"]
     w.model = item["model"]
+    rx = item.get("lmcache")
+    if rx is None:
+        w.lmcache = None
+    elif _receiver(w) != rx:
+        w.lmcache = Receiver(rx[0], tuple(rx[1]), tuple(rx[2]))
     w.last_progress = max(w.last_progress, float(item["progress"]))

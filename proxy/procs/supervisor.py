@@ -26,6 +26,10 @@ What is shared, and how:
     what was served     reported back in batches (proxy.procs.report): timings, breaker outcomes,
                         counter gains, prefill tokens and decode streams, taken into this
                         process's one /metrics, /stats, timelines and breakers
+    LMCache's notes     this process binds the notification socket and relays each notification
+                        to the serving process that made its transfer id (proxy.procs.notify)
+    the KV index        this process subscribes to the engines' KV-cache events; every change of
+                        its index goes to every serving process's copy (proxy.procs.kvreplica)
     the other paths     forwarded by the serving processes to DIR/api.sock (proxy.procs.forward)
 
 Lifecycle: a serving process that exits is started again (after 0.5 s, doubling while they keep
@@ -58,7 +62,9 @@ from typing import Any
 from proxy.app import ProxyApp
 from proxy.cli.serve import Server, build_and_bind, log_start, serve, uvicorn_config
 from proxy.config import ProxyConfig
-from proxy.procs.channel import ChannelClosed, frame, read_message
+from proxy.procs.channel import MAX_BUFFERED, ChannelClosed, frame, read_message
+from proxy.procs.kvreplica import IndexPublisher
+from proxy.procs.notify import control_side
 from proxy.procs.report import Intake
 from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
 from proxy.procs.shared import AdmissionView, Shared
@@ -69,7 +75,6 @@ log = logging.getLogger("pdproxy")
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 YOUNG = 30.0  # a process that lived less than this and died counts towards a longer backoff
-MAX_BUFFERED = 16 * 1024 * 1024  # a channel this far behind gets no snapshot until it drains
 
 
 @dataclass
@@ -132,11 +137,17 @@ class Supervisor:
         self.seq = 0  # snapshots published
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        control_side(app.connector, self.slots, self._send_message, self.intake)
+        self.kv: IndexPublisher | None = None
+        if app.control.kv_events is not None:  # (no subscriber has started yet)
+            self.kv = IndexPublisher(self._writers)
+            index = self.kv.index
+            app.control.kv_events.index = app.control.kv_index = app.plane.planner.kv_index = index
 
     # --- the companion's side (proxy.serve.api.Companion) ---
 
     async def start(self) -> None:
-        (self.directory / CONFIG).write_text(self.app.config.model_dump_json())
+        (self.directory / CONFIG).write_text(self._config().model_dump_json())
         self.shared = Shared(len(self.slots), self.app.config.admission)
         self.app.services.admission = AdmissionView(self.shared.admission)
         self._server = await asyncio.start_unix_server(
@@ -181,7 +192,21 @@ class Supervisor:
             self.shared.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"processes": [slot.describe() for slot in self.slots.values()]}
+        processes = [slot.describe() for slot in self.slots.values()]
+        if self.kv is not None:  # its copy of the KV index misses changes until it is sent whole
+            for process in processes:
+                process["kv_index_behind"] = process["name"] in self.kv.behind
+        return {"processes": processes}
+
+    def _config(self) -> ProxyConfig:
+        """The config the serving processes read: LMCache's notification port as bound here
+        (port 0 picks one), which their messages name."""
+        config = self.app.config
+        notifications = getattr(self.app.connector, "notifications", None)
+        if notifications is None:
+            return config
+        lmcache = config.lmcache.model_copy(update={"notify_port": notifications.port})
+        return config.model_copy(update={"lmcache": lmcache})
 
     # --- the processes ---
 
@@ -230,6 +255,7 @@ class Supervisor:
         if slot.writer is not None:
             slot.writer.close()
             slot.writer = None
+        self.intake.forget(slot.name)
 
     # --- the channel ---
 
@@ -242,6 +268,8 @@ class Supervisor:
                 log.warning("the channel refused a peer that said %r", hello)
                 return
             slot.writer, slot.acked = writer, 0
+            if self.kv is not None:  # the whole index first: it serves from the snapshot on
+                self.kv.joined(slot.name, writer)
             self._send(slot, self._describe())
             while True:
                 report = await read_message(reader)
@@ -275,6 +303,8 @@ class Supervisor:
             await asyncio.sleep(self.tick)
             workers = self._describe()
             self.shared.show()
+            if self.kv is not None:
+                self.kv.catch_up()
             if workers != last or time.monotonic() - sent >= self.heartbeat:
                 for slot in self.slots.values():
                     self._send(slot, workers)
@@ -289,6 +319,17 @@ class Supervisor:
                 continue
             if writer.transport.get_write_buffer_size() <= MAX_BUFFERED:
                 writer.write(message)
+
+    def _writers(self) -> dict[str, asyncio.StreamWriter]:
+        return {s.name: s.writer for s in self.slots.values() if s.writer is not None}
+
+    def _send_message(self, name: str, message: dict[str, Any]) -> bool:
+        """One message to serving process `name`; False when its channel is down."""
+        writer = self.slots[name].writer
+        if writer is None:
+            return False
+        writer.write(frame(message))
+        return True
 
     def _send(self, slot: ServingProcess, workers: list[dict[str, Any]]) -> None:
         writer = slot.writer

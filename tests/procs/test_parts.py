@@ -45,13 +45,16 @@ def test_workers_default_to_one_process_and_auto_leaves_a_core() -> None:
     [
         ({"workers": 0}, "workers must be at least 1"),
         ({"workers": "many"}, "workers"),
-        ({"workers": 2, "connector": "lmcache"}, "set workers: 1"),
-        ({"workers": 2, "kv_events": {"enabled": True}}, "kv_events with workers > 1"),
     ],
 )
 def test_workers_that_cannot_be_served_are_refused(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(**TOPOLOGY, **overrides)
+
+
+def test_lmcache_and_kv_events_serve_with_several_processes() -> None:
+    config = load_config(**TOPOLOGY, workers=2, connector="lmcache", kv_events={"enabled": True})
+    assert config.serving_processes == 2
 
 
 def test_the_flag_takes_a_number_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
