@@ -11,7 +11,9 @@ It answers what a PD proxy and vllm-router send and call:
       streamed (the decode leg): `max_tokens` tokens (64 unless given), each its own OpenAI
         chat-chunk SSE event and HTTP chunk, the last with `finish_reason` "length", then
         `data: [DONE]`; `--writes token` (default) sends each event with its own write, as an
-        engine's decode steps do; `--writes burst` sends them in one
+        engine's decode steps do; `--writes burst` sends them in one; with `return_token_ids`
+        (pdproxy's decode leg asks for them, for mid-stream migration) the events carry the
+        prompt's and each token's ids, as vLLM's do
   GET /health, /v1/models, /version, /metrics (the gauges a load-aware policy scrapes, all 0)
   GET /_lean/count   {"prefill": n, "decode": n, "other": n}: requests answered per leg
   POST /_lean/reset  zeroes the counts
@@ -138,14 +140,19 @@ class Engine:
             + self.model_b
             + b'","choices":[{"index":0,"delta":{'
         )
+        # with return_token_ids (which pdproxy's decode leg asks for, to continue an answer
+        # elsewhere) vLLM adds the prompt's ids to the first event and each token's to its own
+        ids = bool(body.get("return_token_ids"))
+        first = b',"token_ids":[]}],"prompt_token_ids":[1,2,3,4,5,6,7,8]}' if ids else b"}]}"
         events = [
-            head + b'"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
+            head + b'"role":"assistant","content":""},"logprobs":null,"finish_reason":null' + first
         ]
         for i in range(tokens):
             end = b'"length"' if i == tokens - 1 else b"null"
             word = WORDS[i % len(WORDS)]
+            tail = b',"token_ids":[%d]}]}' % (100 + i) if ids else b"}]}"
             events.append(
-                head + b'"content":"' + word + b'"},"logprobs":null,"finish_reason":' + end + b"}]}"
+                head + b'"content":"' + word + b'"},"logprobs":null,"finish_reason":' + end + tail
             )
         events.append(b"data: [DONE]")
         return [b"%x\r\n%s\n\n\r\n" % (len(e) + 2, e) for e in events] + [b"0\r\n\r\n"]
