@@ -4,6 +4,7 @@ generous (the box may be busy), and what is timed is printed, not asserted."""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
@@ -211,6 +212,7 @@ def test_a_serving_process_killed_under_load_is_replaced_and_no_request_hangs(
         restarted = processes(proxy)[0]
         assert restarted["pid"] != victim["pid"] and "SIGKILL" in restarted["last_exit"]
         kinds = [kind for kind, _ in outcomes]
+        print(f"what the clients saw: {dict(collections.Counter(kinds))}")
         assert "hung" not in kinds and "lost" not in kinds, outcomes
         assert kinds.count("reset") <= len(threads)  # at most the requests it held
         assert set(served_by(proxy)) == {"w1", "w2"}
