@@ -57,6 +57,7 @@ def sdk_completion_text(topo: Topology, body: Body, stream: bool) -> str:
 # -- success ------------------------------------------------------------------------------
 
 
+@pytest.mark.workers2
 def test_sdk_chat_non_stream_equals_direct_and_kv_was_handed_over(pd: Topology) -> None:
     decoder = pd.decode[0]
     answer = client(pd).chat.completions.create(max_tokens=20, **CHAT_BODY)  # type: ignore[call-overload]
@@ -92,6 +93,7 @@ def test_sdk_chat_stream_with_usage(pd: Topology) -> None:
     check_sdk_chat_stream_with_usage(pd, lambda: pd.kv_in(pd.decode[0]) == 1)
 
 
+@pytest.mark.workers2
 @pytest.mark.parametrize("stream", [False, True])
 def test_sdk_completions(pd: Topology, stream: bool) -> None:
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16}
@@ -100,6 +102,7 @@ def test_sdk_completions(pd: Topology, stream: bool) -> None:
     assert text == direct(pd.decode[0], "/v1/completions", body)["choices"][0]["text"]
 
 
+@pytest.mark.workers2
 def test_bodies_each_leg_received(pd: Topology) -> None:
     """The prefill leg: the client's request capped at one token, not streamed, without what
     the connector must leave out, with the connector's kv_transfer_params exactly; the decode
@@ -138,6 +141,7 @@ def test_bodies_each_leg_received(pd: Topology) -> None:
     wire.check_decode_params(pd, prefill, params)
 
 
+@pytest.mark.workers2
 def test_request_id_on_both_legs_and_echoed(pd: Topology) -> None:
     resp = httpx.post(
         pd.url + "/v1/completions",
@@ -196,6 +200,7 @@ def test_upstream_4xx_passes_through(pd: Topology) -> None:
     assert resp.status_code == 422 and resp.json()["error"]["message"] == "bad sampling"
 
 
+@pytest.mark.workers2
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_upstream_5xx_is_502(strict: Topology, role: str) -> None:
     sim = strict.prefill[0] if role == "prefill" else strict.decode[0]
@@ -213,6 +218,7 @@ def test_garbage_prefill_body_is_502(strict: Topology) -> None:
     assert strict.prefill[0].url in openai_error(resp)["message"]
 
 
+@pytest.mark.workers2
 def test_timeouts_are_504(strict: Topology) -> None:
     p0, d0 = strict.prefill[0], strict.decode[0]
     p0.faults(stall_seconds=3, count=1)
@@ -282,6 +288,7 @@ def test_dead_worker_is_an_error_naming_it_and_health_says_503(
         assert "routing to them anyway" in proxy.log_text()
 
 
+@pytest.mark.workers2
 def test_failure_mid_stream_ends_with_error_event(pd: Topology) -> None:
     pd.decode[0].faults(drop_after_chunks=3, count=1)
     resp = post(pd, {"model": MODEL, "prompt": "x", "max_tokens": 30, "stream": True})
@@ -301,6 +308,7 @@ def test_upstream_error_event_is_relayed(pd: Topology) -> None:
     assert events[-1] == "[DONE]"
 
 
+@pytest.mark.workers2
 def test_bad_input_gets_4xx_and_proxy_keeps_serving(pd: Topology) -> None:
     cases = [
         ("/v1/chat/completions", b"{", 400, "not valid JSON"),
@@ -349,6 +357,7 @@ def _disconnect_after(topo: Topology, body: Body, seconds: float, chunks: int = 
     thread.join()
 
 
+@pytest.mark.workers2
 def test_disconnect_during_prefill_cancels_prefill(pd: Topology) -> None:
     prefiller, decoder = pd.prefill[0], pd.decode[0]
     prefiller.faults(stall_seconds=5, count=1)
@@ -369,6 +378,7 @@ def test_disconnect_during_decode_closes_decode_stream(pd: Topology) -> None:
     wait_for(lambda: pd.proxy.stats()["workers"]["decode"][0]["inflight"] == 0)
 
 
+@pytest.mark.workers2
 def test_client_leaving_after_prefill_aborts_the_decode_leg(pd: Topology) -> None:
     """Prefill done, the decoder stalls before its first byte: a client that leaves is counted
     in the hand-off phase and the decode leg is closed (the decoder aborts the request). What is
@@ -394,14 +404,18 @@ def test_client_leaving_after_prefill_aborts_the_decode_leg(pd: Topology) -> Non
         assert held() is pd.wire.prefiller_holds_kv  # prefill done, the decoder not started
     wait_for(lambda: decoder.metric("pdsim:aborted_requests_total") == 1)
     wait_for(lambda: not held())
-    after = pd.proxy.metrics().total("pdproxy_client_disconnects_total", phase="handoff")
-    assert after == before + 1
+    # (a serving process's counters reach /metrics with its next report: waited for)
+    metrics = pd.proxy.metrics
+    wait_for(
+        lambda: metrics().total("pdproxy_client_disconnects_total", phase="handoff") == before + 1
+    )
     assert pd.kv_in(decoder) == 0
 
 
 # -- xPyD -----------------------------------------------------------------------------------
 
 
+@pytest.mark.workers2
 def test_xpyd_least_loaded_spreads(pd_2p2d: Topology) -> None:
     # Only the prefillers stall: a decoder is chosen on arrival and counts the request in flight
     # through its prefill, so both choices see every earlier request while all four are placed.
