@@ -57,8 +57,7 @@ def http_status(url: str) -> int:
         with urllib.request.urlopen(url, timeout=1) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the answer's socket (a proxy of several processes answers 5xx
-        return exc.code  # until its serving processes are up)
+        return exc.code
     except OSError:
         return 0
 

@@ -38,20 +38,22 @@ CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a
 
 
 def client(topo: Topology, **kw: Any) -> openai.OpenAI:
+    """An SDK client of the proxy; closed by its `with` (one left to the garbage collector
+    leaves its connection's socket to warn in whichever test the collector runs)."""
     return openai.OpenAI(base_url=topo.url + "/v1", api_key="none", max_retries=0, **kw)
 
 
 def sdk_completion_text(topo: Topology, body: Body, stream: bool) -> str:
     """A completion's text through the proxy with the OpenAI SDK, streamed or whole."""
-    sdk = client(topo)
-    if stream:
-        return "".join(
-            c.choices[0].text
-            for c in sdk.completions.create(stream=True, **body)  # type: ignore[call-overload]
-            if c.choices
-        )
-    text: str = sdk.completions.create(**body).choices[0].text  # type: ignore[call-overload]
-    return text
+    with client(topo) as sdk:
+        if stream:
+            return "".join(
+                c.choices[0].text
+                for c in sdk.completions.create(stream=True, **body)  # type: ignore[call-overload]
+                if c.choices
+            )
+        text: str = sdk.completions.create(**body).choices[0].text  # type: ignore[call-overload]
+        return text
 
 
 # -- success ------------------------------------------------------------------------------
@@ -60,7 +62,8 @@ def sdk_completion_text(topo: Topology, body: Body, stream: bool) -> str:
 @pytest.mark.workers2
 def test_sdk_chat_non_stream_equals_direct_and_kv_was_handed_over(pd: Topology) -> None:
     decoder = pd.decode[0]
-    answer = client(pd).chat.completions.create(max_tokens=20, **CHAT_BODY)  # type: ignore[call-overload]
+    with client(pd) as sdk:
+        answer = sdk.chat.completions.create(max_tokens=20, **CHAT_BODY)  # type: ignore[call-overload]
     # before the reference request, which may touch the decoder's cache
     assert pd.kv_in(decoder) == 1 and decoder.metric(RECOMPUTED) == 0
     if pd.wire.notifies:
@@ -75,10 +78,12 @@ def check_sdk_chat_stream_with_usage(topo: Topology, kv_handed_over: Callable[[]
     """A streamed chat with `max_completion_tokens` and usage, through the SDK: the KV was handed
     over (checked before the reference request, which may touch the decoder's cache), the text
     equals the decoder's own answer, and the usage chunk comes last with the right count."""
-    stream = client(topo).chat.completions.create(  # type: ignore[call-overload]
-        max_completion_tokens=24, stream=True, stream_options={"include_usage": True}, **CHAT_BODY
-    )
-    chunks = list(stream)
+    with client(topo) as sdk:
+        stream = sdk.chat.completions.create(  # type: ignore[call-overload]
+            max_completion_tokens=24, stream=True, stream_options={"include_usage": True},
+            **CHAT_BODY,
+        )  # fmt: skip
+        chunks = list(stream)
     assert kv_handed_over()
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reference = direct(
