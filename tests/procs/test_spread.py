@@ -48,7 +48,7 @@ def skewed_clients(proxy: Proxy) -> list[httpx.Client]:
     Which process takes a new connection is the kernel's choice: clients are opened until the
     skew is there (at most 200)."""
     landed: dict[str, list[httpx.Client]] = {}
-    spare: list[httpx.Client] = []
+    chosen: list[httpx.Client] = []
     try:
         for _ in range(200):
             client = httpx.Client(base_url=proxy.url, timeout=60, limits=httpx.Limits(
@@ -58,14 +58,14 @@ def skewed_clients(proxy: Proxy) -> list[httpx.Client]:
             landed.setdefault(process_of(resp), []).append(client)
             groups = sorted(landed.values(), key=len, reverse=True)
             if len(landed) == 1 and "one" in landed and len(groups[0]) == HEAVY + LIGHT:
-                return groups[0]
+                chosen = groups[0]
+                return chosen
             if len(groups) == 2 and len(groups[0]) >= HEAVY and len(groups[1]) >= LIGHT:
-                heavy, light = groups[0][:HEAVY], groups[1][:LIGHT]
-                spare = [c for c in groups[0][HEAVY:] + groups[1][LIGHT:]]
-                return heavy + light
+                chosen = groups[0][:HEAVY] + groups[1][:LIGHT]
+                return chosen
         raise AssertionError(f"no skew after 200 connections: {landed}")
     finally:
-        for client in spare:
+        for client in (c for group in landed.values() for c in group if c not in chosen):
             client.close()
 
 
