@@ -236,8 +236,9 @@ def test_admin_pool_api_validates(tmp_path: Path, pool: list[Sim]) -> None:
 def test_colocated_serves_every_request_whole_without_tokenize(
     tmp_path: Path, pool: list[Sim], serving_procs: int
 ) -> None:
-    """Six at once, over both serving processes with `serving_procs` 2 (each request on a
-    connection of its own): the shared load table spreads them as one process would."""
+    """Six at once, each on a connection of its own (with `serving_procs` 2, on whichever
+    process the kernel gives it: all on one as often as not; tests/procs/test_spread.py makes
+    sure of a split)."""
     with running(start_pool_proxy(tmp_path, pool, serving_procs, pool_mode="colocated")) as proxy:
 
         def one(i: int) -> httpx.Response:  # ~100 ms each: all in flight at once
