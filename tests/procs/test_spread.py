@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Proxy, Sim, running, start_proxy, start_sim
+from tests.procs.clients import pinned_clients, process_of
 
 HEAVY, LIGHT = 3, 1  # keep-alive clients on the busier process, on the other one
 ROUNDS = 12  # requests each client sends, one after the other
@@ -36,42 +37,11 @@ def decoders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Sim]]:
             sim.stop()
 
 
-def process_of(resp: httpx.Response) -> str:
-    """The serving process that answered (`pdp-w2-...`), or "one" for a proxy of one process."""
-    parts = resp.headers["x-request-id"].split("-")
-    return parts[1] if parts[1].startswith("w") and parts[1][1:].isdigit() else "one"
-
-
-def skewed_clients(proxy: Proxy) -> list[httpx.Client]:
-    """HEAVY + LIGHT keep-alive clients (one connection each): with two processes HEAVY on one,
-    LIGHT on the other, as a few long-lived connections can land; with one process, all on it.
-    Which process takes a new connection is the kernel's choice: clients are opened until the
-    skew is there (at most 200)."""
-    landed: dict[str, list[httpx.Client]] = {}
-    chosen: list[httpx.Client] = []
-    try:
-        for _ in range(200):
-            client = httpx.Client(base_url=proxy.url, timeout=60, limits=httpx.Limits(
-                max_connections=1, max_keepalive_connections=1))  # fmt: skip
-            resp = client.post("/v1/completions", json={**BODY, "prompt": "where am I"})
-            assert resp.status_code == 200, resp.text
-            landed.setdefault(process_of(resp), []).append(client)
-            groups = sorted(landed.values(), key=len, reverse=True)
-            if len(landed) == 1 and "one" in landed and len(groups[0]) == HEAVY + LIGHT:
-                chosen = groups[0]
-                return chosen
-            if len(groups) == 2 and len(groups[0]) >= HEAVY and len(groups[1]) >= LIGHT:
-                chosen = groups[0][:HEAVY] + groups[1][:LIGHT]
-                return chosen
-        raise AssertionError(f"no skew after 200 connections: {landed}")
-    finally:
-        for client in (c for group in landed.values() for c in group if c not in chosen):
-            client.close()
-
-
 def per_decoder(proxy: Proxy, decoders: list[Sim], prefill: Sim) -> tuple[list[int], Counter[str]]:
     """The skewed load through `proxy`: requests each decoder got, and which processes served."""
-    clients = skewed_clients(proxy)
+    # with two processes HEAVY on one, LIGHT on the other, as a few long-lived connections can
+    # land; with one process, all on it
+    clients = [c for group in pinned_clients(proxy, [HEAVY, LIGHT]) for c in group]
     for sim in [prefill, *decoders]:
         sim.reset()
     served: Counter[str] = Counter()
