@@ -33,6 +33,7 @@ from tests.flow.rig import (
     start_topology,
     unique,
 )
+from tests.procs.clients import pinned_clients
 
 CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about KV caches."}]}
 
@@ -424,14 +425,22 @@ def test_client_leaving_after_prefill_aborts_the_decode_leg(pd: Topology) -> Non
 def test_xpyd_least_loaded_spreads(pd_2p2d: Topology) -> None:
     # Only the prefillers stall: a decoder is chosen on arrival and counts the request in flight
     # through its prefill, so both choices see every earlier request while all four are placed.
+    # Three requests come on connections of one serving process, the fourth on the other's (with
+    # several): that one is placed by what the first process placed.
+    clients = [c for group in pinned_clients(pd_2p2d.proxy, [3, 1]) for c in group]
+    pd_2p2d.reset()
     for sim in pd_2p2d.prefill:
         sim.faults(stall_seconds=5)
     body = {"model": MODEL, "prompt": "spread me", "max_tokens": 2}
     statuses: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: statuses.append(post(pd_2p2d, body).status_code))
-        for _ in range(4)
-    ]
+
+    def one(client: httpx.Client) -> None:
+        try:
+            statuses.append(client.post("/v1/completions", json=body).status_code)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one, args=(client,)) for client in clients]
 
     def prefill_inflight() -> int:
         return sum(w["inflight"] for w in pd_2p2d.proxy.stats()["workers"]["prefill"])
