@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Proxy, Sim, running, sse_events, start_proxy, start_sim, wait_for
+from tests.procs.clients import pinned_clients
 
 WORDS = "the river turned toward the sea before the city and the people knew its water well"
 LONG = " ".join([WORDS] * 40)  # ~680 tokens
@@ -236,13 +237,22 @@ def test_admin_pool_api_validates(tmp_path: Path, pool: list[Sim]) -> None:
 def test_colocated_serves_every_request_whole_without_tokenize(
     tmp_path: Path, pool: list[Sim], serving_procs: int
 ) -> None:
-    """Six at once, each on a connection of its own (with `serving_procs` 2, on whichever
-    process the kernel gives it: all on one as often as not; tests/procs/test_spread.py makes
-    sure of a split)."""
+    """Six at once, each on a connection of its own: with `serving_procs` 2, four on one
+    serving process and two on the other, spread as one process spreads them."""
     with running(start_pool_proxy(tmp_path, pool, serving_procs, pool_mode="colocated")) as proxy:
+        clients = [c for group in pinned_clients(proxy, [4, 2]) for c in group]
+        probes = sum(len(legs(sim)) for sim in pool)  # where each client landed
+        for sim in pool:
+            sim.reset()
 
-        def one(i: int) -> httpx.Response:  # ~100 ms each: all in flight at once
-            return complete(proxy, f"{i} {LONG}", 300, i % 2 == 0, ignore_eos=True)
+        def one(i: int) -> None:  # ~100 ms each: all in flight at once
+            body = {"model": MODEL, "prompt": f"{i} {LONG}", "max_tokens": 300,
+                    "stream": i % 2 == 0, "ignore_eos": True}  # fmt: skip
+            try:
+                resp = clients[i].post("/v1/completions", json=body)
+                assert resp.status_code == 200, resp.text
+            finally:
+                clients[i].close()
 
         with ThreadPoolExecutor(6) as threads:
             list(threads.map(one, range(6)))
@@ -253,7 +263,7 @@ def test_colocated_serves_every_request_whole_without_tokenize(
         total = proxy.metrics
         wait_for(
             lambda: total().total("pdproxy_disagg_decisions_total", decision="local",
-                                  reason="colocated") == 6
+                                  reason="colocated") == probes + 6
         )  # fmt: skip
         assert proxy.stats()["pool"]["controller"] == "off"
         assert httpx.put(proxy.url + "/admin/pool", json={"controller": "auto"}).status_code == 409
