@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from proxy import __version__
-from proxy.app import build_app
+from proxy.app import ProxyApp, build_app
 from proxy.config import ConfigError, ProxyConfig
 
 
@@ -68,14 +68,22 @@ def log_start(config: ProxyConfig) -> None:
     )
 
 
-def run_server(config: ProxyConfig) -> int:
-    """Serve until stopped; the exit status says what stopped it (2: the config is unusable)."""
+def build_and_bind(config: ProxyConfig) -> tuple[ProxyApp, list[socket.socket]] | None:
+    """The app and its listening sockets; None, with the reason on stderr, when the config is
+    unusable or the address cannot be had."""
     try:
-        app = build_app(config)
-        sockets = bind(config)
+        return build_app(config), bind(config)
     except ConfigError as exc:
         print(f"pdproxy: {exc}", file=sys.stderr)
+        return None
+
+
+def run_server(config: ProxyConfig) -> int:
+    """Serve until stopped; the exit status says what stopped it (2: the config is unusable)."""
+    built = build_and_bind(config)
+    if built is None:
         return 2
+    app, sockets = built
     log_start(config)
     return serve(Server(uvicorn_config(app, config), app), sockets)
 

@@ -137,22 +137,6 @@ class ProxyConfig(_Model):
             return max(1, usable_cores() - 1)
         return self.workers
 
-    @model_validator(mode="after")
-    def _check_processes(self) -> ProxyConfig:
-        if self.serving_processes == 1:
-            return self
-        single = connector_class(self.connector).single_proxy
-        if single is not None:
-            raise ValueError(
-                f"connector {self.connector} runs in one process ({single}): set workers: 1"
-            )
-        if self.kv_events.enabled:
-            raise ValueError(
-                "kv_events with workers > 1 is not supported yet (the serving processes would "
-                "not see the engines' KV-cache events): set workers: 1 or turn kv_events off"
-            )
-        return self
-
     @field_validator("connector")
     @classmethod
     def _known_connector(cls, value: str) -> str:

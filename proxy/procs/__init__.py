@@ -10,6 +10,10 @@
     link.py         a serving process's end of the channel
     forward.py      the paths a serving process forwards to the control process (admin API,
                     console, /metrics, /stats, /health, /v1/models)
+    notify.py       LMCache's notifications: the control process binds their socket and relays
+                    each to the serving process that its transfer id names
+    kvreplica.py    the exact prefix index (kv_events): the control process subscribes, every
+                    serving process plans from a copy that each change is sent to
 
 State the serving processes share, so that N processes route and admit as one, over named shared
 memory (segment.py) that the control process creates (shared.py) and each serving process

@@ -51,24 +51,15 @@ def reset_process(table: SlotTable, process: int) -> None:
         doorbell.close()
 
 
-class SharedAdmission:
-    """Serving process `process`'s side of the shared admission table."""
+class TableNumbers:
+    """What /stats shows of an admission (proxy.serve.admission.Gate), read from the shared
+    table: the limits, and the numbers over every process."""
 
-    def __init__(self, table: SlotTable, process: int) -> None:
-        if not 0 <= process < table.processes:
-            raise ValueError(f"process {process} is not one of the table's {table.processes}")
+    def __init__(self, table: SlotTable) -> None:
         self.table = table
-        self.process = process
         self.max_concurrent = table.max_concurrent
         self.max_queue = table.max_queue
         self.queue_timeout = table.queue_timeout
-        self._waiters: dict[int, tuple[Waiter, asyncio.Future[None]]] = {}  # by ticket
-        self._doorbell = Doorbell(table.name)
-        self._poll: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def attach(cls, name: str, process: int) -> SharedAdmission:
-        return cls(SlotTable.attach(name), process)
 
     @property
     def active(self) -> int:
@@ -81,6 +72,23 @@ class SharedAdmission:
     @property
     def rejected(self) -> int:
         return self.table.rejected
+
+
+class SharedAdmission(TableNumbers):
+    """Serving process `process`'s side of the shared admission table."""
+
+    def __init__(self, table: SlotTable, process: int) -> None:
+        if not 0 <= process < table.processes:
+            raise ValueError(f"process {process} is not one of the table's {table.processes}")
+        super().__init__(table)
+        self.process = process
+        self._waiters: dict[int, tuple[Waiter, asyncio.Future[None]]] = {}  # by ticket
+        self._doorbell = Doorbell(table.name)
+        self._poll: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def attach(cls, name: str, process: int) -> SharedAdmission:
+        return cls(SlotTable.attach(name), process)
 
     def _retry_after(self) -> int:
         return max(1, int(self.queue_timeout / 4))

@@ -13,8 +13,12 @@ Messages (`"t"` says which):
 
     hello     serving -> control, first: {"name": "w1", "pid": 123}
     snapshot  control -> serving: {"seq", "ack", "workers": [...]} (proxy.procs.snapshot)
-    report    serving -> control: {"seq", "timings", "outcomes", "counters", "load"}
+    report    serving -> control: {"seq", "timings", "outcomes", "counters", "gauges", ...}
               (proxy.procs.report)
+    notes     control -> serving: {"ids": [...]}: LMCache notifications for its transfers
+              (proxy.procs.notify)
+    kv        control -> serving: {"op", ...}: a change of the exact prefix index, or the whole
+              index (proxy.procs.kvreplica)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import orjson
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024  # a frame larger than this is a broken peer, not a message
+MAX_BUFFERED = 16 * 1024 * 1024  # a channel this far behind is sent no more until it drains
 
 
 class ChannelClosed(Exception):

@@ -1,8 +1,9 @@
 """A serving process's end of the channel (proxy.procs.channel): it says hello, waits for the
 first snapshot before the process serves, then mirrors every snapshot into the process's pools
 (proxy.procs.snapshot) and sends a report every `every` seconds when there is one
-(proxy.procs.report). The channel's end is the control process's end: `lost` is called once,
-and the process drains and exits."""
+(proxy.procs.report). Other messages go to their `handlers` (by type: LMCache's relayed
+notifications, proxy.procs.notify; the KV index's changes, proxy.procs.kvreplica). The channel's
+end is the control process's end: `lost` is called once, and the process drains and exits."""
 
 from __future__ import annotations
 
@@ -41,25 +42,35 @@ class Link:
         self.pools = tuple(pools)
         self.every = every
         self.lost: Callable[[], None] = lambda: None  # the control process is gone
+        # what takes the other messages, by their "t"
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Connect, say hello, and take the first snapshot (the process serves only then)."""
+        """Connect, say hello, and take what comes up to the first snapshot (the process serves
+        only then)."""
         reader, self._writer = await asyncio.open_unix_connection(self.path)
         await send_message(self._writer, {"t": "hello", "name": self.name, "pid": os.getpid()})
         async with asyncio.timeout(timeout):
-            self._apply(await read_message(reader))
+            while self._apply(await read_message(reader)) != "snapshot":
+                pass
         self._tasks = [
             asyncio.create_task(self._receive(reader)),
             asyncio.create_task(self._report()),
         ]
 
-    def _apply(self, message: dict[str, Any]) -> None:
-        if message.get("t") == "snapshot":
+    def _apply(self, message: dict[str, Any]) -> object:
+        kind = message.get("t")
+        if kind == "snapshot":
             settled = self.reports.breakers_settled(int(message.get("ack", 0)))
             self.mirror.apply(message["workers"], settled)
+        else:
+            handler = self.handlers.get(str(kind))
+            if handler is not None:
+                handler(message)
+        return kind
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -67,8 +78,8 @@ class Link:
                 self._apply(await read_message(reader))
         except ChannelClosed as exc:
             self._gone(str(exc))
-        except Exception as exc:  # a snapshot it cannot take: stale routing is worse than a restart
-            log.exception("a snapshot from the control process could not be applied")
+        except Exception as exc:  # a message it cannot take: stale routing is worse than a restart
+            log.exception("a message from the control process could not be applied")
             self._gone(repr(exc))
 
     async def _report(self) -> None:

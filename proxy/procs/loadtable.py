@@ -6,8 +6,8 @@ and every serving process attaches to. Rows are engine slots, columns are servin
 
     header   columns, slots
     gen      one generation number per slot
-    column 0 (inflight, chars) for slot 0, 1, ... S-1   <- written by serving process 0 only
-    column 1 (inflight, chars) for slot 0, 1, ... S-1   <- written by serving process 1 only
+    column 0 (inflight, chars, prefill tokens, decode streams) for slot 0 ... S-1  <- process 0
+    column 1 (the same four) for slot 0 ... S-1                                    <- process 1
     ...
 
 Each process writes only its own column, from its event loop's thread: one writer per cell, so a
@@ -38,7 +38,9 @@ from collections import deque
 from proxy.procs.segment import Segment, line_aligned
 
 _HEADER = 2  # columns, slots
-_FIELDS = 2  # inflight, chars
+_FIELDS = 4  # inflight, chars, and the pool's: prefill tokens not computed yet, decode streams
+PREFILL_TOKENS = 2
+DECODE_STREAMS = 3
 _NO_COLUMN = -(1 << 62)
 
 
@@ -106,6 +108,11 @@ class LoadTable:
         first = self._first + _FIELDS * slot + 1
         return sum(self.cells[first : self._end : self._stride])
 
+    def total(self, slot: int, field: int) -> int:
+        """Field `field` (PREFILL_TOKENS, DECODE_STREAMS) of `slot`, summed over the processes."""
+        first = self._first + _FIELDS * slot + field
+        return sum(self.cells[first : self._end : self._stride])
+
     def generation(self, slot: int) -> int:
         return self.cells[self._gen + slot]
 
@@ -126,7 +133,7 @@ class LoadTable:
         self.cells[self._gen + slot] += 1  # first: stale rows stop writing
         for column in range(self.columns):
             cell = self._first + column * self._stride + _FIELDS * slot
-            self.cells[cell] = self.cells[cell + 1] = 0
+            self.cells[cell : cell + _FIELDS] = _zeros(_FIELDS)
         return slot, self.generation(slot)
 
     def _reusable(self) -> int:
@@ -212,3 +219,16 @@ class Row:
         if cells[self._gen] != self.generation:
             return 0
         return sum(cells[self._sum + 1 : self._end : self._stride])
+
+    def total(self, field: int) -> int:
+        """Field `field` (PREFILL_TOKENS, DECODE_STREAMS), summed over the serving processes."""
+        cells = self._cells
+        if cells[self._gen] != self.generation:
+            return 0
+        return sum(cells[self._sum + field : self._end : self._stride])
+
+    def change(self, field: int, delta: int) -> None:
+        """Add `delta` to field `field` in this process's column."""
+        cells = self._cells
+        if cells[self._gen] == self.generation:
+            cells[self._own + field] += delta

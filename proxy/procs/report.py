@@ -12,27 +12,28 @@ process pays nothing for them):
 
 and each report adds the prompt tokens its pool placement placed (for the pool's controller), what
 its metrics' counters gained since the last one (all of ProxyMetrics' counters: requests, retries,
-migrations, the planner's decisions, ...) and its prefill tokens and decode streams per worker.
+migrations, the planner's decisions, ...; and the connector's, `extra`: LMCache's notifications
+and timeouts), and its gauges that the control process sums (`gauges`: LMCache's waiting
+requests).
 A report goes every `every` seconds (proxy.procs.link) when there is something to say.
 
 The pool counts each request on the shared load table as it is tracked (`ReportingPool.track`,
 through the worker's row: proxy.procs.snapshot.SharedWorker), so that every process's policies
-see it at once; the reports carry no requests in flight, nor admission numbers (the admission is
-shared: proxy.procs.admission).
+see it at once, and so are the pool's prefill tokens and decode streams; the reports carry no
+load, nor admission numbers (the admission is shared: proxy.procs.admission).
 
 The control process (`Intake`) replays the timings into its stats and timelines, the outcomes into
 its breakers (so the breakers it publishes count every process's failures), the counter gains into
-its own counters, and sums the processes' prefill tokens and decode streams onto its workers, so
-/metrics, /stats and the console see every process. A process that dies takes its own with it
-(`Intake.forget`). Requests in flight and admission numbers it reads from the shared tables
-(proxy.procs.shared).
+its own counters, so /metrics, /stats and the console see every process. Requests in flight,
+prompt characters, prefill tokens, decode streams and admission numbers it reads from the shared
+tables (proxy.procs.shared).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,6 @@ from proxy.procs.snapshot import SharedWorker
 from proxy.serve.plane import Prompts
 
 TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(RequestTiming) if f.name != "plan")
-LOAD_FIELDS = ("prefill_tokens", "decode_streams")  # in flight: the load table's
 CounterKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -61,9 +61,16 @@ class Reports:
     seq: int = 0  # reports sent
     failures_seq: int = 0  # the last report that carried a failure (or a stall's trip)
     counted: dict[CounterKey, float] = field(default_factory=dict)  # counters, as last sent
-    load: dict[str, list[int]] = field(default_factory=dict)  # as last sent
     routing_changed_at: float = 0.0  # as last sent (proxy.procs.snapshot.Mirror.changed_at)
     prompts: list[int] = field(default_factory=lambda: [0, 0])  # placed prompt tokens: long, local
+    # new prefix placements, for the other processes' indexes (proxy.procs.prefixes)
+    prefixes: list[tuple[list[int], str]] = field(default_factory=list)
+    prefixes_dropped: int = 0  # left out of the reports: more than a report's limit
+    # counters outside ProxyMetrics whose gains are reported too (the connector's), by name
+    extra: dict[str, Counter] = field(default_factory=dict)
+    # values the control process sums over the processes (proxy.procs.report.Intake.gauge)
+    gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
+    gauged: dict[str, float] = field(default_factory=dict)  # as last sent
 
     def prompt(self, computed: int, long: bool) -> None:
         """A request was placed (a pool's planner): for the pool's controller (proxy.serve.plane
@@ -94,8 +101,9 @@ class Reports:
     ) -> dict[str, Any] | None:
         """The next report, or None when nothing changed since the last."""
         counters = self._counter_gains(metrics)
-        load = {w.id: [getattr(w, f) for f in LOAD_FIELDS] for p in pools for w in p.members}
-        news = self.timings or self.outcomes or counters or load != self.load or any(self.prompts)
+        gauged = {name: read() for name, read in self.gauges.items()}
+        news = bool(self.timings or self.outcomes or counters or any(self.prompts) or self.prefixes)
+        news = news or gauged != self.gauged
         if not news and routing_changed_at == self.routing_changed_at:
             return None
         self.routing_changed_at = routing_changed_at
@@ -108,16 +116,21 @@ class Reports:
             "timings": self.timings,
             "outcomes": self.outcomes,
             "counters": counters,
-            "load": load,
             "routing_changed_at": routing_changed_at,
             "prompts": self.prompts,
+            "gauges": gauged,
         }
-        self.timings, self.outcomes, self.load, self.prompts = [], [], load, [0, 0]
+        if self.prefixes:
+            report["prefixes"] = self.prefixes
+            report["prefixes_dropped"] = self.prefixes_dropped  # since the process started
+            self.prefixes = []
+        self.timings, self.outcomes, self.prompts = [], [], [0, 0]
+        self.gauged = gauged
         return report
 
     def _counter_gains(self, metrics: ProxyMetrics) -> list[tuple[str, dict[str, str], float]]:
         gains = []
-        for key, value in counter_values(metrics).items():
+        for key, value in counter_values(metrics, self.extra).items():
             gain = value - self.counted.get(key, 0.0)
             if gain:
                 self.counted[key] = value
@@ -125,10 +138,13 @@ class Reports:
         return gains
 
 
-def counter_values(metrics: ProxyMetrics) -> dict[CounterKey, float]:
-    """Every counter sample of `metrics`, keyed by its attribute and labels."""
+def counter_values(
+    metrics: ProxyMetrics, extra: Mapping[str, Counter] | None = None
+) -> dict[CounterKey, float]:
+    """Every counter sample of `metrics` and of `extra`, keyed by its attribute (or name in
+    `extra`) and labels."""
     values: dict[CounterKey, float] = {}
-    for attr, counter in vars(metrics).items():
+    for attr, counter in {**vars(metrics), **(extra or {})}.items():
         if not isinstance(counter, Counter):
             continue
         for family in counter.collect():
@@ -212,7 +228,7 @@ def timing_of(item: dict[str, Any]) -> RequestTiming:
 
 class Intake:
     """The control process's side: every serving process's reports, taken into the one set of
-    stats, timelines, breakers, counters and loads."""
+    stats, timelines, breakers and counters."""
 
     def __init__(
         self,
@@ -227,7 +243,8 @@ class Intake:
         self.stats = stats
         self.timelines = timelines
         self.metrics = metrics
-        self.loads: dict[str, dict[str, list[int]]] = {}  # process -> worker id -> load
+        self.gauges: dict[str, dict[str, float]] = {}  # process -> name -> its last value
+        self.extra: dict[str, Counter] = {}  # the counters of Reports.extra, by the same names
         self.reported: dict[str, int] = {}  # process -> requests it reported
 
     def take(self, process: str, report: dict[str, Any]) -> None:
@@ -254,27 +271,17 @@ class Intake:
             for computed, is_long in ((long, True), (local, False)):
                 if computed:
                     self.prompts.prompt(computed, is_long)
-        self.loads[process] = report.get("load", {})
-        self.sum_loads()
+        self.gauges[process] = report.get("gauges", {})
+
+    def gauge(self, name: str) -> float:
+        """The sum over the processes of one of their reported gauges."""
+        return sum(gauges.get(name, 0.0) for gauges in self.gauges.values())
 
     def _count(self, attr: str, labels: dict[str, str], gain: float) -> None:
-        counter = getattr(self.metrics, attr, None)
+        counter = self.extra.get(attr) or getattr(self.metrics, attr, None)
         if isinstance(counter, Counter) and gain > 0:
             (counter.labels(**labels) if labels else counter).inc(gain)
 
     def forget(self, process: str) -> None:
-        """`process` is gone: its requests with it."""
-        self.loads.pop(process, None)
-        self.sum_loads()
-
-    def sum_loads(self) -> None:
-        """Every member's prefill tokens and decode streams: the sums of the processes' last
-        reports."""
-        for pool in self.pools:
-            for worker in pool.members:
-                totals = [0] * len(LOAD_FIELDS)
-                for load in self.loads.values():
-                    for i, value in enumerate(load.get(worker.id, ())):
-                        totals[i] += value
-                for name, total in zip(LOAD_FIELDS, totals, strict=True):
-                    setattr(worker, name, total)
+        """`process` is gone: its gauges with it."""
+        self.gauges.pop(process, None)

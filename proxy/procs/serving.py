@@ -55,8 +55,11 @@ from proxy.engines.connectors.factory import make_connector
 from proxy.observe.metrics import ProxyMetrics
 from proxy.procs.admission import SharedAdmission
 from proxy.procs.forward import forward
+from proxy.procs.kvreplica import KV, Replica
 from proxy.procs.link import Link
 from proxy.procs.loadtable import LoadTable
+from proxy.procs.notify import NOTES, serving_side
+from proxy.procs.prefixes import RelayedIndex
 from proxy.procs.report import ReportingPool, ReportingRing, Reports
 from proxy.procs.shared import index_of
 from proxy.procs.snapshot import Mirror
@@ -89,9 +92,10 @@ class ServingApp:
         self.metrics = ProxyMetrics(self.pools)
         self.connector = make_connector(config, self.engine, self.metrics.registry)
         prefill, decode, pooled = self.pools
+        prefixes = RelayedIndex(self.reports)
         self.plane = build_data_plane(
             config, (prefill, decode, pooled), self.engine, self.connector, self.metrics,
-            authenticator(config), self.reports if config.has_pool else None,
+            authenticator(config), self.reports if config.has_pool else None, prefixes,
         )  # fmt: skip
         self.services = self.plane.services
         self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
@@ -102,6 +106,12 @@ class ServingApp:
         mirror = Mirror(self.pools, self.table, self._forget, self._end_requests, self._draining)
         self.link = Link(str(directory / CHANNEL), name, mirror, self.reports, self.metrics,
                          self.pools)  # fmt: skip
+        self.link.handlers["prefixes"] = lambda message: prefixes.learn(message["placements"])
+        notes = serving_side(self.connector, name, self.reports)  # LMCache: relayed to it
+        if notes is not None:
+            self.link.handlers[NOTES] = notes
+        if config.kv_events.enabled:  # the control process's index, copied
+            self.link.handlers[KV] = Replica(self.plane.planner.kv_index).take
         stall = config.health.stall_timeout
         # its own legs' waits, with the engines' progress as the control process scrapes it
         self.stalls = StallWatch(lambda: self.pools, stall) if stall > 0 else None

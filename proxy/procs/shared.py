@@ -29,8 +29,8 @@ from contextlib import AbstractAsyncContextManager
 
 from proxy.config.sections import AdmissionConfig
 from proxy.control.workers import Worker, WorkerPool
-from proxy.procs.admission import reset_process
-from proxy.procs.loadtable import LoadTable
+from proxy.procs.admission import TableNumbers, reset_process
+from proxy.procs.loadtable import DECODE_STREAMS, PREFILL_TOKENS, LoadTable
 from proxy.procs.slots import SlotTable
 
 log = logging.getLogger("pdproxy")
@@ -43,27 +43,9 @@ def index_of(name: str) -> int:
     return int(name.removeprefix("w")) - 1
 
 
-class AdmissionView:
+class AdmissionView(TableNumbers):
     """The control process's admission (proxy.serve.admission.Gate): the serving processes admit;
     this one admits nothing and shows the global numbers, read from the shared table."""
-
-    def __init__(self, table: SlotTable) -> None:
-        self.table = table
-        self.max_concurrent = table.max_concurrent
-        self.max_queue = table.max_queue
-        self.queue_timeout = table.queue_timeout
-
-    @property
-    def active(self) -> int:
-        return self.table.active
-
-    @property
-    def queued(self) -> int:
-        return self.table.queued
-
-    @property
-    def rejected(self) -> int:
-        return self.table.rejected
 
     def slot(self, priority: int = 0) -> AbstractAsyncContextManager[None]:
         raise RuntimeError("the control process admits no request: its serving processes do")
@@ -105,11 +87,14 @@ class Shared:
         return self.slots
 
     def show(self) -> None:
-        """Copy each worker's requests in flight and prompt characters, summed over the serving
-        processes, onto the control process's worker (and end an admin drain's wait at 0)."""
+        """Copy each worker's requests in flight, prompt characters, prefill tokens and decode
+        streams, summed over the serving processes, onto the control process's worker (and end
+        an admin drain's wait at 0)."""
         for worker, (slot, _) in self.slots.items():
             worker.inflight = self.load.inflight(slot)
             worker.inflight_chars = self.load.chars(slot)
+            worker.prefill_tokens = self.load.total(slot, PREFILL_TOKENS)
+            worker.decode_streams = self.load.total(slot, DECODE_STREAMS)
             if not worker.inflight and worker.idle is not None:
                 worker.idle.set()  # an admin drain waits for this (WorkerRegistry.retire)
 

@@ -43,7 +43,8 @@ from proxy.control.workers import (
     Worker,
     WorkerPool,
 )
-from proxy.procs.loadtable import LoadTable, Row
+from proxy.engines.connectors.lmcache_config import Receiver
+from proxy.procs.loadtable import DECODE_STREAMS, PREFILL_TOKENS, LoadTable, Row
 
 Item = dict[str, Any]
 
@@ -58,6 +59,11 @@ def _load(w: Worker) -> list[Any] | None:
 def _kv(w: Worker) -> list[Any] | None:
     t = w.kv_transfer
     return None if t is None else [t.transfers, t.seconds, t.nbytes, t.window_s, t.slow]
+
+
+def _receiver(w: Worker) -> list[Any] | None:
+    rx = w.lmcache
+    return None if rx is None else [rx.host, list(rx.init_ports), list(rx.alloc_ports)]
 
 
 def describe_worker(w: Worker, slot: tuple[int, int]) -> Item:
@@ -79,6 +85,7 @@ def describe_worker(w: Worker, slot: tuple[int, int]) -> Item:
         "prefix_source": w.prefix_source,
         "lean": w.lean,
         "model": w.model,
+        "lmcache": _receiver(w),  # connector lmcache: the decoder's receiver, pushed into
         # perf_counter() (one clock for the host) of its engine's last work, as scraped: the
         # serving processes' stall watches take it as progress (proxy.control.stall)
         "progress": w.last_progress,
@@ -95,11 +102,17 @@ class SharedWorker(Worker):
     """A serving process's worker: `inflight` and `inflight_chars` are its row of the load table,
     summed over every serving process. This process's own requests go into its column through
     the row, and into `own`, in its pool's `track` (proxy.procs.report.ReportingPool): an
-    assignment to either counter (WorkerPool.track's own `+=`) lands nowhere."""
+    assignment to either counter (WorkerPool.track's own `+=`) lands nowhere.
+
+    `prefill_tokens` and `decode_streams` (what the pool places by) are the row's sums too; the
+    leases change them with `+=` and `-=`, which read the sum and write it back changed: the
+    write lands in this process's column as the difference from the sum just read (read and
+    write are one statement, with no await between them)."""
 
     def __init__(self, role: Role, id: str, url: str, row: Row) -> None:
         self.row = row
         self.own = 0  # this process's requests on it
+        self._read = [0, 0, 0, 0]  # the sums last read, by field
         super().__init__(role, id, url)
 
     @property
@@ -117,6 +130,30 @@ class SharedWorker(Worker):
     @inflight_chars.setter
     def inflight_chars(self, value: int) -> None:
         pass
+
+    def _total(self, field: int) -> int:
+        self._read[field] = total = self.row.total(field)
+        return total
+
+    def _change(self, field: int, value: int) -> None:
+        self.row.change(field, value - self._read[field])
+        self._read[field] = value
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self._total(PREFILL_TOKENS)
+
+    @prefill_tokens.setter
+    def prefill_tokens(self, value: int) -> None:
+        self._change(PREFILL_TOKENS, value)
+
+    @property
+    def decode_streams(self) -> int:
+        return self._total(DECODE_STREAMS)
+
+    @decode_streams.setter
+    def decode_streams(self, value: int) -> None:
+        self._change(DECODE_STREAMS, value)
 
 
 class Mirror:
@@ -206,4 +243,9 @@ def update(w: Worker, item: Item, breakers: bool) -> None:
     w.prefix_source = item["prefix_source"]
     w.lean = item["lean"]
     w.model = item["model"]
+    rx = item.get("lmcache")
+    if rx is None:
+        w.lmcache = None
+    elif _receiver(w) != rx:
+        w.lmcache = Receiver(rx[0], tuple(rx[1]), tuple(rx[2]))
     w.last_progress = max(w.last_progress, float(item["progress"]))

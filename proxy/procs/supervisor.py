@@ -26,6 +26,10 @@ What is shared, and how:
     what was served     reported back in batches (proxy.procs.report): timings, breaker outcomes,
                         counter gains, prefill tokens and decode streams, taken into this
                         process's one /metrics, /stats, timelines and breakers
+    LMCache's notes     this process binds the notification socket and relays each notification
+                        to the serving process that made its transfer id (proxy.procs.notify)
+    the KV index        this process subscribes to the engines' KV-cache events; every change of
+                        its index goes to every serving process's copy (proxy.procs.kvreplica)
     the other paths     forwarded by the serving processes to DIR/api.sock (proxy.procs.forward)
 
 Lifecycle: a serving process that exits is started again (after 0.5 s, doubling while they keep
@@ -55,10 +59,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.app import ProxyApp, build_app
-from proxy.cli.serve import Server, bind, log_start, serve, uvicorn_config
-from proxy.config import ConfigError, ProxyConfig
-from proxy.procs.channel import ChannelClosed, frame, read_message
+from proxy.app import ProxyApp
+from proxy.cli.serve import Server, build_and_bind, log_start, serve, uvicorn_config
+from proxy.config import ProxyConfig
+from proxy.procs.channel import MAX_BUFFERED, ChannelClosed, frame, read_message
+from proxy.procs.kvreplica import IndexPublisher
+from proxy.procs.notify import control_side
 from proxy.procs.report import Intake
 from proxy.procs.serving import API, CHANNEL, CONFIG, describe_args, name_logs
 from proxy.procs.shared import AdmissionView, Shared
@@ -69,12 +75,11 @@ log = logging.getLogger("pdproxy")
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 YOUNG = 30.0  # a process that lived less than this and died counts towards a longer backoff
-MAX_BUFFERED = 16 * 1024 * 1024  # a channel this far behind gets no snapshot until it drains
 
 
 @dataclass
 class ServingProcess:
-    """One serving process's slot: the process now in it and how the earlier ones ended."""
+    """One serving process (`w1` ...): the OS process running it now, and how earlier ones ended."""
 
     name: str
     proc: subprocess.Popen[bytes] | None = None
@@ -86,6 +91,7 @@ class ServingProcess:
     writer: asyncio.StreamWriter | None = None  # its channel, once it said hello
     acked: int = 0  # the last report taken from it
     routing_changed_at: float = 0.0  # time(): when a snapshot last changed who it routes to
+    prefixes_dropped: int = 0  # new prefix placements it left out of its reports (over a limit)
 
     def describe(self) -> dict[str, Any]:
         alive = self.proc is not None and self.proc.poll() is None
@@ -96,6 +102,7 @@ class ServingProcess:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "routing_changed_at": self.routing_changed_at,
+            "prefixes_dropped": self.prefixes_dropped,
         }
 
 
@@ -125,23 +132,29 @@ class Supervisor:
         services = app.services
         self.intake = Intake(app.pools, services.stats, services.timelines, app.metrics, app.pool)
         self.shared: Shared | None = None  # at start
-        self.slots = {f"w{i}": ServingProcess(f"w{i}") for i in range(1, count + 1)}
+        self.processes = {f"w{i}": ServingProcess(f"w{i}") for i in range(1, count + 1)}
         self.draining = False
         self.seq = 0  # snapshots published
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        control_side(app.connector, self.processes, self._send_message, self.intake)
+        self.kv: IndexPublisher | None = None
+        if app.control.kv_events is not None:  # (no subscriber has started yet)
+            self.kv = IndexPublisher(self._writers)
+            index = self.kv.index
+            app.control.kv_events.index = app.control.kv_index = app.plane.planner.kv_index = index
 
     # --- the companion's side (proxy.serve.api.Companion) ---
 
     async def start(self) -> None:
-        (self.directory / CONFIG).write_text(self.app.config.model_dump_json())
-        self.shared = Shared(len(self.slots), self.app.config.admission)
+        (self.directory / CONFIG).write_text(self._config().model_dump_json())
+        self.shared = Shared(len(self.processes), self.app.config.admission)
         self.app.services.admission = AdmissionView(self.shared.admission)
         self._server = await asyncio.start_unix_server(
             self._connected, path=str(self.directory / CHANNEL)
         )
-        for slot in self.slots.values():
-            self._spawn(slot)
+        for process in self.processes.values():
+            self._spawn(process)
         self._tasks = [
             asyncio.create_task(self._publish()),
             asyncio.create_task(self._watch()),
@@ -152,10 +165,10 @@ class Supervisor:
         self.draining = True
         for sock in self.sockets:
             sock.close()  # once the serving processes close theirs, new connections are refused
-        for slot in self.slots.values():
-            if slot.proc is not None and slot.proc.poll() is None:
+        for process in self.processes.values():
+            if process.proc is not None and process.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    slot.proc.send_signal(signal.SIGTERM)
+                    process.proc.send_signal(signal.SIGTERM)
 
     async def close(self) -> None:
         """Drain the serving processes (if no signal did), wait for them, then stop."""
@@ -165,11 +178,11 @@ class Supervisor:
             if not self._alive():
                 break
             await asyncio.sleep(0.05)
-        for slot in self._alive():
-            log.warning("serving process %s did not stop: killing it", slot.name)
-            assert slot.proc is not None
-            slot.proc.kill()
-            slot.proc.wait()
+        for process in self._alive():
+            log.warning("serving process %s did not stop: killing it", process.name)
+            assert process.proc is not None
+            process.proc.kill()
+            process.proc.wait()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -179,81 +192,102 @@ class Supervisor:
             self.shared.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"processes": [slot.describe() for slot in self.slots.values()]}
+        processes = [process.describe() for process in self.processes.values()]
+        if self.kv is not None:  # its copy of the KV index misses changes until it is sent whole
+            for process in processes:
+                process["kv_index_behind"] = process["name"] in self.kv.behind
+        return {"processes": processes}
+
+    def _config(self) -> ProxyConfig:
+        """The config the serving processes read: LMCache's notification port as bound here
+        (port 0 picks one), which their messages name."""
+        config = self.app.config
+        notifications = getattr(self.app.connector, "notifications", None)
+        if notifications is None:
+            return config
+        lmcache = config.lmcache.model_copy(update={"notify_port": notifications.port})
+        return config.model_copy(update={"lmcache": lmcache})
 
     # --- the processes ---
 
     def _alive(self) -> list[ServingProcess]:
-        return [s for s in self.slots.values() if s.proc is not None and s.proc.poll() is None]
+        return [s for s in self.processes.values() if s.proc is not None and s.proc.poll() is None]
 
-    def _spawn(self, slot: ServingProcess) -> None:
+    def _spawn(self, process: ServingProcess) -> None:
         assert self.shared is not None
         fds = [sock.fileno() for sock in self.sockets]
-        args = describe_args(slot.name, self.directory, fds, self.shared.args())
-        slot.proc = subprocess.Popen(args, pass_fds=fds)
-        slot.started = time.monotonic()
-        log.info("serving process %s started (pid %d)", slot.name, slot.proc.pid)
+        args = describe_args(process.name, self.directory, fds, self.shared.args())
+        process.proc = subprocess.Popen(args, pass_fds=fds)
+        process.started = time.monotonic()
+        log.info("serving process %s started (pid %d)", process.name, process.proc.pid)
 
     async def _watch(self, every: float = 0.1) -> None:
-        """Notice a serving process that ended, and start its slot again after its backoff."""
+        """Notice a serving process that ended, and start it again after its backoff."""
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
-            for slot in self.slots.values():
-                if slot.proc is not None and slot.proc.poll() is not None:
-                    self._ended(slot, now)
-                elif slot.proc is None and not self.draining and now >= slot.next_start:
-                    slot.restarts += 1
-                    self._spawn(slot)
+            for process in self.processes.values():
+                if process.proc is not None and process.proc.poll() is not None:
+                    self._ended(process, now)
+                elif process.proc is None and not self.draining and now >= process.next_start:
+                    process.restarts += 1
+                    self._spawn(process)
 
-    def _ended(self, slot: ServingProcess, now: float) -> None:
-        assert slot.proc is not None
-        slot.last_exit = how_it_ended(slot.proc.returncode)
-        pid, slot.proc = slot.proc.pid, None
-        self._disconnect(slot)
+    def _ended(self, process: ServingProcess, now: float) -> None:
+        assert process.proc is not None
+        process.last_exit = how_it_ended(process.proc.returncode)
+        pid, process.proc = process.proc.pid, None
+        self._disconnect(process)
         assert self.shared is not None
-        self.shared.reset(slot.name)  # what it held, before its replacement starts
+        self.shared.reset(process.name)  # what it held, before its replacement starts
         if self.draining:
-            log.info("serving process %s (pid %d) %s", slot.name, pid, slot.last_exit)
+            log.info("serving process %s (pid %d) %s", process.name, pid, process.last_exit)
             return
-        slot.young_deaths = slot.young_deaths + 1 if now - slot.started < YOUNG else 1
-        backoff = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (slot.young_deaths - 1))
-        slot.next_start = now + backoff
+        process.young_deaths = process.young_deaths + 1 if now - process.started < YOUNG else 1
+        backoff = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (process.young_deaths - 1))
+        process.next_start = now + backoff
         log.warning(
             "serving process %s (pid %d) %s: starting it again in %gs",
-            slot.name, pid, slot.last_exit, backoff,
+            process.name, pid, process.last_exit, backoff,
         )  # fmt: skip
 
-    def _disconnect(self, slot: ServingProcess) -> None:
-        if slot.writer is not None:
-            slot.writer.close()
-            slot.writer = None
-        self.intake.forget(slot.name)
+    def _disconnect(self, process: ServingProcess) -> None:
+        if process.writer is not None:
+            process.writer.close()
+            process.writer = None
+        self.intake.forget(process.name)
 
     # --- the channel ---
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        slot = None
+        process = None
         try:
             hello = await read_message(reader)
-            slot = self.slots.get(str(hello.get("name")))
-            if slot is None or hello.get("t") != "hello":
+            process = self.processes.get(str(hello.get("name")))
+            if process is None or hello.get("t") != "hello":
                 log.warning("the channel refused a peer that said %r", hello)
                 return
-            slot.writer, slot.acked = writer, 0
-            self._send(slot, self._describe())
+            process.writer, process.acked = writer, 0
+            if self.kv is not None:  # the whole index first: it serves from the snapshot on
+                self.kv.joined(process.name, writer)
+            self._send(process, self._describe())
             while True:
                 report = await read_message(reader)
-                self.intake.take(slot.name, report)
-                slot.acked = int(report.get("seq", slot.acked))
-                slot.routing_changed_at = float(report.get("routing_changed_at", 0.0))
+                self.intake.take(process.name, report)
+                if "prefixes" in report:
+                    self._relay(process, report["prefixes"])
+                    process.prefixes_dropped = int(report.get("prefixes_dropped", 0))
+                process.acked = int(report.get("seq", process.acked))
+                process.routing_changed_at = float(report.get("routing_changed_at", 0.0))
         except ChannelClosed:
             pass
         except Exception:  # a report it cannot take: hang up (the process drains, then restarts)
-            log.exception("serving process %s: a report could not be taken", slot and slot.name)
+            log.exception(
+                "serving process %s: a report could not be taken", process and process.name
+            )
         finally:
-            if slot is not None and slot.writer is writer:
-                self._disconnect(slot)
+            if process is not None and process.writer is writer:
+                self._disconnect(process)
             writer.close()
 
     def _describe(self) -> list[dict[str, Any]]:
@@ -271,28 +305,49 @@ class Supervisor:
             await asyncio.sleep(self.tick)
             workers = self._describe()
             self.shared.show()
+            if self.kv is not None:
+                self.kv.catch_up()
             if workers != last or time.monotonic() - sent >= self.heartbeat:
-                for slot in self.slots.values():
-                    self._send(slot, workers)
+                for process in self.processes.values():
+                    self._send(process, workers)
                 last, sent = workers, time.monotonic()
 
-    def _send(self, slot: ServingProcess, workers: list[dict[str, Any]]) -> None:
-        writer = slot.writer
+    def _relay(self, source: ServingProcess, placements: list[Any]) -> None:
+        """One process's new prefix placements, to every other (proxy.procs.prefixes)."""
+        message = frame({"t": "prefixes", "placements": placements})
+        for process in self.processes.values():
+            writer = process.writer
+            if process is source or writer is None:
+                continue
+            if writer.transport.get_write_buffer_size() <= MAX_BUFFERED:
+                writer.write(message)
+
+    def _writers(self) -> dict[str, asyncio.StreamWriter]:
+        return {s.name: s.writer for s in self.processes.values() if s.writer is not None}
+
+    def _send_message(self, name: str, message: dict[str, Any]) -> bool:
+        """One message to serving process `name`; False when its channel is down."""
+        writer = self.processes[name].writer
+        if writer is None:
+            return False
+        writer.write(frame(message))
+        return True
+
+    def _send(self, process: ServingProcess, workers: list[dict[str, Any]]) -> None:
+        writer = process.writer
         if writer is None or writer.transport.get_write_buffer_size() > MAX_BUFFERED:
             return
         self.seq += 1
-        writer.write(frame({"t": "snapshot", "seq": self.seq, "ack": slot.acked,
+        writer.write(frame({"t": "snapshot", "seq": self.seq, "ack": process.acked,
                             "workers": workers}))  # fmt: skip
 
 
 def run_supervised(config: ProxyConfig) -> int:
     """`pdproxy serve` with `workers` > 1: this process is the control process."""
-    try:
-        app = build_app(config)
-        sockets = bind(config)
-    except ConfigError as exc:
-        print(f"pdproxy: {exc}", file=sys.stderr)
+    built = build_and_bind(config)
+    if built is None:
         return 2
+    app, sockets = built
     directory = Path(tempfile.mkdtemp(prefix="pdproxy-"))  # 0700
     try:
         api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -13,6 +13,7 @@ connections (vLLM aborts a request whose connection closes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,13 @@ from typing import Any
 
 from proxy.auth import Authenticator
 from proxy.config import FanoutConfig
-from proxy.errors import MethodNotAllowed, NoWorkerAvailable, ProxyError, UpstreamError
+from proxy.errors import (
+    MethodNotAllowed,
+    NoWorkerAvailable,
+    ProxyError,
+    TooManyRequests,
+    UpstreamError,
+)
 from proxy.flow.fanout import FanOut
 from proxy.flow.legs import Flow, Legs
 from proxy.flow.progress import Progress
@@ -174,6 +181,11 @@ class CompletionEndpoint:
     ) -> None:
         """One request, or one sub-request of a fanned-out one, through admission (at its
         priority) and its legs; raises ProxyError."""
-        async with self.services.admission.slot(request.priority):
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                await held.enter_async_context(self.services.admission.slot(request.priority))
+            except TooManyRequests:
+                self.services.flow.metrics.rejected.inc()
+                raise
             timing.admitted = perf_counter()
             await Legs(self.services.flow, request, out, timing, progress, owner).run()

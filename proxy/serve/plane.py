@@ -115,9 +115,11 @@ def build_data_plane(
     metrics: ProxyMetrics,
     authenticator: Authenticator,
     pool: Prompts | None,
+    index: PrefixIndex | None = None,
 ) -> DataPlane:
     routing = config.routing
-    index = PrefixIndex()  # the proxy's one prefix index: the planner's and prefix_aware's
+    if index is None:
+        index = PrefixIndex()  # the proxy's one prefix index: the planner's and prefix_aware's
     router = build_router(config, pools, index)
     placement, tokenize_timeout = build_placement(config, router, pool)
     planner = Planner(

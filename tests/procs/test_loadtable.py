@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.procs.loadtable import LoadTable
+from proxy.control.workers import WorkerPool
+from proxy.procs.loadtable import DECODE_STREAMS, PREFILL_TOKENS, LoadTable
+from proxy.procs.snapshot import SharedWorker
 from tests.procs.agents import DEADLINE, Agent, load_agent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,3 +164,29 @@ def test_only_the_control_process_manages_slots(table: LoadTable) -> None:
                 manage()
     finally:
         serving.close()
+
+
+def test_the_pool_s_prefill_tokens_and_decode_streams_are_every_process_s(
+    table: LoadTable,
+) -> None:
+    """What the pool places by: a lease in one process moves what the other reads at once, and
+    each process's `+=` and `-=` land in its own column only."""
+    slot, generation = table.assign()
+    mine, theirs = (LoadTable.attach(table.name, column) for column in range(2))
+    here = SharedWorker("decode", "d0", "http://d0", mine.row(slot, generation))
+    there = SharedWorker("decode", "d0", "http://d0", theirs.row(slot, generation))
+    pool = WorkerPool("decode", (here,))
+    try:
+        with pool.track(here, 10, prefill_tokens=100) as lease:
+            assert (there.prefill_tokens, there.decode_streams) == (100, 0)
+            there.prefill_tokens += 30  # the other process's own request
+            lease.prefilled()
+            lease.decoding()
+            assert (there.prefill_tokens, there.decode_streams) == (30, 1)
+            assert (table.total(slot, PREFILL_TOKENS), table.total(slot, DECODE_STREAMS)) == (30, 1)
+        assert (here.prefill_tokens, here.decode_streams) == (30, 0)
+        table.reset_column(1)  # the other process died: its 30 go with it
+        assert (here.prefill_tokens, here.decode_streams) == (0, 0)
+    finally:
+        mine.close()
+        theirs.close()

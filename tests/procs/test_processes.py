@@ -324,7 +324,9 @@ def test_admission_shows_the_global_numbers(tmp_path: Path, slow: tuple[Sim, Sim
         assert refused and len(outcomes) == 8, outcomes  # one slot for both processes
         wait_for(lambda: proxy.stats()["admission"]["rejected"] == len(refused), 30)
         assert proxy.stats()["admission"]["active"] == 0
-        assert proxy.metrics().total("pdproxy_requests_total", status="429") == len(refused)
+        metrics = proxy.metrics()
+        assert metrics.total("pdproxy_requests_total", status="429") == len(refused)
+        assert metrics.total("pdproxy_admission_rejected_total") == len(refused)
     finally:
         proxy.stop()
 

@@ -183,7 +183,11 @@ def test_proxy_answers_429_beyond_queue(small_proxy: Proxy, clean_sims: dict[str
     [rejected] = [r for r in results if r.status_code == 429]
     assert int(rejected.headers["retry-after"]) >= 1
     assert rejected.json()["error"]["type"] == "Too Many Requests"
-    assert small_proxy.metrics().total("pdproxy_requests_total", status="429") >= 1
+    metrics = small_proxy.metrics()
+    assert metrics.total("pdproxy_requests_total", status="429") >= 1
+    assert metrics.total("pdproxy_admission_rejected_total") == metrics.total(
+        "pdproxy_requests_total", status="429"
+    )
 
 
 def test_queued_client_that_leaves_is_dropped(

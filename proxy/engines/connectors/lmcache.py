@@ -54,9 +54,13 @@ log = logging.getLogger("pdproxy")
 _PREFILL_DROP = ("stream_options", "min_tokens", "min_completion_tokens", "kv_transfer_params")
 
 
-def new_transfer_id() -> str:
-    """A transfer id unique across proxy restarts and replicas (random, not a counter)."""
-    return f"pdp-lmc-{uuid.uuid4().hex}"
+TRANSFER_PREFIX = "pdp-lmc-"
+
+
+def new_transfer_id(prefix: str = TRANSFER_PREFIX) -> str:
+    """A transfer id unique across proxy restarts and replicas (random, not a counter); a serving
+    process's prefix names it (`pdp-lmc-w2-`), so that its notifications reach it."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def disagg_spec(req_id: str, receiver: Receiver) -> dict[str, Any]:
@@ -138,6 +142,7 @@ class LMCacheConnector:
         self.notifications = Notifications(
             config.notify_host, config.notify_port, config.late_memory, registry
         )
+        self.transfer_prefix = TRANSFER_PREFIX  # a serving process's names it (proxy.procs.notify)
 
     def __repr__(self) -> str:
         return f"<LMCacheConnector {self.notifications!r}>"
@@ -154,7 +159,7 @@ class LMCacheConnector:
             receiver is None
         ):  # every decoder gets one when it joins (proxy.engines.connectors.lmcache_config)
             raise ProxyError(f"decode worker {decoder.url} has no LMCache receiver address")
-        req_id = new_transfer_id()
+        req_id = new_transfer_id(self.transfer_prefix)
         body = orjson.dumps(prefill_body(request.body, disagg_spec(req_id, receiver)))
         # Registered before the prefill is sent: the notification may beat the HTTP answer.
         with self.notifications.expect(req_id, receiver.tp) as waiter:

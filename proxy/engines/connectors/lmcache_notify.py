@@ -13,6 +13,10 @@ Invariants (state stays bounded whatever the engines send):
   are remembered, no more), `unknown` otherwise; one that is not a ProxyNotif is `malformed`;
 - nothing here waits without a deadline: `Waiter.wait` is always called under a timeout by the
   connector, and the reader task ends when the socket closes.
+
+With `workers` > 1 the socket is the control process's: `relay` passes each notification whose
+id names a serving process to it (proxy.procs.notify), which takes it in with `note` and binds
+nothing (`listen` False). In one process both stay as they are: nothing is relayed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import zmq
 import zmq.asyncio
@@ -101,6 +105,10 @@ class Notifications:
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
+        self.listen = True  # False in a serving process: the control process owns the socket
+        # the control process (workers > 1): passes an id on to the serving process that waits
+        # for it, True when it did (proxy.procs.notify)
+        self.relay: Callable[[str], bool] | None = None
         self.metrics.waiting.set_function(lambda: len(self._waiters))
         self.metrics.remembered.set_function(lambda: len(self._ended))
 
@@ -120,6 +128,8 @@ class Notifications:
 
     async def start(self) -> None:
         """Bind the socket (port 0 picks a free one, then `port` tells which) and start reading."""
+        if not self.listen:
+            return
         self._context = zmq.asyncio.Context()
         sock = self._context.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
@@ -168,7 +178,8 @@ class Notifications:
                 self._remember(req_id)
 
     def deliver(self, raw: bytes) -> str:
-        """Route one received message; returns what became of it (the metric label)."""
+        """Route one received message; returns what became of it (the metric label, or
+        `relayed`: passed on to a serving process, which counts it)."""
         try:
             req_id = decode(raw)
         except MalformedNotification as exc:
@@ -177,18 +188,30 @@ class Notifications:
                 "LMCache notifications: dropped a message that is not a ProxyNotif: %s", exc
             )
         else:
-            waiter = self._waiters.get(req_id)
-            if waiter is not None:
-                result = "extra" if waiter.complete else "matched"
-                waiter.note()
-            elif req_id in self._ended:
-                result = "late"
-                self._ended.move_to_end(req_id)
-                log.info("LMCache notifications: late notification for ended request %s", req_id)
-            else:
-                result = "unknown"
-                log.info("LMCache notifications: dropped notification for unknown id %s", req_id)
+            if self.relay is not None and self.relay(req_id):
+                return "relayed"  # counted by the process that takes it
+            result = self._match(req_id)
         self.metrics.received.labels(result).inc()
+        return result
+
+    def note(self, req_id: str) -> str:
+        """A notification the control process relayed (workers > 1): as `deliver`."""
+        result = self._match(req_id)
+        self.metrics.received.labels(result).inc()
+        return result
+
+    def _match(self, req_id: str) -> str:
+        waiter = self._waiters.get(req_id)
+        if waiter is not None:
+            result = "extra" if waiter.complete else "matched"
+            waiter.note()
+        elif req_id in self._ended:
+            result = "late"
+            self._ended.move_to_end(req_id)
+            log.info("LMCache notifications: late notification for ended request %s", req_id)
+        else:
+            result = "unknown"
+            log.info("LMCache notifications: dropped notification for unknown id %s", req_id)
         return result
 
     def _remember(self, req_id: str) -> None:
