@@ -12,6 +12,7 @@ with, so each topology starts its own prefillers; the decoders (LMCache receiver
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,10 +111,11 @@ def lmcache_decode_params(topo: Topology, prefill: Body, params: Body | None) ->
 
 
 def lmcache_prefill_params(topo: Topology, record: Body) -> Body:
-    """`disagg_spec` names a fresh transfer id and the decoder's receiver (the rig's decoders
-    are TP 1: one port each)."""
+    """`disagg_spec` names a fresh transfer id (with several serving processes, the one that
+    made it: `pdp-lmc-w2-...`) and the decoder's receiver (the rig's decoders are TP 1: one
+    port each)."""
     req_id = record["body"]["kv_transfer_params"]["disagg_spec"]["req_id"]
-    assert req_id.startswith("pdp-lmc-") and len(req_id) == 40
+    assert re.fullmatch(r"pdp-lmc-(w[0-9]+-)?[0-9a-f]{32}", req_id), req_id
     [receiver] = topo.receivers
     return {
         "ret_first_tok": True,
