@@ -237,25 +237,33 @@ def test_admin_pool_api_validates(tmp_path: Path, pool: list[Sim]) -> None:
 def test_colocated_serves_every_request_whole_without_tokenize(
     tmp_path: Path, pool: list[Sim], serving_procs: int
 ) -> None:
-    """Six at once, each on a connection of its own: with `serving_procs` 2, four on one
-    serving process and two on the other, spread as one process spreads them."""
+    """Six in flight together, each on a connection of its own and sent once the one before
+    was placed: with `serving_procs` 2, four on one serving process and two on the other,
+    spread as one process spreads them (placed at the same instant, two processes could both
+    take the same least loaded engine: the shared table has no lock)."""
     with running(start_pool_proxy(tmp_path, pool, serving_procs, pool_mode="colocated")) as proxy:
         clients = [c for group in pinned_clients(proxy, [4, 2]) for c in group]
         probes = sum(len(legs(sim)) for sim in pool)  # where each client landed
         for sim in pool:
             sim.reset()
 
-        def one(i: int) -> None:  # ~100 ms each: all in flight at once
-            body = {"model": MODEL, "prompt": f"{i} {LONG}", "max_tokens": 300,
+        def one(i: int) -> int:  # a second or more each: all in flight together
+            body = {"model": MODEL, "prompt": f"{i} {LONG}", "max_tokens": 1500,
                     "stream": i % 2 == 0, "ignore_eos": True}  # fmt: skip
             try:
-                resp = clients[i].post("/v1/completions", json=body)
-                assert resp.status_code == 200, resp.text
+                return clients[i].post("/v1/completions", json=body).status_code
             finally:
                 clients[i].close()
 
+        def inflight() -> int:
+            return sum(w["inflight"] for w in proxy.stats()["workers"]["pool"])
+
         with ThreadPoolExecutor(6) as threads:
-            list(threads.map(one, range(6)))
+            answers = []
+            for i in range(6):
+                answers.append(threads.submit(one, i))
+                wait_for(lambda n=i + 1: inflight() == n)  # type: ignore[misc]
+            assert [answer.result() for answer in answers] == [200] * 6
         for sim in pool:
             assert all("kv_transfer_params" not in r["body"] for r in legs(sim))
             assert [r for r in sim.records() if r["path"] == "/tokenize"] == []
