@@ -37,6 +37,9 @@ def fresh(_failover: Topology) -> Topology:
     _failover.reset()
     workers = lambda: _failover.proxy.stats()["workers"]  # noqa: E731
     wait_for(lambda: all(w["available"] for r in ("prefill", "decode") for w in workers()[r]))
+    # and idle: least_loaded gives the first decoder each test's request (the one given a
+    # fault) only if the last test's legs have all ended there
+    wait_for(lambda: all(w["inflight"] == 0 for r in ("prefill", "decode") for w in workers()[r]))
     return _failover
 
 
