@@ -142,17 +142,82 @@ class Proxy(Service):
 
 
 def start_proxy(
-    tmp: Path, prefill: list[Sim], decode: list[Sim], *args: str, name: str = "proxy"
+    tmp: Path,
+    prefill: list[Sim],
+    decode: list[Sim],
+    *args: str,
+    name: str = "proxy",
+    workers: int = 1,
 ) -> Proxy:
-    s = launch.start_proxy(
-        [p.url for p in prefill],
-        [d.url for d in decode],
-        "--stats-interval",
-        "0",
-        *args,
-        log=tmp / f"{name}-{launch.free_port()}.log",
+    """A proxy over these engines; with `workers` > 1 `serve --workers N`, once every serving
+    process takes requests (see `spawn_serving`)."""
+    port = launch.free_port()
+    cmd = ["serve", "--port", str(port), "--stats-interval", "0", *args]
+    for role, sims in (("--prefill", prefill), ("--decode", decode)):
+        for sim in sims:
+            cmd += [role, sim.url]
+    proxy = spawn_serving(cmd, port, tmp / f"{name}-{port}.log", workers)
+    proxy.prefill, proxy.decode = prefill, decode
+    return proxy
+
+
+# -- the proxy as several serving processes (`serve --workers N`) ---------------------------
+
+WORKERS_REFUSED = "set workers: 1"  # what the config says when it runs in one process only
+
+
+def spawn_serving(cmd: list[str], port: int, log: Path, workers: int = 1) -> Proxy:
+    """`python -m proxy CMD` listening on `port`; with `workers` > 1 with `--workers N`, ready
+    once every serving process is connected (three processes start: a minute on a busy box).
+    A proxy that refuses to run in several processes skips the test, quoting its refusal: what
+    it refuses today runs once the refusal goes, with no change here."""
+    if workers > 1:
+        cmd = [*cmd, "--workers", str(workers)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        s = launch.spawn(cmd, url, log, ready_path="/metrics", timeout=30 if workers == 1 else 120)
+    except RuntimeError as error:
+        refused = [line for line in str(error).splitlines() if WORKERS_REFUSED in line]
+        if workers > 1 and refused:  # "config: connector X runs in one process (why): set ..."
+            why = refused[0].split(" (")[0].split("config: ")[-1].strip()
+            pytest.skip(f"the proxy refuses workers {workers}: {why}")
+        raise
+    proxy = Proxy(s.url, s.args, s.log, s.proc)
+    if workers > 1:
+        try:
+            wait_for(lambda: serving(proxy) == workers, 90)
+        except AssertionError:
+            proxy.stop()
+            raise
+    return proxy
+
+
+def serving(proxy: Proxy) -> int:
+    """How many of the proxy's serving processes are up and connected to the control process."""
+    processes = proxy.stats().get("processes", [])
+    return sum(1 for p in processes if p["connected"] and p["pid"])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "workers2: runs also against `serve --workers 2` (see pytest_generate_tests)"
     )
-    return Proxy(s.url, s.args, s.log, s.proc, prefill, decode)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`serving_procs`: how many serving processes (`--workers`) the test's proxies run; 1 for
+    every test that asks, and 2 too for one marked `workers2` (ids `w1`, `w2`). Session-scoped,
+    so that each topology is started once per count and the tests of one count run together."""
+    if "serving_procs" in metafunc.fixturenames:
+        counts = [1, 2] if metafunc.definition.get_closest_marker("workers2") else [1]
+        ids = [f"w{n}" for n in counts]
+        metafunc.parametrize("serving_procs", counts, ids=ids, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def serving_procs(request: pytest.FixtureRequest) -> int:
+    count: int = request.param
+    return count
 
 
 @contextmanager

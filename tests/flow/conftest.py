@@ -1,5 +1,7 @@
 """The behaviour suite's topologies, one set per connector (`connector` is parametrized over
-every connector; see rig.py). Topologies live as long as their scope; each test resets the sims."""
+every connector; see rig.py) and per count of serving processes (`serving_procs`: 1, and 2 too
+for a test marked `workers2`, tests/conftest.py). Topologies live as long as their scope; each
+test resets the sims."""
 
 from __future__ import annotations
 
@@ -64,8 +66,8 @@ def _topology(engines: Engines, name: str, **kw: object) -> Iterator[Topology]:
 
 
 @pytest.fixture(scope="session")
-def _pd(engines: Engines) -> Iterator[Topology]:
-    yield from _topology(engines, "1p1d")
+def _pd(engines: Engines, serving_procs: int) -> Iterator[Topology]:
+    yield from _topology(engines, "1p1d", workers=serving_procs)
 
 
 @pytest.fixture
@@ -75,8 +77,8 @@ def pd(_pd: Topology) -> Topology:
 
 
 @pytest.fixture(scope="session")
-def _strict(engines: Engines) -> Iterator[Topology]:
-    yield from _topology(engines, "strict", config=STRICT)
+def _strict(engines: Engines, serving_procs: int) -> Iterator[Topology]:
+    yield from _topology(engines, "strict", config=STRICT, workers=serving_procs)
 
 
 @pytest.fixture
@@ -86,8 +88,8 @@ def strict(_strict: Topology) -> Topology:
 
 
 @pytest.fixture(scope="session")
-def _pd_2p2d(engines: Engines) -> Iterator[Topology]:
-    yield from _topology(engines, "2p2d", prefillers=2, decoders=2)
+def _pd_2p2d(engines: Engines, serving_procs: int) -> Iterator[Topology]:
+    yield from _topology(engines, "2p2d", prefillers=2, decoders=2, workers=serving_procs)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ with, so each topology starts its own prefillers; the decoders (LMCache receiver
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,7 @@ from typing import Any
 
 import httpx
 
-from pdsim.launch import spawn
-from tests.conftest import MODEL, Proxy, Sim, free_port, start_sim
+from tests.conftest import MODEL, Proxy, Sim, free_port, spawn_serving, start_sim
 
 DEADLINE = 1.5  # lmcache.notify_timeout of every LMCache topology, seconds
 SPEED = ("--speed-factor", "0.05")
@@ -111,10 +111,11 @@ def lmcache_decode_params(topo: Topology, prefill: Body, params: Body | None) ->
 
 
 def lmcache_prefill_params(topo: Topology, record: Body) -> Body:
-    """`disagg_spec` names a fresh transfer id and the decoder's receiver (the rig's decoders
-    are TP 1: one port each)."""
+    """`disagg_spec` names a fresh transfer id (with several serving processes, the one that
+    made it: `pdp-lmc-w2-...`) and the decoder's receiver (the rig's decoders are TP 1: one
+    port each)."""
     req_id = record["body"]["kv_transfer_params"]["disagg_spec"]["req_id"]
-    assert req_id.startswith("pdp-lmc-") and len(req_id) == 40
+    assert re.fullmatch(r"pdp-lmc-(w[0-9]+-)?[0-9a-f]{32}", req_id), req_id
     [receiver] = topo.receivers
     return {
         "ret_first_tok": True,
@@ -291,10 +292,11 @@ def start_topology(
     config: str = "",
     own_prefillers: int = 0,
     lmcache: LMCacheSetup | None = None,
+    workers: int = 1,
 ) -> Topology:
-    """A proxy (`config` appended to its YAML) over `decoders` shared decoders and `prefillers`
-    prefillers, the first `own_prefillers` of which are started for it alone (as every LMCache
-    prefiller is)."""
+    """A proxy (`config` appended to its YAML; `workers` serving processes) over `decoders`
+    shared decoders and `prefillers` prefillers, the first `own_prefillers` of which are started
+    for it alone (as every LMCache prefiller is)."""
     wire = engines.wire
     setup = lmcache or LMCacheSetup()
     notify = free_port() if wire.name == "lmcache" else 0
@@ -311,7 +313,7 @@ def start_topology(
             decode = [engines.decoder(f"{wire.name}-{name}-d{i}", setup) for i in range(decoders)]
             owned += [sim for sim, _ in decode]
         proxy = start_proxy_over(engines, name, owned[:own_prefillers] + shared, decode, config,
-                                 notify, setup)  # fmt: skip
+                                 notify, setup, workers)  # fmt: skip
     except BaseException:
         for sim in owned:
             sim.stop()
@@ -328,9 +330,10 @@ def start_proxy_over(
     config: str = "",
     notify: int = 0,
     setup: LMCacheSetup | None = None,
+    workers: int = 1,
 ) -> Proxy:
     """A proxy of `engines`' connector over these engines (`notify`: the LMCache notification
-    port its prefillers send to)."""
+    port its prefillers send to), with `workers` serving processes."""
     wire = engines.wire
     lines = [f"connector: {wire.name}"]
     if wire.name == "lmcache":
@@ -348,17 +351,18 @@ def start_proxy_over(
             )
     path = engines.logs / f"{wire.name}-{name}.yaml"
     path.write_text("\n".join(lines) + "\n" + config)
-    proxy = start_proxy_config(engines.logs, path, f"{wire.name}-{name}")
+    proxy = start_proxy_config(engines.logs, path, f"{wire.name}-{name}", workers)
     proxy.prefill, proxy.decode = prefill, [sim for sim, _ in decode]
     return proxy
 
 
-def start_proxy_config(logs: Path, config: Path, name: str) -> Proxy:
-    """`serve --config config`, ready once /metrics answers."""
+def start_proxy_config(logs: Path, config: Path, name: str, workers: int = 1) -> Proxy:
+    """`serve --config config` (`--workers N` for more than one), ready once /metrics answers
+    and every serving process is connected; a test whose config the proxy refuses to run in
+    several processes is skipped, quoting the refusal."""
     port = free_port()
     cmd = ["serve", "--port", str(port), "--stats-interval", "0", "--config", str(config)]
-    s = spawn(cmd, f"http://127.0.0.1:{port}", logs / f"{name}-proxy.log", ready_path="/metrics")
-    return Proxy(s.url, s.args, s.log, s.proc)
+    return spawn_serving(cmd, port, logs / f"{name}-w{workers}-proxy.log", workers)
 
 
 # -- requests and answers -------------------------------------------------------------------

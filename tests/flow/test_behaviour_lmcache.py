@@ -39,6 +39,7 @@ WAITING = "pdproxy_lmcache_waiting_requests"
 # --- transfer ids and notifications ---
 
 
+@pytest.mark.workers2
 def test_transfer_ids_are_unique_per_request(pd: Topology) -> None:
     for _ in range(3):
         assert post(pd, {"model": MODEL, "prompt": "same prompt", "max_tokens": 2}).is_success
@@ -49,6 +50,7 @@ def test_transfer_ids_are_unique_per_request(pd: Topology) -> None:
     assert len(set(ids)) == 3
 
 
+@pytest.mark.workers2
 def test_concurrent_requests_each_get_their_own_notification(pd: Topology) -> None:
     before = pd.proxy.metrics().total(NOTES, result="matched")
     statuses: list[int] = []
@@ -63,9 +65,9 @@ def test_concurrent_requests_each_get_their_own_notification(pd: Topology) -> No
     for t in threads:
         t.join()
     assert statuses == [200] * 24
-    metrics = pd.proxy.metrics()
-    assert metrics.total(NOTES, result="matched") - before == 24
-    assert metrics.total(WAITING) == 0
+    # (a serving process's counters reach /metrics with its next report: waited for)
+    wait_for(lambda: pd.proxy.metrics().total(NOTES, result="matched") - before == 24)
+    assert pd.proxy.metrics().total(WAITING) == 0
     assert pd.decode[0].metric(HITS) == 24 and pd.decode[0].metric(RECOMPUTED) == 0
 
 

@@ -109,6 +109,7 @@ def test_usage_counts_each_prompt_once() -> None:
 # -- through the proxy (1p1d) --------------------------------------------------------------
 
 
+@pytest.mark.workers2
 def test_prompt_list_equals_the_decoders_own_batch(pd: Topology) -> None:
     decoder = pd.decode[0]
     body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 8, "return_token_ids": True}
@@ -124,6 +125,7 @@ def test_prompt_list_equals_the_decoders_own_batch(pd: Topology) -> None:
     assert set(got) == set(want) and got["metrics"] is None
 
 
+@pytest.mark.workers2
 def test_prompt_list_stream_merges_into_one_stream(pd: Topology) -> None:
     body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 12, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -153,6 +155,7 @@ def test_token_id_prompts(pd: Topology) -> None:
         same_choices(got, post(decoder.url + "/v1/completions", body))
 
 
+@pytest.mark.workers2
 def test_n_with_a_seed_answers_as_vllm_answers_n(pd: Topology) -> None:
     """vLLM gives its j-th sample the seed seed + j: so does the fan-out, so the n choices equal
     the decoder's own n-sample answer, each one disaggregated."""
@@ -260,9 +263,9 @@ FANOUT_STRICT = (  # no failover of any kind: a failure ends the request
 
 
 @pytest.fixture(scope="module")
-def strict(engines: Engines) -> Iterator[Topology]:
+def strict(engines: Engines, serving_procs: int) -> Iterator[Topology]:
     """2p2d, round robin, no failover, at most 4 completions and 2 sub-requests at a time."""
-    topo = start_topology(engines, "fanout-strict", 2, 2, FANOUT_STRICT)
+    topo = start_topology(engines, "fanout-strict", 2, 2, FANOUT_STRICT, workers=serving_procs)
     try:
         yield topo
     finally:
@@ -274,6 +277,7 @@ def fresh(strict: Topology) -> Topology:
     return strict.reset()
 
 
+@pytest.mark.workers2
 def test_batch_over_the_limit_is_a_400_naming_it(fresh: Topology) -> None:
     err = post(fresh.url + "/v1/completions", {"model": MODEL, "prompt": ["a"] * 5}, status=400)
     message = err["error"]["message"]
@@ -285,6 +289,7 @@ def test_batch_over_the_limit_is_a_400_naming_it(fresh: Topology) -> None:
     assert all(s.generation_records() == [] for s in fresh.prefill + fresh.decode)
 
 
+@pytest.mark.workers2
 def test_at_most_max_parallel_sub_requests_in_flight(fresh: Topology) -> None:
     for p in fresh.prefill:
         p.faults(stall_seconds=0.3)
@@ -373,6 +378,7 @@ def test_a_prefiller_dying_fails_the_batch_and_cancels_the_rest(engines: Engines
         topo.stop()
 
 
+@pytest.mark.workers2
 def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
     fresh: Topology,
 ) -> None:
@@ -394,6 +400,7 @@ def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
     assert not held(fresh.prefill, rid)
 
 
+@pytest.mark.workers2
 def test_a_client_leaving_cancels_every_sub_request(pd: Topology) -> None:
     d0 = pd.decode[0]
     body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 16000, "ignore_eos": True,
@@ -408,7 +415,10 @@ def test_a_client_leaving_cancels_every_sub_request(pd: Topology) -> None:
         wait_for(lambda: len(d0.generation_records()) == 3)
         next(resp.iter_bytes())  # the stream started; then the client goes
     wait_for(lambda: d0.metric("pdsim:aborted_requests_total", phase="decode") == 3, 5)
-    after = pd.proxy.metrics().total("pdproxy_client_disconnects_total", phase="decode")
-    assert after - before == 1
+    # (a serving process's counters reach /metrics with its next report: waited for)
+    metrics = pd.proxy.metrics
+    wait_for(
+        lambda: metrics().total("pdproxy_client_disconnects_total", phase="decode") - before == 1
+    )
     assert not held(pd.prefill, rid)
     assert pd.kv_in(d0) == 3

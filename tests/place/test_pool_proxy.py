@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Proxy, Sim, running, sse_events, start_proxy, start_sim, wait_for
+from tests.procs.clients import pinned_clients
 
 WORDS = "the river turned toward the sea before the city and the people knew its water well"
 LONG = " ".join([WORDS] * 40)  # ~680 tokens
@@ -45,7 +46,7 @@ def config(tmp: Path, **keys: Any) -> str:
     return str(path)
 
 
-def start_pool_proxy(tmp: Path, engines: list[Sim], **keys: Any) -> Proxy:
+def start_pool_proxy(tmp: Path, engines: list[Sim], workers: int = 1, **keys: Any) -> Proxy:
     planner = {
         "interval": 0.1,
         "hold": 1,
@@ -54,7 +55,7 @@ def start_pool_proxy(tmp: Path, engines: list[Sim], **keys: Any) -> Proxy:
         **keys.pop("planner", {}),
     }
     cfg = config(tmp, pool=[e.url for e in engines], pool_planner=planner, **keys)
-    return start_proxy(tmp, [], [], "--config", cfg)
+    return start_proxy(tmp, [], [], "--config", cfg, workers=workers)
 
 
 def complete(
@@ -154,18 +155,21 @@ def test_no_prompt_counts_as_cached_on_engines_without_a_prefix_cache(
         assert reasons == ["long", "long"]
 
 
+@pytest.mark.workers2
 def test_the_controller_moves_an_engine_to_prefill_under_long_prompts(
-    tmp_path: Path, pool: list[Sim]
+    tmp_path: Path, pool: list[Sim], serving_procs: int
 ) -> None:
     planner = {"prefill_tokens_per_second": 2000, "decode_streams": 8, "decode_prefill_share": 0.2}
-    with running(start_pool_proxy(tmp_path, pool, planner=planner)) as proxy:
+    with running(start_pool_proxy(tmp_path, pool, serving_procs, planner=planner)) as proxy:
         stats = proxy.stats()["pool"]
         assert stats["mode"] == "adaptive" and stats["controller"] == "auto"
         assert stats["engines"] == {"b0": "decode", "b1": "decode", "b2": "decode"}
         # long prompts: first served where they are decoded (nobody leans to prefill yet) ...
         complete(proxy, LONG)
-        total = proxy.metrics().total
-        assert total("pdproxy_disagg_decisions_total", reason="no_prefiller") == 1
+        # (a serving process's counters reach /metrics with its next report: waited for)
+        total = proxy.metrics
+        wait_for(lambda: total().total("pdproxy_disagg_decisions_total", reason="no_prefiller"))
+        assert total().total("pdproxy_disagg_decisions_total", reason="no_prefiller") == 1
         deadline = time.monotonic() + 10
         while proxy.stats()["pool"]["prefill"] == 0 and time.monotonic() < deadline:
             complete(proxy, f"{time.monotonic()} {LONG}")
@@ -173,9 +177,12 @@ def test_the_controller_moves_an_engine_to_prefill_under_long_prompts(
         assert stats["prefill"] >= 1, stats
         change = stats["changes"][0]
         assert change["lean"] == "prefill" and "long prompt tokens/s" in change["why"]
-        # ... then prefilled apart
-        complete(proxy, "once more: " + LONG)
-        assert proxy.metrics().total("pdproxy_disagg_decisions_total", reason="long") >= 1
+        # ... then prefilled apart (by every serving process once the lean reached it: its
+        # snapshot follows the change by tens of milliseconds)
+        deadline = time.monotonic() + 10
+        while not total().total("pdproxy_disagg_decisions_total", reason="long"):
+            assert time.monotonic() < deadline, "no long prompt was prefilled apart"
+            complete(proxy, f"once more {time.monotonic()}: {LONG}")
         metrics = proxy.metrics()  # one scrape: the controller may move more meanwhile
         leaning = metrics.total("pdproxy_pool_engine_lean", lean="prefill")
         assert metrics.total("pdproxy_pool_engines", lean="prefill") == leaning >= 1
@@ -186,7 +193,12 @@ def test_the_controller_moves_an_engine_to_prefill_under_long_prompts(
         # /admin/workers shows each engine's lean and the proxy's own load on it
         workers = httpx.get(proxy.url + "/admin/workers").json()["data"]
         assert {w["id"]: w["lean"] for w in workers}[change["id"]] == "prefill"
-        assert all(w["prefill_tokens"] == 0 and w["decode_streams"] == 0 for w in workers)
+
+        def idle() -> bool:  # (each serving process's share comes with its next report)
+            listed = httpx.get(proxy.url + "/admin/workers").json()["data"]
+            return all(w["prefill_tokens"] == 0 and w["decode_streams"] == 0 for w in listed)
+
+        wait_for(idle, 10)
 
 
 def test_a_failed_prefill_is_retried_on_another_engine_never_the_decoder(
@@ -221,31 +233,56 @@ def test_admin_pool_api_validates(tmp_path: Path, pool: list[Sim]) -> None:
         assert set_leans(proxy, {}, "auto")["controller"] == "auto"
 
 
+@pytest.mark.workers2
 def test_colocated_serves_every_request_whole_without_tokenize(
-    tmp_path: Path, pool: list[Sim]
+    tmp_path: Path, pool: list[Sim], serving_procs: int
 ) -> None:
-    with running(start_pool_proxy(tmp_path, pool, pool_mode="colocated")) as proxy:
+    """Six in flight together, each on a connection of its own and sent once the one before
+    was placed: with `serving_procs` 2, four on one serving process and two on the other,
+    spread as one process spreads them (placed at the same instant, two processes could both
+    take the same least loaded engine: the shared table has no lock)."""
+    with running(start_pool_proxy(tmp_path, pool, serving_procs, pool_mode="colocated")) as proxy:
+        clients = [c for group in pinned_clients(proxy, [4, 2]) for c in group]
+        probes = sum(len(legs(sim)) for sim in pool)  # where each client landed
+        for sim in pool:
+            sim.reset()
 
-        def one(i: int) -> httpx.Response:  # ~100 ms each: all in flight at once
-            return complete(proxy, f"{i} {LONG}", 300, i % 2 == 0, ignore_eos=True)
+        def one(i: int) -> int:  # a second or more each: all in flight together
+            body = {"model": MODEL, "prompt": f"{i} {LONG}", "max_tokens": 1500,
+                    "stream": i % 2 == 0, "ignore_eos": True}  # fmt: skip
+            try:
+                return clients[i].post("/v1/completions", json=body).status_code
+            finally:
+                clients[i].close()
+
+        def inflight() -> int:
+            return sum(w["inflight"] for w in proxy.stats()["workers"]["pool"])
 
         with ThreadPoolExecutor(6) as threads:
-            list(threads.map(one, range(6)))
+            answers = []
+            for i in range(6):
+                answers.append(threads.submit(one, i))
+                wait_for(lambda n=i + 1: inflight() == n)  # type: ignore[misc]
+            assert [answer.result() for answer in answers] == [200] * 6
         for sim in pool:
             assert all("kv_transfer_params" not in r["body"] for r in legs(sim))
             assert [r for r in sim.records() if r["path"] == "/tokenize"] == []
         assert sorted(len(legs(s)) for s in pool) == [2, 2, 2]  # load-aware spread
-        total = proxy.metrics().total
-        assert total("pdproxy_disagg_decisions_total", decision="local", reason="colocated") == 6
+        total = proxy.metrics
+        wait_for(
+            lambda: total().total("pdproxy_disagg_decisions_total", decision="local",
+                                  reason="colocated") == probes + 6
+        )  # fmt: skip
         assert proxy.stats()["pool"]["controller"] == "off"
         assert httpx.put(proxy.url + "/admin/pool", json={"controller": "auto"}).status_code == 409
 
 
+@pytest.mark.workers2
 def test_a_pool_engine_joins_through_the_admin_api_with_both_kv_probes(
-    tmp_path: Path, pool: list[Sim]
+    tmp_path: Path, pool: list[Sim], serving_procs: int
 ) -> None:
     b0, b1, b2 = pool
-    with running(start_pool_proxy(tmp_path, [b0, b1])) as proxy:
+    with running(start_pool_proxy(tmp_path, [b0, b1], serving_procs)) as proxy:
         resp = httpx.post(
             proxy.url + "/admin/workers", json={"url": b2.url, "role": "pool"}, timeout=60
         )

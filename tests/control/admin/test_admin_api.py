@@ -66,12 +66,16 @@ def client_records(sim: Sim) -> list[dict[str, Any]]:
     return [r for r in sim.generation_records() if not (r["x_request_id"] or "").startswith(PROBE)]
 
 
+@pytest.mark.workers2
 def test_a_decoder_joins_under_streaming_load_and_gets_traffic(
-    tmp_path: Path, clean_sims: dict[str, Sim], extra: dict[str, Sim]
+    tmp_path: Path, clean_sims: dict[str, Sim], extra: dict[str, Sim], serving_procs: int
 ) -> None:
     p0, d0, d2 = clean_sims["p0"], clean_sims["d0"], extra["d2"]
     d2.reset()
-    with running(start_proxy(tmp_path, [p0], [d0], "--config", config_file(tmp_path))) as proxy:
+    cfg = config_file(tmp_path)
+    with running(
+        start_proxy(tmp_path, [p0], [d0], "--config", cfg, workers=serving_procs)
+    ) as proxy:
         with Load(proxy.url) as load:
             wait_for(lambda: load.count() >= 10, 20)
             resp = add(proxy, d2.url)
@@ -88,9 +92,10 @@ def test_a_decoder_joins_under_streaming_load_and_gets_traffic(
             wait_for(lambda: d2.metric(XFER) >= 6, 20)
         assert load.lost() == [] and load.tally()["clear_error"] == 0
         assert client_records(d2) and all(r["kv"] == "pulled" for r in client_records(d2))
-        # probes are not client statistics: the proxy counted only the load's requests
-        stats = proxy.stats()
-        assert stats["requests"] == len(load.outcomes)
+        # probes are not client statistics: the proxy counted only the load's requests (a
+        # serving process's reach /stats with its next report)
+        wait_for(lambda: proxy.stats()["requests"] == len(load.outcomes), 10)
+        assert proxy.stats()["requests"] == len(load.outcomes)
         ids = {w["id"]: w["state"] for w in workers(proxy)}
         assert ids == {"p0": "active", "d0": "active", "d1": "active"}
         metrics = proxy.metrics()
@@ -140,14 +145,17 @@ def test_candidates_that_cannot_serve_are_refused_saying_why(
         assert client_records(extra["recompute"]) == []
 
 
+@pytest.mark.workers2
 def test_removing_a_decoder_under_load_loses_nothing_and_it_gets_no_more_traffic(
-    tmp_path: Path, clean_sims: dict[str, Sim], extra: dict[str, Sim]
+    tmp_path: Path, clean_sims: dict[str, Sim], extra: dict[str, Sim], serving_procs: int
 ) -> None:
     p0, d2, d3 = clean_sims["p0"], extra["d2"], extra["d3"]
     for sim in (d2, d3):
         sim.reset()
     cfg = config_file(tmp_path)
-    with running(start_proxy(tmp_path, [p0], [d2, d3], "--config", cfg)) as proxy:
+    with running(
+        start_proxy(tmp_path, [p0], [d2, d3], "--config", cfg, workers=serving_procs)
+    ) as proxy:
         with Load(proxy.url, clients=6, max_tokens=64) as load:
             wait_for(lambda: load.count() >= 12, 30)
             wait_for(lambda: workers(proxy)[2]["inflight"] > 0, 10)
@@ -170,12 +178,15 @@ def test_removing_a_decoder_under_load_loses_nothing_and_it_gets_no_more_traffic
         assert httpx.delete(proxy.url + "/admin/workers/nope").status_code == 404
 
 
+@pytest.mark.workers2
 def test_requests_that_outlive_the_drain_end_with_a_clear_error(
-    tmp_path: Path, clean_sims: dict[str, Sim]
+    tmp_path: Path, clean_sims: dict[str, Sim], serving_procs: int
 ) -> None:
     p0, d0, d1 = clean_sims["p0"], clean_sims["d0"], clean_sims["d1"]
     cfg = config_file(tmp_path, drain_timeout=0.5)
-    with running(start_proxy(tmp_path, [p0], [d0, d1], "--config", cfg)) as proxy:
+    with running(
+        start_proxy(tmp_path, [p0], [d0, d1], "--config", cfg, workers=serving_procs)
+    ) as proxy:
         d1.faults(stall_seconds=30, stall_after_chunks=2)
         d0.faults(stall_seconds=30, stall_after_chunks=2)
         body = {"model": "pdsim/llama-8b", "prompt": "stall", "max_tokens": 50, "stream": True}
@@ -183,6 +194,8 @@ def test_requests_that_outlive_the_drain_end_with_a_clear_error(
             it = resp.iter_bytes()
             first = next(it)
             assert first.startswith(b"data: ")
+            # (several processes: the control process reads the shared load every 50 ms)
+            wait_for(lambda: any(w["role"] == "decode" and w["inflight"] for w in workers(proxy)))
             on = next(w for w in workers(proxy) if w["role"] == "decode" and w["inflight"])
             assert httpx.delete(proxy.url + f"/admin/workers/{on['id']}").status_code == 202
             rest = b"".join(it)
