@@ -22,7 +22,7 @@ H, U, X = Health.HEALTHY, Health.UNKNOWN, Health.UNHEALTHY
         ([(0, 0, H)], 0),
         ([(2, 0, H), (1, 0, H), (3, 0, H)], 1),
         ([(1, 500, H), (1, 100, H)], 1),  # tie on requests: fewer in-flight characters
-        ([(1, 100, H), (1, 100, H)], 0),  # full tie, first pick: lowest index
+        ([(1, 100, H), (1, 100, H)], 0),  # full tie: lowest index
         ([(0, 0, X), (5, 0, U)], 1),  # unhealthy is never chosen, unknown is
         ([(0, 0, X), (0, 0, X)], None),
         ([], None),
@@ -30,16 +30,6 @@ H, U, X = Health.HEALTHY, Health.UNKNOWN, Health.UNHEALTHY
 )
 def test_select(loads: list[tuple[int, int, Health]], expected: int | None) -> None:
     assert make_policy("least_loaded").select(pool(*loads), INFO) == expected
-
-
-def test_a_full_tie_goes_to_the_worker_after_the_last_pick() -> None:
-    """Equal loads (as several serving processes read them at once from the shared table) are
-    taken in turn, not all by the lowest index; a less loaded worker still wins."""
-    policy = make_policy("least_loaded")
-    workers = pool((1, 0, H), (1, 0, H), (1, 0, H))
-    assert [policy.select(workers, INFO) for _ in range(4)] == [0, 1, 2, 0]
-    workers[2].inflight = 0
-    assert [policy.select(workers, INFO) for _ in range(2)] == [2, 2]
 
 
 def test_unknown_policy_name() -> None:
