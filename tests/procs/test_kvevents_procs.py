@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +22,13 @@ import orjson
 import pytest
 
 import proxy.procs.kvreplica as kvreplica
-from pdsim.launch import free_port
 from proxy.engines.kvevents_wire import AllBlocksCleared, BlockRemoved, BlockStored, Event
 from proxy.place.kvindex import KvIndex, prompt_keys
 from proxy.procs.kvreplica import PublishedIndex, Replica, state
-from tests.conftest import MODEL, Proxy, Sim, start_publishing_sim, wait_for
+from tests.conftest import MODEL, Proxy, Sim, wait_for
+from tests.control.test_kvevents_replicas import text
 from tests.flow.rig import start_proxy_config
 
-WORDS = ["block", "cache", "event", "index", "token", "river", "stone", "light"]
 SIZE = 4
 
 
@@ -104,32 +101,6 @@ def test_the_copy_follows_every_change_and_a_late_copy_gets_the_whole_index(
 
 
 # --- the processes ---
-
-
-def text(seed: int, words: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-@pytest.fixture
-def engines(tmp_path: Path) -> Iterator[list[tuple[Sim, dict[str, Any]]]]:
-    """A prefiller and a decoder, each publishing its KV-cache events."""
-    started: list[tuple[Sim, dict[str, Any]]] = []
-    try:
-        for name in ("e0", "e1"):
-            endpoint = {
-                "publisher": f"ipc://{tmp_path}/{name}-kv-events",
-                "replay": f"tcp://127.0.0.1:{free_port()}",
-                "bind": False,
-            }
-            sim = start_publishing_sim(
-                tmp_path, name, endpoint["publisher"], endpoint["replay"], 64
-            )
-            started.append((sim, endpoint))
-        yield started
-    finally:
-        for sim, _ in started:
-            sim.stop()
 
 
 def start(tmp: Path, engines: list[tuple[Sim, dict[str, Any]]], workers: int) -> Proxy:
