@@ -47,3 +47,4 @@ class RelayedIndex(PrefixIndex):
         """The other processes' placements, relayed by the control process."""
         for blocks, url in placements:
             PrefixIndex.record(self, blocks, url)
+            self.reports.prefixes_learned += 1

@@ -66,6 +66,8 @@ class Reports:
     # new prefix placements, for the other processes' indexes (proxy.procs.prefixes)
     prefixes: list[tuple[list[int], str]] = field(default_factory=list)
     prefixes_dropped: int = 0  # left out of the reports: more than a report's limit
+    prefixes_learned: int = 0  # the other processes' placements taken in (relayed to it)
+    learned_sent: int = 0  # prefixes_learned as last sent
     # counters outside ProxyMetrics whose gains are reported too (the connector's), by name
     extra: dict[str, Counter] = field(default_factory=dict)
     # values the control process sums over the processes (proxy.procs.report.Intake.gauge)
@@ -103,7 +105,7 @@ class Reports:
         counters = self._counter_gains(metrics)
         gauged = {name: read() for name, read in self.gauges.items()}
         news = bool(self.timings or self.outcomes or counters or any(self.prompts) or self.prefixes)
-        news = news or gauged != self.gauged
+        news = news or gauged != self.gauged or self.prefixes_learned != self.learned_sent
         if not news and routing_changed_at == self.routing_changed_at:
             return None
         self.routing_changed_at = routing_changed_at
@@ -119,7 +121,9 @@ class Reports:
             "routing_changed_at": routing_changed_at,
             "prompts": self.prompts,
             "gauges": gauged,
+            "prefixes_learned": self.prefixes_learned,
         }
+        self.learned_sent = self.prefixes_learned
         if self.prefixes:
             report["prefixes"] = self.prefixes
             report["prefixes_dropped"] = self.prefixes_dropped  # since the process started

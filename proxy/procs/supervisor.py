@@ -92,6 +92,7 @@ class ServingProcess:
     acked: int = 0  # the last report taken from it
     routing_changed_at: float = 0.0  # time(): when a snapshot last changed who it routes to
     prefixes_dropped: int = 0  # new prefix placements it left out of its reports (over a limit)
+    prefixes_learned: int = 0  # the other processes' placements it took in
 
     def describe(self) -> dict[str, Any]:
         alive = self.proc is not None and self.proc.poll() is None
@@ -103,6 +104,7 @@ class ServingProcess:
             "last_exit": self.last_exit,
             "routing_changed_at": self.routing_changed_at,
             "prefixes_dropped": self.prefixes_dropped,
+            "prefixes_learned": self.prefixes_learned,
         }
 
 
@@ -277,6 +279,7 @@ class Supervisor:
                 if "prefixes" in report:
                     self._relay(process, report["prefixes"])
                     process.prefixes_dropped = int(report.get("prefixes_dropped", 0))
+                process.prefixes_learned = int(report.get("prefixes_learned", 0))
                 process.acked = int(report.get("seq", process.acked))
                 process.routing_changed_at = float(report.get("routing_changed_at", 0.0))
         except ChannelClosed:
