@@ -4,7 +4,8 @@ with the process that accepted it)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -54,3 +55,18 @@ def pinned_clients(
         for client in (c for group in landed.values() for c in group):
             if id(client) not in kept:
                 client.close()
+
+
+def run_clients(
+    clients: Sequence[httpx.Client], send: Callable[[int, httpx.Client], None], timeout: float
+) -> None:
+    """`send(i, client)` in a thread per client, all at once; then every client is closed."""
+    threads = [threading.Thread(target=send, args=(i, c)) for i, c in enumerate(clients)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+    finally:
+        for client in clients:
+            client.close()

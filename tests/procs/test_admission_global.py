@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import MODEL, Sim, running, start_proxy, start_sim, wait_for
-from tests.procs.clients import pinned_clients, process_of
+from tests.procs.clients import pinned_clients, process_of, run_clients
 
 PER_PROCESS = 2  # clients on each serving process
 
@@ -39,22 +39,14 @@ def test_one_slot_is_one_slot_across_both_serving_processes(
         lock = threading.Lock()
         start = threading.Barrier(len(clients))
 
-        def one(client: httpx.Client) -> None:
+        def one(_: int, client: httpx.Client) -> None:
             body = {"model": MODEL, "prompt": "one at a time", "max_tokens": 50}
             start.wait(30)
             resp = client.post("/v1/completions", json=body)
             with lock:
                 outcomes.append((resp.status_code, process_of(resp)))
 
-        threads = [threading.Thread(target=one, args=(c,)) for c in clients]
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
-        finally:
-            for client in clients:
-                client.close()
+        run_clients(clients, one, 60)
         print(f"outcomes: {outcomes}")
         assert Counter(process for _, process in outcomes) == {"w1": 2, "w2": 2}  # both asked
         assert sorted(status for status, _ in outcomes) == [200, 429, 429, 429], outcomes

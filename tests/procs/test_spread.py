@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Proxy, Sim, running, start_proxy, start_sim
-from tests.procs.clients import pinned_clients, process_of
+from tests.procs.clients import pinned_clients, process_of, run_clients
 
 HEAVY, LIGHT = 3, 1  # keep-alive clients on the busier process, on the other one
 ROUNDS = 12  # requests each client sends, one after the other
@@ -58,15 +58,7 @@ def per_decoder(proxy: Proxy, decoders: list[Sim], prefill: Sim) -> tuple[list[i
             with lock:
                 served[process_of(resp)] += 1
 
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(clients)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    finally:
-        for client in clients:
-            client.close()
+    run_clients(clients, run, 120)
     assert sum(served.values()) == len(clients) * ROUNDS, served  # no client failed
     return [len(d.generation_records()) for d in decoders], served
 
