@@ -52,19 +52,18 @@ class ClientRequest:
         return len(self.prompts or (None,)) * self.samples
 
 
-# what a fresh request id starts with; a serving process adds its name (`pdp-w2-...`, see
-# proxy.procs.serving) so that an answer's X-Request-Id says which process served it
-request_id_prefix = "pdp-"
+REQUEST_ID_PREFIX = "pdp-"  # what a fresh request id starts with
 
 
-def new_request_id() -> str:
-    return f"{request_id_prefix}{uuid.uuid4().hex}"
+def new_request_id(prefix: str = REQUEST_ID_PREFIX) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
-def check_request_id(value: bytes | None) -> str:
-    """The client's X-Request-Id if usable, else a fresh one (unique across restarts)."""
+def check_request_id(value: bytes | None, prefix: str = REQUEST_ID_PREFIX) -> str:
+    """The client's X-Request-Id if usable, else a fresh one (unique across restarts) that
+    starts with `prefix`."""
     if value is None or value == b"":
-        return new_request_id()
+        return new_request_id(prefix)
     text = value.decode("latin-1")
     if len(text) > MAX_REQUEST_ID or not text.isprintable() or not text.isascii():
         raise BadRequest(

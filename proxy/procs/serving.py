@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import request
 from proxy.app import authenticator
 from proxy.cli.serve import Server, serve, uvicorn_config
 from proxy.config import ProxyConfig
@@ -98,6 +97,7 @@ class ServingApp:
             authenticator(config), self.reports if config.has_pool else None, prefixes,
         )  # fmt: skip
         self.services = self.plane.services
+        self.services.request_id_prefix = f"pdp-{name}-"
         self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
         index = index_of(name)  # the shared tables, until the lifespan ends
         self.admission = SharedAdmission.attach(admission, index)
@@ -217,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ProxyConfig.model_validate_json((args.dir / CONFIG).read_bytes())
     logging.basicConfig(level=config.log_level.upper())
     name_logs(args.name)
-    request.request_id_prefix = f"pdp-{args.name}-"
     app = ServingApp(config, args.name, args.dir, args.load_table, args.admission)
     server = Server(uvicorn_config(app, config), app)
     app.link.lost = lambda: server.handle_exit(signal.SIGTERM, None)

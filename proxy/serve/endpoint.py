@@ -35,7 +35,7 @@ from proxy.flow.progress import Progress
 from proxy.flow.sink import Sink
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
-from proxy.request import ClientRequest, check_request_id, parse_request
+from proxy.request import REQUEST_ID_PREFIX, ClientRequest, check_request_id, parse_request
 from proxy.serve.admission import Gate
 from proxy.serve.responder import Receive, Responder, Scope, Send, read_body, request_header
 
@@ -54,6 +54,9 @@ class Services:
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     timelines: TimelineRing = field(default_factory=TimelineRing)  # recent requests, bounded
     draining: bool = False
+    # what the ids the proxy makes start with: a serving process adds its name (`pdp-w2-`,
+    # proxy.procs.serving), so that an answer's X-Request-Id says which process served it
+    request_id_prefix: str = REQUEST_ID_PREFIX
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     ended: dict[asyncio.Task[Any], str] = field(default_factory=dict)  # task -> why, until it ends
 
@@ -88,7 +91,9 @@ class CompletionEndpoint:
             self.services.auth.check_api(scope["headers"])
             if self.services.draining:
                 raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
-            out.request_id = check_request_id(request_header(scope, b"x-request-id"))
+            out.request_id = check_request_id(
+                request_header(scope, b"x-request-id"), self.services.request_id_prefix
+            )
             raw = await read_body(receive, scope, self.services.max_body_bytes)
             priority = request_header(scope, b"x-vllm-priority")
             request = parse_request(self.path, raw, out.request_id, priority)

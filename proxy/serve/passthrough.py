@@ -71,7 +71,9 @@ class PassThrough:
                 svc.auth.check_api(scope["headers"])
             if svc.draining:
                 raise NoWorkerAvailable("the proxy is shutting down; send the request elsewhere")
-            out.request_id = check_request_id(request_header(scope, b"x-request-id"))
+            out.request_id = check_request_id(
+                request_header(scope, b"x-request-id"), svc.request_id_prefix
+            )
             body = b""
             if self.method != b"GET":
                 body = await read_body(receive, scope, svc.max_body_bytes)
