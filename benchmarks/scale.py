@@ -292,6 +292,58 @@ def group_cpu(pgid: int) -> float:
     return total / CLK_TCK
 
 
+KERNEL_COUNTS = ("user_s", "system_s", "reads", "writes", "voluntary", "involuntary")
+
+
+def group_counts(pgid: int) -> dict[str, float]:
+    """What every live process in group `pgid` did, summed: user and system CPU seconds, read and
+    write system calls (/proc/<pid>/io syscr, syscw: all its threads), and context switches, the
+    voluntary ones (it waited: epoll with nothing ready, a lock) and the involuntary ones (it was
+    preempted), over all its threads (/proc/<pid>/task/*/status)."""
+    total = dict.fromkeys(KERNEL_COUNTS, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            io = dict(line.split(": ") for line in (entry / "io").read_text().splitlines())
+            tasks = [(t / "status").read_text() for t in (entry / "task").iterdir()]
+        except (OSError, ValueError):
+            continue
+        total["user_s"] += int(fields[11]) / CLK_TCK
+        total["system_s"] += int(fields[12]) / CLK_TCK
+        total["reads"] += int(io.get("syscr", 0))
+        total["writes"] += int(io.get("syscw", 0))
+        for status in tasks:
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total["voluntary"] += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    total["involuntary"] += int(line.split()[1])
+    return total
+
+
+def per_request(before: dict[str, float], after: dict[str, float], done: int) -> dict[str, float]:
+    """group_counts over a run, per request: CPU in µs, the rest as counts."""
+    out = {}
+    for key in KERNEL_COUNTS:
+        value = (after[key] - before[key]) / done if done else 0.0
+        out[key.replace("_s", "_us")] = (
+            round(value * 1e6) if key.endswith("_s") else round(value, 2)
+        )
+    return out
+
+
+def py_spy(exe: str, pid: int, secs: float, path: Path) -> subprocess.Popen[bytes]:
+    """Samples `pid`'s Python stacks for `secs` (py-spy record, raw collapsed stacks at `path`:
+    one line per stack, `frame;frame;... count`); the caller waits for it."""
+    argv = [exe, "record", "--nonblocking", "-r", "250", "-d", str(max(1, int(secs))), "-f", "raw"]
+    argv += ["-o", str(path), "-p", str(pid)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def own_cpu(pid: int) -> float:
     """user + system CPU seconds of one process (all its threads, not its children)."""
     try:
@@ -308,23 +360,32 @@ async def throughput(
     pid: int | None,
     ports: list[int] | None = None,
     each: dict[str, int] | None = None,
+    profile: tuple[Path, int] | None = None,
 ) -> dict[str, Any]:
     """One wrk run at --conc connections, with the CPU of everything involved around it;
-    `each`: processes (name: pid) whose own CPU share is reported one by one."""
+    `each`: processes (name: pid) whose own CPU share is reported one by one; `profile`: (path,
+    pid) of a process to sample with py-spy (--py-spy) during the run."""
     lay = rig.layout
     script = wrk_script(args.tmp, args.tokens, ports or [])
     threads = len(ports) if ports else max(len(lay.loadgen), args.wrk_threads)
     await counts(rig, reset=True)
     fake0 = {p.name: cpu_seconds(p.pid) for p in rig.fakes()}
     proxy0 = group_cpu(pid) if pid else 0.0
+    counts0 = group_counts(pid) if pid else None
     each0 = {k: own_cpu(v) for k, v in (each or {}).items()}
     cores0, t0 = core_times(), time.perf_counter()
+    spy = None
+    if profile is not None and args.py_spy:  # a little shorter than the run: it must end inside
+        spy = py_spy(args.py_spy, profile[1], args.duration - 1, profile[0])
     res = await asyncio.to_thread(
         run_wrk, args.wrk, script, url, lay.loadgen, threads, args.conc, args.duration
     )
     wall = time.perf_counter() - t0
     busy = core_busy(cores0, core_times())
     proxy_cpu = group_cpu(pid) - proxy0 if pid else None
+    kernel = per_request(counts0, group_counts(pid), res["requests"]) if pid and counts0 else None
+    if spy is not None:
+        await asyncio.to_thread(spy.wait)
     fakes = {
         p.name: round(100 * (cpu_seconds(p.pid) - fake0[p.name]) / wall, 1) for p in rig.fakes()
     }
@@ -336,6 +397,7 @@ async def throughput(
         proxy_cpu_s=proxy_cpu,
         proxy_cpu_us_per_req=proxy_cpu / done * 1e6 if proxy_cpu is not None and done else None,
         proxy_cores_used=proxy_cpu / wall if proxy_cpu is not None else None,
+        proxy_per_request=kernel,
         fake_cpu_pct=fakes,
         proxy_process_cpu_pct=per_proc,
         wrk_cpu_pct=round(100 * res["cpu_s"] / wall, 1),
@@ -508,7 +570,13 @@ async def variant(
         )  # warm-up: connections, caches, the processes' first requests
         each = {"control": proc.pid} if kind == "pdproxy" and n > 1 else {}
         each.update({p["name"]: p["pid"] for p in row.get("processes_before", []) if p["pid"]})
-        row["throughput"] = await throughput(args, rig, proc.url, proc.pid, each=each)
+        sampled = next((p["pid"] for p in row.get("processes_before", []) if p["pid"]), proc.pid)
+        profile = (Path(f"{args.out}-{name}.spy.txt"), sampled) if kind == "pdproxy" else None
+        row["throughput"] = await throughput(
+            args, rig, proc.url, proc.pid, each=each, profile=profile
+        )
+        if profile is not None and args.py_spy:
+            row["profile"] = profile[0].name
         if kind == "pdproxy" and n > 1:
             row["processes_after"] = await serving_processes(proc.url, n, 10.0)
             restarts = sum(p.get("restarts", 0) for p in row["processes_after"])
@@ -753,6 +821,24 @@ def render(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "## Where the proxy's time goes, per request (the throughput runs)",
+        "",
+        "Its whole process group, over the requests wrk completed: user and system CPU, read and",
+        "write system calls, context switches (voluntary: it waited with nothing to do;",
+        "involuntary: it was preempted).",
+        "",
+        "| target | N | user µs | system µs | reads | writes | voluntary | involuntary |",
+        "|" + "---|" * 8,
+    ]
+    for r in result["rows"]:
+        k = r["throughput"].get("proxy_per_request")
+        if k:
+            lines.append(
+                f"| {r['kind']} | {r['n']} | {k['user_us']} | {k['system_us']} | {k['reads']} "
+                f"| {k['writes']} | {k['voluntary']} | {k['involuntary']} |"
+            )
+    lines += [
+        "",
         "## Floor TTFT (ms, the same runs)",
         "",
         "| target | N | c=1 floor p50 / p99 | c=1 proxy p50 / p99 | c=64 floor p50 / p99 "
@@ -882,6 +968,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ttft-rounds", type=int, default=4, help="interleaved rounds")
     p.add_argument("--pdproxy-args", nargs="*", default=[], help="more `serve` flags")
     p.add_argument("--quick", action="store_true", help="small TTFT phases, 3 s runs")
+    p.add_argument("--py-spy", default="", metavar="PATH",
+                   help="py-spy binary: sample one serving process (or the one process) of "
+                        "each pdproxy variant during its wrk run; raw stacks at "
+                        "<out>-pdproxy-N.spy.txt")  # fmt: skip
     p.add_argument("--out", default=str(RESULTS / "scale"), help="results path stem")
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

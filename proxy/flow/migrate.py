@@ -43,7 +43,9 @@ from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.request import COMPLETIONS, ClientRequest
 
 # the token ids of one event: the prompt's (first chunk) and the chunk's generated ones
-_IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')
+_PROMPT_IDS = re.compile(rb'"prompt_token_ids":\[([0-9, ]*)\]')
+_TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9, ]*)\]')  # a generated token's (not the prompt's)
+_NO_TEXT = (b'"text":""', b'"content":""')  # an event whose token's text has not come out
 _SPLIT_OUT = re.compile(rb'"(reasoning|reasoning_content|tool_calls)":[\["{]')
 ERROR_EVENT = re.compile(rb'data: \{"error": ?\{')  # vLLM writes it with json.dumps, a space
 # what a continuation keeps of the client's body: the sampling parameters and the request's
@@ -169,11 +171,52 @@ class Transcript:
             self._note_text(events)
         if b'token_ids":[' not in events:
             return events
-        if not self.keep_ids:
-            return _IDS.sub(self._take_and_hide, events)
-        for match in _IDS.finditer(events):
-            self._take(match)
-        return events
+        # one scan: the pieces between the generated tokens' id lists, and the lists' digits
+        pieces = _TOKEN_IDS.split(events)
+        prompt = self._note_ids(events, pieces[1::2])
+        if self.keep_ids:
+            return events
+        events = b'"token_ids":null'.join(pieces[::2])
+        return _PROMPT_IDS.sub(b'"prompt_token_ids":null', events) if prompt else events
+
+    def _note_ids(self, events: bytes, digits: list[bytes]) -> bool:
+        """Note the token ids in `events` (`digits`: each generated token id list's inside),
+        the whole batch at once, as this runs for every read of every streamed answer. True if
+        the prompt's ids are among them."""
+        at = events.rfind(b'"prompt_token_ids":[')
+        prompt = _PROMPT_IDS.match(events, at) if at >= 0 else None
+        if prompt is not None:
+            self.prompt_ids = orjson.loads(b"[" + prompt[1] + b"]")
+        if not digits:
+            return prompt is not None
+        self.generated += orjson.loads(b"[" + b",".join(d for d in digits if d.strip()) + b"]")
+        # the events after the last one whose text is empty (all of them if none is)
+        empty = max(events.rfind(_NO_TEXT[0]), events.rfind(_NO_TEXT[1]))
+        token = _TOKEN_IDS.search(events, events.find(b"\n\n", empty) if empty >= 0 else 0)
+        while token is not None and not token[1].strip():
+            token = _TOKEN_IDS.search(events, token.end())
+        if token is not None:
+            self.silent = 0  # a later token with an id has its text out
+        elif empty >= 0:
+            self.silent = self._silent_after(events, self.silent)
+        return prompt is not None
+
+    @staticmethod
+    def _silent_after(events: bytes, silent: int) -> int:
+        """`silent` after `events`, whose last token with an id has empty text: the ids of the
+        events with empty text after the last one whose is not (added to `silent` if none)."""
+        count = 0
+        for token in reversed(list(_TOKEN_IDS.finditer(events))):
+            ids = token[1].count(b",") + 1 if token[1].strip() else 0
+            if not ids:
+                continue
+            start = events.rfind(b"\n\n", 0, token.start()) + 1
+            if events.find(_NO_TEXT[0], start, token.start()) < 0 and (
+                events.find(_NO_TEXT[1], start, token.start()) < 0
+            ):
+                return count
+            count += ids
+        return silent + count
 
     def _note_text(self, events: bytes) -> None:
         for event in events.split(b"\n\n"):
@@ -183,18 +226,6 @@ class Transcript:
                     if piece:
                         self.text.append(piece)
 
-    def _take(self, match: re.Match[bytes]) -> None:
-        ids: list[int] = orjson.loads(b"[" + match[2] + b"]")  # digits, commas, spaces
-        if match[1]:
-            self.prompt_ids = ids
-            return
-        self.generated += ids
-        event = match.string[match.string.rfind(b"\n\n", 0, match.start()) + 1 : match.start()]
-        if b'"text":""' in event or b'"content":""' in event:
-            self.silent += len(ids)
-        elif ids:
-            self.silent = 0
-
     @property
     def moved(self) -> list[int]:
         """The generated ids a continuation starts from: all but the last ones whose text has
@@ -202,10 +233,6 @@ class Transcript:
         that ends inside a character, answers its first chunk with the whole prompt's text
         (seen on 0.32); the continuation generates those tokens again instead."""
         return self.generated[: len(self.generated) - self.silent]
-
-    def _take_and_hide(self, match: re.Match[bytes]) -> bytes:
-        self._take(match)
-        return b'"prompt_token_ids":null' if match[1] else b'"token_ids":null'
 
     def usage_event(self, extra: int = 0) -> bytes:
         """The usage chunk of the whole answer (`extra`: completion tokens not noted here)."""

@@ -16,6 +16,8 @@ import orjson
 DONE = b"data: [DONE]"
 # what makes an event more than a token chunk: usage, an error, or a usage-only chunk
 _NOT_A_PLAIN_TOKEN = re.compile(rb'"usage":|"error":|"choices":\[\]')
+_DONE_EVENT = DONE + b"\n\n"
+_WITHOUT_DONE = -len(_DONE_EVENT)
 
 
 def _has_token(event: dict[str, Any]) -> bool:
@@ -71,14 +73,22 @@ class SSEScanner:
             end += 2
             self._tail = out[end:]
             out = out[:end]
-        if self.first_token is not None:
-            # the common case once tokens flow: only token chunks, counted without splitting
-            events = out.count(b"\n\n")
-            if out.count(b"data: {") == events and _NOT_A_PLAIN_TOKEN.search(out) is None:
+        rest = out
+        while self.first_token is None and rest:  # event by event up to the first token
+            event, _, rest = rest.partition(b"\n\n")
+            if event:
+                self._scan(event, now)
+        # the common case once tokens flow: only token chunks (and the end marker), counted
+        # without splitting
+        tokens = rest[:_WITHOUT_DONE] if rest.endswith(_DONE_EVENT) else rest
+        events = tokens.count(b"\n\n")
+        if tokens.count(b"data: {") == events and _NOT_A_PLAIN_TOKEN.search(tokens) is None:
+            if events:
                 self.token_events += events
                 self.last_token = now
-                return out
-        for event in out.split(b"\n\n"):
+            self.done = self.done or len(tokens) < len(rest)
+            return out
+        for event in rest.split(b"\n\n"):
             if event:
                 self._scan(event, now)
         return out

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.flow.migrate import Transcript
 from tests.conftest import MODEL, Proxy, Sim, sse_events, start_proxy, start_sim, wait_for
@@ -272,3 +275,73 @@ def test_a_continuation_starts_after_the_last_token_whose_text_came_out() -> Non
     assert transcript.moved == [7]
     transcript.feed(head + b'[{"index":0,"text":"\\u00e9","token_ids":[10]}]}\n\n')
     assert transcript.moved == [7, 8, 9, 10]
+
+
+def _reference(events: list[bytes]) -> tuple[list[int] | None, list[int], int]:
+    """What a transcript notes of `events`, taken event by event: (prompt ids, generated ids,
+    silent: the ids at the end whose event's text was empty)."""
+    prompt, generated, silent = None, [], 0
+    for event in events:
+        body = orjson.loads(event[len(b"data: ") :])
+        if body.get("prompt_token_ids") is not None:
+            prompt = body["prompt_token_ids"]
+        for choice in body["choices"]:
+            ids = choice.get("token_ids") or []
+            generated += ids
+            text = choice.get("text", (choice.get("delta") or {}).get("content"))
+            if text == "":
+                silent += len(ids)
+            elif ids:
+                silent = 0
+    return prompt, generated, silent
+
+
+_EVENT = st.tuples(
+    st.sampled_from(["", " a", "\\u00e9"]),  # the token's text: empty, a word, an escape
+    st.lists(st.integers(0, 150_000), max_size=3),  # its ids
+    st.booleans(),  # chat (delta.content) or completion (text)
+)
+
+
+@given(
+    prompt=st.none() | st.lists(st.integers(0, 150_000), max_size=5),
+    events=st.lists(_EVENT, min_size=1, max_size=12),
+    cuts=st.lists(st.integers(1, 11), max_size=4),
+    keep=st.booleans(),
+)
+def test_transcript_notes_ids_as_taken_event_by_event(
+    prompt: list[int] | None,
+    events: list[tuple[str, list[int], bool]],
+    cuts: list[int],
+    keep: bool,
+) -> None:
+    """Batches of whole events, cut anywhere between events: the ids noted, the `moved` ids and
+    the events passed on are those of taking each event alone."""
+    raw = []
+    for i, (text, ids, chat) in enumerate(events):
+        piece = f'"delta":{{"content":"{text}"}}' if chat else f'"text":"{text}"'
+        body = f'{{"id":"x","choices":[{{"index":0,{piece},"token_ids":{ids}}}]'
+        if i == 0 and prompt is not None:
+            body += f',"prompt_token_ids":{prompt}'
+        raw.append(f"data: {body}}}".encode().replace(b" ", b"") + b"\n\n")
+    raw = [e.replace(b"data:", b"data: ", 1) for e in raw]
+    transcript = Transcript(keep_ids=keep)
+    out, last = b"", 0
+    for cut in [*sorted(set(c for c in cuts if c < len(raw))), len(raw)]:
+        out += transcript.feed(b"".join(raw[last:cut]))
+        last = cut
+    want_prompt, want_generated, want_silent = _reference([e.rstrip(b"\n") for e in raw])
+    assert transcript.prompt_ids == want_prompt
+    assert transcript.generated == want_generated
+    assert transcript.moved == want_generated[: len(want_generated) - want_silent]
+    if keep:
+        assert out == b"".join(raw)
+    else:
+        for sent, taken in zip(out.split(b"\n\n")[:-1], raw, strict=True):
+            body, given_body = orjson.loads(sent[6:]), orjson.loads(taken[6:])
+            assert body["choices"][0]["token_ids"] is None
+            assert body.get("prompt_token_ids") is None
+            given_body["choices"][0]["token_ids"] = None
+            if "prompt_token_ids" in given_body:
+                given_body["prompt_token_ids"] = None
+            assert body == given_body

@@ -73,3 +73,19 @@ def test_batched_reads_count_like_single_events() -> None:
         assert scanner.token_events == 9, size
         assert scanner.usage == {"prompt_tokens": 3, "completion_tokens": 2}
         assert scanner.done
+
+
+def test_a_whole_answer_in_one_read_counts_like_single_events() -> None:
+    """The role chunk, the tokens and the end marker in one read (a fast engine, a busy proxy):
+    scanned up to the first token, the rest counted at once, the end marker noted."""
+    tokens = [event({"choices": [{"index": 0, "delta": {"content": f"t{i}"}}]}) for i in range(9)]
+    for stream in (ROLE + b"".join(tokens) + DONE, b"".join(tokens) + b": ping\n\n" + DONE):
+        whole, single = SSEScanner(), SSEScanner()
+        assert whole.feed(stream, 1.0) == stream
+        for i, piece in enumerate(stream.split(b"\n\n")[:-1]):
+            single.feed(piece + b"\n\n", 1.0 + i)
+        assert whole.token_events == single.token_events == 9
+        assert whole.first_token == whole.last_token == 1.0 and single.first_token == 1.0 + (
+            stream.startswith(ROLE)
+        )
+        assert whole.done and single.done and whole.usage is None and whole.error is None
