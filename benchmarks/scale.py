@@ -661,7 +661,10 @@ async def main_async(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 proxy = layout(n, cores, rig_start, split).proxy
                 t0 = time.monotonic()
                 try:
+                    host = await host_scaling(proxy) if kind == "pdproxy" else None
                     row = await variant(args, procs, rig, kind, n, proxy)
+                    if host is not None:
+                        row["host_scaling"] = host
                 except Exception as exc:  # one variant's failure leaves the others' figures
                     why = f"{kind} {n}: {type(exc).__name__}: {exc}"
                     print(f"failed: {why}", flush=True)
@@ -674,6 +677,41 @@ async def main_async(args: argparse.Namespace, result: dict[str, Any]) -> None:
     finally:
         procs.stop_all()
         result["wall_s"] = round(time.monotonic() - started, 1)
+
+
+SPIN_S = 2.0
+
+
+def spin(secs: float) -> int:
+    """A CPU-bound pure-Python loop for `secs`: how many rounds it did."""
+    rounds, end = 0, time.perf_counter() + secs
+    while time.perf_counter() < end:
+        for _ in range(10_000):
+            rounds += 1
+    return rounds
+
+
+async def host_scaling(cores: tuple[int, ...]) -> dict[str, Any]:
+    """What this host gives a CPU-bound program on `cores`: one copy of `spin` pinned to the
+    first core, then one copy per core at once; `ratio` = the copies' rounds / the one copy's.
+    The ceiling of any process-per-core scaling on these cores right now: on a host whose cores
+    share their physical cores' cycles or caches with other work, it is below len(cores)."""
+
+    def copies(on: tuple[int, ...]) -> list[int]:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--spin", str(SPIN_S)]
+        runs = [
+            subprocess.Popen(["taskset", "-c", str(c), *argv], stdout=subprocess.PIPE) for c in on
+        ]
+        return [int(run.communicate()[0]) for run in runs]
+
+    one = (await asyncio.to_thread(copies, cores[:1]))[0]
+    every = await asyncio.to_thread(copies, cores)
+    return {
+        "cores": len(cores),
+        "one_rounds_per_s": round(one / SPIN_S),
+        "each_rounds_per_s": [round(x / SPIN_S) for x in every],
+        "ratio": round(sum(every) / one, 2) if one else None,
+    }
 
 
 def router_version(binary: str | None) -> str:
@@ -711,6 +749,18 @@ def goals(result: dict[str, Any]) -> list[str]:
     if 1 in pd and 8 in pd:
         ratio = rps(pd[8]) / rps(pd[1])
         out.append(f"- 8 processes / 1: {ratio:.2f}x req/s (goal >= 7x): {_ok(ratio >= 7)}")
+    hosts = {n: r["host_scaling"] for n, r in pd.items() if r.get("host_scaling", {}).get("ratio")}
+    if 1 in pd and len(hosts) > 1:
+        cells = [
+            f"{n}: {h['ratio']:.2f}x (pdproxy {rps(pd[n]) / rps(pd[1]):.2f}x)"
+            for n, h in sorted(hosts.items())
+            if n > 1
+        ]
+        out.append(
+            "- the host's own scaling on the same cores, measured just before each pdproxy run "
+            "(N copies of a CPU-bound Python loop, one per core, against one copy alone; the "
+            f"ceiling of any process-per-core program there): {'; '.join(cells)}"
+        )
     for n, r in sorted(vr.items()):
         if n in pd:
             a, b = rps(pd[n]), rps(r)
@@ -974,12 +1024,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "<out>-pdproxy-N.spy.txt")  # fmt: skip
     p.add_argument("--out", default=str(RESULTS / "scale"), help="results path stem")
     p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--spin", type=float, help=argparse.SUPPRESS)  # host_scaling's copies
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; flags given still win
         p.set_defaults(duration=3.0, warmup=1.0, ttft_requests=100, ttft_requests_c64=256)
         p.set_defaults(ttft_rounds=2)
         args = p.parse_args(argv)
-    if not args.client and not args.wrk:
+    if not args.client and not args.spin and not args.wrk:
         p.error("--wrk PATH is needed")
     return args
 
@@ -990,6 +1041,9 @@ def _exit_on_term(*_: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.spin:
+        print(spin(args.spin))
+        return 0
     if args.client:
         print(json.dumps(asyncio.run(client_main(json.loads(args.client)))))
         return 0
