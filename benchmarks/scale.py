@@ -7,7 +7,7 @@ process shares them); vllm-router (its own threads) runs pinned to the same core
 --router-procs. The rig (fakes and load generators) has its own cores: from --rig-start (default:
 half the cores) or N, whichever is higher, to the last core; they are split into prefill fakes,
 decode fakes and load-generator cores (see `layout`). On 16 cores: N = 1, 2, 4, 8 get 0..N-1 and
-the rig 8..15 (prefill fakes 8-9, decode fakes 10-13, wrk 14-15); N = 12 gets 0..11 and the rig
+the rig 8..15 (prefill fake 8, decode fakes 9-13, wrk 14-15); N = 12 gets 0..11 and the rig
 only 12..15 (one prefill fake, decode fakes 13-14, wrk 15), so its figure may be bounded by the
 rig: the report lists any rig core 90% busy or more. Measured per variant:
 
@@ -117,7 +117,7 @@ class Layout:
 
 def layout(n: int, cores: list[int], rig_start: int, split: tuple[int, int] | None) -> Layout:
     """Proxy on the first N cores; the rig on the cores from max(N, rig_start) on: a quarter
-    (at least one) for the load generators, a third of the rest (at least one) prefill fakes,
+    (at least one) for the load generators, a fifth of the rest (at least one) prefill fakes,
     the rest decode fakes (a decode leg streams 64 writes; a prefill leg answers one); `split`
     = (prefill fakes, decode fakes) overrides the counts."""
     proxy = tuple(cores[:n])
@@ -132,7 +132,7 @@ def layout(n: int, cores: list[int], rig_start: int, split: tuple[int, int] | No
             raise SystemExit(f"--fakes {pre} {dec} leaves no core of {rig} for load generators")
     else:
         gen = max(1, len(rig) // 4)
-        pre = max(1, round((len(rig) - gen) / 3))
+        pre = max(1, round((len(rig) - gen) / 5))
         dec = len(rig) - gen - pre
     return Layout(
         proxy, tuple(rig[:pre]), tuple(rig[pre : pre + dec]), tuple(rig[pre + dec :]), False
@@ -789,7 +789,11 @@ def goals(result: dict[str, Any]) -> list[str]:
                 v = s["range_over_mean"] or 0.0
                 good &= v <= max(b * 1.5, 0.02)
                 parts.append(f"{role} {v:.3f} (1 process {b:.3f})")
-            out.append(f"- spread (max-min)/mean, {n} processes: {', '.join(parts)}: {_ok(good)}")
+            hot = " (the rig was the bottleneck: a load-aware policy gives the engines that "
+            hot += "keep up more)" if rig_hot(r) else ""
+            out.append(
+                f"- spread (max-min)/mean, {n} processes: {', '.join(parts)}: {_ok(good)}{hot}"
+            )
     for r in rows:
         if hot := rig_hot(r):
             out.append(
