@@ -789,8 +789,12 @@ def goals(result: dict[str, Any]) -> list[str]:
                 v = s["range_over_mean"] or 0.0
                 good &= v <= max(b * 1.5, 0.02)
                 parts.append(f"{role} {v:.3f} (1 process {b:.3f})")
-            hot = " (the rig was the bottleneck: a load-aware policy gives the engines that "
-            hot += "keep up more)" if rig_hot(r) else ""
+            hot = (
+                " (the rig was the bottleneck: a load-aware policy gives the engines that keep "
+                "up more)"
+                if rig_hot(r)
+                else ""
+            )
             out.append(
                 f"- spread (max-min)/mean, {n} processes: {', '.join(parts)}: {_ok(good)}{hot}"
             )
