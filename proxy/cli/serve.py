@@ -42,7 +42,7 @@ def uvicorn_config(app: Any, config: ProxyConfig) -> uvicorn.Config:
         app,
         host=config.host,
         port=config.port,
-        loop="uvloop",
+        loop=config.event_loop,
         http="httptools",
         proxy_headers=False,  # no X-Forwarded-* rewriting: the proxy never uses the address
         lifespan="on",
@@ -55,10 +55,11 @@ def uvicorn_config(app: Any, config: ProxyConfig) -> uvicorn.Config:
 
 def log_start(config: ProxyConfig) -> None:
     logging.getLogger("pdproxy").info(
-        "pdproxy %s on http://%s:%d  connector=%s  prefill=%s  decode=%s%s",
+        "pdproxy %s on http://%s:%d  loop=%s  connector=%s  prefill=%s  decode=%s%s",
         __version__,
         config.host,
         config.port,
+        config.event_loop,
         config.connector,
         ",".join(w.url for w in config.prefill),
         ",".join(w.url for w in config.decode),

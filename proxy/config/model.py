@@ -112,6 +112,11 @@ class ProxyConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="the proxy's log level (--log-level)"
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="the event loop the proxy serves on: uvloop (more requests per core) or "
+        "asyncio's own, which a saturated process serves more evenly (README: Serving processes)",
+    )
     # connector lmcache: the notification socket and its deadline
     # (see proxy.engines.connectors.lmcache_config)
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig)
