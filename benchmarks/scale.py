@@ -276,27 +276,12 @@ def run_wrk(
     return out
 
 
-def group_cpu(pgid: int) -> float:
-    """user + system CPU seconds of every live process in process group `pgid` (all threads):
-    the proxy's control and serving processes, whichever thread started them."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # pgrp (field 5)
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
 KERNEL_COUNTS = ("user_s", "system_s", "reads", "writes", "voluntary", "involuntary")
 
 
 def group_counts(pgid: int) -> dict[str, float]:
-    """What every live process in group `pgid` did, summed: user and system CPU seconds, read and
+    """What every live process in group `pgid` did (the proxy's control and serving processes,
+    whichever thread started them), summed: user and system CPU seconds (all threads), read and
     write system calls (/proc/<pid>/io syscr, syscw: all its threads), and context switches, the
     voluntary ones (it waited: epoll with nothing ready, a lock) and the involuntary ones (it was
     preempted), over all its threads (/proc/<pid>/task/*/status)."""
@@ -306,12 +291,15 @@ def group_counts(pgid: int) -> dict[str, float]:
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:
-                continue
+        except OSError:
+            continue
+        if int(fields[2]) != pgid:  # pgrp (field 5)
+            continue
+        try:  # the CPU counts even where these cannot be read (a process that just ended)
             io = dict(line.split(": ") for line in (entry / "io").read_text().splitlines())
             tasks = [(t / "status").read_text() for t in (entry / "task").iterdir()]
         except (OSError, ValueError):
-            continue
+            io, tasks = {}, []
         total["user_s"] += int(fields[11]) / CLK_TCK
         total["system_s"] += int(fields[12]) / CLK_TCK
         total["reads"] += int(io.get("syscr", 0))
@@ -370,7 +358,6 @@ async def throughput(
     threads = len(ports) if ports else max(len(lay.loadgen), args.wrk_threads)
     await counts(rig, reset=True)
     fake0 = {p.name: cpu_seconds(p.pid) for p in rig.fakes()}
-    proxy0 = group_cpu(pid) if pid else 0.0
     counts0 = group_counts(pid) if pid else None
     each0 = {k: own_cpu(v) for k, v in (each or {}).items()}
     cores0, t0 = core_times(), time.perf_counter()
@@ -382,8 +369,11 @@ async def throughput(
     )
     wall = time.perf_counter() - t0
     busy = core_busy(cores0, core_times())
-    proxy_cpu = group_cpu(pid) - proxy0 if pid else None
-    kernel = per_request(counts0, group_counts(pid), res["requests"]) if pid and counts0 else None
+    proxy_cpu = kernel = None
+    if pid and counts0:  # the proxy's whole process group: its CPU, and per request
+        counts1 = group_counts(pid)
+        proxy_cpu = sum(counts1[k] - counts0[k] for k in ("user_s", "system_s"))
+        kernel = per_request(counts0, counts1, res["requests"])
     if spy is not None:
         await asyncio.to_thread(spy.wait)
     fakes = {
@@ -789,14 +779,14 @@ def goals(result: dict[str, Any]) -> list[str]:
                 v = s["range_over_mean"] or 0.0
                 good &= v <= max(b * 1.5, 0.02)
                 parts.append(f"{role} {v:.3f} (1 process {b:.3f})")
-            hot = (
+            why = (
                 " (the rig was the bottleneck: a load-aware policy gives the engines that keep "
                 "up more)"
                 if rig_hot(r)
                 else ""
             )
             out.append(
-                f"- spread (max-min)/mean, {n} processes: {', '.join(parts)}: {_ok(good)}{hot}"
+                f"- spread (max-min)/mean, {n} processes: {', '.join(parts)}: {_ok(good)}{why}"
             )
     for r in rows:
         if hot := rig_hot(r):
