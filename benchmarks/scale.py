@@ -874,17 +874,20 @@ def render(result: dict[str, Any]) -> str:
         "Its whole process group, over the requests wrk completed: user and system CPU, read and",
         "write system calls (/proc/<pid>/io syscr and syscw: the read and write families, not",
         "recv and send), context switches (voluntary: it waited with nothing to do; involuntary:",
-        "it was preempted).",
+        "it was preempted). The control process's share (with serving processes): its CPU over",
+        "the same run, per request.",
         "",
-        "| target | N | user µs | system µs | reads | writes | voluntary | involuntary |",
-        "|" + "---|" * 8,
+        "| target | N | user µs | system µs | reads | writes | voluntary | involuntary "
+        "| of it, the control process µs |",
+        "|" + "---|" * 9,
     ]
     for r in result["rows"]:
-        k = r["throughput"].get("proxy_per_request")
+        t = r["throughput"]
+        k = t.get("proxy_per_request")
         if k:
             lines.append(
                 f"| {r['kind']} | {r['n']} | {k['user_us']} | {k['system_us']} | {k['reads']} "
-                f"| {k['writes']} | {k['voluntary']} | {k['involuntary']} |"
+                f"| {k['writes']} | {k['voluntary']} | {k['involuntary']} | {control_us(t)} |"
             )
     lines += [
         "",
@@ -941,6 +944,14 @@ def render(result: dict[str, Any]) -> str:
                      f"{r['cores']['proxy']}; wrk: `{r['throughput']['argv']}`")  # fmt: skip
     lines.append("")
     return "\n".join(lines)
+
+
+def control_us(t: dict[str, Any]) -> str:
+    """The control process's CPU per request over a throughput run ("-": no control process)."""
+    pct = t.get("proxy_process_cpu_pct", {}).get("control")
+    if pct is None or not t.get("requests"):
+        return "-"
+    return f"{pct / 100 * t['wall_s'] / t['requests'] * 1e6:.1f}"
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:

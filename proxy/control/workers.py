@@ -238,8 +238,9 @@ class Lease:
 
     def prefilled(self) -> None:
         """The prompt is computed (its first token came): its tokens wait no more. Idempotent."""
-        self.worker.prefill_tokens -= self._tokens
-        self._tokens = 0
+        if self._tokens:  # a serving process's worker reads and writes shared memory for it
+            self.worker.prefill_tokens -= self._tokens
+            self._tokens = 0
 
     def wait(self) -> Wait:
         """The context of a leg that waits for the worker to complete something (see
@@ -334,7 +335,8 @@ class WorkerPool:
         lease = Lease(worker, prefill_tokens)
         worker.inflight += 1
         worker.inflight_chars += chars
-        worker.prefill_tokens += prefill_tokens
+        if prefill_tokens:
+            worker.prefill_tokens += prefill_tokens
         worker.requests_total += 1
         task = owner
         if task is not None:

@@ -2,15 +2,26 @@
 histograms of the same quantities.
 
 Memory is fixed at start-up: each window is a preallocated ring of `window` float64 values.
+
+The histograms are `Buckets`, not prometheus_client's Histogram: every finished request observes
+up to six of them, in the one process or, with serving processes, in the control process for all
+of them, and prometheus_client's observe takes a lock per bucket and per sum (about 1 µs each
+here, 6 µs a request). A `Buckets` is one bisect and two additions, written only from the event
+loop's thread, and is exposed as the same histogram (its buckets, _count, _sum and _created).
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 
 class Described(Protocol):
@@ -46,6 +57,45 @@ class RollingWindow:
 
     def values(self) -> np.ndarray:
         return self._values[: self._count] if self._count < len(self._values) else self._values
+
+
+class Buckets:
+    """One Prometheus histogram without labels, observed from one thread (see the module's
+    docstring), registered in `registry` as a collector."""
+
+    __slots__ = ("_bounds", "_counts", "_created", "_sum", "documentation", "name")
+
+    def __init__(
+        self, name: str, documentation: str, bounds: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = sorted(bounds)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last: above every bound (+Inf)
+        self._sum = 0.0
+        self._created = time.time()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # le: value <= bound
+        self._sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*self._bounds, float("inf")], self._counts, strict=True):
+            cumulative += count
+            le = floatToGoString(bound)  # type: ignore[no-untyped-call]  # how Histogram writes it
+            buckets.append((le, float(cumulative)))
+        family.add_metric([], buckets, self._sum)
+        family.add_sample(f"{self.name}_created", {}, self._created)
+        yield family
 
 
 @dataclass(frozen=True)
@@ -130,9 +180,7 @@ class LatencyStats:
     def __init__(self, window: int, registry: CollectorRegistry) -> None:
         self.windows = {name: RollingWindow(window) for name in QUANTITIES}
         self.histograms = {
-            name: Histogram(
-                f"pdproxy_{name}_seconds", help_text, registry=registry, buckets=buckets
-            )
+            name: Buckets(f"pdproxy_{name}_seconds", help_text, buckets, registry)
             for name, (help_text, buckets) in QUANTITIES.items()
         }
         self.recorded = 0

@@ -59,7 +59,7 @@ from proxy.procs.link import Link
 from proxy.procs.loadtable import LoadTable
 from proxy.procs.notify import NOTES, serving_side
 from proxy.procs.prefixes import RelayedIndex
-from proxy.procs.report import ReportingPool, ReportingRing, Reports
+from proxy.procs.report import ReportingPool, Reports
 from proxy.procs.shared import index_of
 from proxy.procs.snapshot import Mirror
 from proxy.serve.plane import build_data_plane
@@ -98,7 +98,7 @@ class ServingApp:
         )  # fmt: skip
         self.services = self.plane.services
         self.services.request_id_prefix = f"pdp-{name}-"
-        self.services.timelines = ReportingRing(self.reports, config.stats.timelines)
+        self.services.reporter = self.reports.timing  # the control process records them
         index = index_of(name)  # the shared tables, until the lifespan ends
         self.admission = SharedAdmission.attach(admission, index)
         self.services.admission = self.admission

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -59,6 +59,17 @@ class Services:
     request_id_prefix: str = REQUEST_ID_PREFIX
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     ended: dict[asyncio.Task[Any], str] = field(default_factory=dict)  # task -> why, until it ends
+    # where a finished request's timing goes instead of `stats` and `timelines`: a serving
+    # process reports it, and the control process records every process's (proxy.procs.report)
+    reporter: Callable[[RequestTiming], None] | None = None
+
+    def record(self, timing: RequestTiming) -> None:
+        """A request finished: its timing into the latency stats and the timelines."""
+        if self.reporter is not None:
+            self.reporter(timing)
+        else:
+            self.stats.record(timing)
+            self.timelines.add(timing)
 
     def end_requests(self, tasks: Iterable[asyncio.Task[Any]], reason: str) -> None:
         """End these requests now; each client gets an error saying `reason`."""
@@ -154,8 +165,7 @@ class CompletionEndpoint:
         timing.end = perf_counter()
         timing.path, timing.request_id, timing.status = self.path, out.request_id, out.status
         timing.error = out.failure
-        self.services.stats.record(timing)
-        self.services.timelines.add(timing)
+        self.services.record(timing)
         self.services.flow.metrics.requests.labels(self.path, str(out.status)).inc()
 
     async def _serve(

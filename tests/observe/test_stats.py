@@ -2,9 +2,9 @@ import logging
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from proxy.observe.stats import LatencyStats, RequestTiming, RollingWindow, Summary
+from proxy.observe.stats import Buckets, LatencyStats, RequestTiming, RollingWindow, Summary
 
 
 def test_window_is_bounded_and_keeps_the_latest() -> None:
@@ -61,3 +61,26 @@ def test_report_in_milliseconds(caplog: pytest.LogCaptureFixture) -> None:
     assert "ttft" in report and "250.00" in report and "1000.00" in report
     assert report.splitlines()[1].split() == ["count", "mean", "p50", "p95", "p99"]
     assert logging.getLogger("pdproxy") is not None
+
+
+def test_the_histograms_expose_what_prometheus_clients_would() -> None:
+    """Buckets (bisect, no locks) against prometheus_client's Histogram with the same bounds:
+    the same exposition, bucket edges included (le: the value at most the bound)."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.001, 0.0025, 0.01, 1.0, 120.0)
+    mine = Buckets("pdproxy_x_seconds", "what x is", bounds, ours)
+    reference = Histogram("pdproxy_x_seconds", "what x is", buckets=bounds, registry=theirs)
+    for value in (0.0, 0.001, 0.0010001, 0.0025, 0.003, 1.0, 119.0, 120.0, 121.0, 5e3):
+        mine.observe(value)
+        reference.observe(value)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [
+            line for line in text.splitlines() if not line.startswith("pdproxy_x_seconds_created")
+        ]
+
+    assert lines(ours) == lines(theirs)
+    assert 'pdproxy_x_seconds_bucket{le="0.001"} 2.0' in lines(ours)
+    assert "pdproxy_x_seconds_created " in generate_latest(ours).decode()
+    assert mine.count == 10

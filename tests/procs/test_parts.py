@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -21,9 +22,11 @@ from proxy.control.workers import Breaker, EngineLoad, Lifecycle, Worker, Worker
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.stats import LatencyStats, RequestTiming
 from proxy.observe.timeline import TimelineRing
+from proxy.observe.timeline import describe as timeline
+from proxy.place.plan import Plan
 from proxy.procs.channel import ChannelClosed, frame, read_message
 from proxy.procs.loadtable import LoadTable
-from proxy.procs.report import Intake, ReportingPool, ReportingRing, Reports
+from proxy.procs.report import Intake, ReportingPool, Reports, timing_of
 from proxy.procs.shared import Shared
 from proxy.procs.snapshot import Mirror, SharedWorker, describe
 
@@ -203,10 +206,9 @@ def test_the_intake_counts_every_process_once() -> None:
     for name in ("w1", "w2"):
         reports = Reports()
         local = tuple(ReportingPool(p.role, (), reports=reports) for p in control)
-        ring = ReportingRing(reports)
         mine = ProxyMetrics(local)
         mine.requests.labels("/v1/completions", "200").inc()
-        ring.add(RequestTiming(start=1.0, end=2.0, request_id=f"pdp-{name}-1", status=200))
+        reports.timing(RequestTiming(start=1.0, end=2.0, request_id=f"pdp-{name}-1", status=200))
         d0 = Worker("decode", "d0", "http://d0")
         local[1].members = local[1].workers = (d0,)
         local[1].record_success(local[1].members[0])
@@ -229,3 +231,52 @@ def test_a_private_directory_too_deep_for_a_socket_is_one_line_and_exit_2(tmp_pa
     assert run.returncode == 2
     assert "set TMPDIR to a short path" in run.stderr
     assert list(deep.iterdir()) == []  # its directory went with it
+
+
+def test_a_reported_timing_is_the_timing_it_was() -> None:
+    """A row carries every field of RequestTiming, in order, and the plan as it describes
+    itself: the control process's timeline of a request is the serving process's."""
+    d0, p0 = Worker("decode", "d0", "http://d0"), Worker("prefill", "p0", "http://p0")
+    timing = RequestTiming(
+        start=1.0, admitted=1.5, prefill_start=2.0, prefill_end=3.0, first_token=4.0,
+        last_token=5.0, token_events=7, output_tokens=9, end=6.0, path="/v1/completions",
+        request_id="pdp-w1-abc", stream=True, status=200, prefiller="p0", decoder="d0",
+        kv="handed_over", retries=1, plan=Plan(d0, "remote", "policy", p0, 12), error=None,
+    )  # fmt: skip
+    timing.seams.append({"from": "d1", "to": "d0", "reason": "boom", "tokens_moved": 3})
+    reports = Reports()
+    reports.timing(timing)
+    row = orjson.loads(orjson.dumps(reports.timings))[0]  # as the channel carries it
+    back = timing_of(row)
+    assert back.plan is not None and timing.plan is not None
+    assert back.plan.describe() == timing.plan.describe()
+    back.plan = timing.plan
+    assert back == timing
+    assert timeline(back, 1, now=10.0) == timeline(timing, 1, now=10.0)
+
+
+def test_successes_travel_once_per_worker_until_something_else_happens() -> None:
+    reports = Reports()
+    pool = ReportingPool("decode", (), 3, 10.0, reports=reports)
+    d0, d1 = Worker("decode", "d0", "http://d0"), Worker("decode", "d1", "http://d1")
+    for worker in (d0, d1, d0, d1, d0):
+        pool.record_success(worker)
+    pool.record_failure(d0, "boom")
+    pool.record_success(d0)
+    pool.record_success(d0)
+    pool.record_success(d1)
+    assert reports.outcomes == [
+        ("d0", "ok", None), ("d1", "ok", None), ("d0", "failed", "boom"), ("d0", "ok", None)
+    ]  # fmt: skip
+    report = reports.take(ProxyMetrics((pool,)), (pool,))
+    assert report is not None
+    pool.record_success(d0)  # a new report: the first success of each worker again
+    assert reports.outcomes == [("d0", "ok", None)]
+    # the control process's breakers end where the serving process's did
+    control = WorkerPool("decode", (Worker("decode", "d0", "http://d0"),), 3, 10.0)
+    intake = Intake((control,), LatencyStats(10, CollectorRegistry()), TimelineRing(),
+                    ProxyMetrics((control,)))  # fmt: skip
+    control.members[0].consecutive_failures = 2
+    intake.take("w1", report)
+    assert control.members[0].consecutive_failures == 0
+    assert control.members[0].failures_total == 1
