@@ -40,10 +40,10 @@ import orjson
 from proxy.control.workers import Worker
 from proxy.engines.client import EngineClient
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.flow.relay import PROMPT_IDS, cut_prompt_ids
 from proxy.request import COMPLETIONS, ClientRequest
 
 # the token ids of one event: the prompt's (first chunk) and the chunk's generated ones
-_PROMPT_IDS = re.compile(rb'"prompt_token_ids":\[([0-9, ]*)\]')
 _TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9, ]*)\]')  # a generated token's (not the prompt's)
 _NO_TEXT = (b'"text":""', b'"content":""')  # an event whose token's text has not come out
 _SPLIT_OUT = re.compile(rb'"(reasoning|reasoning_content|tool_calls)":[\["{]')
@@ -118,7 +118,7 @@ def cannot_migrate(
         return unmigratable(request) or "limit"
     if transcript.split_out:
         return "reasoning_or_tools"
-    if transcript.prompt_ids is None:
+    if not transcript.has_prompt:
         return "no_token_ids"  # an engine that does not return them
     return None
 
@@ -141,7 +141,8 @@ class Transcript:
     """What the client got of one streamed answer, noted event by event."""
 
     keep_ids: bool  # the client asked for token ids: they stay in its events
-    prompt_ids: list[int] | None = None
+    prompt_ids: list[int] | None = None  # parsed: see `prompt`
+    prompt_raw: bytes | None = None  # as the first event had them, until `prompt` parses them
     generated: list[int] = field(default_factory=list)
     head: dict[str, Any] | None = None  # the first event: id, object, created, model
     finished: bool = False  # a finish_reason went out: every token did
@@ -161,8 +162,14 @@ class Transcript:
         if error is not None and (self.head is not None or error.start() > 0):
             self.broken = ErrorEvent(events[error.start() + 6 :].split(b"\n\n", 1)[0])
             events = events[: error.start()]
+        if PROMPT_IDS in events:  # the first event: its prompt ids kept as they came
+            hidden, raw = cut_prompt_ids(events)
+            if raw is not None:
+                self.prompt_ids, self.prompt_raw = None, raw
+                if not self.keep_ids:
+                    events = hidden
         if self.head is None and events.startswith(b"data: {"):
-            self.head = orjson.loads(events[6:].split(b"\n\n", 1)[0])
+            self.head = orjson.loads(cut_prompt_ids(events[6:].split(b"\n\n", 1)[0])[0])
         if b'"finish_reason":"' in events:
             self.finished = True
         if (b'"reasoning' in events or b'"tool_calls":' in events) and _SPLIT_OUT.search(events):
@@ -173,22 +180,30 @@ class Transcript:
             return events
         # one scan: the pieces between the generated tokens' id lists, and the lists' digits
         pieces = _TOKEN_IDS.split(events)
-        prompt = self._note_ids(events, pieces[1::2])
+        self._note_ids(events, pieces[1::2])
         if self.keep_ids:
             return events
-        events = b'"token_ids":null'.join(pieces[::2])
-        return _PROMPT_IDS.sub(b'"prompt_token_ids":null', events) if prompt else events
+        return b'"token_ids":null'.join(pieces[::2])
 
-    def _note_ids(self, events: bytes, digits: list[bytes]) -> bool:
-        """Note the token ids in `events` (`digits`: each generated token id list's inside),
-        the whole batch at once, as this runs for every read of every streamed answer. True if
-        the prompt's ids are among them."""
-        at = events.rfind(b'"prompt_token_ids":[')
-        prompt = _PROMPT_IDS.match(events, at) if at >= 0 else None
-        if prompt is not None:
-            self.prompt_ids = orjson.loads(b"[" + prompt[1] + b"]")
+    @property
+    def has_prompt(self) -> bool:
+        """The prompt's ids came (an engine that does not return them sends none)."""
+        return self.prompt_ids is not None or self.prompt_raw is not None
+
+    def prompt(self) -> list[int] | None:
+        """The prompt's ids, parsed on first use: only a continuation or a usage chunk made
+        here needs them, and a long prompt's ids are most of the first event, on the path to
+        the client's first token."""
+        if self.prompt_raw is not None:
+            self.prompt_ids = orjson.loads(b"[" + self.prompt_raw + b"]")
+            self.prompt_raw = None
+        return self.prompt_ids
+
+    def _note_ids(self, events: bytes, digits: list[bytes]) -> None:
+        """Note the generated token ids in `events` (`digits`: each id list's inside), the
+        whole batch at once, as this runs for every read of every streamed answer."""
         if not digits:
-            return prompt is not None
+            return
         self.generated += orjson.loads(b"[" + b",".join(d for d in digits if d.strip()) + b"]")
         # the events after the last one whose text is empty (all of them if none is)
         empty = max(events.rfind(_NO_TEXT[0]), events.rfind(_NO_TEXT[1]))
@@ -199,7 +214,6 @@ class Transcript:
             self.silent = 0  # a later token with an id has its text out
         elif empty >= 0:
             self.silent = self._silent_after(events, self.silent)
-        return prompt is not None
 
     @staticmethod
     def _silent_after(events: bytes, silent: int) -> int:
@@ -237,7 +251,7 @@ class Transcript:
     def usage_event(self, extra: int = 0) -> bytes:
         """The usage chunk of the whole answer (`extra`: completion tokens not noted here)."""
         head = self.head or {}
-        prompt = len(self.prompt_ids or ())
+        prompt = len(self.prompt() or ())
         completion = len(self.generated) + extra
         body: dict[str, Any] = {
             **{k: head.get(k) for k in ("id", "object", "created", "model")},
@@ -254,7 +268,7 @@ class Transcript:
 def continuation(request: ClientRequest, transcript: Transcript, tag: str) -> ClientRequest:
     """The completions request that continues `request` after what `transcript` noted."""
     moved = len(transcript.moved)
-    prompt = [*(transcript.prompt_ids or ()), *transcript.moved]
+    prompt = [*(transcript.prompt() or ()), *transcript.moved]
     body: dict[str, Any] = {k: request.body[k] for k in _KEPT if k in request.body}
     body.update(prompt=prompt, stream=True, return_token_ids=True)
     if body.get("stop"):

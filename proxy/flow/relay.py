@@ -20,6 +20,27 @@ _DONE_EVENT = DONE + b"\n\n"
 _WITHOUT_DONE = -len(_DONE_EVENT)
 
 
+PROMPT_IDS = b'"prompt_token_ids":['  # vLLM's first chunk, with return_token_ids
+
+
+def cut_prompt_ids(event: bytes) -> tuple[bytes, bytes | None]:
+    """`event` with its prompt token ids' lists written `null`, and the inside of the last of
+    them (None: it has none). The first chunk of a long prompt is mostly these ids, and what
+    reads the chunk rarely needs them: cut out with two finds, they are not parsed (an id list
+    holds numbers only, so the first `]` after its key closes it)."""
+    raw = None
+    at = event.find(PROMPT_IDS)
+    while at >= 0:
+        start = at + len(PROMPT_IDS)
+        end = event.find(b"]", start)
+        if end < 0:
+            break
+        raw = event[start:end]
+        event = event[:at] + b'"prompt_token_ids":null' + event[end + 1 :]
+        at = event.find(PROMPT_IDS, at)
+    return event, raw
+
+
 def _has_token(event: dict[str, Any]) -> bool:
     """True when a completion or chat chunk carries generated output (not just a role header)."""
     for choice in event.get("choices") or ():
@@ -107,7 +128,7 @@ class SSEScanner:
             return
         if self.first_token is None or b'"usage":' in event or b'"error":' in event:
             try:
-                parsed = orjson.loads(event[6:])
+                parsed = orjson.loads(cut_prompt_ids(event[6:])[0])
             except orjson.JSONDecodeError:
                 parsed = None
             if not isinstance(parsed, dict):

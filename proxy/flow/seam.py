@@ -68,7 +68,7 @@ class Seam:
         self._chat = request.path == CHAT
         self._keep_ids = before.keep_ids
         self._head = before.head or {}
-        self._prompt = len(before.prompt_ids or ())
+        self._prompt = len(before.prompt() or ())
         self._moved = len(before.moved)
         self._usage = request.include_usage
         self._stops = stop_strings(request.body)

@@ -271,7 +271,7 @@ def test_a_continuation_starts_after_the_last_token_whose_text_came_out() -> Non
     transcript = Transcript(keep_ids=False)
     out = transcript.feed(b"".join(head + e for e in events))
     assert b"[7]" not in out and out.count(b'"token_ids":null') == 3
-    assert transcript.prompt_ids == [1, 2] and transcript.generated == [7, 8, 9]
+    assert transcript.prompt() == [1, 2] and transcript.generated == [7, 8, 9]
     assert transcript.moved == [7]
     transcript.feed(head + b'[{"index":0,"text":"\\u00e9","token_ids":[10]}]}\n\n')
     assert transcript.moved == [7, 8, 9, 10]
@@ -331,7 +331,7 @@ def test_transcript_notes_ids_as_taken_event_by_event(
         out += transcript.feed(b"".join(raw[last:cut]))
         last = cut
     want_prompt, want_generated, want_silent = _reference([e.rstrip(b"\n") for e in raw])
-    assert transcript.prompt_ids == want_prompt
+    assert transcript.prompt() == want_prompt
     assert transcript.generated == want_generated
     assert transcript.moved == want_generated[: len(want_generated) - want_silent]
     if keep:
