@@ -24,7 +24,8 @@ see it at once, and so are the pool's prefill tokens and decode streams; the rep
 load, nor admission numbers (the admission is shared: proxy.procs.admission).
 
 A timing travels as a row: its fields' values in RequestTiming's order, the plan described (the
-control process takes one in about a microsecond, a tenth of what a dict of 20 names cost it).
+control process makes the timing back from one in 0.4 µs, against 2.3 µs from a dict of its 20
+names; timeit on the 2-core box).
 Successes travel once per worker until something else happens to it: a breaker's success only
 closes it and zeroes its failures, so a run of them is one.
 
