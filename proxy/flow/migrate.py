@@ -162,14 +162,14 @@ class Transcript:
         if error is not None and (self.head is not None or error.start() > 0):
             self.broken = ErrorEvent(events[error.start() + 6 :].split(b"\n\n", 1)[0])
             events = events[: error.start()]
-        if PROMPT_IDS in events:  # the first event: its prompt ids kept as they came
-            hidden, raw = cut_prompt_ids(events)
-            if raw is not None:
-                self.prompt_ids, self.prompt_raw = None, raw
-                if not self.keep_ids:
-                    events = hidden
-        if self.head is None and events.startswith(b"data: {"):
-            self.head = orjson.loads(cut_prompt_ids(events[6:].split(b"\n\n", 1)[0])[0])
+        # the first event: its prompt ids kept as they came, parsed only if needed (`prompt`)
+        hidden, raw = cut_prompt_ids(events) if PROMPT_IDS in events else (events, None)
+        if raw is not None:
+            self.prompt_ids, self.prompt_raw = None, raw
+        if self.head is None and hidden.startswith(b"data: {"):
+            self.head = orjson.loads(hidden[6:].split(b"\n\n", 1)[0])
+        if not self.keep_ids:
+            events = hidden
         if b'"finish_reason":"' in events:
             self.finished = True
         if (b'"reasoning' in events or b'"tool_calls":' in events) and _SPLIT_OUT.search(events):
