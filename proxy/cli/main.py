@@ -47,6 +47,14 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
+        "--busy-poll",
+        type=float,
+        metavar="SECONDS",
+        help="poll instead of sleeping while requests are in flight and SECONDS after the last "
+        "one (0: only while in flight); costs a core while polling, saves a halted core's "
+        "wake-ups at low concurrency (busy_poll)",
+    )
+    parser.add_argument(
         "--workers",
         type=_workers,
         metavar="N|auto",
@@ -81,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         kv_events={"enabled": True} if args.kv_events else None,
         log_level=args.log_level,
         workers=args.workers,
+        busy_poll=args.busy_poll,
     )
 
 

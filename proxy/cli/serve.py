@@ -15,6 +15,7 @@ import uvicorn
 from proxy import __version__
 from proxy.app import ProxyApp, build_app
 from proxy.config import ConfigError, ProxyConfig
+from proxy.serve.busypoll import polling
 
 
 class Drains(Protocol):
@@ -86,7 +87,7 @@ def run_server(config: ProxyConfig) -> int:
         return 2
     app, sockets = built
     log_start(config)
-    return serve(Server(uvicorn_config(app, config), app), sockets)
+    return serve(Server(uvicorn_config(polling(app, config), config), app), sockets)
 
 
 def bind(config: ProxyConfig) -> list[socket.socket]:

@@ -62,6 +62,7 @@ from proxy.procs.prefixes import RelayedIndex
 from proxy.procs.report import ReportingPool, Reports
 from proxy.procs.shared import index_of
 from proxy.procs.snapshot import Mirror
+from proxy.serve.busypoll import polling
 from proxy.serve.plane import build_data_plane
 from proxy.serve.responder import Receive, Scope, Send
 
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper())
     name_logs(args.name)
     app = ServingApp(config, args.name, args.dir, args.load_table, args.admission)
-    server = Server(uvicorn_config(app, config), app)
+    server = Server(uvicorn_config(polling(app, config), config), app)
     app.link.lost = lambda: server.handle_exit(signal.SIGTERM, None)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]
     log.info("serving process %s (pid %d) serving", args.name, os.getpid())
