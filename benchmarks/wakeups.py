@@ -11,13 +11,14 @@ sleeps cost. Two measurements, no GPU:
     latency     `gpu.py`'s latency phase (2,000 prompt token ids, 16 tokens streamed, rounds of
                 decoder alone, client-driven floor and proxy, shuffled) against simulated engines
                 at the H200 timing profile, through: `plain` (a proxy as configured by default),
-                `busy-poll` (`--busy-poll 1`) and, with 8 cores or more, `spinner` (the plain
-                proxy with a spinner on its core); the variants take turns, `--repeats` times
+                `busy-poll` (`--busy-poll 1`), `busy-poll-0` (`--busy-poll 0`: only while a
+                request is in flight) and, with 8 cores or more, `spinner` (the plain proxy
+                with a spinner on its core); the variants take turns, `--repeats` times
 
 With 8 cores or more every process has a core of its own (engines, each proxy, the client);
 with fewer nothing is pinned and the spinner variant is left out.
 
-    python benchmarks/wakeups.py --rounds 60 --repeats 2 --out benchmarks/results/wakeups
+    python benchmarks/wakeups.py --rounds 60 --repeats 3 --out benchmarks/results/wakeups
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def plan_cores() -> dict[str, int] | None:
     n = os.cpu_count() or 1
     if n < 8:
         return None
-    names = ("prefill", "decode", "plain", "busy-poll", "client")
+    names = ("prefill", "decode", "plain", "busy-poll", "busy-poll-0", "client")
     return {name: n - len(names) + i for i, name in enumerate(names)}
 
 
@@ -117,7 +118,7 @@ def start(procs: Procs, cores: dict[str, int] | None, profile: str) -> dict[str,
     pre = procs.sim("prefill", cpu("prefill"), "--role", "prefill", "--engine-id", "p", *sims)
     dec = procs.sim("decode", cpu("decode"), "--role", "decode", "--engine-id", "d", *sims)
     urls = {"prefill": pre.url, "decode": dec.url}
-    flags = {"plain": [], "busy-poll": ["--busy-poll", "1"]}
+    flags = {"plain": [], "busy-poll": ["--busy-poll", "1"], "busy-poll-0": ["--busy-poll", "0"]}
     for name, more in flags.items():
         proxy = procs.pdproxy(name, cpu(name), [pre.url], [dec.url], "--connector", "nixl",
                               "--stats-interval", "0", *more)  # fmt: skip
@@ -133,7 +134,7 @@ def latency_runs(a: argparse.Namespace, logdir: Path) -> list[dict[str, Any]]:
         urls = start(procs, cores, a.timing_profile)
         if cores is not None:
             os.sched_setaffinity(0, {cores["client"]})
-        variants = ["plain", "busy-poll"] + (["spinner"] if cores is not None else [])
+        variants = ["plain", "busy-poll", "busy-poll-0"] + (["spinner"] if cores else [])
         for k in range(a.repeats):
             for variant in variants:
                 proxy = "plain" if variant == "spinner" else variant
