@@ -122,8 +122,9 @@ class ProxyConfig(_Model):
         ge=0,
         description="seconds a serving process's event loop keeps polling after its last request "
         "ends, instead of sleeping (--busy-poll); it polls while requests are in flight too; 0: "
-        "only then; unset: never. Costs the process's core while it polls; saves the wake-ups of "
-        "a halted core on the way to the first token (README: The proxy's own cost on a GPU host)",
+        "only then (measured no better than off); unset: never. Costs the process's core while "
+        "it polls; saves the wake-ups of a halted core on the way to the first token, the "
+        "request's arrival's above all (README: The proxy's own cost on a GPU host)",
     )
     # connector lmcache: the notification socket and its deadline
     # (see proxy.engines.connectors.lmcache_config)
