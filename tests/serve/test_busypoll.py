@@ -4,7 +4,6 @@ while requests are in flight and `linger` seconds after the last one, and sleeps
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -14,12 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.harness import cpu_seconds
 from proxy.config import load_config
 from proxy.serve.busypoll import BusyPoll, polling
-from tests.cli.test_serve import group
 from tests.conftest import MODEL, Proxy, Sim, start_proxy, start_sim
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Held:
@@ -97,17 +94,6 @@ def test_off_unless_configured() -> None:
 # -- the proxy's processes, as run -------------------------------------------------------------
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
-
-
 @pytest.fixture
 def stalling(tmp_path: Path) -> Iterator[dict[str, Sim]]:
     """A prefiller, and a decoder that stalls 1.5 s before each answer."""
@@ -131,21 +117,21 @@ def _request(proxy: Proxy, done: list[int]) -> None:
 
 def _cpu_in_flight_and_after(proxy: Proxy) -> tuple[float, float]:
     """The share of a core the proxy's processes used while one request waited on the stalled
-    decoder, and over a second after it ended (past the linger)."""
-    pids = group(proxy)
+    decoder, and over a second after it ended (past the linger): the proxy's process and its
+    serving processes."""
     done: list[int] = []
     client = threading.Thread(target=_request, args=(proxy, done))
     client.start()
     time.sleep(0.3)
-    t0, c0 = time.monotonic(), cpu_seconds(pids)
+    t0, c0 = time.monotonic(), cpu_seconds(proxy.pid)
     time.sleep(1.0)
-    in_flight = (cpu_seconds(pids) - c0) / (time.monotonic() - t0)
+    in_flight = (cpu_seconds(proxy.pid) - c0) / (time.monotonic() - t0)
     client.join(30)
     assert done == [200]
     time.sleep(0.6)
-    t0, c0 = time.monotonic(), cpu_seconds(pids)
+    t0, c0 = time.monotonic(), cpu_seconds(proxy.pid)
     time.sleep(1.0)
-    after = (cpu_seconds(pids) - c0) / (time.monotonic() - t0)
+    after = (cpu_seconds(proxy.pid) - c0) / (time.monotonic() - t0)
     return in_flight, after
 
 
