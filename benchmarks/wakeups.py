@@ -109,7 +109,7 @@ def plan_cores() -> dict[str, int] | None:
 
 
 def start(procs: Procs, cores: dict[str, int] | None, profile: str) -> dict[str, str]:
-    """The engines and both proxies; their URLs by name."""
+    """The engines and the three proxies; their URLs by name."""
 
     def cpu(name: str) -> str | None:
         return None if cores is None else str(cores[name])
