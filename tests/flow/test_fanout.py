@@ -324,14 +324,30 @@ def test_an_engine_4xx_for_one_prompt_is_the_answer(fresh: Topology) -> None:
 
 
 def test_an_engine_error_event_ends_the_merged_stream(fresh: Topology) -> None:
-    d0, d1 = fresh.decode
+    d0 = fresh.decode[0]
     d0.faults(error_event_after_chunks=2, error_message="the engine broke")
     body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 16000, "ignore_eos": True,
             "stream": True}  # fmt: skip
     events = stream(fresh.url + "/v1/completions", body)
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     assert events[-2]["error"]["message"] == "the engine broke"  # the engine's own event
-    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1)
+    the_rest_was_cancelled(fresh)
+
+
+def the_rest_was_cancelled(topo: Topology) -> None:
+    """After one sub-request failed, its sibling ends wherever it was: aborted on its decoder if
+    it had reached it (or on its prefiller, or never sent, when the failure came first: a slow
+    box can take longer over one prefill than the other decoder over two tokens); no decode leg
+    is left running and none ran to its end."""
+
+    def settled() -> bool:
+        legs = [r for d in topo.decode for r in d.generation_records()]
+        idle = all(w["inflight"] == 0 for w in topo.proxy.stats()["workers"]["decode"])
+        return idle and all(r["outcome"] != "in_progress" for r in legs)
+
+    wait_for(settled)
+    outcomes = sorted(r["outcome"] for d in topo.decode for r in d.generation_records())
+    assert outcomes in (["dropped"], ["aborted", "dropped"]), outcomes
 
 
 def held(sims: list[Sim], rid: str) -> bool:
@@ -382,8 +398,8 @@ def test_a_prefiller_dying_fails_the_batch_and_cancels_the_rest(engines: Engines
 def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
     fresh: Topology,
 ) -> None:
-    d0, d1 = fresh.decode
-    d0.faults(drop_after_chunks=3)  # d1 streams on: 20000 tokens take seconds
+    d0 = fresh.decode[0]
+    d0.faults(drop_after_chunks=3)  # the other decoder streams on: 20000 tokens take seconds
     body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 16000, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     rid = f"fails-mid-stream-{time.monotonic_ns()}"
@@ -394,7 +410,7 @@ def test_a_decoder_failing_mid_stream_ends_the_stream_and_cancels_the_rest(
     assert "closed the connection early" in events[-2]["error"]["message"]
     assert not any(isinstance(e, dict) and e.get("usage") for e in events)
     assert any(isinstance(e, dict) and e.get("choices") for e in events)  # it had started
-    wait_for(lambda: d1.metric("pdsim:aborted_requests_total", phase="decode") == 1)
+    the_rest_was_cancelled(fresh)
     # no KV of the request left behind on the prefillers (earlier tests' faults may have left
     # blocks of theirs, until the lease runs out)
     assert not held(fresh.prefill, rid)

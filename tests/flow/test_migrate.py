@@ -188,6 +188,20 @@ def test_a_whole_answer_that_cannot_migrate_is_asked_for_again(
     assert got["usage"] == expected["usage"]
 
 
+def seam_string(pieces: list[str], seam: int) -> str:
+    """The shortest string made of the end of piece `seam - 1` and the start of piece `seam`
+    (two characters of each preferred) that does not occur whole before the seam: the text is
+    the simulator's, and a short pair of characters can occur earlier in it."""
+    before, after = pieces[seam - 1], pieces[seam]
+    text = "".join(pieces[:seam])
+    pairs = [(k, m) for k in range(1, len(before) + 1) for m in range(1, len(after) + 1)]
+    pairs.sort(key=lambda p: (p != (2, 2), p[0] + p[1]))
+    for k, m in pairs:
+        if before[-k:] + after[:m] not in text:
+            return before[-k:] + after[:m]
+    raise AssertionError(f"no string across the seam first occurs there: {pieces[: seam + 1]}")
+
+
 def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: list[Sim]) -> None:
     """The decoder drops after 6 tokens; the stop string is the end of the 6th token's text
     and the start of the 7th's: neither engine can see it, the proxy does."""
@@ -196,8 +210,7 @@ def test_a_stop_string_across_the_seam_stops_the_answer(proxy: Proxy, decoders: 
     resp = httpx.post(decoders[0].url + "/v1/completions", json=body, timeout=30)
     pieces = [c["text"] for e in sse_events(resp.content)[:-1] for c in e["choices"]]
     assert len(pieces) == 30  # one chunk per token
-    stop = pieces[5][-2:] + pieces[6][:2]
-    assert stop not in "".join(pieces[:5]) + pieces[5][:-2]  # it first occurs across the seam
+    stop = seam_string(pieces, 6)
     body = {"model": MODEL, "prompt": body["prompt"], "max_tokens": 30, "stop": [stop],
             "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     expected = whole(decoders[0], body)
