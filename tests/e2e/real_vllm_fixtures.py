@@ -92,15 +92,26 @@ def _wait_ready(topo: Topology) -> None:
     raise RuntimeError(f"topology not ready in {START_TIMEOUT_S}s:\n{text[-6000:]}")
 
 
+ENGINE_SITE = Path(__file__).with_name("engine_site")
+# NIXL's progress thread sleeps up to this long when nothing wakes it (engine_site's
+# sitecustomize): at NIXL's own 0 each idle engine spins a core, and this box has two.
+NIXL_PROGRESS_DELAY_US = "1000"
+
+
+def engine_env() -> dict[str, str]:
+    """The environment of what the tests start around real vLLM: offline, and with NIXL's
+    progress thread made to sleep when idle (engine_site/sitecustomize.py says why)."""
+    path = os.pathsep.join(p for p in (str(ENGINE_SITE), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path,
+                PDPROXY_NIXL_PROGRESS_DELAY_US=NIXL_PROGRESS_DELAY_US)  # fmt: skip
+
+
 def start_logged(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """`args` in a session of their own (stopped as a group), offline, output into `log`."""
+    """`args` in a session of their own (stopped as a group), output into `log`, in the
+    engines' environment (`engine_env`)."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=engine_env()
         )
 
 
@@ -160,9 +171,9 @@ def second_decoder_running(topology: Topology) -> Iterator[subprocess.Popen[byte
     log = topology.log_dir / "decode-1-joined.log"
     proc = start_logged(["bash", "-c", "exec " + command], log)
     try:
-        # the session's two idle NIXL engines keep a 2-core box's cores busy: a CI-equivalent
-        # run's second decoder was not up after 600 s (the next test's took 46 s to load a tiny
-        # model)
+        # a CI-equivalent run's second decoder was not up after 600 s, and the next test's took
+        # 46 s to load a tiny model: that was while the session's two idle engines each spun a
+        # core in NIXL's progress thread (engine_env now stops that); the deadline stays wide
         deadline = time.monotonic() + 1200
         while True:
             assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
@@ -189,8 +200,8 @@ def second_decoder_running(topology: Topology) -> Iterator[subprocess.Popen[byte
 
 def wait_group_gone(pgid: int, timeout: float = 60) -> None:
     """Until no process of the group is left; SIGKILL for the rest after `timeout`. vLLM's
-    engine-core and worker processes outlive the API server for a while, and an idle NIXL
-    worker keeps a core busy (its progress thread polls without sleeping)."""
+    engine-core and worker processes outlive the API server for a while, and one left behind
+    takes memory and, started outside `engine_env`, a core (NIXL's progress thread)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline + 10:  # zombies of an init that does not reap stay
         try:
